@@ -1,0 +1,361 @@
+"""arianna_c: a small, fast, correct runtime for tiny Llama-architecture models.
+
+    import arianna_c
+    print(arianna_c.generate("Resonance is"))          # the bundled persona
+    with arianna_c.Model("model.bin", "tok.bin") as m:
+        for piece in m.stream("Once upon a time", max_new_tokens=64, seed=1):
+            print(piece, end="", flush=True)
+
+The work is done by libarianna.so (src/run.c) through cffi; calls into it release the GIL.
+Importing this package does not load the library: the first Model does.
+"""
+
+from __future__ import annotations
+
+import codecs
+import errno
+import os
+import random
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from ._lib import AriannaError, _error_check, ffi, load
+from .formats import ModelConfig
+
+__all__ = ["AriannaError", "Model", "ModelConfig", "generate", "stream", "__version__"]
+__version__ = "0.1.0"
+
+PathLike = Union[str, "os.PathLike[str]"]
+Source = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
+
+DEFAULT_MODEL = "arianna_v1_base.bin"
+# Looked up next to the model when no tokenizer is named.
+DEFAULT_TOKENIZERS = ("tok4096.bin", "tokenizer.bin")
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _default_model_path() -> Path:
+    """The bundled persona: inside the installed package, else persona/ in a source checkout."""
+    tried = [_PACKAGE_DIR / "persona" / DEFAULT_MODEL, _PACKAGE_DIR.parent / "persona" / DEFAULT_MODEL]
+    for path in tried:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        errno.ENOENT,
+        "no bundled persona model found; tried: " + ", ".join(map(str, tried)),
+        str(tried[0]),
+    )
+
+
+def _tokenizer_candidates(model_path: Optional[Path], name: Optional[PathLike]) -> list[Path]:
+    """A named tokenizer resolves like the CLI's -z: NAME, NAME.bin, then both in the model's
+    folder.  Without a name: tok4096.bin, then tokenizer.bin in the model's folder."""
+    folder = model_path.parent if model_path is not None else None
+    if name is None:
+        return [folder / n for n in DEFAULT_TOKENIZERS] if folder is not None else []
+    raw = os.fspath(name)
+    found = [Path(raw), Path(raw + ".bin")]
+    if folder is not None and not os.path.isabs(raw):
+        found += [folder / raw, folder / (raw + ".bin")]
+    return found
+
+
+def _as_buffer(data: Union[bytes, bytearray, memoryview]) -> Any:
+    return ffi.from_buffer("char[]", data)
+
+
+class _Handles:
+    """The C model and tokenizer of one Model, freed when the Model is closed and the last
+    call or stream using them has finished (so close() never pulls memory from under a
+    running generation)."""
+
+    def __init__(self) -> None:
+        self.model: Any = ffi.NULL
+        self.tokenizer: Any = ffi.NULL
+        self.buffers: list[Any] = []  # memory the C model views (load from bytes), kept alive
+        self._lock = threading.Lock()
+        self._users = 0
+        self._closed = False
+
+    @contextmanager
+    def use(self) -> Iterator["_Handles"]:
+        with self._lock:
+            if self._closed:
+                raise AriannaError("the model is closed")
+            self._users += 1
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._users -= 1
+                free_now = self._closed and self._users == 0
+            if free_now:
+                self._free()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            free_now = self._users == 0
+        if free_now:
+            self._free()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _free(self) -> None:
+        lib = load()
+        if self.tokenizer != ffi.NULL:
+            lib.ac_tokenizer_free(self.tokenizer)
+            self.tokenizer = ffi.NULL
+        if self.model != ffi.NULL:
+            lib.ac_model_free(self.model)
+            self.model = ffi.NULL
+        self.buffers.clear()
+
+
+class Model:
+    """A loaded model and its tokenizer.
+
+    ``path``: a model file (v0 or v1 layout), or the file's bytes; default: the bundled persona.
+    ``tokenizer``: a tokenizer file (resolved like the CLI's ``-z``), or its bytes; default:
+    ``tok4096.bin`` then ``tokenizer.bin`` next to the model.
+
+    Each call runs on its own C state, so one Model may serve several threads at once.
+    """
+
+    config: ModelConfig
+
+    def __init__(self, path: Optional[Source] = None, tokenizer: Optional[Source] = None) -> None:
+        self._lib = load()
+        self._h = _Handles()
+        try:
+            model_path = self._load_model(path)
+            self._load_tokenizer(model_path, tokenizer)
+        except BaseException:
+            self._h.close()
+            raise
+
+    # ---------------------------------------------------------------- loading
+
+    def _load_model(self, source: Optional[Source]) -> Optional[Path]:
+        lib, out = self._lib, ffi.new("ac_model **")
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            buf = _as_buffer(source)
+            self._h.buffers.append(buf)  # the model views these bytes: keep them alive
+            _error_check(lib.ac_model_load_memory(buf, len(buf), b"<memory>", out))
+            model_path = None
+        else:
+            model_path = Path(os.fspath(source)) if source is not None else _default_model_path()
+            if not model_path.is_file():
+                raise FileNotFoundError(errno.ENOENT, f"model file not found: {model_path}", str(model_path))
+            _error_check(lib.ac_model_load(os.fsencode(model_path), out), str(model_path))
+        self._h.model = out[0]
+        cfg = ffi.new("ac_config *")
+        _error_check(lib.ac_model_config(self._h.model, cfg))
+        self.config = ModelConfig(
+            dim=cfg.dim, hidden_dim=cfg.hidden_dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+            n_kv_heads=cfg.n_kv_heads, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,
+            shared_classifier=bool(cfg.shared_classifier), version=cfg.version,
+        )
+        return model_path
+
+    def _load_tokenizer(self, model_path: Optional[Path], source: Optional[Source]) -> None:
+        lib, out = self._lib, ffi.new("ac_tokenizer **")
+        vocab = self.config.vocab_size
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            buf = _as_buffer(source)
+            _error_check(lib.ac_tokenizer_load_memory(buf, len(buf), vocab, b"<memory>", out))
+        else:
+            tried = _tokenizer_candidates(model_path, source)
+            path = next((p for p in tried if p.is_file()), None)
+            if path is None:
+                shown = ", ".join(map(str, tried)) or "(nothing: name a tokenizer for a model loaded from memory)"
+                raise FileNotFoundError(errno.ENOENT, f"no tokenizer file found; tried: {shown}",
+                                        str(tried[0]) if tried else None)
+            _error_check(lib.ac_tokenizer_load(os.fsencode(path), vocab, out), str(path))
+        self._h.tokenizer = out[0]
+
+    # ---------------------------------------------------------------- lifetime
+
+    def close(self) -> None:
+        """Frees the C model and tokenizer (once running streams finish).  Idempotent."""
+        h = getattr(self, "_h", None)
+        if h is not None:
+            h.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._h.closed
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<arianna_c.Model {state} {self.config}>"
+
+    # ---------------------------------------------------------------- tokenizer
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Token ids of text, exactly as SentencePiece encodes it (plus BOS/EOS if asked)."""
+        data = text.encode("utf-8", "surrogatepass")
+        cap = len(data) + 3
+        tokens, count = ffi.new("int[]", cap), ffi.new("int *")
+        with self._h.use() as h:
+            _error_check(self._lib.ac_encode(h.tokenizer, data, len(data), int(bool(bos)),
+                                             int(bool(eos)), tokens, cap, count))
+        return list(tokens[0 : count[0]])
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        """The text of a token sequence, decoded as a whole so characters split over byte
+        pieces come out intact.  A leading dummy-prefix space is dropped as after BOS."""
+        lib, piece, size = self._lib, ffi.new("const char **"), ffi.new("size_t *")
+        parts = []
+        prev = lib.AC_TOKEN_BOS
+        with self._h.use() as h:
+            for token in tokens:
+                token = _as_token(token, self.config.vocab_size)
+                _error_check(lib.ac_decode_piece(h.tokenizer, prev, token, piece, size))
+                parts.append(ffi.buffer(piece[0], size[0])[:])
+                prev = token
+        return b"".join(parts).decode("utf-8", "replace")
+
+    # ---------------------------------------------------------------- forward
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """float32 logits of shape (len(tokens), vocab_size): row t follows tokens[0..t],
+        run from position 0 (len(tokens) <= seq_len)."""
+        ids = np.array([_as_token(t, self.config.vocab_size) for t in tokens], dtype=np.int32)
+        out = np.empty((len(ids), self.config.vocab_size), dtype=np.float32)
+        if len(ids) > self.config.seq_len:
+            raise AriannaError(f"{len(ids)} tokens exceed the model's seq_len {self.config.seq_len}",
+                               self._lib.AC_ERR_RANGE, "AC_ERR_RANGE")
+        if len(ids) == 0:
+            return out
+        lib, state = self._lib, ffi.new("ac_state **")
+        with self._h.use() as h:
+            _error_check(lib.ac_state_create(h.model, state))
+            try:
+                _error_check(lib.ac_logits(state[0], ffi.from_buffer("int[]", ids), len(ids),
+                                           ffi.from_buffer("float[]", out, require_writable=True)))
+            finally:
+                lib.ac_state_free(state[0])
+        return out
+
+    # ---------------------------------------------------------------- generation
+
+    def generate(self, prompt: str = "", max_new_tokens: int = 256, temperature: float = 0.8,
+                 top_p: float = 0.9, top_k: int = 0, seed: Optional[int] = None) -> str:
+        """The continuation of prompt (without the prompt).  Stops after max_new_tokens, at
+        EOS/BOS, or when prompt + continuation fill seq_len.  seed=None picks a random seed."""
+        return "".join(self.stream(prompt, max_new_tokens, temperature, top_p, top_k, seed))
+
+    def stream(self, prompt: str = "", max_new_tokens: int = 256, temperature: float = 0.8,
+               top_p: float = 0.9, top_k: int = 0, seed: Optional[int] = None) -> Iterator[str]:
+        """Like generate(), yielding text as it is produced, complete characters only.
+        Breaking out of the loop ends the generation and leaves the Model usable."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise AriannaError(f"max_new_tokens {max_new_tokens!r} is invalid: it must be an int >= 0",
+                               self._lib.AC_ERR_ARG, "AC_ERR_ARG")
+        params = _sampler_params(temperature, top_p, top_k, seed)
+        return self._stream(prompt, max_new_tokens, params)
+
+    def _stream(self, prompt: str, max_new_tokens: int, params: Any) -> Iterator[str]:
+        lib = self._lib
+        with self._h.use() as h:
+            prompt_ids = self.encode(prompt, bos=True)
+            if len(prompt_ids) > self.config.seq_len:
+                raise AriannaError(
+                    f"the prompt is {len(prompt_ids)} tokens (BOS included) but the model's "
+                    f"seq_len is {self.config.seq_len}", lib.AC_ERR_RANGE, "AC_ERR_RANGE")
+            out = ffi.new("ac_session **")
+            _error_check(lib.ac_session_create(h.model, h.tokenizer, params, out))
+            session = out[0]
+            try:
+                ids = ffi.new("int[]", prompt_ids)
+                _error_check(lib.ac_session_feed_tokens(session, ids, len(prompt_ids)))
+                token, piece, size = ffi.new("int *"), ffi.new("const char **"), ffi.new("size_t *")
+                decoder = codecs.getincrementaldecoder("utf-8")("replace")
+                stops = (lib.AC_TOKEN_BOS, lib.AC_TOKEN_EOS)
+                for _ in range(max_new_tokens):
+                    _error_check(lib.ac_session_next(session, token, piece, size))
+                    if token[0] < 0 or token[0] in stops:
+                        break
+                    text = decoder.decode(ffi.buffer(piece[0], size[0])[:])
+                    if text:
+                        yield text
+                tail = decoder.decode(b"", final=True)
+                if tail:
+                    yield tail
+            finally:
+                lib.ac_session_free(session)
+
+
+def _as_token(value: Any, vocab_size: int) -> int:
+    try:
+        token = int(value)
+    except (TypeError, ValueError):
+        raise AriannaError(f"token {value!r} is not an integer", 4, "AC_ERR_ARG") from None
+    if not 0 <= token < vocab_size:
+        raise AriannaError(f"token {token} is outside the vocabulary [0, {vocab_size})", 6, "AC_ERR_RANGE")
+    return token
+
+
+def _sampler_params(temperature: float, top_p: float, top_k: int, seed: Optional[int]) -> Any:
+    """A C ac_sampler_params; the C library validates the ranges (AC_ERR_ARG on bad ones)."""
+    if seed is None:
+        seed = random.SystemRandom().getrandbits(64) or 1
+    if not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise AriannaError(f"seed {seed!r} is invalid: it must be an int in [0, 2**64)", 4, "AC_ERR_ARG")
+    if not isinstance(top_k, int) or not -(2**31) <= top_k < 2**31:
+        raise AriannaError(f"top_k {top_k!r} is invalid: it must be an int >= 0", 4, "AC_ERR_ARG")
+    params = ffi.new("ac_sampler_params *")
+    params.temperature = float(temperature)
+    params.top_p = float(top_p)
+    params.top_k = top_k
+    params.seed = seed
+    return params
+
+
+# -------------------------------------------------------------------- module-level helpers
+
+_default: Optional[Model] = None
+_default_lock = threading.Lock()
+
+
+def default_model() -> Model:
+    """The bundled persona, loaded on first use and shared by generate() and stream()."""
+    global _default
+    with _default_lock:
+        if _default is None or _default.closed:
+            _default = Model()
+        return _default
+
+
+def generate(prompt: str = "", max_new_tokens: int = 256, temperature: float = 0.8, top_p: float = 0.9,
+             top_k: int = 0, seed: Optional[int] = None) -> str:
+    """Model.generate on the bundled persona."""
+    return default_model().generate(prompt, max_new_tokens, temperature, top_p, top_k, seed)
+
+
+def stream(prompt: str = "", max_new_tokens: int = 256, temperature: float = 0.8, top_p: float = 0.9,
+           top_k: int = 0, seed: Optional[int] = None) -> Iterator[str]:
+    """Model.stream on the bundled persona."""
+    return default_model().stream(prompt, max_new_tokens, temperature, top_p, top_k, seed)

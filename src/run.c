@@ -1,0 +1,1304 @@
+/*
+ * run.c - arianna_c's inference runtime: model loading, the forward pass, the tokenizer, the
+ * sampler and generation.  See run.h for the API contract.
+ *
+ * Sections, in order:
+ *   errors       thread-local error messages, checked size arithmetic
+ *   config       parsing and validating the model header (v0 / v1 layouts)
+ *   weights      locating each weight array inside the mapped file
+ *   model        load from a path (mmap) or from a caller's buffer
+ *   state        KV cache and activation buffers
+ *   forward      rmsnorm, matmul, RoPE, attention, SwiGLU, classifier
+ *   tokenizer    loading, SentencePiece-exact BPE encode, piece decode
+ *   sampler      greedy / temperature / top-k / top-p with a seeded xorshift64*
+ *   session      feed / next step API and the generate loop
+ *
+ * Numerics: everything is float32 with plain sequential accumulation and no fast-math, so
+ * results match a NumPy/PyTorch float32 reference to ~1e-5 relative.
+ */
+#define _GNU_SOURCE
+#include "run.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "arianna_c reads little-endian files directly and needs a little-endian host"
+#endif
+
+#define AC_VERSION "0.1.0"
+
+/* ======================================================================== errors */
+
+/* One message buffer per thread: no global mutable state shared between threads. */
+static _Thread_local char g_error[1024];
+
+/* Records a formatted message for this thread and returns code, so callers can write
+ * `return fail(AC_ERR_ARG, "...")`. */
+static int fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int fail(int code, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(g_error, sizeof g_error, fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+AC_API const char *ac_last_error(void) { return g_error; }
+
+AC_API const char *ac_strerror(int code) {
+    switch (code) {
+    case AC_OK: return "AC_OK";
+    case AC_ERR_IO: return "AC_ERR_IO";
+    case AC_ERR_FORMAT: return "AC_ERR_FORMAT";
+    case AC_ERR_MISMATCH: return "AC_ERR_MISMATCH";
+    case AC_ERR_ARG: return "AC_ERR_ARG";
+    case AC_ERR_NOMEM: return "AC_ERR_NOMEM";
+    case AC_ERR_RANGE: return "AC_ERR_RANGE";
+    default: return "AC_ERR_UNKNOWN";
+    }
+}
+
+AC_API const char *ac_version(void) { return AC_VERSION; }
+
+/* Checked 64-bit arithmetic: sizes come from untrusted headers, so every product and sum is
+ * checked even though the header bounds make overflow impossible today. */
+static int mul_ok(uint64_t a, uint64_t b, uint64_t *out) { return !__builtin_mul_overflow(a, b, out); }
+static int add_ok(uint64_t a, uint64_t b, uint64_t *out) { return !__builtin_add_overflow(a, b, out); }
+
+static int32_t read_i32(const unsigned char *p) {
+    int32_t v;
+    memcpy(&v, p, sizeof v); /* memcpy: the bytes may be unaligned */
+    return v;
+}
+
+static float read_f32(const unsigned char *p) {
+    float v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* ======================================================================== config */
+
+#define MAGIC_V1 0x616b3432u /* "ak42" read as a little-endian uint32 */
+#define V0_HEADER_BYTES 28   /* seven int32 */
+#define V1_HEADER_BYTES 256
+
+/* Decodes the header at data into *c and the header size into *header_bytes.  Checks only
+ * what is needed to read it; validate_config() checks the values. */
+static int parse_header(const unsigned char *data, size_t size, const char *name, ac_config *c,
+                        size_t *header_bytes) {
+    if (size < V0_HEADER_BYTES)
+        return fail(AC_ERR_FORMAT, "%s: file is %zu bytes, shorter than a model header (%d bytes)",
+                    name, size, V0_HEADER_BYTES);
+    uint32_t magic;
+    memcpy(&magic, data, sizeof magic);
+    const unsigned char *params;
+    if (magic == MAGIC_V1) {
+        if (size < V1_HEADER_BYTES)
+            return fail(AC_ERR_FORMAT, "%s: file is %zu bytes, shorter than a v1 header (%d bytes)",
+                        name, size, V1_HEADER_BYTES);
+        int32_t version = read_i32(data + 4);
+        if (version != 1)
+            return fail(AC_ERR_FORMAT, "%s: unknown model file version %d (known: 1)", name, version);
+        unsigned char shared = data[36];
+        if (shared > 1)
+            return fail(AC_ERR_FORMAT, "%s: header field shared_classifier is %d, expected 0 or 1",
+                        name, shared);
+        params = data + 8;
+        c->version = 1;
+        c->shared_classifier = shared;
+        *header_bytes = V1_HEADER_BYTES;
+    } else {
+        params = data;
+        c->version = 0;
+        c->shared_classifier = 1;
+        *header_bytes = V0_HEADER_BYTES;
+    }
+    c->dim = read_i32(params + 0);
+    c->hidden_dim = read_i32(params + 4);
+    c->n_layers = read_i32(params + 8);
+    c->n_heads = read_i32(params + 12);
+    c->n_kv_heads = read_i32(params + 16);
+    int32_t vocab = read_i32(params + 20);
+    c->seq_len = read_i32(params + 24);
+    if (c->version == 0 && vocab < 0) {
+        /* legacy convention: a negative vocab_size marks a separate classifier */
+        if (vocab == INT32_MIN)
+            return fail(AC_ERR_FORMAT, "%s: header field vocab_size is %d, out of range", name, vocab);
+        vocab = -vocab;
+        c->shared_classifier = 0;
+    }
+    c->vocab_size = vocab;
+    return AC_OK;
+}
+
+static int check_field(const char *name, const char *field, int value, int max) {
+    if (value <= 0)
+        return fail(AC_ERR_FORMAT, "%s: header field %s is %d, must be positive", name, field, value);
+    if (value > max)
+        return fail(AC_ERR_FORMAT, "%s: header field %s is %d, above the limit %d", name, field,
+                    value, max);
+    return AC_OK;
+}
+
+static int validate_config(const ac_config *c, const char *name) {
+    int rc;
+    if ((rc = check_field(name, "dim", c->dim, AC_MAX_DIM)) ||
+        (rc = check_field(name, "hidden_dim", c->hidden_dim, AC_MAX_HIDDEN_DIM)) ||
+        (rc = check_field(name, "n_layers", c->n_layers, AC_MAX_LAYERS)) ||
+        (rc = check_field(name, "n_heads", c->n_heads, c->dim)) ||
+        (rc = check_field(name, "n_kv_heads", c->n_kv_heads, c->n_heads)) ||
+        (rc = check_field(name, "vocab_size", c->vocab_size, AC_MAX_VOCAB)) ||
+        (rc = check_field(name, "seq_len", c->seq_len, AC_MAX_SEQ_LEN)))
+        return rc;
+    if (c->dim % c->n_heads)
+        return fail(AC_ERR_FORMAT, "%s: dim %d is not divisible by n_heads %d", name, c->dim, c->n_heads);
+    if (c->n_heads % c->n_kv_heads)
+        return fail(AC_ERR_FORMAT, "%s: n_heads %d is not divisible by n_kv_heads %d", name,
+                    c->n_heads, c->n_kv_heads);
+    if ((c->dim / c->n_heads) % 2)
+        return fail(AC_ERR_FORMAT, "%s: head size %d (dim / n_heads) is odd; RoPE needs pairs", name,
+                    c->dim / c->n_heads);
+    return AC_OK;
+}
+
+/* Float counts of each weight array, in 64-bit. */
+typedef struct {
+    uint64_t emb, norm_l, wq, wkv, wo, ffn, norm_final, rope, wcls;
+} weight_counts;
+
+static int count_weights(const ac_config *c, weight_counts *n) {
+    uint64_t D = (uint64_t)c->dim, H = (uint64_t)c->hidden_dim, L = (uint64_t)c->n_layers;
+    uint64_t V = (uint64_t)c->vocab_size, S = (uint64_t)c->seq_len;
+    uint64_t hs = D / (uint64_t)c->n_heads, kv_dim = hs * (uint64_t)c->n_kv_heads, t;
+    int ok = mul_ok(V, D, &n->emb) && mul_ok(L, D, &n->norm_l) && mul_ok(D, D, &t) &&
+             mul_ok(L, t, &n->wq) && mul_ok(kv_dim, D, &t) && mul_ok(L, t, &n->wkv) &&
+             mul_ok(H, D, &t) && mul_ok(L, t, &n->ffn) && mul_ok(S, hs, &n->rope);
+    n->wo = n->wq;
+    n->norm_final = D;
+    n->wcls = c->shared_classifier ? 0 : n->emb;
+    if (c->version != 0) n->rope = 0; /* only legacy files carry RoPE tables (seq_len x hs/2, x2) */
+    return ok;
+}
+
+/* Bytes the whole file must have for this header, or 0 on overflow. */
+static uint64_t expected_file_bytes(const ac_config *c, size_t header_bytes) {
+    weight_counts n = {0};
+    if (!count_weights(c, &n)) return 0;
+    uint64_t parts[] = {n.emb, n.norm_l, n.norm_l, n.wq, n.wkv, n.wkv, n.wo,
+                        n.ffn, n.ffn, n.ffn, n.norm_final, n.rope, n.wcls};
+    uint64_t floats = 0, bytes;
+    for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++)
+        if (!add_ok(floats, parts[i], &floats)) return 0;
+    if (!mul_ok(floats, 4, &bytes) || !add_ok(bytes, header_bytes, &bytes)) return 0;
+    return bytes;
+}
+
+/* ======================================================================== weights */
+
+typedef struct {
+    const float *token_embedding; /* (V, D) */
+    const float *rms_att;         /* (L, D) */
+    const float *rms_ffn;         /* (L, D) */
+    const float *wq;              /* (L, D, D)   matrices are (out, in) row-major */
+    const float *wk;              /* (L, KV, D) */
+    const float *wv;              /* (L, KV, D) */
+    const float *wo;              /* (L, D, D) */
+    const float *w1;              /* (L, H, D) */
+    const float *w2;              /* (L, D, H) */
+    const float *w3;              /* (L, H, D) */
+    const float *rms_final;       /* (D) */
+    const float *wcls;            /* (V, D): token_embedding when shared */
+} ac_weights;
+
+/* Points each array into the float data after the header.  The file size was checked
+ * against the header first, so every pointer stays inside the buffer. */
+static void map_weights(ac_weights *w, const ac_config *c, const float *p) {
+    weight_counts n = {0};
+    count_weights(c, &n); /* cannot fail: expected_file_bytes() succeeded on the same config */
+#define TAKE(field, count) (w->field = p, p += (count))
+    if (c->version == 0) {
+        TAKE(token_embedding, n.emb);
+        TAKE(rms_att, n.norm_l);
+        TAKE(wq, n.wq);
+        TAKE(wk, n.wkv);
+        TAKE(wv, n.wkv);
+        TAKE(wo, n.wo);
+        TAKE(rms_ffn, n.norm_l);
+        TAKE(w1, n.ffn);
+        TAKE(w2, n.ffn);
+        TAKE(w3, n.ffn);
+        TAKE(rms_final, n.norm_final);
+        p += n.rope; /* the legacy freq_cis_real / freq_cis_imag tables: recomputed, skipped */
+    } else {
+        TAKE(rms_att, n.norm_l);
+        TAKE(rms_ffn, n.norm_l);
+        TAKE(rms_final, n.norm_final);
+        TAKE(token_embedding, n.emb);
+        TAKE(wq, n.wq);
+        TAKE(wk, n.wkv);
+        TAKE(wv, n.wkv);
+        TAKE(wo, n.wo);
+        TAKE(w1, n.ffn);
+        TAKE(w2, n.ffn);
+        TAKE(w3, n.ffn);
+    }
+#undef TAKE
+    w->wcls = c->shared_classifier ? w->token_embedding : p;
+}
+
+/* ======================================================================== model */
+
+struct ac_model {
+    ac_config config;
+    ac_weights w;
+    const void *data; /* the whole file */
+    size_t size;
+    int mapped;       /* 1: data is our mmap and is unmapped on free */
+};
+
+static int model_from_bytes(const void *data, size_t size, const char *name, ac_model **out) {
+    const unsigned char *bytes = data;
+    ac_config c;
+    size_t header_bytes = 0;
+    int rc = parse_header(bytes, size, name, &c, &header_bytes);
+    if (rc) return rc;
+    if ((rc = validate_config(&c, name))) return rc;
+    uint64_t expected = expected_file_bytes(&c, header_bytes);
+    if (expected == 0)
+        return fail(AC_ERR_FORMAT, "%s: header sizes overflow 64-bit arithmetic", name);
+    if (expected != (uint64_t)size)
+        return fail(AC_ERR_FORMAT,
+                    "%s: file is %zu bytes, header implies %llu (dim=%d hidden_dim=%d n_layers=%d "
+                    "n_heads=%d n_kv_heads=%d vocab_size=%d seq_len=%d shared_classifier=%d "
+                    "version=%d)",
+                    name, size, (unsigned long long)expected, c.dim, c.hidden_dim, c.n_layers,
+                    c.n_heads, c.n_kv_heads, c.vocab_size, c.seq_len, c.shared_classifier,
+                    c.version);
+    ac_model *m = calloc(1, sizeof *m);
+    if (!m) return fail(AC_ERR_NOMEM, "%s: out of memory for the model handle", name);
+    m->config = c;
+    m->data = data;
+    m->size = size;
+    map_weights(&m->w, &c, (const float *)(bytes + header_bytes));
+    *out = m;
+    return AC_OK;
+}
+
+AC_API int ac_model_load_memory(const void *data, size_t size, const char *name, ac_model **out) {
+    if (!out) return fail(AC_ERR_ARG, "ac_model_load_memory: out is NULL");
+    *out = NULL;
+    if (!name) name = "<memory>";
+    if (!data && size) return fail(AC_ERR_ARG, "%s: data is NULL but size is %zu", name, size);
+    if (!data) data = ""; /* size 0: parse_header reports the short file */
+    if ((uintptr_t)data % sizeof(float))
+        return fail(AC_ERR_ARG, "%s: the model buffer must be 4-byte aligned", name);
+    return model_from_bytes(data, size, name, out);
+}
+
+AC_API int ac_model_load(const char *path, ac_model **out) {
+    if (!out) return fail(AC_ERR_ARG, "ac_model_load: out is NULL");
+    *out = NULL;
+    if (!path) return fail(AC_ERR_ARG, "ac_model_load: path is NULL");
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return fail(AC_ERR_IO, "%s: cannot open model file: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        int e = errno;
+        close(fd);
+        return fail(AC_ERR_IO, "%s: cannot stat model file: %s", path, strerror(e));
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        return fail(AC_ERR_IO, "%s: not a regular file", path);
+    }
+    size_t size = (size_t)st.st_size;
+    if (size < V0_HEADER_BYTES) { /* mmap cannot map an empty file; report it as a short file */
+        close(fd);
+        return fail(AC_ERR_FORMAT, "%s: file is %zu bytes, shorter than a model header (%d bytes)",
+                    path, size, V0_HEADER_BYTES);
+    }
+    void *data = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    int e = errno;
+    close(fd); /* the mapping keeps the file alive */
+    if (data == MAP_FAILED) return fail(AC_ERR_IO, "%s: cannot mmap model file: %s", path, strerror(e));
+    int rc = model_from_bytes(data, size, path, out);
+    if (rc) {
+        munmap(data, size);
+        return rc;
+    }
+    (*out)->mapped = 1;
+    return AC_OK;
+}
+
+AC_API void ac_model_free(ac_model *m) {
+    if (!m) return;
+    if (m->mapped) munmap((void *)m->data, m->size);
+    free(m);
+}
+
+AC_API int ac_model_config(const ac_model *m, ac_config *out) {
+    if (!m || !out) return fail(AC_ERR_ARG, "ac_model_config: NULL argument");
+    *out = m->config;
+    return AC_OK;
+}
+
+/* ======================================================================== state */
+
+struct ac_state {
+    const ac_model *model;
+    float *x;           /* (D) the residual stream */
+    float *xb, *xb2;    /* (D) scratch */
+    float *hb, *hb2;    /* (H) FFN scratch */
+    float *q;           /* (D) queries of the current position */
+    float *att;         /* (n_heads, seq_len) attention weights */
+    float *logits;      /* (V) */
+    float *key_cache;   /* (L, seq_len, kv_dim) */
+    float *value_cache; /* (L, seq_len, kv_dim) */
+    float *rope_freq;   /* (head_size / 2) inverse frequencies, computed once */
+};
+
+/* calloc of count floats with an overflow check. */
+static float *alloc_floats(uint64_t count) {
+    if (count == 0 || count > SIZE_MAX / sizeof(float)) return NULL;
+    return calloc((size_t)count, sizeof(float));
+}
+
+AC_API void ac_state_free(ac_state *s) {
+    if (!s) return;
+    free(s->x);
+    free(s->xb);
+    free(s->xb2);
+    free(s->hb);
+    free(s->hb2);
+    free(s->q);
+    free(s->att);
+    free(s->logits);
+    free(s->key_cache);
+    free(s->value_cache);
+    free(s->rope_freq);
+    free(s);
+}
+
+AC_API int ac_state_create(const ac_model *m, ac_state **out) {
+    if (!out) return fail(AC_ERR_ARG, "ac_state_create: out is NULL");
+    *out = NULL;
+    if (!m) return fail(AC_ERR_ARG, "ac_state_create: model is NULL");
+    const ac_config *c = &m->config;
+    ac_state *s = calloc(1, sizeof *s);
+    if (!s) return fail(AC_ERR_NOMEM, "out of memory for the state");
+    int head_size = c->dim / c->n_heads;
+    uint64_t kv_dim = (uint64_t)head_size * (uint64_t)c->n_kv_heads;
+    uint64_t cache = (uint64_t)c->n_layers * (uint64_t)c->seq_len * kv_dim; /* < 2^63 by bounds */
+    s->model = m;
+    s->x = alloc_floats((uint64_t)c->dim);
+    s->xb = alloc_floats((uint64_t)c->dim);
+    s->xb2 = alloc_floats((uint64_t)c->dim);
+    s->hb = alloc_floats((uint64_t)c->hidden_dim);
+    s->hb2 = alloc_floats((uint64_t)c->hidden_dim);
+    s->q = alloc_floats((uint64_t)c->dim);
+    s->att = alloc_floats((uint64_t)c->n_heads * (uint64_t)c->seq_len);
+    s->logits = alloc_floats((uint64_t)c->vocab_size);
+    s->key_cache = alloc_floats(cache);
+    s->value_cache = alloc_floats(cache);
+    s->rope_freq = alloc_floats((uint64_t)(head_size / 2));
+    if (!s->x || !s->xb || !s->xb2 || !s->hb || !s->hb2 || !s->q || !s->att || !s->logits ||
+        !s->key_cache || !s->value_cache || !s->rope_freq) {
+        ac_state_free(s);
+        return fail(AC_ERR_NOMEM, "out of memory for the state (KV cache of %llu floats)",
+                    (unsigned long long)(2 * cache));
+    }
+    /* freq_i = 1 / 10000^(2i / head_size), in float32 like the reference */
+    for (int i = 0; i < head_size / 2; i++)
+        s->rope_freq[i] = 1.0f / powf(10000.0f, (float)(2 * i) / (float)head_size);
+    *out = s;
+    return AC_OK;
+}
+
+/* ======================================================================== forward */
+
+/* o = x * (1 / sqrt(mean(x^2) + 1e-5)) * w;  o may alias x. */
+static void rmsnorm(float *o, const float *x, const float *w, int n) {
+    float ss = 0.0f;
+    for (int j = 0; j < n; j++) ss += x[j] * x[j];
+    ss = ss / (float)n + 1e-5f;
+    float scale = 1.0f / sqrtf(ss);
+    for (int j = 0; j < n; j++) o[j] = (x[j] * scale) * w[j];
+}
+
+/* out[d_out] = W[d_out, n_in] @ x[n_in].  Rows are independent, so threads split them
+ * without changing any sum; small matrices stay serial (thread start-up would dominate). */
+static void matmul(float *out, const float *x, const float *W, int n_in, int d_out) {
+    int i;
+#pragma omp parallel for if ((long)n_in * d_out >= (1L << 16))
+    for (i = 0; i < d_out; i++) {
+        const float *row = W + (size_t)i * (size_t)n_in;
+        float sum = 0.0f;
+        for (int j = 0; j < n_in; j++) sum += row[j] * x[j];
+        out[i] = sum;
+    }
+}
+
+static void softmax(float *x, int n) {
+    float max = x[0];
+    for (int i = 1; i < n; i++)
+        if (x[i] > max) max = x[i];
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) {
+        x[i] = expf(x[i] - max);
+        sum += x[i];
+    }
+    for (int i = 0; i < n; i++) x[i] /= sum;
+}
+
+/* Rotates the interleaved pairs (v[2i], v[2i+1]) of each head of v (n_heads heads) by the
+ * angle pos * freq_i. */
+static void rope(float *v, int n_heads, int head_size, int pos, const float *freq) {
+    for (int h = 0; h < n_heads; h++) {
+        float *hv = v + (size_t)h * head_size;
+        for (int i = 0; i < head_size / 2; i++) {
+            float angle = (float)pos * freq[i];
+            float c = cosf(angle), s = sinf(angle);
+            float a = hv[2 * i], b = hv[2 * i + 1];
+            hv[2 * i] = a * c - b * s;
+            hv[2 * i + 1] = a * s + b * c;
+        }
+    }
+}
+
+/* Causal self-attention of the current position over positions 0..pos of layer l's cache;
+ * the per-head outputs are concatenated into s->xb. */
+static void attention(ac_state *s, int l, int pos) {
+    const ac_config *c = &s->model->config;
+    int head_size = c->dim / c->n_heads;
+    int kv_dim = head_size * c->n_kv_heads;
+    int kv_mul = c->n_heads / c->n_kv_heads; /* GQA: query heads per kv head */
+    size_t layer_off = (size_t)l * c->seq_len * kv_dim;
+    float inv_scale = sqrtf((float)head_size);
+    for (int h = 0; h < c->n_heads; h++) {
+        const float *q = s->q + (size_t)h * head_size;
+        float *att = s->att + (size_t)h * c->seq_len;
+        size_t kv_off = layer_off + (size_t)(h / kv_mul) * head_size;
+        for (int t = 0; t <= pos; t++) {
+            const float *k = s->key_cache + kv_off + (size_t)t * kv_dim;
+            float score = 0.0f;
+            for (int i = 0; i < head_size; i++) score += q[i] * k[i];
+            att[t] = score / inv_scale;
+        }
+        softmax(att, pos + 1);
+        float *out = s->xb + (size_t)h * head_size;
+        memset(out, 0, (size_t)head_size * sizeof(float));
+        for (int t = 0; t <= pos; t++) {
+            const float *v = s->value_cache + kv_off + (size_t)t * kv_dim;
+            float a = att[t];
+            for (int i = 0; i < head_size; i++) out[i] += a * v[i];
+        }
+    }
+}
+
+/* x += W2 @ (silu(W1 @ xb) * (W3 @ xb)) for layer l, with xb = rmsnorm(x) already in s->xb. */
+static void feed_forward(ac_state *s, int l) {
+    const ac_config *c = &s->model->config;
+    const ac_weights *w = &s->model->w;
+    int D = c->dim, H = c->hidden_dim;
+    size_t off = (size_t)l * H * D;
+    matmul(s->hb, s->xb, w->w1 + off, D, H);
+    matmul(s->hb2, s->xb, w->w3 + off, D, H);
+    for (int i = 0; i < H; i++) {
+        float v = s->hb[i];
+        v = v * (1.0f / (1.0f + expf(-v))); /* silu */
+        s->hb[i] = v * s->hb2[i];
+    }
+    matmul(s->xb, s->hb, w->w2 + off, H, D);
+    for (int i = 0; i < D; i++) s->x[i] += s->xb[i];
+}
+
+/* The transformer for one token; leaves the logits in s->logits. */
+static void forward_token(ac_state *s, int token, int pos) {
+    const ac_config *c = &s->model->config;
+    const ac_weights *w = &s->model->w;
+    int D = c->dim, head_size = D / c->n_heads;
+    int kv_dim = head_size * c->n_kv_heads;
+    memcpy(s->x, w->token_embedding + (size_t)token * D, (size_t)D * sizeof(float));
+    for (int l = 0; l < c->n_layers; l++) {
+        rmsnorm(s->xb, s->x, w->rms_att + (size_t)l * D, D);
+        /* k and v go straight into this position's cache row */
+        size_t cache_row = ((size_t)l * c->seq_len + (size_t)pos) * kv_dim;
+        float *k = s->key_cache + cache_row, *v = s->value_cache + cache_row;
+        matmul(s->q, s->xb, w->wq + (size_t)l * D * D, D, D);
+        matmul(k, s->xb, w->wk + (size_t)l * kv_dim * D, D, kv_dim);
+        matmul(v, s->xb, w->wv + (size_t)l * kv_dim * D, D, kv_dim);
+        rope(s->q, c->n_heads, head_size, pos, s->rope_freq);
+        rope(k, c->n_kv_heads, head_size, pos, s->rope_freq);
+        attention(s, l, pos);
+        matmul(s->xb2, s->xb, w->wo + (size_t)l * D * D, D, D);
+        for (int i = 0; i < D; i++) s->x[i] += s->xb2[i];
+        rmsnorm(s->xb, s->x, w->rms_ffn + (size_t)l * D, D);
+        feed_forward(s, l);
+    }
+    rmsnorm(s->x, s->x, w->rms_final, D);
+    matmul(s->logits, s->x, w->wcls, D, c->vocab_size);
+}
+
+AC_API int ac_forward(ac_state *s, int token, int pos, const float **logits) {
+    if (!s) return fail(AC_ERR_ARG, "ac_forward: state is NULL");
+    const ac_config *c = &s->model->config;
+    if (token < 0 || token >= c->vocab_size)
+        return fail(AC_ERR_RANGE, "token %d is outside the vocabulary [0, %d)", token, c->vocab_size);
+    if (pos < 0 || pos >= c->seq_len)
+        return fail(AC_ERR_RANGE, "position %d is outside the context [0, %d)", pos, c->seq_len);
+    forward_token(s, token, pos);
+    if (logits) *logits = s->logits;
+    return AC_OK;
+}
+
+static int check_tokens(const int *tokens, int n, int vocab_size) {
+    for (int i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= vocab_size)
+            return fail(AC_ERR_RANGE, "token %d (at index %d) is outside the vocabulary [0, %d)",
+                        tokens[i], i, vocab_size);
+    return AC_OK;
+}
+
+AC_API int ac_logits(ac_state *s, const int *tokens, int n_tokens, float *out) {
+    if (!s) return fail(AC_ERR_ARG, "ac_logits: state is NULL");
+    if (n_tokens < 0 || (n_tokens > 0 && (!tokens || !out)))
+        return fail(AC_ERR_ARG, "ac_logits: bad arguments (n_tokens=%d)", n_tokens);
+    const ac_config *c = &s->model->config;
+    if (n_tokens > c->seq_len)
+        return fail(AC_ERR_RANGE, "%d tokens exceed the model's seq_len %d", n_tokens, c->seq_len);
+    int rc = check_tokens(tokens, n_tokens, c->vocab_size);
+    if (rc) return rc;
+    for (int t = 0; t < n_tokens; t++) {
+        forward_token(s, tokens[t], t);
+        memcpy(out + (size_t)t * c->vocab_size, s->logits, (size_t)c->vocab_size * sizeof(float));
+    }
+    return AC_OK;
+}
+
+/* ======================================================================== tokenizer */
+
+struct ac_tokenizer {
+    int vocab_size;
+    int max_token_length;
+    unsigned char *blob;        /* private copy of the file; pieces point into it */
+    const char **pieces;        /* (V) piece bytes, not NUL-terminated */
+    int *lens;                  /* (V) */
+    float *scores;              /* (V) */
+    short *byte_value;          /* (V) the byte of a "<0xNN>" piece, else -1 */
+    int *sorted;                /* normal piece ids sorted by bytes, then id */
+    int n_sorted;
+    int byte_id[256];           /* id of the "<0xNN>" piece of each byte, -1 if absent */
+    unsigned char bytes[256];   /* bytes[i] == i: stable storage for decoded byte pieces */
+};
+
+AC_API void ac_tokenizer_free(ac_tokenizer *t) {
+    if (!t) return;
+    free(t->blob);
+    free(t->pieces);
+    free(t->lens);
+    free(t->scores);
+    free(t->byte_value);
+    free(t->sorted);
+    free(t);
+}
+
+static int hex_digit(char ch) {
+    if (ch >= '0' && ch <= '9') return ch - '0';
+    if (ch >= 'A' && ch <= 'F') return ch - 'A' + 10;
+    if (ch >= 'a' && ch <= 'f') return ch - 'a' + 10;
+    return -1;
+}
+
+/* The byte a "<0xNN>" byte-fallback piece stands for, or -1 for any other piece. */
+static int parse_byte_piece(const char *p, int len) {
+    if (len != 6 || p[0] != '<' || p[1] != '0' || p[2] != 'x' || p[5] != '>') return -1;
+    int hi = hex_digit(p[3]), lo = hex_digit(p[4]);
+    return (hi < 0 || lo < 0) ? -1 : hi * 16 + lo;
+}
+
+/* Lexicographic byte order, shorter first on a common prefix. */
+static int compare_bytes(const char *a, int alen, const char *b, int blen) {
+    int n = alen < blen ? alen : blen;
+    int r = memcmp(a, b, (size_t)n);
+    if (r) return r;
+    return (alen > blen) - (alen < blen);
+}
+
+/* qsort has no context argument; the tokenizer being sorted is passed through this
+ * thread-local (loading is single-threaded per call, and each thread has its own). */
+static _Thread_local const ac_tokenizer *g_sorting;
+
+static int compare_ids(const void *pa, const void *pb) {
+    int a = *(const int *)pa, b = *(const int *)pb;
+    const ac_tokenizer *t = g_sorting;
+    int r = compare_bytes(t->pieces[a], t->lens[a], t->pieces[b], t->lens[b]);
+    return r ? r : (a > b) - (a < b);
+}
+
+/* Walks the file and counts its pieces, checking each header and length.  Stops with an
+ * error at the first piece that does not fit. */
+static int scan_tokenizer(const unsigned char *data, size_t size, const char *name, int *max_len,
+                          long long *n_pieces) {
+    if (size < 4)
+        return fail(AC_ERR_FORMAT, "%s: %zu bytes is too short for a tokenizer header (4 bytes)",
+                    name, size);
+    *max_len = read_i32(data);
+    if (*max_len < 0 || *max_len > AC_MAX_PIECE_BYTES)
+        return fail(AC_ERR_FORMAT, "%s: max_token_length is %d, expected 0..%d", name, *max_len,
+                    AC_MAX_PIECE_BYTES);
+    size_t pos = 4;
+    long long n = 0;
+    while (pos < size) {
+        if (size - pos < 8)
+            return fail(AC_ERR_FORMAT, "%s: piece %lld header runs past the end of the file "
+                        "(%zu bytes left, 8 needed)", name, n, size - pos);
+        float score = read_f32(data + pos);
+        int32_t len = read_i32(data + pos + 4);
+        if (isnan(score)) return fail(AC_ERR_FORMAT, "%s: piece %lld has a NaN score", name, n);
+        if (len < 0 || len > *max_len)
+            return fail(AC_ERR_FORMAT, "%s: piece %lld has length %d, expected 0..%d "
+                        "(max_token_length)", name, n, len, *max_len);
+        pos += 8;
+        if ((size_t)len > size - pos)
+            return fail(AC_ERR_FORMAT, "%s: piece %lld (length %d) runs past the end of the file",
+                        name, n, len);
+        pos += (size_t)len;
+        n++;
+    }
+    *n_pieces = n;
+    return AC_OK;
+}
+
+/* Fills the piece tables from the (already validated) blob and builds the lookup index. */
+static int index_tokenizer(ac_tokenizer *t, const char *name) {
+    int V = t->vocab_size;
+    t->pieces = calloc((size_t)V, sizeof *t->pieces);
+    t->lens = calloc((size_t)V, sizeof *t->lens);
+    t->scores = calloc((size_t)V, sizeof *t->scores);
+    t->byte_value = calloc((size_t)V, sizeof *t->byte_value);
+    t->sorted = calloc((size_t)V, sizeof *t->sorted);
+    if (!t->pieces || !t->lens || !t->scores || !t->byte_value || !t->sorted)
+        return fail(AC_ERR_NOMEM, "%s: out of memory for %d tokenizer pieces", name, V);
+    for (int b = 0; b < 256; b++) {
+        t->byte_id[b] = -1;
+        t->bytes[b] = (unsigned char)b;
+    }
+    size_t pos = 4;
+    for (int i = 0; i < V; i++) {
+        t->scores[i] = read_f32(t->blob + pos);
+        t->lens[i] = read_i32(t->blob + pos + 4);
+        t->pieces[i] = (const char *)t->blob + pos + 8;
+        pos += 8 + (size_t)t->lens[i];
+        int b = parse_byte_piece(t->pieces[i], t->lens[i]);
+        t->byte_value[i] = (short)b;
+        if (b >= 0 && t->byte_id[b] < 0) t->byte_id[b] = i;
+        /* "normal" pieces are the ones merges may produce: not the specials, not bytes */
+        if (i > AC_TOKEN_EOS && b < 0) t->sorted[t->n_sorted++] = i;
+    }
+    g_sorting = t;
+    qsort(t->sorted, (size_t)t->n_sorted, sizeof *t->sorted, compare_ids);
+    g_sorting = NULL;
+    return AC_OK;
+}
+
+static int tokenizer_from_bytes(const void *data, size_t size, int vocab_size, const char *name,
+                                ac_tokenizer **out) {
+    int max_len = 0;
+    long long n_pieces = 0;
+    int rc = scan_tokenizer(data, size, name, &max_len, &n_pieces);
+    if (rc) return rc;
+    if (n_pieces != vocab_size)
+        return fail(AC_ERR_MISMATCH, "%s: tokenizer has %lld pieces but the model's vocab_size is %d",
+                    name, n_pieces, vocab_size);
+    ac_tokenizer *t = calloc(1, sizeof *t);
+    if (!t) return fail(AC_ERR_NOMEM, "%s: out of memory for the tokenizer", name);
+    t->vocab_size = vocab_size;
+    t->max_token_length = max_len;
+    t->blob = malloc(size);
+    if (!t->blob) {
+        ac_tokenizer_free(t);
+        return fail(AC_ERR_NOMEM, "%s: out of memory for %zu tokenizer bytes", name, size);
+    }
+    memcpy(t->blob, data, size);
+    if ((rc = index_tokenizer(t, name))) {
+        ac_tokenizer_free(t);
+        return rc;
+    }
+    *out = t;
+    return AC_OK;
+}
+
+AC_API int ac_tokenizer_load_memory(const void *data, size_t size, int vocab_size, const char *name,
+                                    ac_tokenizer **out) {
+    if (!out) return fail(AC_ERR_ARG, "ac_tokenizer_load_memory: out is NULL");
+    *out = NULL;
+    if (!name) name = "<memory>";
+    if (!data && size) return fail(AC_ERR_ARG, "%s: data is NULL but size is %zu", name, size);
+    if (vocab_size <= 0 || vocab_size > AC_MAX_VOCAB)
+        return fail(AC_ERR_ARG, "%s: vocab_size %d is outside 1..%d", name, vocab_size, AC_MAX_VOCAB);
+    return tokenizer_from_bytes(data ? data : "", size, vocab_size, name, out);
+}
+
+AC_API int ac_tokenizer_load(const char *path, int vocab_size, ac_tokenizer **out) {
+    if (!out) return fail(AC_ERR_ARG, "ac_tokenizer_load: out is NULL");
+    *out = NULL;
+    if (!path) return fail(AC_ERR_ARG, "ac_tokenizer_load: path is NULL");
+    FILE *f = fopen(path, "rb");
+    if (!f) return fail(AC_ERR_IO, "%s: cannot open tokenizer file: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
+        fclose(f);
+        return fail(AC_ERR_IO, "%s: not a regular file", path);
+    }
+    size_t size = (size_t)st.st_size;
+    unsigned char *buf = malloc(size ? size : 1);
+    if (!buf) {
+        fclose(f);
+        return fail(AC_ERR_NOMEM, "%s: out of memory for %zu tokenizer bytes", path, size);
+    }
+    size_t got = fread(buf, 1, size, f);
+    fclose(f);
+    if (got != size) {
+        free(buf);
+        return fail(AC_ERR_IO, "%s: read %zu of %zu bytes", path, got, size);
+    }
+    int rc = ac_tokenizer_load_memory(buf, size, vocab_size, path, out);
+    free(buf);
+    return rc;
+}
+
+AC_API int ac_tokenizer_vocab_size(const ac_tokenizer *t) { return t ? t->vocab_size : 0; }
+
+AC_API int ac_tokenizer_piece(const ac_tokenizer *t, int id, const char **piece, size_t *len,
+                              float *score) {
+    if (!t) return fail(AC_ERR_ARG, "ac_tokenizer_piece: tokenizer is NULL");
+    if (id < 0 || id >= t->vocab_size)
+        return fail(AC_ERR_RANGE, "token %d is outside the vocabulary [0, %d)", id, t->vocab_size);
+    if (piece) *piece = t->pieces[id];
+    if (len) *len = (size_t)t->lens[id];
+    if (score) *score = t->scores[id];
+    return AC_OK;
+}
+
+/* The id of the normal piece with exactly these bytes, or -1. */
+static int lookup_piece(const ac_tokenizer *t, const char *s, int len) {
+    int lo = 0, hi = t->n_sorted; /* lower bound: the lowest id among equal pieces */
+    while (lo < hi) {
+        int mid = lo + (hi - lo) / 2, id = t->sorted[mid];
+        if (compare_bytes(t->pieces[id], t->lens[id], s, len) < 0) lo = mid + 1;
+        else hi = mid;
+    }
+    if (lo < t->n_sorted) {
+        int id = t->sorted[lo];
+        if (compare_bytes(t->pieces[id], t->lens[id], s, len) == 0) return id;
+    }
+    return -1;
+}
+
+/* Length of the well-formed UTF-8 character at s[0..n), or 0 if the byte at s starts no
+ * well-formed character (it then becomes a symbol of its own). */
+static int utf8_char_len(const unsigned char *s, size_t n) {
+    unsigned char c = s[0];
+    if (c < 0x80) return 1;
+    int len;
+    unsigned char lo = 0x80, hi = 0xBF; /* allowed range of the second byte */
+    if (c >= 0xC2 && c <= 0xDF) len = 2;
+    else if (c >= 0xE0 && c <= 0xEF) {
+        len = 3;
+        if (c == 0xE0) lo = 0xA0;      /* no overlong forms */
+        else if (c == 0xED) hi = 0x9F; /* no surrogates */
+    } else if (c >= 0xF0 && c <= 0xF4) {
+        len = 4;
+        if (c == 0xF0) lo = 0x90;
+        else if (c == 0xF4) hi = 0x8F; /* nothing above U+10FFFF */
+    } else
+        return 0;
+    if ((size_t)len > n) return 0;
+    if (s[1] < lo || s[1] > hi) return 0;
+    for (int i = 2; i < len; i++)
+        if (s[i] < 0x80 || s[i] > 0xBF) return 0;
+    return len;
+}
+
+/* BPE merge state: a doubly linked list of symbols over the normalized text, and a binary
+ * max-heap of candidate merges, as SentencePiece's bpe_model does it. */
+typedef struct {
+    int start, len; /* bytes of the normalized text; len 0 = merged away */
+    int id;         /* normal piece id, or -1 (falls back to byte tokens) */
+    int prev, next;
+} bpe_symbol;
+
+typedef struct {
+    float score;
+    int left, right; /* symbol indices */
+    int len;         /* bytes of the merged piece, to detect stale entries */
+    int id;
+} bpe_pair;
+
+/* Higher score first; on equal scores the leftmost pair (SentencePiece's tie rule). */
+static int pair_before(const bpe_pair *a, const bpe_pair *b) {
+    return a->score > b->score || (a->score == b->score && a->left < b->left);
+}
+
+static void heap_push(bpe_pair *heap, int *n, bpe_pair p) {
+    int i = (*n)++;
+    while (i > 0) {
+        int parent = (i - 1) / 2;
+        if (!pair_before(&p, &heap[parent])) break;
+        heap[i] = heap[parent];
+        i = parent;
+    }
+    heap[i] = p;
+}
+
+static bpe_pair heap_pop(bpe_pair *heap, int *n) {
+    bpe_pair top = heap[0], last = heap[--(*n)];
+    int i = 0;
+    for (;;) {
+        int child = 2 * i + 1;
+        if (child >= *n) break;
+        if (child + 1 < *n && pair_before(&heap[child + 1], &heap[child])) child++;
+        if (!pair_before(&heap[child], &last)) break;
+        heap[i] = heap[child];
+        i = child;
+    }
+    if (*n > 0) heap[i] = last;
+    return top;
+}
+
+/* Queues the merge of symbols left and right if their concatenation is a normal piece. */
+static void try_pair(const ac_tokenizer *t, const char *text, const bpe_symbol *sym, int left,
+                     int right, bpe_pair *heap, int *n_heap) {
+    if (left < 0 || right < 0) return;
+    int len = sym[left].len + sym[right].len;
+    int id = lookup_piece(t, text + sym[left].start, len); /* symbols are contiguous */
+    if (id < 0) return;
+    bpe_pair p = {t->scores[id], left, right, len, id};
+    heap_push(heap, n_heap, p);
+}
+
+/* Encodes into out (capacity >= len + 3) and returns the count; -1 on allocation failure. */
+static int encode_into(const ac_tokenizer *t, const char *text, size_t len, int bos, int eos,
+                       int *out) {
+    int n = 0;
+    if (bos) out[n++] = AC_TOKEN_BOS;
+    if (len > 0) {
+        /* normalization: identity, plus SentencePiece's dummy-prefix space */
+        size_t n_text = len + 1;
+        char *norm = malloc(n_text);
+        bpe_symbol *sym = malloc(n_text * sizeof *sym);
+        bpe_pair *heap = malloc(3 * n_text * sizeof *heap); /* n-1 initial + 2 per merge */
+        if (!norm || !sym || !heap) {
+            free(norm);
+            free(sym);
+            free(heap);
+            return -1;
+        }
+        norm[0] = ' ';
+        memcpy(norm + 1, text, len);
+
+        int n_sym = 0;
+        for (size_t i = 0; i < n_text;) {
+            int clen = utf8_char_len((const unsigned char *)norm + i, n_text - i);
+            if (clen == 0) clen = 1; /* a stray byte: its own symbol, byte fallback later */
+            sym[n_sym] = (bpe_symbol){(int)i, clen, lookup_piece(t, norm + i, clen), n_sym - 1, n_sym + 1};
+            n_sym++;
+            i += (size_t)clen;
+        }
+        sym[n_sym - 1].next = -1;
+
+        int n_heap = 0;
+        for (int i = 0; i + 1 < n_sym; i++) try_pair(t, norm, sym, i, i + 1, heap, &n_heap);
+        while (n_heap > 0) {
+            bpe_pair p = heap_pop(heap, &n_heap);
+            bpe_symbol *l = &sym[p.left], *r = &sym[p.right];
+            /* skip entries made stale by an earlier merge of either side */
+            if (l->len == 0 || r->len == 0 || l->next != p.right || l->len + r->len != p.len) continue;
+            l->len = p.len;
+            l->id = p.id;
+            l->next = r->next;
+            if (r->next >= 0) sym[r->next].prev = p.left;
+            r->len = 0;
+            try_pair(t, norm, sym, l->prev, p.left, heap, &n_heap);
+            try_pair(t, norm, sym, p.left, l->next, heap, &n_heap);
+        }
+
+        for (int i = 0; i >= 0; i = sym[i].next) {
+            if (sym[i].id >= 0) {
+                out[n++] = sym[i].id;
+                continue;
+            }
+            /* byte fallback: one token per byte of a character the vocabulary lacks */
+            for (int b = 0; b < sym[i].len; b++) {
+                int id = t->byte_id[(unsigned char)norm[sym[i].start + b]];
+                out[n++] = id >= 0 ? id : AC_TOKEN_UNK;
+            }
+        }
+        free(norm);
+        free(sym);
+        free(heap);
+    }
+    if (eos) out[n++] = AC_TOKEN_EOS;
+    return n;
+}
+
+AC_API int ac_encode(const ac_tokenizer *t, const char *text, size_t len, int bos, int eos,
+                     int *tokens, int max_tokens, int *n_tokens) {
+    if (!t || !n_tokens || (!text && len > 0) || (!tokens && max_tokens > 0) || max_tokens < 0)
+        return fail(AC_ERR_ARG, "ac_encode: bad arguments");
+    if (len > (size_t)INT_MAX / 4)
+        return fail(AC_ERR_RANGE, "ac_encode: text of %zu bytes is too long", len);
+    size_t cap = len + 3;
+    int *buf = tokens;
+    if ((size_t)max_tokens < cap) { /* the exact count is unknown until encoded: use scratch */
+        buf = malloc(cap * sizeof *buf);
+        if (!buf) return fail(AC_ERR_NOMEM, "ac_encode: out of memory");
+    }
+    int n = encode_into(t, text, len, bos != 0, eos != 0, buf);
+    if (n < 0) {
+        if (buf != tokens) free(buf);
+        return fail(AC_ERR_NOMEM, "ac_encode: out of memory for %zu bytes of text", len);
+    }
+    *n_tokens = n;
+    if (buf != tokens) {
+        int fits = n <= max_tokens;
+        if (fits) memcpy(tokens, buf, (size_t)n * sizeof *buf);
+        free(buf);
+        if (!fits)
+            return fail(AC_ERR_RANGE, "ac_encode: %d tokens do not fit in max_tokens %d", n, max_tokens);
+    }
+    return AC_OK;
+}
+
+AC_API int ac_decode_piece(const ac_tokenizer *t, int prev, int token, const char **piece,
+                           size_t *len) {
+    if (!t || !piece || !len) return fail(AC_ERR_ARG, "ac_decode_piece: NULL argument");
+    if (token < 0 || token >= t->vocab_size)
+        return fail(AC_ERR_RANGE, "token %d is outside the vocabulary [0, %d)", token, t->vocab_size);
+    const char *p = t->pieces[token];
+    int n = t->lens[token];
+    if (token <= AC_TOKEN_EOS) {
+        n = 0; /* <unk>, <s>, </s> are markers, not text */
+    } else if (t->byte_value[token] >= 0) {
+        p = (const char *)&t->bytes[t->byte_value[token]];
+        n = 1;
+    } else if (prev == AC_TOKEN_BOS && n > 0 && p[0] == ' ') {
+        p++; /* the dummy-prefix space SentencePiece added in front of the text */
+        n--;
+    }
+    if (n == 1) { /* never hand out raw control bytes, except line breaks and tabs */
+        unsigned char b = (unsigned char)p[0];
+        if ((b < 0x20 && b != '\n' && b != '\t' && b != '\r') || b == 0x7f) n = 0;
+    }
+    *piece = p;
+    *len = (size_t)n;
+    return AC_OK;
+}
+
+/* ======================================================================== sampler */
+
+struct ac_sampler {
+    ac_sampler_params params;
+    int vocab_size;
+    uint64_t rng;   /* xorshift64* state, never 0 */
+    float *probs;   /* (V) scratch */
+    int *order;     /* (V) candidate ids, sorted by probability */
+};
+
+#define DEFAULT_SEED 0x9E3779B97F4A7C15ull
+
+AC_API ac_sampler_params ac_sampler_default_params(void) {
+    ac_sampler_params p = {1.0f, 0.9f, 0, 0};
+    return p;
+}
+
+static int check_sampler_params(const ac_sampler_params *p) {
+    if (isnan(p->temperature) || p->temperature < 0.0f)
+        return fail(AC_ERR_ARG, "temperature %g is invalid: it must be >= 0 (0 = greedy)",
+                    (double)p->temperature);
+    if (isnan(p->top_p) || !(p->top_p > 0.0f && p->top_p <= 1.0f))
+        return fail(AC_ERR_ARG, "top_p %g is invalid: it must be in (0, 1] (1 = off)", (double)p->top_p);
+    if (p->top_k < 0)
+        return fail(AC_ERR_ARG, "top_k %d is invalid: it must be >= 0 (0 = off)", p->top_k);
+    return AC_OK;
+}
+
+AC_API int ac_sampler_create(const ac_sampler_params *params, int vocab_size, ac_sampler **out) {
+    if (!out) return fail(AC_ERR_ARG, "ac_sampler_create: out is NULL");
+    *out = NULL;
+    ac_sampler_params p = params ? *params : ac_sampler_default_params();
+    int rc = check_sampler_params(&p);
+    if (rc) return rc;
+    if (vocab_size <= 0 || vocab_size > AC_MAX_VOCAB)
+        return fail(AC_ERR_ARG, "vocab_size %d is outside 1..%d", vocab_size, AC_MAX_VOCAB);
+    ac_sampler *s = calloc(1, sizeof *s);
+    if (!s) return fail(AC_ERR_NOMEM, "out of memory for the sampler");
+    s->params = p;
+    s->vocab_size = vocab_size;
+    s->rng = p.seed ? p.seed : DEFAULT_SEED;
+    s->probs = malloc((size_t)vocab_size * sizeof *s->probs);
+    s->order = malloc((size_t)vocab_size * sizeof *s->order);
+    if (!s->probs || !s->order) {
+        ac_sampler_free(s);
+        return fail(AC_ERR_NOMEM, "out of memory for the sampler");
+    }
+    *out = s;
+    return AC_OK;
+}
+
+AC_API void ac_sampler_free(ac_sampler *s) {
+    if (!s) return;
+    free(s->probs);
+    free(s->order);
+    free(s);
+}
+
+/* xorshift64*: small, fast and identical on every platform. */
+static uint64_t rng_next(uint64_t *state) {
+    uint64_t x = *state;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *state = x;
+    return x * 0x2545F4914F6CDD1Dull;
+}
+
+/* Uniform in [0, 1), from the top 24 bits (exactly representable in a float). */
+static float rng_float(uint64_t *state) { return (float)(rng_next(state) >> 40) / 16777216.0f; }
+
+/* First index of the largest value (NaNs never win). */
+static int argmax(const float *x, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[best]) best = i;
+    return best;
+}
+
+/* Descending probability; equal probabilities in id order, so the result is deterministic
+ * and the top candidate agrees with argmax. */
+static _Thread_local const float *t_sort_probs;
+static int compare_prob(const void *pa, const void *pb) {
+    int a = *(const int *)pa, b = *(const int *)pb;
+    float pa_ = t_sort_probs[a], pb_ = t_sort_probs[b];
+    if (pa_ != pb_) return pa_ > pb_ ? -1 : 1;
+    return (a > b) - (a < b);
+}
+
+/* Walks candidates ids[0..n) with weights probs[id] until the cumulative weight passes r. */
+static int pick(const float *probs, const int *ids, int n, float r) {
+    float cdf = 0.0f;
+    for (int i = 0; i < n; i++) {
+        int id = ids ? ids[i] : i;
+        cdf += probs[id];
+        if (r < cdf) return id;
+    }
+    return ids ? ids[n - 1] : n - 1; /* rounding left r just above the total */
+}
+
+AC_API int ac_sample(ac_sampler *s, const float *logits, int *token) {
+    if (!s || !logits || !token) return fail(AC_ERR_ARG, "ac_sample: NULL argument");
+    int V = s->vocab_size;
+    const ac_sampler_params *p = &s->params;
+    if (p->temperature == 0.0f) {
+        *token = argmax(logits, V);
+        return AC_OK;
+    }
+    float *probs = s->probs;
+    for (int i = 0; i < V; i++) probs[i] = logits[i] / p->temperature;
+    softmax(probs, V);
+    float coin = rng_float(&s->rng);
+    int use_k = p->top_k > 0 && p->top_k < V, use_p = p->top_p < 1.0f;
+    if (!use_k && !use_p) {
+        *token = pick(probs, NULL, V, coin);
+        return AC_OK;
+    }
+    /* Candidates.  With top-p alone, a token below (1 - p) / (V - 1) can never be in the
+     * nucleus (all such tokens together hold less than 1 - p), so skip sorting them. */
+    float cutoff = (!use_k && V > 1) ? (1.0f - p->top_p) / (float)(V - 1) : 0.0f;
+    int n = 0;
+    for (int i = 0; i < V; i++)
+        if (probs[i] >= cutoff) s->order[n++] = i;
+    if (n == 0) { /* only if every probability is NaN: fall back to greedy */
+        *token = argmax(logits, V);
+        return AC_OK;
+    }
+    t_sort_probs = probs;
+    qsort(s->order, (size_t)n, sizeof *s->order, compare_prob);
+    t_sort_probs = NULL;
+    if (use_k && n > p->top_k) n = p->top_k;
+    float total = 0.0f;
+    for (int i = 0; i < n; i++) total += probs[s->order[i]];
+    if (use_p) { /* the smallest prefix whose (renormalized) mass exceeds top_p */
+        float cum = 0.0f, mass = 0.0f;
+        int keep = n;
+        for (int i = 0; i < n; i++) {
+            cum += probs[s->order[i]] / total;
+            mass += probs[s->order[i]];
+            if (cum > p->top_p) {
+                keep = i + 1;
+                break;
+            }
+        }
+        if (keep < n) total = mass;
+        n = keep;
+    }
+    *token = pick(probs, s->order, n, coin * total);
+    return AC_OK;
+}
+
+/* ======================================================================== session */
+
+struct ac_session {
+    const ac_model *model;
+    const ac_tokenizer *tok;
+    ac_state *state;
+    ac_sampler *sampler;
+    int pos;         /* positions already in the KV cache */
+    int pending;     /* sampled but not yet run through the model, or -1 */
+    int last;        /* the token at pos - 1 (or pending), for decoding; -1 at the start */
+    int has_logits;  /* state->logits belong to the token at pos - 1 */
+};
+
+AC_API void ac_session_free(ac_session *s) {
+    if (!s) return;
+    ac_state_free(s->state);
+    ac_sampler_free(s->sampler);
+    free(s);
+}
+
+AC_API void ac_session_reset(ac_session *s) {
+    if (!s) return;
+    s->pos = 0;
+    s->pending = -1;
+    s->last = -1;
+    s->has_logits = 0;
+}
+
+AC_API int ac_session_create(const ac_model *m, const ac_tokenizer *tok,
+                             const ac_sampler_params *params, ac_session **out) {
+    if (!out) return fail(AC_ERR_ARG, "ac_session_create: out is NULL");
+    *out = NULL;
+    if (!m || !tok) return fail(AC_ERR_ARG, "ac_session_create: model and tokenizer are required");
+    if (tok->vocab_size != m->config.vocab_size)
+        return fail(AC_ERR_MISMATCH, "tokenizer has %d pieces but the model's vocab_size is %d",
+                    tok->vocab_size, m->config.vocab_size);
+    ac_session *s = calloc(1, sizeof *s);
+    if (!s) return fail(AC_ERR_NOMEM, "out of memory for the session");
+    s->model = m;
+    s->tok = tok;
+    int rc = ac_sampler_create(params, m->config.vocab_size, &s->sampler);
+    if (!rc) rc = ac_state_create(m, &s->state);
+    if (rc) {
+        ac_session_free(s);
+        return rc;
+    }
+    ac_session_reset(s);
+    *out = s;
+    return AC_OK;
+}
+
+AC_API int ac_session_position(const ac_session *s) { return s ? s->pos : 0; }
+
+static void run_token(ac_session *s, int token) {
+    forward_token(s->state, token, s->pos++);
+    s->last = token;
+    s->has_logits = 1;
+}
+
+AC_API int ac_session_feed_tokens(ac_session *s, const int *tokens, int n_tokens) {
+    if (!s || n_tokens < 0 || (n_tokens > 0 && !tokens))
+        return fail(AC_ERR_ARG, "ac_session_feed_tokens: bad arguments");
+    int seq_len = s->model->config.seq_len;
+    int rc = check_tokens(tokens, n_tokens, s->model->config.vocab_size);
+    if (rc) return rc;
+    long long needed = (long long)s->pos + (s->pending >= 0) + n_tokens;
+    if (needed > seq_len)
+        return fail(AC_ERR_RANGE, "%d tokens do not fit: %d of the model's seq_len %d are in use",
+                    n_tokens, s->pos + (s->pending >= 0), seq_len);
+    if (s->pending >= 0) {
+        run_token(s, s->pending);
+        s->pending = -1;
+    }
+    for (int i = 0; i < n_tokens; i++) run_token(s, tokens[i]);
+    return AC_OK;
+}
+
+AC_API int ac_session_feed(ac_session *s, const char *text, size_t len, int bos) {
+    if (!s || (!text && len > 0)) return fail(AC_ERR_ARG, "ac_session_feed: bad arguments");
+    if (len > (size_t)INT_MAX / 4) return fail(AC_ERR_RANGE, "ac_session_feed: text is too long");
+    int cap = (int)len + 3, n;
+    int *tokens = malloc((size_t)cap * sizeof *tokens);
+    if (!tokens) return fail(AC_ERR_NOMEM, "ac_session_feed: out of memory");
+    int rc = ac_encode(s->tok, text, len, bos, 0, tokens, cap, &n);
+    if (!rc) rc = ac_session_feed_tokens(s, tokens, n);
+    free(tokens);
+    return rc;
+}
+
+AC_API int ac_session_next(ac_session *s, int *token, const char **piece, size_t *len) {
+    if (!s || !token) return fail(AC_ERR_ARG, "ac_session_next: NULL argument");
+    int seq_len = s->model->config.seq_len;
+    *token = -1;
+    if (piece) *piece = "";
+    if (len) *len = 0;
+    if (s->pending >= 0) {
+        if (s->pos >= seq_len) return AC_OK; /* no room to run it: the context is full */
+        run_token(s, s->pending);
+        s->pending = -1;
+    }
+    /* a sampled token takes position pos; beyond seq_len - 1 it could never be run */
+    if (!s->has_logits || s->pos >= seq_len) return AC_OK;
+    int next, rc = ac_sample(s->sampler, s->state->logits, &next);
+    if (rc) return rc;
+    const char *p;
+    size_t n;
+    if ((rc = ac_decode_piece(s->tok, s->last, next, &p, &n))) return rc;
+    s->pending = next;
+    *token = next;
+    if (piece) *piece = p;
+    if (len) *len = n;
+    return AC_OK;
+}
+
+AC_API int ac_generate(ac_session *s, const char *prompt, size_t len, int max_new_tokens,
+                       ac_piece_fn on_piece, void *user, int *n_generated) {
+    if (n_generated) *n_generated = 0;
+    if (!s || (!prompt && len > 0)) return fail(AC_ERR_ARG, "ac_generate: bad arguments");
+    if (max_new_tokens < 0)
+        return fail(AC_ERR_ARG, "max_new_tokens %d is invalid: it must be >= 0", max_new_tokens);
+    if (len > (size_t)INT_MAX / 4) return fail(AC_ERR_RANGE, "ac_generate: prompt is too long");
+    ac_session_reset(s);
+    int cap = (int)len + 3, n_prompt;
+    int *tokens = malloc((size_t)cap * sizeof *tokens);
+    if (!tokens) return fail(AC_ERR_NOMEM, "ac_generate: out of memory");
+    int rc = ac_encode(s->tok, prompt, len, 1, 0, tokens, cap, &n_prompt);
+    if (!rc && n_prompt > s->model->config.seq_len)
+        rc = fail(AC_ERR_RANGE, "the prompt is %d tokens (BOS included) but the model's seq_len is %d",
+                  n_prompt, s->model->config.seq_len);
+    if (!rc) rc = ac_session_feed_tokens(s, tokens, n_prompt);
+    free(tokens);
+    if (rc) return rc;
+    int n = 0;
+    while (n < max_new_tokens) {
+        int token;
+        const char *piece;
+        size_t piece_len;
+        if ((rc = ac_session_next(s, &token, &piece, &piece_len))) break;
+        if (token < 0 || token == AC_TOKEN_BOS || token == AC_TOKEN_EOS) break;
+        n++;
+        if (on_piece && on_piece(user, token, piece, piece_len)) break;
+    }
+    if (n_generated) *n_generated = n;
+    return rc;
+}

@@ -1,0 +1,207 @@
+/*
+ * run.h - the public C API of arianna_c (libarianna.so).
+ *
+ * arianna_c runs tiny Llama-architecture models (float32, llama2.c file layouts) on the CPU.
+ *
+ * Objects (all opaque, each with a create/free pair):
+ *   ac_model      an immutable loaded model: config + weights (memory-mapped, never copied).
+ *   ac_tokenizer  an immutable SentencePiece-style BPE tokenizer (llama2.c tokenizer layout).
+ *   ac_state      the mutable working memory of one forward pass: KV cache + activations.
+ *   ac_sampler    the mutable sampler: temperature / top-k / top-p and a seeded PRNG.
+ *   ac_session    one generation in progress: owns an ac_state and an ac_sampler, borrows a
+ *                 model and a tokenizer.
+ *
+ * Threads: ac_model and ac_tokenizer are read-only after loading, so any number of threads may
+ * share one; ac_state, ac_sampler and ac_session are mutable, so give each thread its own.
+ * A model (and tokenizer) must outlive every state/session created from it.
+ *
+ * Errors: every function that can fail returns an int result code (AC_OK = 0, the AC_ERR_*
+ * values below).  On failure the library also records a human-readable message for the
+ * calling thread, read with ac_last_error().  The message names the file, the field, and the
+ * expected vs actual values where that applies.  The library never prints and never exits.
+ */
+#ifndef ARIANNA_RUN_H
+#define ARIANNA_RUN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define AC_API __declspec(dllexport)
+#else
+#define AC_API __attribute__((visibility("default")))
+#endif
+
+/* ------------------------------------------------------------------------ result codes */
+
+enum {
+    AC_OK = 0,
+    AC_ERR_IO = 1,        /* a file could not be opened, sized, mapped or read */
+    AC_ERR_FORMAT = 2,    /* a file's bytes do not follow its layout (header, sizes, lengths) */
+    AC_ERR_MISMATCH = 3,  /* two valid inputs disagree (tokenizer pieces vs model vocab_size) */
+    AC_ERR_ARG = 4,       /* a bad argument: NULL pointer, NaN temperature, top_p out of (0,1] */
+    AC_ERR_NOMEM = 5,     /* an allocation failed */
+    AC_ERR_RANGE = 6      /* a value out of range: token id, position, sequence too long */
+};
+
+/* Special token ids of every tokenizer arianna_c reads. */
+enum { AC_TOKEN_UNK = 0, AC_TOKEN_BOS = 1, AC_TOKEN_EOS = 2 };
+
+/* Sanity bounds a model header must respect (checked before anything is sized from it). */
+#define AC_MAX_DIM 65536
+#define AC_MAX_HIDDEN_DIM (1 << 20)
+#define AC_MAX_LAYERS 1024
+#define AC_MAX_VOCAB (1 << 24)
+#define AC_MAX_SEQ_LEN (1 << 20)
+/* Longest tokenizer piece accepted, in bytes. */
+#define AC_MAX_PIECE_BYTES 65536
+
+/* The message of the last failed call on this thread ("" if none). Valid until the next
+ * failing call on the same thread. */
+AC_API const char *ac_last_error(void);
+/* The symbolic name of a result code, e.g. "AC_ERR_FORMAT". */
+AC_API const char *ac_strerror(int code);
+/* The library version, e.g. "0.1.0". */
+AC_API const char *ac_version(void);
+
+/* ------------------------------------------------------------------------ model */
+
+typedef struct ac_model ac_model;
+
+typedef struct {
+    int dim;               /* transformer width */
+    int hidden_dim;        /* FFN width */
+    int n_layers;
+    int n_heads;           /* query heads */
+    int n_kv_heads;        /* key/value heads (n_heads % n_kv_heads == 0) */
+    int vocab_size;
+    int seq_len;           /* maximum context: the KV cache holds this many positions */
+    int shared_classifier; /* 1: logits use the token embedding; 0: a separate wcls matrix */
+    int version;           /* file layout: 0 = legacy llama2.c, 1 = "ak42" v1 */
+} ac_config;
+
+/* Memory-maps the file at path read-only, validates it, and returns a model in *out.
+ * Layout detected by the first four bytes: "ak42" (0x616b3432) = v1, anything else = v0. */
+AC_API int ac_model_load(const char *path, ac_model **out);
+/* Same, from a caller's buffer (not copied: it must stay valid and unchanged until
+ * ac_model_free).  data must be 4-byte aligned.  name (may be NULL) is used in messages. */
+AC_API int ac_model_load_memory(const void *data, size_t size, const char *name, ac_model **out);
+AC_API void ac_model_free(ac_model *model);
+AC_API int ac_model_config(const ac_model *model, ac_config *out);
+
+/* ------------------------------------------------------------------------ forward pass */
+
+typedef struct ac_state ac_state;
+
+/* Allocates the KV cache and activation buffers for one sequence of up to seq_len tokens. */
+AC_API int ac_state_create(const ac_model *model, ac_state **out);
+AC_API void ac_state_free(ac_state *state);
+
+/* One decoding step: runs token at position pos (0 <= pos < seq_len) through the model,
+ * storing its keys/values in the cache, and points *logits (may be NULL) at the vocab_size
+ * logits inside the state (valid until the next call on this state).  Positions 0..pos-1
+ * must have been run before on this state; that is the caller's contract. */
+AC_API int ac_forward(ac_state *state, int token, int pos, const float **logits);
+
+/* Logits for every position of tokens[0..n_tokens-1], run from position 0 through the KV
+ * cache (so the state's previous contents are replaced).  out receives n_tokens * vocab_size
+ * floats, row t = logits after token t.  n_tokens must be <= seq_len. */
+AC_API int ac_logits(ac_state *state, const int *tokens, int n_tokens, float *out);
+
+/* ------------------------------------------------------------------------ tokenizer */
+
+typedef struct ac_tokenizer ac_tokenizer;
+
+/* Loads a llama2.c-layout tokenizer file holding exactly vocab_size pieces (the model's
+ * vocab_size) and nothing after them. */
+AC_API int ac_tokenizer_load(const char *path, int vocab_size, ac_tokenizer **out);
+/* Same from memory; the bytes are copied, so the buffer may be freed after the call. */
+AC_API int ac_tokenizer_load_memory(const void *data, size_t size, int vocab_size,
+                                    const char *name, ac_tokenizer **out);
+AC_API void ac_tokenizer_free(ac_tokenizer *tok);
+AC_API int ac_tokenizer_vocab_size(const ac_tokenizer *tok);
+
+/* Encodes text[0..len) (UTF-8; invalid bytes become byte tokens) exactly as SentencePiece
+ * encodes with a byte-fallback, identity-normalized BPE model with a dummy prefix.  bos/eos
+ * (0 or 1) add token 1 in front / token 2 at the end.  Writes up to max_tokens ids to tokens
+ * and the count to *n_tokens.  A capacity of len + 3 always suffices; when max_tokens is too
+ * small nothing is written, *n_tokens receives the count needed, and AC_ERR_RANGE returns. */
+AC_API int ac_encode(const ac_tokenizer *tok, const char *text, size_t len, int bos, int eos,
+                     int *tokens, int max_tokens, int *n_tokens);
+
+/* The bytes that token contributes to decoded text when it follows prev: byte pieces
+ * "<0xNN>" give the raw byte; after BOS the piece's leading space is dropped; special tokens
+ * (0..2) and whole single-byte control pieces (other than \n \t \r) give nothing.  *piece
+ * points into the tokenizer (valid while it lives), not NUL-terminated; *len is its length. */
+AC_API int ac_decode_piece(const ac_tokenizer *tok, int prev, int token, const char **piece,
+                           size_t *len);
+
+/* The raw stored text of piece id (as in the file, e.g. "<0x0A>", " the") and its score. */
+AC_API int ac_tokenizer_piece(const ac_tokenizer *tok, int id, const char **piece, size_t *len,
+                              float *score);
+
+/* ------------------------------------------------------------------------ sampler */
+
+typedef struct ac_sampler ac_sampler;
+
+typedef struct {
+    float temperature; /* 0 = greedy argmax; > 0 = sample softmax(logits / temperature) */
+    float top_p;       /* nucleus threshold in (0, 1]; 1 = off */
+    int top_k;         /* keep the k most likely tokens (applied before top_p); 0 = off */
+    uint64_t seed;     /* PRNG seed; 0 selects a fixed default seed */
+} ac_sampler_params;
+
+/* temperature 1.0, top_p 0.9, top_k 0, seed 0. */
+AC_API ac_sampler_params ac_sampler_default_params(void);
+/* Fails with AC_ERR_ARG for temperature < 0 or NaN, top_p outside (0, 1], top_k < 0. */
+AC_API int ac_sampler_create(const ac_sampler_params *params, int vocab_size, ac_sampler **out);
+AC_API void ac_sampler_free(ac_sampler *sampler);
+/* Picks a token from vocab_size logits (not modified).  Deterministic for a given seed. */
+AC_API int ac_sample(ac_sampler *sampler, const float *logits, int *token);
+
+/* ------------------------------------------------------------------------ generation */
+
+typedef struct ac_session ac_session;
+
+/* A session owns an ac_state and an ac_sampler; model and tokenizer are borrowed (they must
+ * outlive it).  params may be NULL for ac_sampler_default_params(). */
+AC_API int ac_session_create(const ac_model *model, const ac_tokenizer *tok,
+                             const ac_sampler_params *params, ac_session **out);
+AC_API void ac_session_free(ac_session *session);
+/* Forgets the context: the next feed starts at position 0. */
+AC_API void ac_session_reset(ac_session *session);
+/* Current number of positions in the KV cache. */
+AC_API int ac_session_position(const ac_session *session);
+/* Encodes text (with BOS when bos != 0) and runs its tokens at the current position (after
+ * the last sampled token, if any).  AC_ERR_RANGE when they would not fit in seq_len. */
+AC_API int ac_session_feed(ac_session *session, const char *text, size_t len, int bos);
+/* Runs the given token ids at the current position, like ac_session_feed. */
+AC_API int ac_session_feed_tokens(ac_session *session, const int *tokens, int n_tokens);
+/* Runs the last sampled token (if any), then samples the next one into *token and points
+ * *piece and *len (either may be NULL) at its decoded bytes.  *token is AC_TOKEN_BOS or
+ * AC_TOKEN_EOS (empty piece) when the model ended the text, and -1 when the context is full
+ * (seq_len positions used) or nothing was fed yet; callers stop on any of those. */
+AC_API int ac_session_next(ac_session *session, int *token, const char **piece, size_t *len);
+
+/* Called once per generated token with its decoded bytes (len may be 0).  Return nonzero to
+ * stop generating. */
+typedef int (*ac_piece_fn)(void *user, int token, const char *piece, size_t len);
+
+/* Resets the session, feeds BOS + the encoded prompt (an empty prompt starts from BOS alone),
+ * then samples up to max_new_tokens tokens, calling on_piece for each.  Stops early when the
+ * model emits BOS or EOS (not reported), when the context reaches seq_len (prompt + generated
+ * tokens never exceed seq_len), or when on_piece returns nonzero.  A prompt whose tokens
+ * (with BOS) exceed seq_len fails with AC_ERR_RANGE.  *n_generated (may be NULL) receives the
+ * number of tokens reported. */
+AC_API int ac_generate(ac_session *session, const char *prompt, size_t len, int max_new_tokens,
+                       ac_piece_fn on_piece, void *user, int *n_generated);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* ARIANNA_RUN_H */
