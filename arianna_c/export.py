@@ -1,0 +1,319 @@
+"""Exporters: PyTorch LLiSA -> model .bin (v0 / v1) or .npz; SentencePiece .model -> tokenizer .bin.
+
+    python -m arianna_c.export model CKPT.pt OUT.bin [--version 1] [--no-verify]
+    python -m arianna_c.export model CKPT.pt OUT.npz
+    python -m arianna_c.export tokenizer persona/tok4096.model persona/tok4096.bin
+    python -m arianna_c.export check MODEL.bin CKPT.pt        # C logits vs torch logits
+
+Model files default to the legacy v0 layout, which stock llama2.c ``run`` reads too; ``--version 1``
+writes the "ak42" v1 layout.  A classifier tied to the embedding (``output.weight`` is, or equals,
+``tok_embeddings.weight``) is written as a shared classifier.
+
+After writing a .bin the exporter loads it back through the C library (``arianna_c.Model``) and
+compares its logits on a short token sequence with the PyTorch model's; if the largest difference
+exceeds ``tolerance`` (1e-4) it removes the file and raises :class:`ExportError`.  When the C
+library cannot be loaded at all the export fails too (pass ``verify=False`` to skip the check).
+
+torch is imported lazily: the tokenizer exporter and the NumPy helpers work without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from . import formats
+from .formats import ModelConfig
+from .reference import save_npz
+
+PathLike = Union[str, os.PathLike]
+TOLERANCE = 1e-4
+SPACE_MARK = "\u2581"
+# torch (out, in) parameter name of each formats weight, per layer ("{}" = layer index)
+LAYER_PARAMS = {
+    "rms_att": "layers.{}.attention_norm.weight",
+    "wq": "layers.{}.attention.wq.weight",
+    "wk": "layers.{}.attention.wk.weight",
+    "wv": "layers.{}.attention.wv.weight",
+    "wo": "layers.{}.attention.wo.weight",
+    "rms_ffn": "layers.{}.ffn_norm.weight",
+    "w1": "layers.{}.feed_forward.w1.weight",
+    "w2": "layers.{}.feed_forward.w2.weight",
+    "w3": "layers.{}.feed_forward.w3.weight",
+}
+
+
+class ExportError(RuntimeError):
+    """An export that must not be used: the written file does not reproduce the model."""
+
+
+# ============================================================================ torch -> weights
+
+
+def load_checkpoint(path: PathLike):
+    """A ``Transformer`` (eval mode) from a training checkpoint (.pt with model_args + model)."""
+    import torch
+
+    from .model import ModelArgs, Transformer
+
+    try:
+        ckpt = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except Exception:  # checkpoints of older torch versions may hold other picklable objects
+        ckpt = torch.load(os.fspath(path), map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
+        raise ExportError(f"{path}: not a training checkpoint (needs 'model_args' and 'model')")
+    state = _strip_prefix(ckpt["model"])
+    args = ModelArgs(**ckpt["model_args"])
+    if args.tied and "output.weight" in state and not torch.equal(state["output.weight"],
+                                                                   state["tok_embeddings.weight"]):
+        args.tied = False  # a checkpoint whose classifier was untied after all
+    model = Transformer(args)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (args.tied and k == "output.weight")]
+    if missing or unexpected:
+        raise ExportError(f"{path}: state dict does not fit the model: missing {missing}, "
+                          f"unexpected {unexpected}")
+    return model.eval()
+
+
+def _strip_prefix(state: dict) -> dict:
+    """Drops torch.compile's ``_orig_mod.`` (and DDP's ``module.``) key prefixes."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("_orig_mod.", "module."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def is_tied(state: dict) -> bool:
+    """True when the classifier is the embedding: same tensor, missing, or equal data."""
+    emb = state["tok_embeddings.weight"]
+    out = state.get("output.weight")
+    if out is None or out is emb:
+        return True
+    if out.data_ptr() == emb.data_ptr() and out.shape == emb.shape:
+        return True
+    return out.shape == emb.shape and bool((out == emb).all())
+
+
+def weights_from_torch(model_or_state, version: int = 0) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """Config and formats-style float32 weights of a ``Transformer`` (or its state dict + args)."""
+    if isinstance(model_or_state, tuple):
+        state, args = model_or_state
+    else:
+        state, args = model_or_state.state_dict(keep_vars=False), model_or_state.args
+    state = _strip_prefix(state)
+    tied = is_tied(state)
+    arr = lambda t: t.detach().to("cpu").float().numpy()  # noqa: E731
+    emb = arr(state["tok_embeddings.weight"])
+    vocab, dim = emb.shape
+    n_layers = args.n_layers
+    weights = {"token_embedding": emb, "rms_final": arr(state["norm.weight"])}
+    for name, pattern in LAYER_PARAMS.items():
+        weights[name] = np.stack([arr(state[pattern.format(l)]) for l in range(n_layers)])
+    if not tied:
+        weights["wcls"] = arr(state["output.weight"])
+    cfg = ModelConfig(dim=dim, hidden_dim=weights["w1"].shape[1], n_layers=n_layers,
+                      n_heads=args.n_heads, n_kv_heads=args.resolved_kv_heads(), vocab_size=vocab,
+                      seq_len=args.max_seq_len, shared_classifier=tied, version=version)
+    return cfg, weights
+
+
+def _as_model(source):
+    """A Transformer from a module or a checkpoint path."""
+    if isinstance(source, (str, os.PathLike)):
+        return load_checkpoint(source)
+    return source.eval()
+
+
+# ============================================================================ exports
+
+
+def export_bin(source, out_path: PathLike, version: int = 0, verify: bool = True,
+               tolerance: float = TOLERANCE, check_tokens: Optional[Sequence[int]] = None) -> float:
+    """Writes source (a Transformer or checkpoint path) as a model .bin; returns the checked
+    max |C - torch| logit difference (nan when verify=False)."""
+    model = _as_model(source)
+    cfg, weights = weights_from_torch(model, version=version)
+    out_path = Path(out_path)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    formats.write_model(tmp, cfg, weights)
+    os.replace(tmp, out_path)
+    if not verify:
+        return float("nan")
+    try:
+        return verify_bin(out_path, model, tolerance=tolerance, tokens=check_tokens)
+    except BaseException:
+        out_path.unlink(missing_ok=True)
+        raise
+
+
+def export_npz(source, out_path: PathLike) -> None:
+    """Writes source (a Transformer or checkpoint path) as an .npz the NumPy reference reads."""
+    cfg, weights = weights_from_torch(_as_model(source))
+    save_npz(out_path, cfg, weights)
+
+
+def check_sequence(vocab_size: int, seq_len: int, length: int = 16, seed: int = 0) -> list[int]:
+    """The short token sequence exports are checked on: BOS then seeded random ids."""
+    n = min(length, seq_len)
+    rng = np.random.default_rng(seed)
+    return [1 % vocab_size] + rng.integers(0, vocab_size, n - 1).tolist()
+
+
+def torch_logits(model, tokens: Sequence[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([list(tokens)], dtype=torch.long))[0].float().numpy()
+
+
+def placeholder_tokenizer(vocab_size: int) -> bytes:
+    """Tokenizer bytes with vocab_size distinct pieces, for loading a model whose real tokenizer
+    is not at hand (``arianna_c.Model`` always loads one; logits never use it)."""
+    pieces = [b"<unk>", b"<s>", b"</s>"] + [b"<p%d>" % i for i in range(3, vocab_size)]
+    pieces = pieces[:vocab_size]
+    return formats.tokenizer_bytes(pieces, [0.0] * len(pieces))
+
+
+def c_logits(path: PathLike, tokens: Sequence[int]) -> np.ndarray:
+    """Logits of the model file through the C library (KV-cache path from position 0)."""
+    try:
+        import arianna_c
+
+        cfg = formats.read_model(path)[0]
+        model = arianna_c.Model(os.fspath(path), tokenizer=placeholder_tokenizer(cfg.vocab_size))
+    except Exception as exc:
+        raise ExportError(f"cannot check {path}: the C library could not load it ({exc}); "
+                          f"build it with `make`, or export with verify=False / --no-verify") from exc
+    try:
+        return np.asarray(model.logits(list(tokens)), dtype=np.float32)
+    finally:
+        model.close()
+
+
+def verify_bin(path: PathLike, model, tolerance: float = TOLERANCE,
+               tokens: Optional[Sequence[int]] = None) -> float:
+    """max |C logits - torch logits| on a short sequence; ExportError above tolerance."""
+    model = _as_model(model)
+    cfg = formats.read_model(path)[0]
+    if tokens is None:
+        tokens = check_sequence(cfg.vocab_size, cfg.seq_len)
+    diff = float(np.max(np.abs(c_logits(path, tokens) - torch_logits(model, tokens))))
+    if not diff <= tolerance:  # also catches nan
+        raise ExportError(f"{path}: C logits differ from the PyTorch model's by {diff:.3g} "
+                          f"(tolerance {tolerance:g}); the file is not a faithful export")
+    return diff
+
+
+# ============================================================================ .bin -> torch
+
+
+def torch_from_bin(path: PathLike):
+    """A ``Transformer`` holding the weights of a model file (.bin v0/v1 or .npz), eval mode."""
+    from .reference import load_weights
+
+    cfg, weights = load_weights(path)
+    return torch_from_weights(cfg, weights)
+
+
+def torch_from_weights(cfg: ModelConfig, weights: dict[str, np.ndarray]):
+    import torch
+
+    from .model import ModelArgs, Transformer
+
+    args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                     n_kv_heads=cfg.n_kv_heads, vocab_size=cfg.vocab_size,
+                     hidden_dim=cfg.hidden_dim, max_seq_len=cfg.seq_len,
+                     tied=cfg.shared_classifier)
+    model = Transformer(args)
+    t = lambda a: torch.from_numpy(np.array(a, dtype=np.float32))  # noqa: E731 (copies)
+    state = {"tok_embeddings.weight": t(weights["token_embedding"]),
+             "norm.weight": t(weights["rms_final"])}
+    for name, pattern in LAYER_PARAMS.items():
+        for l in range(cfg.n_layers):
+            state[pattern.format(l)] = t(weights[name][l])
+    state["output.weight"] = state["tok_embeddings.weight"] if cfg.shared_classifier else t(weights["wcls"])
+    with torch.no_grad():
+        model.load_state_dict(state, strict=True)
+    if cfg.shared_classifier:
+        model.output.weight = model.tok_embeddings.weight  # keep the tie after loading
+    return model.eval()
+
+
+# ============================================================================ tokenizer
+
+
+def tokenizer_from_sentencepiece(model_path: PathLike, out_path: Optional[PathLike] = None):
+    """A llama2.c-layout tokenizer from a SentencePiece .model.
+
+    Pieces by id (U+2581 turned into a space, byte pieces kept as their "<0xNN>" text, ids 0..2
+    as "<unk>", "<s>", "</s>"), scores as SentencePiece holds them.  Writes out_path and returns
+    it; without out_path returns the file's bytes.
+    """
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=os.fspath(model_path))
+    pieces, scores = [], []
+    for i in range(sp.get_piece_size()):
+        piece = sp.id_to_piece(i)
+        if i < 3:
+            piece = ("<unk>", "<s>", "</s>")[i]
+        pieces.append(piece.replace(SPACE_MARK, " ").encode("utf-8"))
+        scores.append(float(sp.get_score(i)))
+    data = formats.tokenizer_bytes(pieces, scores)
+    if out_path is None:
+        return data
+    Path(out_path).write_bytes(data)
+    return out_path
+
+
+# ============================================================================ command line
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m arianna_c.export", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    mod = sub.add_parser("model", help="PyTorch checkpoint -> model .bin (v0/v1) or .npz")
+    mod.add_argument("checkpoint", help=".pt checkpoint (model_args + model state dict)")
+    mod.add_argument("out", help="output .bin (or .npz)")
+    mod.add_argument("--version", type=int, choices=(0, 1), default=0,
+                     help=".bin layout: 0 = legacy llama2.c (default), 1 = ak42 v1")
+    mod.add_argument("--no-verify", action="store_true", help="skip the C-library logit check")
+    tok = sub.add_parser("tokenizer", help="SentencePiece .model -> tokenizer .bin")
+    tok.add_argument("model", help="SentencePiece .model")
+    tok.add_argument("out", help="output tokenizer .bin")
+    chk = sub.add_parser("check", help="compare a model .bin's C logits with a checkpoint's")
+    chk.add_argument("bin")
+    chk.add_argument("checkpoint")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "model":
+            if str(args.out).endswith(".npz"):
+                export_npz(args.checkpoint, args.out)
+                print(f"wrote {args.out}")
+            else:
+                diff = export_bin(args.checkpoint, args.out, version=args.version, verify=not args.no_verify)
+                note = "not verified" if args.no_verify else f"max |C - torch| logit diff {diff:.3g}"
+                print(f"wrote {args.out} (v{args.version}, {note})")
+        elif args.command == "tokenizer":
+            tokenizer_from_sentencepiece(args.model, args.out)
+            print(f"wrote {args.out}")
+        else:
+            diff = verify_bin(args.bin, args.checkpoint)
+            print(f"{args.bin}: max |C - torch| logit diff {diff:.3g} (ok)")
+    except (ExportError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

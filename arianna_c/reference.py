@@ -1,0 +1,622 @@
+"""The NumPy reference implementation of arianna_c: forward pass, tokenizer, sampler, generation.
+
+Everything here follows the C runtime (``src/run.c``) operation for operation, in plain NumPy:
+
+* RMSNorm ``x * (1 / sqrt(mean(x^2) + 1e-5)) * w``; RoPE on interleaved pairs ``(x[2i], x[2i+1])``
+  of each head with ``freq_i = 1 / 10000^(2i / head_size)`` and ``angle = pos * freq_i`` in
+  float32; grouped-query attention (query head ``h`` reads kv head ``h // (n_heads // n_kv_heads)``)
+  with scores divided by ``sqrt(head_size)``; SwiGLU ``w2(silu(w1 x) * w3 x)``; final RMSNorm;
+  logits ``wcls @ x`` (``wcls`` is the token embedding when the classifier is shared).
+* Two forward paths that must agree: :meth:`Reference.step` (one token at a time through a
+  preallocated KV cache, as the C library runs) and :meth:`Reference.logits` (the whole sequence
+  at once, matrix form with a causal mask).
+* The sampler is the C one: temperature 0 = greedy argmax; otherwise softmax(logits / T), then
+  top-k, then top-p (smallest prefix of the sorted candidates whose mass exceeds p), picked with
+  a seeded xorshift64* coin.  Greedy agrees with C exactly; seeded sampling uses the same coin
+  sequence, so it agrees too unless a float32 ulp moves a cumulative sum across the coin.
+* Decoding accumulates the bytes of every token (byte-fallback pieces ``<0xNN>`` become raw
+  bytes) and UTF-8 decodes them together, so a character split over byte pieces comes out
+  whole; :class:`StreamDecoder` emits only complete characters.
+
+Encoding: with a SentencePiece ``.model`` (passed explicitly, or found next to the tokenizer
+``.bin`` with the same stem) the ``sentencepiece`` package encodes; otherwise a pure-Python
+SentencePiece-style BPE over the tokenizer ``.bin`` does (identity normalization, dummy prefix,
+spaces as U+2581, highest-score merge first with ties to the left, byte fallback), which gives
+the same ids for byte-fallback BPE models like the persona tokenizer.
+
+Command line: ``python -m arianna_c.reference MODEL -z TOKENIZER -i "Resonance is"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import heapq
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from .formats import FormatError, ModelConfig, read_model, read_tokenizer, weight_shapes
+
+BOS, EOS = 1, 2
+NORM_EPS = 1e-5
+DEFAULT_SEED = 0x9E3779B97F4A7C15
+_MASK64 = (1 << 64) - 1
+_CONFIG_KEY = "__config__"
+SPACE_MARK = "\u2581"
+
+PathLike = Union[str, os.PathLike]
+
+
+# ============================================================================ weights
+
+
+def load_weights(path: PathLike) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """Config and weights of a model ``.bin`` (v0 or v1) or a ``.npz`` written by :func:`save_npz`."""
+    path = os.fspath(path)
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as npz:
+            if _CONFIG_KEY not in npz.files:
+                raise FormatError(f"{path}: no {_CONFIG_KEY} entry; not an arianna_c .npz export")
+            cfg = ModelConfig(**json.loads(str(npz[_CONFIG_KEY])))
+            weights = {name: np.asarray(npz[name]) for name in npz.files if name != _CONFIG_KEY}
+        shapes = weight_shapes(cfg)
+        if set(weights) != set(shapes):
+            raise FormatError(f"{path}: holds {sorted(weights)}, expected {sorted(shapes)}")
+        for name, shape in shapes.items():
+            if weights[name].shape != shape:
+                raise FormatError(f"{path}: {name} has shape {weights[name].shape}, expected {shape}")
+        return cfg, weights
+    return read_model(path)
+
+
+def save_npz(path: PathLike, cfg: ModelConfig, weights: dict[str, np.ndarray]) -> None:
+    """Weights (float32, the names of :mod:`arianna_c.formats`) plus the config as JSON text."""
+    shapes = weight_shapes(cfg)
+    arrays = {name: np.ascontiguousarray(weights[name], dtype=np.float32) for name in shapes}
+    for name, shape in shapes.items():
+        if arrays[name].shape != shape:
+            raise FormatError(f"weight {name} has shape {arrays[name].shape}, expected {shape}")
+    fields = {k: getattr(cfg, k) for k in ModelConfig.__dataclass_fields__}
+    arrays[_CONFIG_KEY] = np.array(json.dumps(fields))
+    with open(path, "wb") as f:  # a file object: np.savez must not append ".npz" to the name
+        np.savez(f, **arrays)
+
+
+def rope_tables(head_size: int, seq_len: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin, each (seq_len, head_size // 2), rounded as the C runtime rounds them.
+
+    float32: ``freq = 1 / powf(10000, 2i / hs)`` and ``angle = (float)pos * freq`` in float32,
+    cos/sin correctly rounded from float64 (what glibc's cosf/sinf return).
+    float64: the same formula in float64 throughout.
+    """
+    i2 = np.arange(0, head_size, 2)
+    if np.dtype(dtype) == np.float32:
+        exponent = i2.astype(np.float32) / np.float32(head_size)
+        freq = np.float32(1.0) / (10000.0 ** exponent.astype(np.float64)).astype(np.float32)
+        angles = np.arange(seq_len, dtype=np.float32)[:, None] * freq[None, :]
+        angles = angles.astype(np.float64)
+    else:
+        freq = 1.0 / (10000.0 ** (i2 / head_size))
+        angles = np.arange(seq_len, dtype=np.float64)[:, None] * freq[None, :]
+    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+
+
+# ============================================================================ forward pass
+
+
+class Reference:
+    """A model in NumPy: ``step`` (KV cache), ``logits`` (full sequence), ``generate``.
+
+    ``source`` is a path (``.bin`` v0/v1 or ``.npz``) or a ``(ModelConfig, weights)`` pair.
+    ``dtype`` is np.float32 (default, what the C library computes in) or np.float64.
+    """
+
+    def __init__(self, source, dtype=np.float32):
+        if isinstance(source, tuple):
+            cfg, weights = source
+        else:
+            cfg, weights = load_weights(source)
+        self.config: ModelConfig = cfg
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, not {self.dtype}")
+        c = cfg
+        dt = self.dtype
+        as_dt = lambda a: np.ascontiguousarray(a, dtype=dt)  # noqa: E731
+        self.emb = as_dt(weights["token_embedding"])
+        self.wcls = self.emb if c.shared_classifier else as_dt(weights["wcls"])
+        self.rms_att = as_dt(weights["rms_att"])
+        self.rms_ffn = as_dt(weights["rms_ffn"])
+        self.rms_final = as_dt(weights["rms_final"])
+        # q, k and v share their input, so one (D + 2 KV, D) matrix per layer does all three;
+        # w1 and w3 likewise.  Each output row is still its own dot product.
+        self.wqkv = as_dt(np.concatenate([weights["wq"], weights["wk"], weights["wv"]], axis=1))
+        self.wo = as_dt(weights["wo"])
+        self.w13 = as_dt(np.concatenate([weights["w1"], weights["w3"]], axis=1))
+        self.w2 = as_dt(weights["w2"])
+        hs = c.head_size
+        self.kv_mul = c.n_heads // c.n_kv_heads
+        self.scale = dt.type(np.sqrt(dt.type(hs)))
+        self.cos, self.sin = rope_tables(hs, c.seq_len, dt)
+        self.eps = dt.type(NORM_EPS)
+        self.dt1 = dt.type(1.0)
+        # KV cache: (layers, kv heads, positions, head_size), so each head's keys are contiguous
+        self.key_cache = np.zeros((c.n_layers, c.n_kv_heads, c.seq_len, hs), dtype=dt)
+        self.value_cache = np.zeros_like(self.key_cache)
+
+    # ------------------------------------------------------------------ pieces of the math
+    def _rmsnorm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        if x.ndim == 1:  # the decoding step: one BLAS dot beats a ufunc reduction
+            ms = (x @ x) / self.dtype.type(x.shape[-1]) + self.eps
+        else:
+            ms = np.mean(x * x, axis=-1, keepdims=True) + self.eps
+        return (x * (self.dt1 / np.sqrt(ms))) * w
+
+    def _rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """x: (..., heads, head_size) with cos/sin broadcastable to (..., 1, head_size // 2)."""
+        pairs = x.reshape(*x.shape[:-1], -1, 2)
+        a, b = pairs[..., 0], pairs[..., 1]
+        out = np.empty_like(pairs)
+        out[..., 0] = a * cos - b * sin
+        out[..., 1] = a * sin + b * cos
+        return out.reshape(x.shape)
+
+    def _silu_gate(self, h: np.ndarray) -> np.ndarray:
+        H = self.config.hidden_dim
+        g, u = h[..., :H], h[..., H:]
+        with np.errstate(over="ignore"):  # exp(-v) overflows to inf for v << 0: silu -> 0, as in C
+            return g * (self.dt1 / (self.dt1 + np.exp(-g))) * u
+
+    def _check_tokens(self, tokens: Sequence[int]) -> np.ndarray:
+        toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        V = self.config.vocab_size
+        if toks.size and (toks.min() < 0 or toks.max() >= V):
+            bad = int(toks[(toks < 0) | (toks >= V)][0])
+            raise ValueError(f"token {bad} is outside the vocabulary [0, {V})")
+        return toks
+
+    # ------------------------------------------------------------------ KV-cache path
+    def step(self, token: int, pos: int) -> np.ndarray:
+        """Logits (vocab_size,) after running token at position pos through the KV cache.
+
+        Positions 0..pos-1 must have been run before (as with the C ``ac_forward``).
+        """
+        c = self.config
+        if not 0 <= token < c.vocab_size:
+            raise ValueError(f"token {token} is outside the vocabulary [0, {c.vocab_size})")
+        if not 0 <= pos < c.seq_len:
+            raise ValueError(f"position {pos} is outside the context [0, {c.seq_len})")
+        D, KV, hs, nkv = c.dim, c.kv_dim, c.head_size, c.n_kv_heads
+        cos, sin = self.cos[pos], self.sin[pos]
+        x = self.emb[token].copy()
+        T = pos + 1
+        for l in range(c.n_layers):
+            xb = self._rmsnorm(x, self.rms_att[l])
+            qkv = self.wqkv[l] @ xb
+            q = self._rope(qkv[:D].reshape(c.n_heads, hs), cos, sin)
+            self.key_cache[l, :, pos] = self._rope(qkv[D : D + KV].reshape(nkv, hs), cos, sin)
+            self.value_cache[l, :, pos] = qkv[D + KV :].reshape(nkv, hs)
+            keys = self.key_cache[l, :, :T]            # (nkv, T, hs)
+            values = self.value_cache[l, :, :T]
+            qg = q.reshape(nkv, self.kv_mul, hs)       # query heads grouped by their kv head
+            att = np.matmul(qg, keys.transpose(0, 2, 1)) / self.scale   # (nkv, kv_mul, T)
+            att = np.exp(att - att.max(axis=-1, keepdims=True))
+            att /= att.sum(axis=-1, keepdims=True)
+            out = np.matmul(att, values).reshape(D)    # heads concatenated
+            x += self.wo[l] @ out
+            xb = self._rmsnorm(x, self.rms_ffn[l])
+            x += self.w2[l] @ self._silu_gate(self.w13[l] @ xb)
+        x = self._rmsnorm(x, self.rms_final)
+        return self.wcls @ x
+
+    def logits_cached(self, tokens: Sequence[int]) -> np.ndarray:
+        """(len, vocab) logits of every position, one ``step`` at a time from position 0."""
+        toks = self._check_tokens(tokens)
+        if len(toks) > self.config.seq_len:
+            raise ValueError(f"{len(toks)} tokens exceed the model's seq_len {self.config.seq_len}")
+        out = np.empty((len(toks), self.config.vocab_size), dtype=self.dtype)
+        for pos, tok in enumerate(toks):
+            out[pos] = self.step(int(tok), pos)
+        return out
+
+    # ------------------------------------------------------------------ full-sequence path
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """(len, vocab) logits of every position, the whole sequence at once (causal mask).
+
+        Independent of the KV cache (which it leaves untouched).
+        """
+        c = self.config
+        toks = self._check_tokens(tokens)
+        T = len(toks)
+        if T > c.seq_len:
+            raise ValueError(f"{T} tokens exceed the model's seq_len {c.seq_len}")
+        if T == 0:
+            return np.zeros((0, c.vocab_size), dtype=self.dtype)
+        D, KV, hs, nkv = c.dim, c.kv_dim, c.head_size, c.n_kv_heads
+        cos, sin = self.cos[:T, None, :], self.sin[:T, None, :]
+        future = np.triu(np.ones((T, T), dtype=bool), k=1)
+        x = self.emb[toks]                                            # (T, D)
+        for l in range(c.n_layers):
+            xb = self._rmsnorm(x, self.rms_att[l])
+            qkv = xb @ self.wqkv[l].T                                 # (T, D + 2 KV)
+            q = self._rope(qkv[:, :D].reshape(T, c.n_heads, hs), cos, sin)
+            k = self._rope(qkv[:, D : D + KV].reshape(T, nkv, hs), cos, sin)
+            v = qkv[:, D + KV :].reshape(T, nkv, hs)
+            qg = q.reshape(T, nkv, self.kv_mul, hs).transpose(1, 2, 0, 3)   # (nkv, kv_mul, T, hs)
+            kt = k.transpose(1, 2, 0)[:, None]                              # (nkv, 1, hs, T)
+            att = np.matmul(qg, kt) / self.scale                            # (nkv, kv_mul, T, T)
+            att[..., future] = -np.inf
+            att = np.exp(att - att.max(axis=-1, keepdims=True))
+            att /= att.sum(axis=-1, keepdims=True)
+            out = np.matmul(att, v.transpose(1, 0, 2)[:, None])             # (nkv, kv_mul, T, hs)
+            out = out.transpose(2, 0, 1, 3).reshape(T, D)
+            x = x + out @ self.wo[l].T
+            xb = self._rmsnorm(x, self.rms_ffn[l])
+            x = x + self._silu_gate(xb @ self.w13[l].T) @ self.w2[l].T
+        x = self._rmsnorm(x, self.rms_final)
+        return x @ self.wcls.T
+
+    # ------------------------------------------------------------------ generation
+    def generate_tokens(self, prompt_tokens: Sequence[int], max_new_tokens: int,
+                        sampler: Optional["Sampler"] = None) -> Iterator[int]:
+        """Yields sampled tokens after running prompt_tokens (BOS included by the caller).
+
+        Mirrors the C ``ac_generate``: stops after max_new_tokens, when BOS or EOS is sampled
+        (not yielded), or when the context is full (prompt + generated <= seq_len).
+        """
+        c = self.config
+        toks = self._check_tokens(prompt_tokens)
+        if len(toks) > c.seq_len:
+            raise ValueError(f"the prompt is {len(toks)} tokens but the model's seq_len is {c.seq_len}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens {max_new_tokens} is invalid: it must be >= 0")
+        if len(toks) == 0 or max_new_tokens == 0:
+            return
+        sampler = sampler or Sampler(temperature=0.0)
+        logits = None
+        for pos, tok in enumerate(toks):
+            logits = self.step(int(tok), pos)
+        pos = len(toks)
+        for _ in range(max_new_tokens):
+            if pos >= c.seq_len:       # the sampled token could never be run
+                return
+            token = sampler.sample(logits)
+            if token in (BOS, EOS):
+                return
+            yield token
+            if pos + 1 >= c.seq_len:   # no room for another: stop without running it
+                return
+            logits = self.step(token, pos)
+            pos += 1
+
+    def generate_greedy(self, prompt_tokens: Sequence[int], steps: int) -> list[int]:
+        """Greedy continuation of ``steps`` tokens, not stopping at BOS/EOS (for parity tests)."""
+        toks = [int(t) for t in self._check_tokens(prompt_tokens)]
+        if len(toks) + steps > self.config.seq_len:
+            raise ValueError("prompt + steps exceed seq_len")
+        logits = None
+        for pos, tok in enumerate(toks):
+            logits = self.step(tok, pos)
+        out = []
+        for i in range(steps):
+            token = int(np.argmax(logits))
+            out.append(token)
+            if i + 1 < steps:
+                logits = self.step(token, len(toks) + i)
+        return out
+
+
+# ============================================================================ sampler
+
+
+def _softmax_f32(x: np.ndarray) -> np.ndarray:
+    """float32 softmax as the C one: subtract the max, exp, sequential sum, divide."""
+    e = np.exp(x - x.max())
+    total = np.cumsum(e, dtype=np.float32)[-1]   # cumsum accumulates sequentially, like C
+    return e / total
+
+
+class Sampler:
+    """The C sampler: greedy at temperature 0; else temperature, top-k, top-p, xorshift64* coin."""
+
+    def __init__(self, temperature: float = 1.0, top_p: float = 0.9, top_k: int = 0, seed: int = 0):
+        temperature, top_p = float(np.float32(temperature)), float(np.float32(top_p))
+        if np.isnan(temperature) or temperature < 0:
+            raise ValueError(f"temperature {temperature} is invalid: it must be >= 0 (0 = greedy)")
+        if np.isnan(top_p) or not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p {top_p} is invalid: it must be in (0, 1] (1 = off)")
+        if top_k < 0:
+            raise ValueError(f"top_k {top_k} is invalid: it must be >= 0 (0 = off)")
+        self.temperature = np.float32(temperature)
+        self.top_p = np.float32(top_p)
+        self.top_k = int(top_k)
+        self.state = (int(seed) & _MASK64) or DEFAULT_SEED
+
+    def _next_u64(self) -> int:
+        x = self.state
+        x ^= x >> 12
+        x = (x ^ (x << 25)) & _MASK64
+        x ^= x >> 27
+        self.state = x
+        return (x * 0x2545F4914F6CDD1D) & _MASK64
+
+    def coin(self) -> np.float32:
+        """Uniform in [0, 1) from the top 24 bits, as the C ``rng_float``."""
+        return np.float32(self._next_u64() >> 40) / np.float32(16777216.0)
+
+    @staticmethod
+    def _pick(weights: np.ndarray, r: np.float32) -> int:
+        """First index whose float32 cumulative weight exceeds r (the last one if none does)."""
+        cdf = np.cumsum(weights, dtype=np.float32)
+        idx = int(np.searchsorted(cdf, r, side="right"))
+        return min(idx, len(weights) - 1)
+
+    def sample(self, logits: np.ndarray) -> int:
+        logits = np.asarray(logits, dtype=np.float32)
+        V = logits.shape[-1]
+        if self.temperature == 0:
+            return int(np.argmax(logits))
+        probs = _softmax_f32(logits / self.temperature)
+        coin = self.coin()
+        use_k = 0 < self.top_k < V
+        use_p = self.top_p < 1
+        if not use_k and not use_p:
+            return self._pick(probs, coin)
+        cutoff = (np.float32(1) - self.top_p) / np.float32(V - 1) if (not use_k and V > 1) else np.float32(0)
+        cand = np.nonzero(probs >= cutoff)[0]
+        if cand.size == 0:
+            return int(np.argmax(logits))
+        # descending probability, ties by id (a stable sort of ids already in id order)
+        cand = cand[np.argsort(-probs[cand], kind="stable")]
+        if use_k:
+            cand = cand[: self.top_k]
+        p = probs[cand]
+        total = np.cumsum(p, dtype=np.float32)[-1]
+        if use_p:
+            cum = np.cumsum(p / total, dtype=np.float32)
+            over = np.nonzero(cum > self.top_p)[0]
+            if over.size and over[0] + 1 < len(cand):
+                keep = int(over[0]) + 1
+                cand, p = cand[:keep], p[:keep]
+                total = np.cumsum(p, dtype=np.float32)[-1]
+        return int(cand[self._pick(p, coin * total)])
+
+
+# ============================================================================ tokenizer
+
+
+def _byte_piece_value(piece: bytes) -> int:
+    """The byte of a "<0xNN>" piece, else -1."""
+    if len(piece) == 6 and piece.startswith(b"<0x") and piece.endswith(b">"):
+        try:
+            return int(piece[3:5], 16)
+        except ValueError:
+            return -1
+    return -1
+
+
+def _find_sp_model(bin_path: PathLike) -> Optional[str]:
+    candidate = Path(bin_path).with_suffix(".model")
+    return str(candidate) if candidate.exists() else None
+
+
+class Tokenizer:
+    """Pieces and scores of a llama2.c-layout tokenizer ``.bin``; encode, decode, stream-decode.
+
+    ``sp_model``: a SentencePiece ``.model`` to encode with (default: the ``.model`` next to
+    ``path`` if there is one; ``False`` forces the pure-Python BPE).
+    """
+
+    def __init__(self, path: PathLike, sp_model: Union[PathLike, None, bool] = None):
+        self.pieces, self.scores = read_tokenizer(path)
+        self.vocab_size = len(self.pieces)
+        self.byte_value = [_byte_piece_value(p) for p in self.pieces]
+        self.byte_ids = {b: i for i, b in enumerate(self.byte_value) if b >= 0 and i > EOS}
+        self.lookup: dict[bytes, int] = {}
+        for i, p in enumerate(self.pieces):
+            if i > EOS and self.byte_value[i] < 0:
+                self.lookup.setdefault(p, i)
+        if sp_model is None:
+            sp_model = _find_sp_model(path)
+        self.sp = None
+        if sp_model:
+            import sentencepiece as spm
+
+            self.sp = spm.SentencePieceProcessor(model_file=os.fspath(sp_model))
+            if self.sp.get_piece_size() != self.vocab_size:
+                raise FormatError(f"{sp_model} has {self.sp.get_piece_size()} pieces, "
+                                  f"{path} has {self.vocab_size}")
+
+    # ------------------------------------------------------------------ encode
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        ids = self.sp.encode(text) if self.sp is not None else self.encode_bpe(text)
+        return ([BOS] if bos else []) + list(ids) + ([EOS] if eos else [])
+
+    def encode_bpe(self, text: str) -> list[int]:
+        """Pure-Python SentencePiece BPE (identity normalization, dummy prefix, byte fallback)."""
+        if not text:
+            return []
+        norm = (" " + text).encode("utf-8")        # pieces store U+2581 as a plain space
+        # symbols start as single UTF-8 characters
+        symbols: list[bytes] = []
+        i = 0
+        while i < len(norm):
+            n = _utf8_len(norm, i)
+            symbols.append(norm[i : i + n])
+            i += n
+        alive = [True] * len(symbols)
+        nxt = list(range(1, len(symbols))) + [-1]
+        prv = list(range(-1, len(symbols) - 1))
+        heap: list[tuple[float, int, int, bytes, bytes]] = []
+
+        def push(left: int) -> None:
+            right = nxt[left]
+            if right < 0:
+                return
+            merged = symbols[left] + symbols[right]
+            pid = self.lookup.get(merged)
+            if pid is not None:
+                heapq.heappush(heap, (-self.scores[pid], left, right, symbols[left], symbols[right]))
+
+        for k in range(len(symbols) - 1):
+            push(k)
+        while heap:
+            _, left, right, ls, rs = heapq.heappop(heap)
+            if not (alive[left] and alive[right] and nxt[left] == right
+                    and symbols[left] == ls and symbols[right] == rs):
+                continue                             # stale entry
+            symbols[left] = ls + rs
+            alive[right] = False
+            nxt[left] = nxt[right]
+            if nxt[right] >= 0:
+                prv[nxt[right]] = left
+            if prv[left] >= 0:
+                push(prv[left])
+            push(left)
+        ids: list[int] = []
+        k = 0
+        while k >= 0 and k < len(symbols):
+            pid = self.lookup.get(symbols[k])
+            if pid is not None:
+                ids.append(pid)
+            else:
+                ids.extend(self.byte_ids.get(b, 0) for b in symbols[k])
+            k = nxt[k]
+        return ids
+
+    # ------------------------------------------------------------------ decode
+    def piece_bytes(self, prev: int, token: int) -> bytes:
+        """The bytes token adds to the text after prev (the C ``ac_decode_piece``)."""
+        if not 0 <= token < self.vocab_size:
+            raise ValueError(f"token {token} is outside the vocabulary [0, {self.vocab_size})")
+        if token <= EOS:
+            return b""
+        b = self.byte_value[token]
+        piece = bytes([b]) if b >= 0 else self.pieces[token]
+        if b < 0 and prev == BOS and piece.startswith(b" "):
+            piece = piece[1:]
+        if len(piece) == 1:
+            v = piece[0]
+            if (v < 0x20 and v not in (0x0A, 0x09, 0x0D)) or v == 0x7F:
+                return b""
+        return piece
+
+    def decode_bytes(self, tokens: Iterable[int], prev: int = BOS) -> bytes:
+        out = bytearray()
+        for tok in tokens:
+            tok = int(tok)
+            out += self.piece_bytes(prev, tok)
+            prev = tok
+        return bytes(out)
+
+    def decode(self, tokens: Iterable[int], prev: int = BOS) -> str:
+        """Text of tokens, decoded together: byte pieces joined first, then UTF-8 decoded.
+
+        prev is the token before the first one; the default BOS drops the dummy-prefix space
+        of the first piece, as SentencePiece's decode and ``arianna_c.Model.decode`` do (a list
+        that starts with BOS gets the same).  Invalid UTF-8 becomes U+FFFD.
+        """
+        return self.decode_bytes(tokens, prev).decode("utf-8", errors="replace")
+
+    def stream(self, prev: int = BOS) -> "StreamDecoder":
+        return StreamDecoder(self, prev)
+
+
+class StreamDecoder:
+    """Feeds tokens one at a time; ``feed`` returns only complete UTF-8 characters."""
+
+    def __init__(self, tokenizer: Tokenizer, prev: int = BOS):
+        self.tokenizer = tokenizer
+        self.prev = prev
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token: int) -> str:
+        data = self.tokenizer.piece_bytes(self.prev, int(token))
+        self.prev = int(token)
+        return self._utf8.decode(data)
+
+    def flush(self) -> str:
+        """Whatever is still pending (an incomplete character becomes U+FFFD)."""
+        return self._utf8.decode(b"", final=True)
+
+
+def _utf8_len(data: bytes, i: int) -> int:
+    """Length of the UTF-8 character starting at data[i]; 1 for an invalid lead byte."""
+    lead = data[i]
+    n = 1 if lead < 0x80 else 2 if 0xC2 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else 4 if 0xF0 <= lead < 0xF5 else 1
+    if i + n > len(data) or any(not 0x80 <= data[j] < 0xC0 for j in range(i + 1, i + n)):
+        return 1
+    return n
+
+
+# ============================================================================ convenience
+
+
+def generate_text(model: Reference, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 128,
+                  temperature: float = 0.0, top_p: float = 0.9, top_k: int = 0, seed: int = 0,
+                  on_text=None) -> str:
+    """Generated text (without the prompt); on_text(str) receives it piece by piece."""
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise FormatError(f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size "
+                          f"is {model.config.vocab_size}")
+    tokens = tokenizer.encode(prompt, bos=True)
+    sampler = Sampler(temperature, top_p, top_k, seed)
+    stream = tokenizer.stream(prev=tokens[-1])
+    parts = []
+    for tok in model.generate_tokens(tokens, max_new_tokens, sampler):
+        text = stream.feed(tok)
+        if text:
+            parts.append(text)
+            if on_text:
+                on_text(text)
+    tail = stream.flush()
+    if tail:
+        parts.append(tail)
+        if on_text:
+            on_text(tail)
+    return "".join(parts)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m arianna_c.reference",
+                                     description="Generate text with the NumPy reference implementation.")
+    parser.add_argument("model", help="model .bin (v0 or v1) or .npz")
+    parser.add_argument("-z", "--tokenizer", required=True, help="tokenizer .bin")
+    parser.add_argument("-i", "--prompt", default="", help="prompt text")
+    parser.add_argument("-n", "--steps", type=int, default=128, help="max new tokens")
+    parser.add_argument("-t", "--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("-p", "--top-p", type=float, default=0.9)
+    parser.add_argument("-k", "--top-k", type=int, default=0)
+    parser.add_argument("-s", "--seed", type=int, default=0)
+    parser.add_argument("--sp-model", help="SentencePiece .model to encode with (default: next to -z)")
+    parser.add_argument("--float64", action="store_true", help="compute in float64")
+    args = parser.parse_args(argv)
+    try:
+        model = Reference(args.model, dtype=np.float64 if args.float64 else np.float32)
+        tok = Tokenizer(args.tokenizer, sp_model=args.sp_model)
+        start = time.perf_counter()
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+        def emit(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+        generate_text(model, tok, args.prompt, args.steps, args.temperature, args.top_p,
+                      args.top_k, args.seed, on_text=emit)
+        elapsed = time.perf_counter() - start
+        sys.stdout.write("\n")
+        print(f"[{elapsed:.2f} s]", file=sys.stderr)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
