@@ -249,12 +249,13 @@ def test_logits_match_numpy_forward(layout_model):
     from arianna_c import Model
 
     rng = np.random.default_rng(3)
-    tokens = [1] + rng.integers(3, layout_model.cfg.vocab_size, 23).tolist()
+    tokens = [1] + rng.integers(3, layout_model.cfg.vocab_size, layout_model.cfg.seq_len - 1).tolist()
     with Model(layout_model.model, layout_model.tokenizer) as m:
         got = m.logits(tokens)
     want = numpy_forward(layout_model.cfg, layout_model.weights, tokens)
     assert got.shape == want.shape and got.dtype == np.float32
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    # float32 C vs float64 NumPy over the whole context: observed ~1e-6 of the logit scale
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_forward_steps_equal_logits_rows(lib, ffi, layout_model):
