@@ -65,7 +65,9 @@ def ffi(lib):
 
 @pytest.fixture(scope="session")
 def run_binary(built: Path) -> Path:
-    return built / "run"
+    """./run, or the binary named by $ARIANNA_C_RUN (e.g. a sanitizer build)."""
+    override = os.environ.get("ARIANNA_C_RUN")
+    return Path(override).resolve() if override else built / "run"
 
 
 # ---------------------------------------------------------------------------- tokenizers
