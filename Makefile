@@ -35,3 +35,79 @@ test: all
 
 clean:
 	rm -f run libarianna.so
+	rm -rf $(SAN_DIR) $(FUZZ_DIR)
+
+# ------------------------------------------------------------------ hardening (README "Hardening")
+# `make sanitize`        library + CLI with ASan + UBSan (UBSan fatal) into build-san/
+# `make sanitize-check`  the C-level tests (through build-san/libarianna.so) and a short CLI
+#                        generation under the sanitizers; any report fails the target
+# `make fuzz FUZZ_TIME=30` builds the libFuzzer harnesses (clang) and runs each FUZZ_TIME s
+# `make valgrind`        a short CLI generation under valgrind memcheck
+
+.PHONY: sanitize sanitize-check fuzz fuzz-build valgrind
+
+SAN_CC ?= $(CC)
+SAN_DIR = build-san
+SAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+# The sanitizer runtime Python must preload to host the sanitized library.
+SAN_RUNTIME = $(shell $(SAN_CC) -print-file-name=libasan.so)
+SAN_ENV = ASAN_OPTIONS=abort_on_error=1:detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+SAN_TESTS = tests/test_runtime.py tests/test_tokenizer.py tests/test_bad_inputs.py
+TINY_DIR = $(SAN_DIR)/tiny
+
+sanitize: $(SAN_DIR)/libarianna.so $(SAN_DIR)/run
+
+$(SAN_DIR)/libarianna.so: $(SRC) $(HDR)
+	@mkdir -p $(SAN_DIR)
+	$(SAN_CC) $(CFLAGS) $(SAN_FLAGS) -shared -o $@ $(SRC) $(LDFLAGS) $(LDLIBS)
+
+$(SAN_DIR)/run: src/cli.c $(SRC) $(HDR)
+	@mkdir -p $(SAN_DIR)
+	$(SAN_CC) $(CFLAGS) $(SAN_FLAGS) -o $@ src/cli.c $(SRC) $(LDFLAGS) $(LDLIBS)
+
+$(TINY_DIR)/model.bin: tests/make_tiny_model.py
+	$(PYTHON) tests/make_tiny_model.py $(TINY_DIR)
+
+sanitize-check: all sanitize $(TINY_DIR)/model.bin
+	$(SAN_ENV) $(SAN_DIR)/run $(TINY_DIR)/model.bin -z $(TINY_DIR)/tokenizer.bin -n 24 -s 7 -i "the thing"
+	$(SAN_ENV) $(SAN_DIR)/run $(TINY_DIR)/model.bin -z $(TINY_DIR)/tokenizer.bin -n 0 -s 7 -t 0 -i "$$(printf 'caf\303\251 \377\376')"
+	! $(SAN_ENV) $(SAN_DIR)/run $(TINY_DIR)/tokenizer.bin -z $(TINY_DIR)/tokenizer.bin 2>/dev/null
+	ARIANNA_C_LIB=$(SAN_DIR)/libarianna.so ARIANNA_C_RUN=$(SAN_DIR)/run LD_PRELOAD=$(SAN_RUNTIME) \
+	  ASAN_OPTIONS=abort_on_error=1:detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  $(PYTHON) -m pytest -q -p no:cacheprovider $(SAN_TESTS)
+
+FUZZ_CC ?= clang
+FUZZ_TIME ?= 30
+FUZZ_DIR = build-fuzz
+FUZZERS = fuzz_model_load fuzz_tokenizer_load fuzz_encode
+FUZZ_FLAGS = -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+# libFuzzer options: a stuck input or a runaway allocation counts as a failure too.
+FUZZ_OPTS = -max_total_time=$(FUZZ_TIME) -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=1024 \
+            -print_final_stats=1
+
+fuzz-build: $(addprefix $(FUZZ_DIR)/,$(FUZZERS))
+
+$(FUZZ_DIR)/%: fuzz/%.c $(SRC) $(HDR)
+	@mkdir -p $(FUZZ_DIR)
+	$(FUZZ_CC) -std=gnu11 -Isrc $(FUZZ_FLAGS) -o $@ $< $(SRC) -lm
+
+# Each harness starts from the generated seeds, its saved corpus and the regression files in
+# tests/fuzz_regressions/<harness>/; a crasher is saved in build-fuzz/crashes/<harness>/.
+fuzz: fuzz-build
+	$(PYTHON) fuzz/make_seeds.py $(FUZZ_DIR)/seeds
+	@for f in $(FUZZERS); do \
+	  mkdir -p $(FUZZ_DIR)/corpus/$$f $(FUZZ_DIR)/crashes/$$f; \
+	  dirs="$(FUZZ_DIR)/corpus/$$f $(FUZZ_DIR)/seeds/$$f"; \
+	  [ -d tests/fuzz_regressions/$$f ] && dirs="$$dirs tests/fuzz_regressions/$$f"; \
+	  echo "== $$f for $(FUZZ_TIME) s (log: $(FUZZ_DIR)/$$f.log)"; \
+	  if ./$(FUZZ_DIR)/$$f $$dirs $(FUZZ_OPTS) -artifact_prefix=$(FUZZ_DIR)/crashes/$$f/ \
+	       > $(FUZZ_DIR)/$$f.log 2>&1; then \
+	    grep -E '^#[0-9]+.*DONE|^stat::' $(FUZZ_DIR)/$$f.log; \
+	  else \
+	    tail -n 60 $(FUZZ_DIR)/$$f.log; echo "$$f FAILED: crasher in $(FUZZ_DIR)/crashes/$$f/"; exit 1; \
+	  fi; \
+	done
+
+valgrind: all $(TINY_DIR)/model.bin
+	valgrind --leak-check=full --show-leak-kinds=all --errors-for-leak-kinds=all --error-exitcode=1 \
+	  ./run $(TINY_DIR)/model.bin -z $(TINY_DIR)/tokenizer.bin -n 16 -s 7 -i "the thing"

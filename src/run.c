@@ -53,6 +53,12 @@ static int fail(int code, const char *fmt, ...) {
     return code;
 }
 
+/* Adds text to this thread's message after a fail(), e.g. a hint shared by several errors. */
+static void append_error(const char *text) {
+    size_t used = strlen(g_error);
+    snprintf(g_error + used, sizeof g_error - used, "%s", text);
+}
+
 AC_API const char *ac_last_error(void) { return g_error; }
 
 AC_API const char *ac_strerror(int code) {
@@ -142,9 +148,12 @@ static int parse_header(const unsigned char *data, size_t size, const char *name
     return AC_OK;
 }
 
-static int check_field(const char *name, const char *field, int value, int max) {
+static int check_field(const char *name, const char *field, int value, int min, int max) {
     if (value <= 0)
         return fail(AC_ERR_FORMAT, "%s: header field %s is %d, must be positive", name, field, value);
+    if (value < min)
+        return fail(AC_ERR_FORMAT, "%s: header field %s is %d, below the minimum %d", name, field,
+                    value, min);
     if (value > max)
         return fail(AC_ERR_FORMAT, "%s: header field %s is %d, above the limit %d", name, field,
                     value, max);
@@ -153,13 +162,13 @@ static int check_field(const char *name, const char *field, int value, int max) 
 
 static int validate_config(const ac_config *c, const char *name) {
     int rc;
-    if ((rc = check_field(name, "dim", c->dim, AC_MAX_DIM)) ||
-        (rc = check_field(name, "hidden_dim", c->hidden_dim, AC_MAX_HIDDEN_DIM)) ||
-        (rc = check_field(name, "n_layers", c->n_layers, AC_MAX_LAYERS)) ||
-        (rc = check_field(name, "n_heads", c->n_heads, c->dim)) ||
-        (rc = check_field(name, "n_kv_heads", c->n_kv_heads, c->n_heads)) ||
-        (rc = check_field(name, "vocab_size", c->vocab_size, AC_MAX_VOCAB)) ||
-        (rc = check_field(name, "seq_len", c->seq_len, AC_MAX_SEQ_LEN)))
+    if ((rc = check_field(name, "dim", c->dim, 1, AC_MAX_DIM)) ||
+        (rc = check_field(name, "hidden_dim", c->hidden_dim, 1, AC_MAX_HIDDEN_DIM)) ||
+        (rc = check_field(name, "n_layers", c->n_layers, 1, AC_MAX_LAYERS)) ||
+        (rc = check_field(name, "n_heads", c->n_heads, 1, c->dim)) ||
+        (rc = check_field(name, "n_kv_heads", c->n_kv_heads, 1, c->n_heads)) ||
+        (rc = check_field(name, "vocab_size", c->vocab_size, AC_MIN_VOCAB, AC_MAX_VOCAB)) ||
+        (rc = check_field(name, "seq_len", c->seq_len, 1, AC_MAX_SEQ_LEN)))
         return rc;
     if (c->dim % c->n_heads)
         return fail(AC_ERR_FORMAT, "%s: dim %d is not divisible by n_heads %d", name, c->dim, c->n_heads);
@@ -267,14 +276,9 @@ struct ac_model {
     int mapped;       /* 1: data is our mmap and is unmapped on free */
 };
 
-static int model_from_bytes(const void *data, size_t size, const char *name, ac_model **out) {
-    const unsigned char *bytes = data;
-    ac_config c;
-    size_t header_bytes = 0;
-    int rc = parse_header(bytes, size, name, &c, &header_bytes);
-    if (rc) return rc;
-    if ((rc = validate_config(&c, name))) return rc;
-    uint64_t expected = expected_file_bytes(&c, header_bytes);
+/* The file must hold exactly the weights its (valid) header describes. */
+static int check_file_size(const ac_config *c, size_t header_bytes, size_t size, const char *name) {
+    uint64_t expected = expected_file_bytes(c, header_bytes);
     if (expected == 0)
         return fail(AC_ERR_FORMAT, "%s: header sizes overflow 64-bit arithmetic", name);
     if (expected != (uint64_t)size)
@@ -282,9 +286,26 @@ static int model_from_bytes(const void *data, size_t size, const char *name, ac_
                     "%s: file is %zu bytes, header implies %llu (dim=%d hidden_dim=%d n_layers=%d "
                     "n_heads=%d n_kv_heads=%d vocab_size=%d seq_len=%d shared_classifier=%d "
                     "version=%d)",
-                    name, size, (unsigned long long)expected, c.dim, c.hidden_dim, c.n_layers,
-                    c.n_heads, c.n_kv_heads, c.vocab_size, c.seq_len, c.shared_classifier,
-                    c.version);
+                    name, size, (unsigned long long)expected, c->dim, c->hidden_dim, c->n_layers,
+                    c->n_heads, c->n_kv_heads, c->vocab_size, c->seq_len, c->shared_classifier,
+                    c->version);
+    return AC_OK;
+}
+
+/* Appended to header errors of files without the v1 magic: they may not be models at all
+ * (a tokenizer passed as the model, a GGUF file, ...). */
+#define V0_HINT " (no \"ak42\" magic, so the file was read as a legacy llama2.c v0 header: " \
+                "is it a model file?)"
+
+static int model_from_bytes(const void *data, size_t size, const char *name, ac_model **out) {
+    const unsigned char *bytes = data;
+    ac_config c;
+    size_t header_bytes = 0;
+    int rc = parse_header(bytes, size, name, &c, &header_bytes);
+    if (rc) return rc;
+    if (!(rc = validate_config(&c, name))) rc = check_file_size(&c, header_bytes, size, name);
+    if (rc && c.version == 0) append_error(V0_HINT);
+    if (rc) return rc;
     ac_model *m = calloc(1, sizeof *m);
     if (!m) return fail(AC_ERR_NOMEM, "%s: out of memory for the model handle", name);
     m->config = c;
@@ -300,29 +321,43 @@ AC_API int ac_model_load_memory(const void *data, size_t size, const char *name,
     *out = NULL;
     if (!name) name = "<memory>";
     if (!data && size) return fail(AC_ERR_ARG, "%s: data is NULL but size is %zu", name, size);
-    if (!data) data = ""; /* size 0: parse_header reports the short file */
+    static const uint32_t no_bytes = 0;
+    if (!data) data = &no_bytes; /* size 0 (aligned): parse_header reports the short file */
     if ((uintptr_t)data % sizeof(float))
         return fail(AC_ERR_ARG, "%s: the model buffer must be 4-byte aligned", name);
     return model_from_bytes(data, size, name, out);
+}
+
+/* Opens path read-only and checks it is a regular file; returns its descriptor and size.
+ * O_NONBLOCK so that a FIFO or device node is refused instead of blocking the open (it has
+ * no effect on reading regular files).  what ("model", "tokenizer") is used in messages. */
+static int open_regular_file(const char *path, const char *what, int *fd_out, size_t *size) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) return fail(AC_ERR_IO, "%s: cannot open %s file: %s", path, what, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        int e = errno;
+        close(fd);
+        return fail(AC_ERR_IO, "%s: cannot stat %s file: %s", path, what, strerror(e));
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        return fail(AC_ERR_IO, "%s: cannot use it as the %s file: it is %s, not a regular file",
+                    path, what, S_ISDIR(st.st_mode) ? "a directory" : "a special file");
+    }
+    *fd_out = fd;
+    *size = (size_t)st.st_size;
+    return AC_OK;
 }
 
 AC_API int ac_model_load(const char *path, ac_model **out) {
     if (!out) return fail(AC_ERR_ARG, "ac_model_load: out is NULL");
     *out = NULL;
     if (!path) return fail(AC_ERR_ARG, "ac_model_load: path is NULL");
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return fail(AC_ERR_IO, "%s: cannot open model file: %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) != 0) {
-        int e = errno;
-        close(fd);
-        return fail(AC_ERR_IO, "%s: cannot stat model file: %s", path, strerror(e));
-    }
-    if (!S_ISREG(st.st_mode)) {
-        close(fd);
-        return fail(AC_ERR_IO, "%s: not a regular file", path);
-    }
-    size_t size = (size_t)st.st_size;
+    int fd;
+    size_t size;
+    int rc = open_regular_file(path, "model", &fd, &size);
+    if (rc) return rc;
     if (size < V0_HEADER_BYTES) { /* mmap cannot map an empty file; report it as a short file */
         close(fd);
         return fail(AC_ERR_FORMAT, "%s: file is %zu bytes, shorter than a model header (%d bytes)",
@@ -332,7 +367,7 @@ AC_API int ac_model_load(const char *path, ac_model **out) {
     int e = errno;
     close(fd); /* the mapping keeps the file alive */
     if (data == MAP_FAILED) return fail(AC_ERR_IO, "%s: cannot mmap model file: %s", path, strerror(e));
-    int rc = model_from_bytes(data, size, path, out);
+    rc = model_from_bytes(data, size, path, out);
     if (rc) {
         munmap(data, size);
         return rc;
@@ -745,8 +780,9 @@ AC_API int ac_tokenizer_load_memory(const void *data, size_t size, int vocab_siz
     *out = NULL;
     if (!name) name = "<memory>";
     if (!data && size) return fail(AC_ERR_ARG, "%s: data is NULL but size is %zu", name, size);
-    if (vocab_size <= 0 || vocab_size > AC_MAX_VOCAB)
-        return fail(AC_ERR_ARG, "%s: vocab_size %d is outside 1..%d", name, vocab_size, AC_MAX_VOCAB);
+    if (vocab_size < AC_MIN_VOCAB || vocab_size > AC_MAX_VOCAB)
+        return fail(AC_ERR_ARG, "%s: vocab_size %d is outside %d..%d", name, vocab_size,
+                    AC_MIN_VOCAB, AC_MAX_VOCAB);
     return tokenizer_from_bytes(data ? data : "", size, vocab_size, name, out);
 }
 
@@ -754,26 +790,31 @@ AC_API int ac_tokenizer_load(const char *path, int vocab_size, ac_tokenizer **ou
     if (!out) return fail(AC_ERR_ARG, "ac_tokenizer_load: out is NULL");
     *out = NULL;
     if (!path) return fail(AC_ERR_ARG, "ac_tokenizer_load: path is NULL");
-    FILE *f = fopen(path, "rb");
-    if (!f) return fail(AC_ERR_IO, "%s: cannot open tokenizer file: %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
-        fclose(f);
-        return fail(AC_ERR_IO, "%s: not a regular file", path);
-    }
-    size_t size = (size_t)st.st_size;
+    int fd;
+    size_t size;
+    int rc = open_regular_file(path, "tokenizer", &fd, &size);
+    if (rc) return rc;
     unsigned char *buf = malloc(size ? size : 1);
     if (!buf) {
-        fclose(f);
+        close(fd);
         return fail(AC_ERR_NOMEM, "%s: out of memory for %zu tokenizer bytes", path, size);
     }
-    size_t got = fread(buf, 1, size, f);
-    fclose(f);
+    size_t got = 0;
+    int e = 0;
+    while (got < size) { /* read() may return less than asked */
+        ssize_t n = read(fd, buf + got, size - got);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) e = errno;
+        if (n <= 0) break;
+        got += (size_t)n;
+    }
+    close(fd);
     if (got != size) {
         free(buf);
-        return fail(AC_ERR_IO, "%s: read %zu of %zu bytes", path, got, size);
+        return fail(AC_ERR_IO, "%s: read %zu of %zu tokenizer bytes: %s", path, got, size,
+                    e ? strerror(e) : "the file shrank while reading");
     }
-    int rc = ac_tokenizer_load_memory(buf, size, vocab_size, path, out);
+    rc = ac_tokenizer_load_memory(buf, size, vocab_size, path, out);
     free(buf);
     return rc;
 }

@@ -55,6 +55,7 @@ enum { AC_TOKEN_UNK = 0, AC_TOKEN_BOS = 1, AC_TOKEN_EOS = 2 };
 #define AC_MAX_DIM 65536
 #define AC_MAX_HIDDEN_DIM (1 << 20)
 #define AC_MAX_LAYERS 1024
+#define AC_MIN_VOCAB 3 /* the special pieces <unk>, <s>, </s> */
 #define AC_MAX_VOCAB (1 << 24)
 #define AC_MAX_SEQ_LEN (1 << 20)
 /* Longest tokenizer piece accepted, in bytes. */
