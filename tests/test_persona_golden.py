@@ -1,0 +1,103 @@
+"""Regression guard for the shipped persona: logits of three fixed prompts (the last 4 positions
+of each) stored in tests/golden/ must be reproduced by the C library and the NumPy reference.
+
+Skipped only while persona/arianna_v1_base.bin does not exist.  If the persona exists but the
+golden files do not (or belong to another model file), the test fails and says how to
+regenerate them: ``python -m tests.make_golden``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import helpers_parity as hp  # noqa: E402
+import make_golden as mg  # noqa: E402
+
+pytestmark = pytest.mark.persona
+
+if not mg.PERSONA_MODEL.is_file():
+    pytest.skip(f"{mg.PERSONA_MODEL.relative_to(mg.REPO)} does not exist yet (the persona is not trained/exported)",
+                allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def golden():
+    if not (mg.LOGITS_FILE.is_file() and mg.PROMPTS_FILE.is_file()):
+        pytest.fail(f"the persona exists but {mg.LOGITS_FILE.relative_to(mg.REPO)} does not: "
+                    f"run `python -m tests.make_golden` and commit tests/golden/", pytrace=False)
+    meta = json.loads(mg.PROMPTS_FILE.read_text(encoding="utf-8"))
+    actual = mg.sha256(mg.PERSONA_MODEL)
+    if meta["model_sha256"] != actual:
+        pytest.fail(f"tests/golden/ was made for another persona file (sha256 {meta['model_sha256'][:12]}..., "
+                    f"now {actual[:12]}...); if the persona was retrained on purpose, run "
+                    f"`python -m tests.make_golden` and commit tests/golden/", pytrace=False)
+    logits = np.load(mg.LOGITS_FILE)
+    assert logits.dtype == np.float32
+    assert logits.shape == (len(meta["prompts"]), meta["last_positions"], meta["config"]["vocab_size"])
+    return meta, logits
+
+
+@pytest.fixture(scope="module")
+def c_model(built, tmp_path_factory):
+    import arianna_c
+    from arianna_c.export import tokenizer_from_sentencepiece
+
+    tok = mg.REPO / "persona" / "tok4096.bin"
+    if not tok.is_file():
+        tok = tokenizer_from_sentencepiece(mg.PERSONA_TOKENIZER_MODEL, tmp_path_factory.mktemp("tok") / "tok4096.bin")
+    model = arianna_c.Model(mg.PERSONA_MODEL, tokenizer=tok)
+    yield model
+    model.close()
+
+
+def test_prompts_encode_the_same(golden, c_model):
+    meta, _ = golden
+    assert meta["prompts"] == mg.PROMPTS
+    hp.need_sentencepiece()
+    assert mg.prompt_tokens() == meta["tokens"]
+    for prompt, tokens in zip(meta["prompts"], meta["tokens"]):
+        assert c_model.encode(prompt) == tokens
+        assert c_model.decode(tokens) == prompt
+
+
+def test_c_matches_golden(golden, c_model, record_property):
+    meta, logits = golden
+    k = meta["last_positions"]
+    for i, tokens in enumerate(meta["tokens"]):
+        c = c_model.logits(tokens)[-k:]
+        diff = hp.max_abs_diff(c, logits[i])
+        hp.report(record_property, f"persona prompt {i} C vs golden", diff)
+        assert diff <= hp.TOL
+
+
+def test_numpy_matches_golden(golden, record_property):
+    from arianna_c.reference import Reference
+
+    meta, logits = golden
+    ref = Reference(mg.PERSONA_MODEL)
+    k = meta["last_positions"]
+    for i, tokens in enumerate(meta["tokens"]):
+        full = ref.logits(tokens)[-k:]
+        step = ref.logits_cached(tokens)[-k:]
+        for what, value in (("full", full), ("step", step)):
+            diff = hp.max_abs_diff(value, logits[i])
+            hp.report(record_property, f"persona prompt {i} NumPy {what} vs golden", diff)
+            assert diff <= hp.TOL
+
+
+def test_persona_greedy_identical(c_model):
+    """64 greedy tokens of the real persona: C == NumPy."""
+    from arianna_c.reference import Reference, Sampler
+
+    ref = Reference(mg.PERSONA_MODEL)
+    prompt = c_model.encode(mg.PROMPTS[0])
+    tok = hp.placeholder_tokenizer(c_model.config.vocab_size)
+    c_tokens = hp.c_generate_tokens(mg.PERSONA_MODEL, tok, prompt, 64)
+    np_tokens = list(ref.generate_tokens(prompt, 64, Sampler(temperature=0.0)))
+    assert c_tokens == np_tokens
