@@ -1,0 +1,129 @@
+"""The text table ``python -m bench`` prints from its results dict (also usable on a saved
+JSON: ``python -m bench.report bench/results.json``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Optional
+
+
+def _num(x: Optional[float], unit: str = "") -> str:
+    if x is None:
+        return "-"
+    if unit == "ms" or abs(x) < 100:
+        return f"{x:,.1f}"
+    return f"{x:,.0f}"
+
+
+def _mb(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x / 1e6:.1f} MB"
+
+
+def header(result: dict) -> list[str]:
+    m, model, s, roof = result["machine"], result["model"], result["settings"], result["roofline"]
+    isa = "AVX2+FMA" if m.get("avx2") and m.get("fma") else "no AVX2"
+    isa += ", AVX-512" if m.get("avx512f") else " (no AVX-512)"
+    cfg = model["config"]
+    lines = [
+        f"arianna_c benchmark  {result['timestamp']}",
+        f"machine: {m.get('cpu')}, {m.get('cpus')} CPUs, {isa}, L3 {m.get('l3', '?')}",
+        f"model:   {model['path']}{' (random weights, same shape)' if model['random_weights'] else ''}: "
+        f"dim {cfg['dim']}, hidden {cfg['hidden_dim']}, {cfg['n_layers']} layers, {cfg['n_heads']} heads, "
+        f"vocab {cfg['vocab_size']}, seq_len {cfg['seq_len']}, {model['file_bytes'] / 1e6:.1f} MB",
+        f"runs:    R={s['runs']} rounds, round-robin, one subprocess per measurement; greedy; decode: "
+        f"{s['decode_new_tokens']} new tokens after a {s['decode_prompt_tokens']}-token prompt; "
+        f"prefill: a {s['prefill_prompt_tokens']}-token prompt (seq_len {cfg['seq_len']}); batch {s['batch']}",
+    ]
+    bw, fma = roof.get("bandwidth_gbs", {}), roof.get("fma_gflops", {})
+    if bw or fma:
+        parts = []
+        for dt in ("f32", "int8"):
+            if dt in bw:
+                size = roof.get("buffer_bytes", {}).get(dt)
+                per = ", ".join(f"{t} {v:.1f}" for t, v in sorted(bw[dt].items()))
+                parts.append(f"read {_mb(size)} ({dt} weights): {per} GB/s")
+        if fma:
+            parts.append("FMA peak: " + ", ".join(f"{t} {v:.1f}" for t, v in sorted(fma.items())) + " GFLOP/s")
+        lines.append("roofline: " + "; ".join(parts))
+    lines.append(
+        f"          bytes/token f32 {_mb(roof['bytes_per_token']['f32'])}, int8 {_mb(roof['bytes_per_token']['int8'])} "
+        f"(int8: 1 B/weight + f32 scale per {roof['int8_group_assumed']}; KV cache included); "
+        f"prefill {roof['flops_per_token']['prefill'] / 1e6:.1f} MFLOP/token")
+    return lines
+
+
+def format_table(result: dict) -> str:
+    cols = ["row", "median", "min-max", "unit", "peak RSS", "roofline", "of roof", "target", "pass", "notes"]
+    table: list[list[str]] = []
+    for r in result["rows"]:
+        unit = "ms" if r["metric"] == "ms" else ("tok/s total" if r["group"] == "batch16" else "tok/s")
+        notes = []
+        if r["status"] != "ok":
+            notes.append(r["status"])
+        elif r["errors"]:
+            notes.append(f"{r['errors']} failed runs")
+        if r.get("vs_cli"):
+            notes.append(f"{r['vs_cli']['ratio_of_medians']:.3f}x CLI")
+        if r.get("tokens") and r["group"] == "decode":
+            notes.append(f"{r['tokens']:.0f} tok")
+        if r.get("note"):
+            notes.append(r["note"])
+        rss = r.get("peak_rss_mb")
+        target = r.get("target")
+        passed = {True: "PASS", False: "FAIL", None: "-" if target else ""}[r.get("pass")]
+        table.append([
+            r["id"],
+            _num(r["median"], r["metric"]),
+            f"{_num(r['min'], r['metric'])}-{_num(r['max'], r['metric'])}" if r["median"] is not None else "-",
+            unit,
+            f"{rss['max']:.1f} MB" if rss else "-",
+            _num(r.get("roofline")),
+            f"{100 * r['roofline_fraction']:.0f}%" if r.get("roofline_fraction") else "-",
+            target["text"] if target else "",
+            passed,
+            "; ".join(notes),
+        ])
+    widths = [max(len(c), *(len(row[i]) for row in table)) if table else len(c) for i, c in enumerate(cols)]
+    right = {1, 2, 4, 5, 6}
+
+    def fmt(row: list[str]) -> str:
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        return "  ".join(cells).rstrip()
+
+    lines = header(result) + ["", fmt(cols), fmt(["-" * w for w in widths])] + [fmt(row) for row in table]
+    for note in result.get("notes", []):
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def markdown_table(result: dict) -> str:
+    """The same rows as a Markdown table (for README.md)."""
+    out = ["| row | median | min–max | peak RSS | roofline | of roof | target | pass |",
+           "|---|---:|---:|---:|---:|---:|---|---|"]
+    for r in result["rows"]:
+        rss = r.get("peak_rss_mb")
+        target = r.get("target")
+        status = "" if r["status"] == "ok" else f" ({r['status']})"
+        unit = " ms" if r["metric"] == "ms" else ""
+        ratio = f" ({r['vs_cli']['ratio_of_medians']:.3f}× CLI)" if r.get("vs_cli") else ""
+        out.append("| {} | {}{}{} | {} | {} | {} | {} | {} | {} |".format(
+            r["id"], _num(r["median"], r["metric"]), unit, ratio + status,
+            f"{_num(r['min'], r['metric'])}–{_num(r['max'], r['metric'])}" if r["median"] is not None else "–",
+            f"{rss['max']:.1f} MB" if rss else "–", _num(r.get("roofline")),
+            f"{100 * r['roofline_fraction']:.0f}%" if r.get("roofline_fraction") else "–",
+            target["text"] if target else "", {True: "PASS", False: "FAIL", None: ""}[r.get("pass")]))
+    return "\n".join(out)
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print("usage: python -m bench.report RESULTS.json [--markdown]", file=sys.stderr)
+        return 1
+    result: dict[str, Any] = json.loads(open(argv[0]).read())
+    print(markdown_table(result) if "--markdown" in argv else format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

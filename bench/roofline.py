@@ -1,0 +1,147 @@
+"""The roofline: build and run bench/roofline.c, and turn a model's shape into bytes and FLOPs
+per token.
+
+Decode (one token at a time) reads every weight once per token, so its ceiling is
+``bandwidth / bytes_per_token``; the bandwidth is measured over a buffer of the weights' size
+(float32: the model file's size; int8: about a quarter of it) because a 28.6 MB model sits in a
+32 MiB L3 and an 8 MB one in a quarter of it, and the cache level decides the speed.
+Prefill (a whole prompt as one matrix product) is compute bound: ``FMA peak / FLOPs_per_token``.
+Batched decode reads the weights once per step for B tokens: ``B / max(bytes/bw, B*flops/peak)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+HERE = Path(__file__).resolve().parent
+SOURCE = HERE / "roofline.c"
+
+# int8 layout assumed for the bytes per token: 1 byte per weight plus one float32 scale per
+# group of INT8_GROUP weights (the classifier included); norms and the KV cache stay float32.
+INT8_GROUP = 64
+
+
+def compile_c(source: Path, binary: Path, openmp: bool = True, cc: Optional[str] = None) -> tuple[Optional[Path], str]:
+    """Compiles one C file with the system C compiler (-O2, and -fopenmp when it links).
+    Returns (binary or None, the flags used or why it failed)."""
+    cc = cc or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "cc"
+    attempts = [[cc, "-O2", "-fopenmp"], [cc, "-O2"]] if openmp else [[cc, "-O2"]]
+    errors = []
+    for flags in attempts:
+        cmd = flags + ["-o", str(binary), str(source)]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            errors.append(f"{' '.join(cmd)}: {exc}")
+            continue
+        if r.returncode == 0:
+            return binary, " ".join(flags)
+        errors.append(f"{' '.join(cmd)}: {r.stderr.strip()[-400:]}")
+    return None, "; ".join(errors)
+
+
+def roofline_command(binary: Path, sizes: list[int], threads: list[int], ms: float) -> list[str]:
+    cmd = [str(binary), "-m", f"{ms:g}", "-f"]
+    for s in sizes:
+        cmd += ["-b", str(int(s))]
+    for t in threads:
+        cmd += ["-t", str(int(t))]
+    return cmd
+
+
+def parse_roofline(stdout: str) -> dict:
+    return json.loads(stdout)
+
+
+# ---------------------------------------------------------------------------- model arithmetic
+
+
+@dataclass(frozen=True)
+class Shape:
+    dim: int
+    hidden_dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    seq_len: int
+
+    @classmethod
+    def of(cls, cfg) -> "Shape":
+        return cls(cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads,
+                   cfg.vocab_size, cfg.seq_len)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * (self.dim // self.n_heads)
+
+    @property
+    def matmul_params(self) -> int:
+        """Weights multiplied per token: attention + FFN of every layer, and the classifier."""
+        D, H, KV, L, V = self.dim, self.hidden_dim, self.kv_dim, self.n_layers, self.vocab_size
+        return L * (2 * D * D + 2 * D * KV + 3 * D * H) + V * D
+
+    @property
+    def norm_params(self) -> int:
+        return (2 * self.n_layers + 1) * self.dim
+
+    def kv_bytes_read(self, pos: float) -> float:
+        """float32 KV cache read (keys and values of every layer) by a token at position pos."""
+        return 4.0 * self.n_layers * 2 * self.kv_dim * (pos + 1)
+
+    def bytes_per_token(self, dtype: str, avg_pos: float) -> float:
+        """Bytes one decode step reads: weights (+ int8 scales), norms, the token's embedding row
+        (float32 in both), and the KV cache up to the average position."""
+        if dtype == "int8":
+            weights = self.matmul_params * (1.0 + 4.0 / INT8_GROUP)
+        else:
+            weights = 4.0 * self.matmul_params
+        return weights + 4.0 * (self.norm_params + self.dim) + self.kv_bytes_read(avg_pos)
+
+    def weight_bytes(self, dtype: str) -> float:
+        return self.bytes_per_token(dtype, -1.0)
+
+    def flops_per_token(self, avg_pos: float) -> float:
+        """2 FLOP per multiply-add of the matrices, plus attention (q.k and att.v over pos+1
+        positions in every layer); elementwise work (norms, RoPE, SiLU, softmax) left out."""
+        return 2.0 * self.matmul_params + 4.0 * self.n_layers * self.dim * (avg_pos + 1)
+
+
+def decode_roofline(shape: Shape, dtype: str, avg_pos: float, gbs: Optional[float]) -> Optional[float]:
+    if not gbs:
+        return None
+    return gbs * 1e9 / shape.bytes_per_token(dtype, avg_pos)
+
+
+def prefill_roofline(shape: Shape, avg_pos: float, gflops: Optional[float]) -> Optional[float]:
+    if not gflops:
+        return None
+    return gflops * 1e9 / shape.flops_per_token(avg_pos)
+
+
+def batch_roofline(shape: Shape, dtype: str, batch: int, avg_pos: float, gbs: Optional[float],
+                   gflops: Optional[float]) -> Optional[float]:
+    if not gbs or not gflops:
+        return None
+    weights = shape.weight_bytes(dtype)
+    step_bytes = weights + batch * shape.kv_bytes_read(avg_pos)
+    step_time = max(step_bytes / (gbs * 1e9), batch * shape.flops_per_token(avg_pos) / (gflops * 1e9))
+    return batch / step_time
+
+
+if __name__ == "__main__":  # handy: python -m bench.roofline [args for the binary]
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        binary, note = compile_c(SOURCE, Path(d) / "roofline")
+        if binary is None:
+            sys.exit(note)
+        args = sys.argv[1:] or ["-m", "200", "-b", "28600000", "-b", "8000000", "-t", "1", "-t", "2", "-f"]
+        sys.exit(subprocess.call([str(binary), *args]))
