@@ -19,7 +19,7 @@ LDFLAGS += $(OPENMP)
 SRC = src/run.c
 HDR = src/run.h
 
-.PHONY: all test clean
+.PHONY: all test clean bench
 
 all: libarianna.so run
 
@@ -32,6 +32,11 @@ run: src/cli.c $(SRC) $(HDR)
 
 test: all
 	$(PYTHON) -m pytest -q tests
+
+# The speed benchmark (bench/README.md): CLI, Python binding, NumPy reference and PyTorch side by
+# side with the roofline; writes bench/results.json.  BENCH_ARGS="--quick" for a short run.
+bench: all
+	$(PYTHON) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -f run libarianna.so

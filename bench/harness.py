@@ -250,6 +250,12 @@ class Bench:
         import numpy
 
         f["numpy"] = numpy.__version__
+        if f["cli_built"] and not f["cli_threads"]:
+            self.notes.append("./run has no -T: its thread count is set only through OMP_NUM_THREADS, which a "
+                              "pthread-pool build ignores (its T1 rows may then use every core)")
+        if "py_threads" in f and not f["py_threads"]:
+            self.notes.append("arianna_c.Model has no threads=: the binding's thread count is set only through "
+                              "OMP_NUM_THREADS (see the ./run note)")
 
     def build_tools(self, roofline: bool) -> None:
         """Compiles bench/peak_rss.c (and bench/roofline.c when a roofline row runs)."""

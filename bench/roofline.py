@@ -23,9 +23,25 @@ from typing import Optional
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "roofline.c"
 
-# int8 layout assumed for the bytes per token: 1 byte per weight plus one float32 scale per
-# group of INT8_GROUP weights (the classifier included); norms and the KV cache stay float32.
-INT8_GROUP = 64
+
+
+def _int8_group() -> int:
+    """The runtime's default int8 group size (AC_DEFAULT_GROUP_SIZE in src/), else 64."""
+    import re
+
+    for header in sorted((HERE.parent / "src").glob("*.[hc]")):
+        try:
+            m = re.search(r"#define\s+AC_DEFAULT_GROUP_SIZE\s+(\d+)", header.read_text(errors="replace"))
+        except OSError:
+            continue
+        if m:
+            return int(m.group(1))
+    return 64
+
+
+# int8 layout for the bytes per token: 1 byte per weight plus one float32 scale per group of
+# INT8_GROUP weights (the tied embedding/classifier too); norms and the KV cache stay float32.
+INT8_GROUP = _int8_group()
 
 
 def compile_c(source: Path, binary: Path, openmp: bool = True, cc: Optional[str] = None) -> tuple[Optional[Path], str]:
