@@ -600,18 +600,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         model = Reference(args.model, dtype=np.float64 if args.float64 else np.float32)
         tok = Tokenizer(args.tokenizer, sp_model=args.sp_model)
-        start = time.perf_counter()
+        if tok.vocab_size != model.config.vocab_size:
+            raise FormatError(f"{args.tokenizer} has {tok.vocab_size} pieces but the model's "
+                              f"vocab_size is {model.config.vocab_size}")
+        tokens = tok.encode(args.prompt, bos=True)
+        sampler = Sampler(args.temperature, args.top_p, args.top_k, args.seed)
+        stream = tok.stream(prev=tokens[-1])
         sys.stdout.write(args.prompt)
         sys.stdout.flush()
-        def emit(text: str) -> None:
-            sys.stdout.write(text)
+        start, count = time.perf_counter(), 0
+        for token in model.generate_tokens(tokens, args.steps, sampler):
+            count += 1
+            sys.stdout.write(stream.feed(token))
             sys.stdout.flush()
-
-        generate_text(model, tok, args.prompt, args.steps, args.temperature, args.top_p,
-                      args.top_k, args.seed, on_text=emit)
+        sys.stdout.write(stream.flush() + "\n")
+        sys.stdout.flush()
         elapsed = time.perf_counter() - start
-        sys.stdout.write("\n")
-        print(f"[{elapsed:.2f} s]", file=sys.stderr)
+        rate = count / elapsed if elapsed > 0 else 0.0
+        print(f"[{count} tokens in {elapsed:.2f} s: {rate:.1f} tok/s, prompt included]", file=sys.stderr)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
