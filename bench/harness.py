@@ -386,9 +386,11 @@ class Bench:
             for dt in ("f32", "int8"):
                 rows.append(Row(f"prefill/cli/{dt}/T{t}", "prefill", "cli", dt, t, runner=cli))
             rows.append(Row(f"prefill/python/f32/T{t}", "prefill", "python", "f32", t,
-                            runner=worker("python_prefill", **pre)))
-            rows.append(Row(f"prefill/numpy/f32/T{t}", "prefill", "numpy", "f32", t, runner=worker("numpy_prefill", **pre)))
-            rows.append(Row(f"prefill/torch/f32/T{t}", "prefill", "torch", "f32", t, runner=worker("torch_prefill", **pre)))
+                            note="ac_session_feed_tokens timed in generate()", runner=worker("python_prefill", **pre)))
+            rows.append(Row(f"prefill/numpy/f32/T{t}", "prefill", "numpy", "f32", t, note="all-position logits",
+                            runner=worker("numpy_prefill", **pre)))
+            rows.append(Row(f"prefill/torch/f32/T{t}", "prefill", "torch", "f32", t, note="all-position logits",
+                            runner=worker("torch_prefill", **pre)))
         for dt in ("f32", "int8"):
             rows.append(Row(f"batch16/cli/{dt}/T2", "batch16", "cli", dt, 2, runner=cli))
         rows.append(Row("batch16/python/f32/T2", "batch16", "python", "f32", 2,
@@ -546,6 +548,7 @@ class Bench:
         entry["peak_rss_mb"] = {"median": statistics.median(rss), "max": max(rss)} if rss else None
         tokens = [s["tokens"] for s in ok if isinstance(s.get("tokens"), int)]
         entry["tokens"] = statistics.median(tokens) if tokens else None
+        entry["tokens_exact"] = not any(s.get("tokens_exact") is False for s in ok)
         roofline = self._roofline_for(row, roof)
         entry["roofline"] = roofline
         entry["roofline_fraction"] = (entry["median"] / roofline) if (roofline and entry["median"]) else None

@@ -67,6 +67,8 @@ def format_table(result: dict) -> str:
             notes.append(f"{r['vs_cli']['ratio_of_medians']:.3f}x CLI")
         if r.get("tokens") and r["group"] == "decode":
             notes.append(f"{r['tokens']:.0f} tok")
+        if r.get("tokens_exact") is False:
+            notes.append("token count re-encoded from text (approx.)")
         if r.get("note"):
             notes.append(r["note"])
         rss = r.get("peak_rss_mb")
