@@ -100,3 +100,21 @@ def test_list_rows(built, tiny_files):
                 "decode/torch/f32/T2", "prefill/cli/f32/T1", "batch16/cli/f32/T2", "startup/python/f32/T1",
                 "machine/roofline"):
         assert rid in ids
+
+
+def test_torch_kv_decoder_matches_full_forward(tiny_files):
+    """The PyTorch baseline's KV-cache step gives the logits of the model's own full forward."""
+    torch = pytest.importorskip("torch")
+    from bench import torch_kv
+
+    model, _ = tiny_files
+    net = torch_kv.load_model(str(model))
+    tokens = [1, 40, 300, 7, 99, 120, 5, 260]
+    with torch.no_grad():
+        full = net(torch.tensor([tokens]))[0]
+    dec = torch_kv.KVDecoder(net)
+    for pos, tok in enumerate(tokens):
+        step = dec.step(tok, pos)
+        assert torch.allclose(step, full[pos], atol=1e-4, rtol=1e-4), pos
+    new, times = torch_kv.decode(net, tokens[:3], 5)
+    assert len(new) == len(times) <= 5
