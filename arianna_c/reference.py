@@ -143,7 +143,11 @@ class Reference:
         hs = c.head_size
         self.kv_mul = c.n_heads // c.n_kv_heads
         self.scale = dt.type(np.sqrt(dt.type(hs)))
-        self.cos, self.sin = rope_tables(hs, c.seq_len, dt)
+        cos, sin = rope_tables(hs, c.seq_len, dt)
+        # Per position and head dimension: rotating the pair (a, b) gives (a c - b s, a s + b c)
+        # = (a, b) * (c, c) + (b, a) * (-s, s), with no rounding difference (negation is exact).
+        self.rope_cos = np.repeat(cos, 2, axis=1)                       # (seq_len, hs)
+        self.rope_sin = np.stack([-sin, sin], axis=-1).reshape(c.seq_len, hs)
         self.eps = dt.type(NORM_EPS)
         self.dt1 = dt.type(1.0)
         # KV cache: (layers, kv heads, positions, head_size), so each head's keys are contiguous
@@ -158,14 +162,12 @@ class Reference:
             ms = np.mean(x * x, axis=-1, keepdims=True) + self.eps
         return (x * (self.dt1 / np.sqrt(ms))) * w
 
-    def _rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        """x: (..., heads, head_size) with cos/sin broadcastable to (..., 1, head_size // 2)."""
-        pairs = x.reshape(*x.shape[:-1], -1, 2)
-        a, b = pairs[..., 0], pairs[..., 1]
-        out = np.empty_like(pairs)
-        out[..., 0] = a * cos - b * sin
-        out[..., 1] = a * sin + b * cos
-        return out.reshape(x.shape)
+    @staticmethod
+    def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """Rotates the interleaved pairs of x (..., heads, head_size); cos/sin are rows of
+        rope_cos/rope_sin broadcastable to x."""
+        swapped = x.reshape(*x.shape[:-1], -1, 2)[..., ::-1].reshape(x.shape)  # (b, a) pairs
+        return x * cos + swapped * sin
 
     def _silu_gate(self, h: np.ndarray) -> np.ndarray:
         H = self.config.hidden_dim
@@ -193,14 +195,15 @@ class Reference:
         if not 0 <= pos < c.seq_len:
             raise ValueError(f"position {pos} is outside the context [0, {c.seq_len})")
         D, KV, hs, nkv = c.dim, c.kv_dim, c.head_size, c.n_kv_heads
-        cos, sin = self.cos[pos], self.sin[pos]
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
         x = self.emb[token].copy()
         T = pos + 1
         for l in range(c.n_layers):
             xb = self._rmsnorm(x, self.rms_att[l])
             qkv = self.wqkv[l] @ xb
-            q = self._rope(qkv[:D].reshape(c.n_heads, hs), cos, sin)
-            self.key_cache[l, :, pos] = self._rope(qkv[D : D + KV].reshape(nkv, hs), cos, sin)
+            qk = self._rope(qkv[: D + KV].reshape(c.n_heads + nkv, hs), cos, sin)
+            q = qk[: c.n_heads]
+            self.key_cache[l, :, pos] = qk[c.n_heads :]
             self.value_cache[l, :, pos] = qkv[D + KV :].reshape(nkv, hs)
             keys = self.key_cache[l, :, :T]            # (nkv, T, hs)
             values = self.value_cache[l, :, :T]
@@ -239,14 +242,14 @@ class Reference:
         if T == 0:
             return np.zeros((0, c.vocab_size), dtype=self.dtype)
         D, KV, hs, nkv = c.dim, c.kv_dim, c.head_size, c.n_kv_heads
-        cos, sin = self.cos[:T, None, :], self.sin[:T, None, :]
+        cos, sin = self.rope_cos[:T, None, :], self.rope_sin[:T, None, :]
         future = np.triu(np.ones((T, T), dtype=bool), k=1)
         x = self.emb[toks]                                            # (T, D)
         for l in range(c.n_layers):
             xb = self._rmsnorm(x, self.rms_att[l])
             qkv = xb @ self.wqkv[l].T                                 # (T, D + 2 KV)
-            q = self._rope(qkv[:, :D].reshape(T, c.n_heads, hs), cos, sin)
-            k = self._rope(qkv[:, D : D + KV].reshape(T, nkv, hs), cos, sin)
+            qk = self._rope(qkv[:, : D + KV].reshape(T, c.n_heads + nkv, hs), cos, sin)
+            q, k = qk[:, : c.n_heads], qk[:, c.n_heads :]
             v = qkv[:, D + KV :].reshape(T, nkv, hs)
             qg = q.reshape(T, nkv, self.kv_mul, hs).transpose(1, 2, 0, 3)   # (nkv, kv_mul, T, hs)
             kt = k.transpose(1, 2, 0)[:, None]                              # (nkv, 1, hs, T)
