@@ -1,9 +1,10 @@
 # arianna_c: `make` builds the CLI ./run and the shared library libarianna.so,
 # `make test` runs the test suite, `make clean` removes what make built.
 #
-# Flags: -O3 and -fPIC, OpenMP when the compiler supports it.  Deliberately no -ffast-math
+# Flags: -O3, -fPIC and -pthread (src/pool.c's thread pool).  Deliberately no -ffast-math
 # (it would break the float32 parity with the NumPy/PyTorch reference) and no -march=native
-# (the library must run on any x86-64/aarch64 machine it is copied to).
+# (the library must run on any x86-64/aarch64 machine it is copied to): the SIMD kernels in
+# src/kernels.c are compiled per function for AVX2+FMA and picked at run time.
 
 CC ?= gcc
 PYTHON ?= python3
@@ -11,13 +12,11 @@ CFLAGS ?= -O3
 CFLAGS += -std=gnu11 -fPIC -Wall -Wextra -fvisibility=hidden
 LDLIBS = -lm
 
-# OpenMP probe: compile and link an empty program with -fopenmp; use it only if that works.
-OPENMP := $(shell echo 'int main(void){return 0;}' | $(CC) -fopenmp -x c - -o /dev/null 2>/dev/null && echo -fopenmp)
-CFLAGS += $(OPENMP)
-LDFLAGS += $(OPENMP)
+CFLAGS += -pthread
+LDFLAGS += -pthread
 
-SRC = src/run.c
-HDR = src/run.h
+SRC = src/run.c src/kernels.c src/pool.c
+HDR = src/run.h src/kernels.h src/pool.h
 
 .PHONY: all test clean bench
 

@@ -32,18 +32,25 @@ const char *ac_version(void);
 typedef struct ac_model ac_model;
 typedef struct {
     int dim; int hidden_dim; int n_layers; int n_heads; int n_kv_heads;
-    int vocab_size; int seq_len; int shared_classifier; int version;
+    int vocab_size; int seq_len; int shared_classifier; int version; int group_size;
 } ac_config;
 int ac_model_load(const char *path, ac_model **out);
 int ac_model_load_memory(const void *data, size_t size, const char *name, ac_model **out);
 void ac_model_free(ac_model *model);
 int ac_model_config(const ac_model *model, ac_config *out);
+int ac_model_quantize(const ac_model *src, int group_size, ac_model **out);
+int ac_model_save(const ac_model *model, const char *path);
+
+const char *ac_kernel_name(void);
+int ac_default_threads(void);
 
 typedef struct ac_state ac_state;
 int ac_state_create(const ac_model *model, ac_state **out);
 void ac_state_free(ac_state *state);
+int ac_state_set_threads(ac_state *state, int n_threads);
 int ac_forward(ac_state *state, int token, int pos, const float **logits);
 int ac_logits(ac_state *state, const int *tokens, int n_tokens, float *out);
+int ac_logits_stepwise(ac_state *state, const int *tokens, int n_tokens, float *out);
 
 typedef struct ac_tokenizer ac_tokenizer;
 int ac_tokenizer_load(const char *path, int vocab_size, ac_tokenizer **out);
@@ -70,6 +77,7 @@ typedef struct ac_session ac_session;
 int ac_session_create(const ac_model *model, const ac_tokenizer *tok,
                       const ac_sampler_params *params, ac_session **out);
 void ac_session_free(ac_session *session);
+int ac_session_set_threads(ac_session *session, int n_threads);
 void ac_session_reset(ac_session *session);
 int ac_session_position(const ac_session *session);
 int ac_session_feed(ac_session *session, const char *text, size_t len, int bos);
@@ -79,6 +87,14 @@ int ac_session_next(ac_session *session, int *token, const char **piece, size_t 
 typedef int (*ac_piece_fn)(void *user, int token, const char *piece, size_t len);
 int ac_generate(ac_session *session, const char *prompt, size_t len, int max_new_tokens,
                 ac_piece_fn on_piece, void *user, int *n_generated);
+
+typedef struct ac_batch ac_batch;
+int ac_batch_create(const ac_model *model, const ac_tokenizer *tok, int n_seqs,
+                    const ac_sampler_params *params, ac_batch **out);
+void ac_batch_free(ac_batch *batch);
+int ac_batch_set_threads(ac_batch *batch, int n_threads);
+int ac_batch_generate(ac_batch *batch, const char *const *prompts, const size_t *lens,
+                      int max_new_tokens, int *tokens, int *n_generated);
 """
 
 ffi = FFI()

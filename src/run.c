@@ -4,20 +4,27 @@
  *
  * Sections, in order:
  *   errors       thread-local error messages, checked size arithmetic
- *   config       parsing and validating the model header (v0 / v1 layouts)
+ *   config       parsing and validating the model header (v0 / v1 / v2 int8 layouts)
  *   weights      locating each weight array inside the mapped file
  *   model        load from a path (mmap) or from a caller's buffer
- *   state        KV cache and activation buffers
- *   forward      rmsnorm, matmul, RoPE, attention, SwiGLU, classifier
+ *   quantize     int8 (v2) image of a float32 model, saving a model
+ *   state        KV caches, activation buffers, thread pool
+ *   forward      rmsnorm, RoPE, attention, SwiGLU, classifier over rows of tokens: one row
+ *                for decode, a block of rows for prefill and for batched decode
  *   tokenizer    loading, SentencePiece-exact BPE encode, piece decode
  *   sampler      greedy / temperature / top-k / top-p with a seeded xorshift64*
  *   session      feed / next step API and the generate loop
  *
- * Numerics: everything is float32 with plain sequential accumulation and no fast-math, so
- * results match a NumPy/PyTorch float32 reference to ~1e-5 relative.
+ * Numerics: float32 with no fast-math; the matrix products (kernels.c) keep 8 partial sums
+ * per dot product, so results match a NumPy/PyTorch float32 reference to ~1e-5 relative.
+ * A row's result never depends on the thread count or on how many rows are computed
+ * together, so prefill, stepwise and batched decode agree bitwise.
  */
 #define _GNU_SOURCE
 #include "run.h"
+
+#include "kernels.h"
+#include "pool.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -95,7 +102,7 @@ static float read_f32(const unsigned char *p) {
 
 /* ======================================================================== config */
 
-#define MAGIC_V1 0x616b3432u /* "ak42" read as a little-endian uint32 */
+#define MAGIC_V1 0x616b3432u /* "ak42" read as a little-endian uint32 (v1 and v2) */
 #define V0_HEADER_BYTES 28   /* seven int32 */
 #define V1_HEADER_BYTES 256
 
@@ -114,20 +121,22 @@ static int parse_header(const unsigned char *data, size_t size, const char *name
             return fail(AC_ERR_FORMAT, "%s: file is %zu bytes, shorter than a v1 header (%d bytes)",
                         name, size, V1_HEADER_BYTES);
         int32_t version = read_i32(data + 4);
-        if (version != 1)
-            return fail(AC_ERR_FORMAT, "%s: unknown model file version %d (known: 1)", name, version);
+        if (version != 1 && version != 2)
+            return fail(AC_ERR_FORMAT, "%s: unknown model file version %d (known: 1, 2)", name, version);
         unsigned char shared = data[36];
         if (shared > 1)
             return fail(AC_ERR_FORMAT, "%s: header field shared_classifier is %d, expected 0 or 1",
                         name, shared);
         params = data + 8;
-        c->version = 1;
+        c->version = version;
         c->shared_classifier = shared;
+        c->group_size = version == 2 ? read_i32(data + 37) : 0; /* int8 group size (v2) */
         *header_bytes = V1_HEADER_BYTES;
     } else {
         params = data;
         c->version = 0;
         c->shared_classifier = 1;
+        c->group_size = 0;
         *header_bytes = V0_HEADER_BYTES;
     }
     c->dim = read_i32(params + 0);
@@ -160,6 +169,21 @@ static int check_field(const char *name, const char *field, int value, int min, 
     return AC_OK;
 }
 
+/* int8 groups run along matrix rows (dim or hidden_dim values long) and must tile them; a
+ * multiple of 4 keeps every tensor's float scales 4-byte aligned in the file. */
+static int validate_group_size(const ac_config *c, const char *name) {
+    int gs = c->group_size;
+    if (gs <= 0 || gs % 4)
+        return fail(AC_ERR_FORMAT, "%s: header field group_size is %d, must be a positive multiple of 4",
+                    name, gs);
+    if (c->dim % gs)
+        return fail(AC_ERR_FORMAT, "%s: group_size %d does not divide dim %d", name, gs, c->dim);
+    if (c->hidden_dim % gs)
+        return fail(AC_ERR_FORMAT, "%s: group_size %d does not divide hidden_dim %d", name, gs,
+                    c->hidden_dim);
+    return AC_OK;
+}
+
 static int validate_config(const ac_config *c, const char *name) {
     int rc;
     if ((rc = check_field(name, "dim", c->dim, 1, AC_MAX_DIM)) ||
@@ -178,6 +202,7 @@ static int validate_config(const ac_config *c, const char *name) {
     if ((c->dim / c->n_heads) % 2)
         return fail(AC_ERR_FORMAT, "%s: head size %d (dim / n_heads) is odd; RoPE needs pairs", name,
                     c->dim / c->n_heads);
+    if (c->version == 2) return validate_group_size(c, name);
     return AC_OK;
 }
 
@@ -200,70 +225,129 @@ static int count_weights(const ac_config *c, weight_counts *n) {
     return ok;
 }
 
-/* Bytes the whole file must have for this header, or 0 on overflow. */
+/* Bytes of n weights: float32, or (group_size > 0) int8 plus a float scale per group. */
+static int tensor_bytes(uint64_t n, int group_size, uint64_t *bytes) {
+    if (group_size == 0) return mul_ok(n, 4, bytes);
+    return add_ok(n, n / (uint64_t)group_size * 4, bytes);
+}
+
+/* Bytes the whole file must have for this header, or 0 on overflow.  Norms (and legacy
+ * RoPE tables) are always float32; the matrices are int8 in v2. */
 static uint64_t expected_file_bytes(const ac_config *c, size_t header_bytes) {
     weight_counts n = {0};
     if (!count_weights(c, &n)) return 0;
-    uint64_t parts[] = {n.emb, n.norm_l, n.norm_l, n.wq, n.wkv, n.wkv, n.wo,
-                        n.ffn, n.ffn, n.ffn, n.norm_final, n.rope, n.wcls};
-    uint64_t floats = 0, bytes;
-    for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++)
-        if (!add_ok(floats, parts[i], &floats)) return 0;
-    if (!mul_ok(floats, 4, &bytes) || !add_ok(bytes, header_bytes, &bytes)) return 0;
-    return bytes;
+    uint64_t floats[] = {n.norm_l, n.norm_l, n.norm_final, n.rope};
+    uint64_t matrices[] = {n.emb, n.wq, n.wkv, n.wkv, n.wo, n.ffn, n.ffn, n.ffn, n.wcls};
+    uint64_t total = header_bytes, b;
+    for (size_t i = 0; i < sizeof floats / sizeof floats[0]; i++)
+        if (!tensor_bytes(floats[i], 0, &b) || !add_ok(total, b, &total)) return 0;
+    for (size_t i = 0; i < sizeof matrices / sizeof matrices[0]; i++)
+        if (!tensor_bytes(matrices[i], c->group_size, &b) || !add_ok(total, b, &total)) return 0;
+    return total;
 }
 
 /* ======================================================================== weights */
 
+/* One layer's weight matrix, (out, in) row-major: float32, or (v2) int8 values with one
+ * float scale per group of group_size values along each row. */
 typedef struct {
-    const float *token_embedding; /* (V, D) */
-    const float *rms_att;         /* (L, D) */
-    const float *rms_ffn;         /* (L, D) */
-    const float *wq;              /* (L, D, D)   matrices are (out, in) row-major */
-    const float *wk;              /* (L, KV, D) */
-    const float *wv;              /* (L, KV, D) */
-    const float *wo;              /* (L, D, D) */
-    const float *w1;              /* (L, H, D) */
-    const float *w2;              /* (L, D, H) */
-    const float *w3;              /* (L, H, D) */
-    const float *rms_final;       /* (D) */
-    const float *wcls;            /* (V, D): token_embedding when shared */
+    const float *f;  /* float32 weights, or NULL for int8 */
+    const int8_t *q; /* int8 weights */
+    const float *s;  /* (out, in / group_size) scales of q */
+} ac_matrix;
+
+typedef struct {
+    ac_matrix wq, wk, wv, wo, w1, w2, w3;
+} ac_layer;
+
+typedef struct {
+    ac_matrix token_embedding; /* (V, D) */
+    const float *rms_att;      /* (L, D) */
+    const float *rms_ffn;      /* (L, D) */
+    const float *rms_final;    /* (D) */
+    ac_layer *layers;          /* (L) */
+    ac_matrix wcls;            /* (V, D): token_embedding when shared */
 } ac_weights;
 
-/* Points each array into the float data after the header.  The file size was checked
- * against the header first, so every pointer stays inside the buffer. */
-static void map_weights(ac_weights *w, const ac_config *c, const float *p) {
-    weight_counts n = {0};
-    count_weights(c, &n); /* cannot fail: expected_file_bytes() succeeded on the same config */
-#define TAKE(field, count) (w->field = p, p += (count))
-    if (c->version == 0) {
-        TAKE(token_embedding, n.emb);
-        TAKE(rms_att, n.norm_l);
-        TAKE(wq, n.wq);
-        TAKE(wk, n.wkv);
-        TAKE(wv, n.wkv);
-        TAKE(wo, n.wo);
-        TAKE(rms_ffn, n.norm_l);
-        TAKE(w1, n.ffn);
-        TAKE(w2, n.ffn);
-        TAKE(w3, n.ffn);
-        TAKE(rms_final, n.norm_final);
-        p += n.rope; /* the legacy freq_cis_real / freq_cis_imag tables: recomputed, skipped */
-    } else {
-        TAKE(rms_att, n.norm_l);
-        TAKE(rms_ffn, n.norm_l);
-        TAKE(rms_final, n.norm_final);
-        TAKE(token_embedding, n.emb);
-        TAKE(wq, n.wq);
-        TAKE(wk, n.wkv);
-        TAKE(wv, n.wkv);
-        TAKE(wo, n.wo);
-        TAKE(w1, n.ffn);
-        TAKE(w2, n.ffn);
-        TAKE(w3, n.ffn);
+/* The per-layer matrices in file order (each stored for all layers before the next), with
+ * their shapes: 'D' = dim, 'H' = hidden_dim, 'K' = kv_dim. */
+#define N_LAYER_MATRICES 7
+static const struct {
+    size_t offset;
+    char rows, cols;
+} LAYER_MATRICES[N_LAYER_MATRICES] = {
+    {offsetof(ac_layer, wq), 'D', 'D'}, {offsetof(ac_layer, wk), 'K', 'D'},
+    {offsetof(ac_layer, wv), 'K', 'D'}, {offsetof(ac_layer, wo), 'D', 'D'},
+    {offsetof(ac_layer, w1), 'H', 'D'}, {offsetof(ac_layer, w2), 'D', 'H'},
+    {offsetof(ac_layer, w3), 'H', 'D'},
+};
+
+static int dim_of(const ac_config *c, char which) {
+    if (which == 'D') return c->dim;
+    if (which == 'H') return c->hidden_dim;
+    return c->dim / c->n_heads * c->n_kv_heads;
+}
+
+static ac_matrix *layer_matrix(const ac_layer *layer, int i) {
+    return (ac_matrix *)((const char *)layer + LAYER_MATRICES[i].offset);
+}
+
+/* Reads the arrays after the header in file order. */
+typedef struct {
+    const unsigned char *p;
+    int group_size; /* 0: matrices are float32 */
+} cursor;
+
+static const float *take_floats(cursor *cur, uint64_t n) {
+    const float *f = (const float *)cur->p;
+    cur->p += n * sizeof(float);
+    return f;
+}
+
+static ac_matrix take_matrix(cursor *cur, int rows, int cols) {
+    uint64_t n = (uint64_t)rows * (uint64_t)cols;
+    ac_matrix m = {NULL, NULL, NULL};
+    if (!cur->group_size) {
+        m.f = take_floats(cur, n);
+        return m;
     }
-#undef TAKE
-    w->wcls = c->shared_classifier ? w->token_embedding : p;
+    m.q = (const int8_t *)cur->p;
+    cur->p += n;
+    m.s = take_floats(cur, n / (uint64_t)cur->group_size);
+    return m;
+}
+
+/* Takes per-layer matrices i0..i1-1 of the LAYER_MATRICES order. */
+static void take_layer_matrices(cursor *cur, ac_weights *w, const ac_config *c, int i0, int i1) {
+    for (int i = i0; i < i1; i++)
+        for (int l = 0; l < c->n_layers; l++)
+            *layer_matrix(&w->layers[l], i) =
+                take_matrix(cur, dim_of(c, LAYER_MATRICES[i].rows), dim_of(c, LAYER_MATRICES[i].cols));
+}
+
+/* Points each array into the data after the header (w->layers allocated by the caller).
+ * The file size was checked against the header first, so every pointer stays inside. */
+static void map_weights(ac_weights *w, const ac_config *c, const unsigned char *data) {
+    uint64_t D = (uint64_t)c->dim, L = (uint64_t)c->n_layers;
+    cursor cur = {data, c->group_size};
+    if (c->version == 0) {
+        w->token_embedding = take_matrix(&cur, c->vocab_size, c->dim);
+        w->rms_att = take_floats(&cur, L * D);
+        take_layer_matrices(&cur, w, c, 0, 4); /* wq wk wv wo */
+        w->rms_ffn = take_floats(&cur, L * D);
+        take_layer_matrices(&cur, w, c, 4, N_LAYER_MATRICES); /* w1 w2 w3 */
+        w->rms_final = take_floats(&cur, D);
+        /* the legacy freq_cis_real / freq_cis_imag tables (seq_len x head_size / 2 each):
+         * recomputed, skipped */
+        take_floats(&cur, (uint64_t)c->seq_len * (D / (uint64_t)c->n_heads));
+    } else {
+        w->rms_att = take_floats(&cur, L * D);
+        w->rms_ffn = take_floats(&cur, L * D);
+        w->rms_final = take_floats(&cur, D);
+        w->token_embedding = take_matrix(&cur, c->vocab_size, c->dim);
+        take_layer_matrices(&cur, w, c, 0, N_LAYER_MATRICES);
+    }
+    w->wcls = c->shared_classifier ? w->token_embedding : take_matrix(&cur, c->vocab_size, c->dim);
 }
 
 /* ======================================================================== model */
@@ -274,6 +358,7 @@ struct ac_model {
     const void *data; /* the whole file */
     size_t size;
     int mapped;       /* 1: data is our mmap and is unmapped on free */
+    int owned;        /* 1: data is our heap image (an int8 quantization) and is freed */
 };
 
 /* The file must hold exactly the weights its (valid) header describes. */
@@ -285,10 +370,10 @@ static int check_file_size(const ac_config *c, size_t header_bytes, size_t size,
         return fail(AC_ERR_FORMAT,
                     "%s: file is %zu bytes, header implies %llu (dim=%d hidden_dim=%d n_layers=%d "
                     "n_heads=%d n_kv_heads=%d vocab_size=%d seq_len=%d shared_classifier=%d "
-                    "version=%d)",
+                    "version=%d group_size=%d)",
                     name, size, (unsigned long long)expected, c->dim, c->hidden_dim, c->n_layers,
                     c->n_heads, c->n_kv_heads, c->vocab_size, c->seq_len, c->shared_classifier,
-                    c->version);
+                    c->version, c->group_size);
     return AC_OK;
 }
 
@@ -307,11 +392,15 @@ static int model_from_bytes(const void *data, size_t size, const char *name, ac_
     if (rc && c.version == 0) append_error(V0_HINT);
     if (rc) return rc;
     ac_model *m = calloc(1, sizeof *m);
-    if (!m) return fail(AC_ERR_NOMEM, "%s: out of memory for the model handle", name);
+    if (m) m->w.layers = calloc((size_t)c.n_layers, sizeof *m->w.layers);
+    if (!m || !m->w.layers) {
+        free(m);
+        return fail(AC_ERR_NOMEM, "%s: out of memory for the model handle", name);
+    }
     m->config = c;
     m->data = data;
     m->size = size;
-    map_weights(&m->w, &c, (const float *)(bytes + header_bytes));
+    map_weights(&m->w, &c, bytes + header_bytes);
     *out = m;
     return AC_OK;
 }
@@ -379,6 +468,8 @@ AC_API int ac_model_load(const char *path, ac_model **out) {
 AC_API void ac_model_free(ac_model *m) {
     if (!m) return;
     if (m->mapped) munmap((void *)m->data, m->size);
+    if (m->owned) free((void *)m->data);
+    free(m->w.layers);
     free(m);
 }
 
@@ -388,76 +479,253 @@ AC_API int ac_model_config(const ac_model *m, ac_config *out) {
     return AC_OK;
 }
 
+/* ======================================================================== quantize */
+
+/* Writes matrix f (rows, cols) quantized as v2 stores it (int8 values, then the group
+ * scales) at p; returns the end. */
+static unsigned char *put_quantized(unsigned char *p, const float *f, int rows, int cols, int gs) {
+    size_t n = (size_t)rows * (size_t)cols;
+    int8_t *q = (int8_t *)p;
+    float *scales = (float *)(p + n);
+    for (size_t r = 0; r < (size_t)rows; r++)
+        ac_quantize_q8(q + r * cols, scales + r * (cols / gs), f + r * cols, cols, gs);
+    return p + n + n / (size_t)gs * sizeof(float);
+}
+
+static unsigned char *put_floats(unsigned char *p, const float *f, size_t n) {
+    memcpy(p, f, n * sizeof(float));
+    return p + n * sizeof(float);
+}
+
+static void put_i32(unsigned char *p, int32_t v) { memcpy(p, &v, sizeof v); }
+
+/* The v2 file image of float32 model src with config c (version 2, c->group_size set). */
+static void write_v2_image(unsigned char *img, const ac_model *src, const ac_config *c) {
+    const ac_weights *w = &src->w;
+    int D = c->dim, L = c->n_layers, V = c->vocab_size, gs = c->group_size;
+    memset(img, 0, V1_HEADER_BYTES);
+    put_i32(img, (int32_t)MAGIC_V1);
+    put_i32(img + 4, 2);
+    int32_t params[7] = {D, c->hidden_dim, L, c->n_heads, c->n_kv_heads, V, c->seq_len};
+    for (int i = 0; i < 7; i++) put_i32(img + 8 + 4 * i, params[i]);
+    img[36] = (unsigned char)c->shared_classifier;
+    put_i32(img + 37, gs);
+    unsigned char *p = img + V1_HEADER_BYTES;
+    p = put_floats(p, w->rms_att, (size_t)L * D);
+    p = put_floats(p, w->rms_ffn, (size_t)L * D);
+    p = put_floats(p, w->rms_final, (size_t)D);
+    p = put_quantized(p, w->token_embedding.f, V, D, gs);
+    for (int i = 0; i < N_LAYER_MATRICES; i++)
+        for (int l = 0; l < L; l++)
+            p = put_quantized(p, layer_matrix(&w->layers[l], i)->f, dim_of(c, LAYER_MATRICES[i].rows),
+                              dim_of(c, LAYER_MATRICES[i].cols), gs);
+    if (!c->shared_classifier) put_quantized(p, w->wcls.f, V, D, gs);
+}
+
+AC_API int ac_model_quantize(const ac_model *src, int group_size, ac_model **out) {
+    if (!out) return fail(AC_ERR_ARG, "ac_model_quantize: out is NULL");
+    *out = NULL;
+    if (!src) return fail(AC_ERR_ARG, "ac_model_quantize: model is NULL");
+    if (src->config.group_size)
+        return fail(AC_ERR_ARG, "the model is already int8 (group size %d)", src->config.group_size);
+    ac_config c = src->config;
+    c.version = 2;
+    c.group_size = group_size ? group_size : AC_DEFAULT_GROUP_SIZE;
+    int rc = validate_config(&c, "int8 quantization");
+    if (rc) return rc;
+    uint64_t bytes = expected_file_bytes(&c, V1_HEADER_BYTES);
+    void *img = NULL;
+    if (bytes == 0 || bytes > SIZE_MAX || posix_memalign(&img, 64, (size_t)bytes) != 0)
+        return fail(AC_ERR_NOMEM, "out of memory for the int8 model (%llu bytes)", (unsigned long long)bytes);
+    write_v2_image(img, src, &c);
+    rc = model_from_bytes(img, (size_t)bytes, "int8 quantization", out);
+    if (rc) {
+        free(img);
+        return rc;
+    }
+    (*out)->owned = 1;
+    return AC_OK;
+}
+
+AC_API int ac_model_save(const ac_model *m, const char *path) {
+    if (!m || !path) return fail(AC_ERR_ARG, "ac_model_save: NULL argument");
+    /* Written next to path, then renamed over it: path may be the file m is mapped from. */
+    size_t len = strlen(path);
+    char *tmp = malloc(len + 5);
+    if (!tmp) return fail(AC_ERR_NOMEM, "ac_model_save: out of memory");
+    memcpy(tmp, path, len);
+    memcpy(tmp + len, ".tmp", 5);
+    FILE *f = fopen(tmp, "wb");
+    int ok = f != NULL && fwrite(m->data, 1, m->size, f) == m->size;
+    int e = errno;
+    if (f && fclose(f) != 0 && ok) {
+        ok = 0;
+        e = errno;
+    }
+    if (ok && rename(tmp, path) != 0) {
+        ok = 0;
+        e = errno;
+    }
+    if (!ok) remove(tmp);
+    free(tmp);
+    if (!ok) return fail(AC_ERR_IO, "%s: cannot write the model file: %s", path, strerror(e));
+    return AC_OK;
+}
+
 /* ======================================================================== state */
+
+/* Prompt tokens run through the layers together, as matrix-matrix products (prefill). */
+#define PREFILL_ROWS 64
 
 struct ac_state {
     const ac_model *model;
-    float *x;           /* (D) the residual stream */
-    float *xb, *xb2;    /* (D) scratch */
-    float *hb, *hb2;    /* (H) FFN scratch */
-    float *q;           /* (D) queries of the current position */
-    float *att;         /* (n_heads, seq_len) attention weights */
-    float *logits;      /* (V) */
-    float *key_cache;   /* (L, seq_len, kv_dim) */
-    float *value_cache; /* (L, seq_len, kv_dim) */
-    float *rope_freq;   /* (head_size / 2) inverse frequencies, computed once */
+    const ac_kernels *kern;
+    int n_seqs;         /* independent sequences, each with its own KV cache (batched decode) */
+    int max_rows;       /* tokens one forward pass can take */
+    int n_threads;
+    ac_pool *pool;
+    /* activations, one row per token of the pass */
+    float *x;           /* (rows, D) the residual stream */
+    float *xb, *xb2;    /* (rows, D) scratch */
+    float *qkv;         /* (rows, D + 2 KV) queries, keys, values */
+    float *hb, *hb2;    /* (rows, H) FFN scratch */
+    int8_t *xq;         /* (rows, max(D, H)) int8 copy of a matrix product's input (int8 models) */
+    float *xs;          /* its group scales */
+    int *row_pos;       /* (rows) each row's position */
+    int *row_seq;       /* (rows) each row's sequence */
+    float *att;         /* (n_threads, seq_len) attention weights, one row per thread */
+    float *logits;      /* (n_seqs, V) */
+    float *key_cache;   /* (n_seqs, L, seq_len, KV) */
+    float *value_cache; /* (n_seqs, L, seq_len, KV) */
+    float *rope_cos;    /* (seq_len, head_size / 2) RoPE rotation of each position */
+    float *rope_sin;
 };
 
-/* calloc of count floats with an overflow check. */
-static float *alloc_floats(uint64_t count) {
-    if (count == 0 || count > SIZE_MAX / sizeof(float)) return NULL;
-    return calloc((size_t)count, sizeof(float));
+/* calloc of count elements of size bytes, with an overflow check. */
+static void *alloc_array(uint64_t count, size_t size) {
+    if (count == 0 || count > SIZE_MAX / size) return NULL;
+    return calloc((size_t)count, size);
 }
+
+static float *alloc_floats(uint64_t count) { return alloc_array(count, sizeof(float)); }
 
 AC_API void ac_state_free(ac_state *s) {
     if (!s) return;
+    ac_pool_free(s->pool);
     free(s->x);
     free(s->xb);
     free(s->xb2);
+    free(s->qkv);
     free(s->hb);
     free(s->hb2);
-    free(s->q);
+    free(s->xq);
+    free(s->xs);
+    free(s->row_pos);
+    free(s->row_seq);
     free(s->att);
     free(s->logits);
     free(s->key_cache);
     free(s->value_cache);
-    free(s->rope_freq);
+    free(s->rope_cos);
+    free(s->rope_sin);
     free(s);
+}
+
+AC_API int ac_default_threads(void) {
+    int n = ac_available_cpus();
+    return n < AC_MAX_THREADS ? n : AC_MAX_THREADS;
+}
+
+AC_API const char *ac_kernel_name(void) { return ac_kernels_get()->name; }
+
+AC_API int ac_state_set_threads(ac_state *s, int n_threads) {
+    if (!s) return fail(AC_ERR_ARG, "ac_state_set_threads: state is NULL");
+    if (n_threads < 0 || n_threads > AC_MAX_THREADS)
+        return fail(AC_ERR_ARG, "n_threads %d is invalid: it must be in 1..%d (0 = all available cores)",
+                    n_threads, AC_MAX_THREADS);
+    if (n_threads == 0) n_threads = ac_default_threads();
+    if (n_threads == s->n_threads) return AC_OK;
+    float *att = alloc_floats((uint64_t)n_threads * (uint64_t)s->model->config.seq_len);
+    ac_pool *pool = att ? ac_pool_create(n_threads) : NULL;
+    if (!pool) {
+        free(att);
+        return fail(AC_ERR_NOMEM, "cannot start %d threads (out of memory or thread limit)", n_threads);
+    }
+    ac_pool_free(s->pool);
+    free(s->att);
+    s->pool = pool;
+    s->att = att;
+    s->n_threads = n_threads;
+    return AC_OK;
+}
+
+/* A state for n_seqs sequences (1 for ac_state_create, the batch size for ac_batch). */
+static int state_create(const ac_model *m, int n_seqs, ac_state **out) {
+    const ac_config *c = &m->config;
+    ac_state *s = calloc(1, sizeof *s);
+    if (!s) return fail(AC_ERR_NOMEM, "out of memory for the state");
+    int head_size = c->dim / c->n_heads;
+    int half = head_size / 2;
+    uint64_t kv_dim = (uint64_t)head_size * (uint64_t)c->n_kv_heads;
+    uint64_t D = (uint64_t)c->dim, H = (uint64_t)c->hidden_dim, S = (uint64_t)c->seq_len;
+    uint64_t widest = D > H ? D : H;
+    /* < 2^63 by the header bounds */
+    uint64_t cache = (uint64_t)n_seqs * (uint64_t)c->n_layers * S * kv_dim;
+    int rows = c->seq_len < PREFILL_ROWS ? c->seq_len : PREFILL_ROWS;
+    if (rows < n_seqs) rows = n_seqs;
+    s->model = m;
+    s->kern = ac_kernels_get();
+    s->n_seqs = n_seqs;
+    s->max_rows = rows;
+    s->x = alloc_floats(rows * D);
+    s->xb = alloc_floats(rows * D);
+    s->xb2 = alloc_floats(rows * D);
+    s->qkv = alloc_floats(rows * (D + 2 * kv_dim));
+    s->hb = alloc_floats(rows * H);
+    s->hb2 = alloc_floats(rows * H);
+    int quantized = c->group_size > 0;
+    if (quantized) {
+        s->xq = alloc_array(rows * widest, sizeof(int8_t));
+        s->xs = alloc_floats(rows * widest / (uint64_t)c->group_size);
+    }
+    s->row_pos = alloc_array((uint64_t)rows, sizeof(int));
+    s->row_seq = alloc_array((uint64_t)rows, sizeof(int));
+    s->logits = alloc_floats((uint64_t)n_seqs * (uint64_t)c->vocab_size);
+    s->key_cache = alloc_floats(cache);
+    s->value_cache = alloc_floats(cache);
+    s->rope_cos = alloc_floats(S * (uint64_t)half);
+    s->rope_sin = alloc_floats(S * (uint64_t)half);
+    if (!s->x || !s->xb || !s->xb2 || !s->qkv || !s->hb || !s->hb2 ||
+        (quantized && (!s->xq || !s->xs)) || !s->row_pos || !s->row_seq || !s->logits ||
+        !s->key_cache || !s->value_cache || !s->rope_cos || !s->rope_sin) {
+        ac_state_free(s);
+        return fail(AC_ERR_NOMEM, "out of memory for the state (KV cache of %llu floats)",
+                    (unsigned long long)(2 * cache));
+    }
+    /* angle = pos * freq_i with freq_i = 1 / 10000^(2i / head_size), in float32 like the
+     * reference; tabulated once instead of two trig calls per pair per layer per token */
+    for (int i = 0; i < half; i++) {
+        float freq = 1.0f / powf(10000.0f, (float)(2 * i) / (float)head_size);
+        for (int pos = 0; pos < c->seq_len; pos++) {
+            float angle = (float)pos * freq;
+            s->rope_cos[(size_t)pos * half + i] = cosf(angle);
+            s->rope_sin[(size_t)pos * half + i] = sinf(angle);
+        }
+    }
+    int rc = ac_state_set_threads(s, 0);
+    if (rc) {
+        ac_state_free(s);
+        return rc;
+    }
+    *out = s;
+    return AC_OK;
 }
 
 AC_API int ac_state_create(const ac_model *m, ac_state **out) {
     if (!out) return fail(AC_ERR_ARG, "ac_state_create: out is NULL");
     *out = NULL;
     if (!m) return fail(AC_ERR_ARG, "ac_state_create: model is NULL");
-    const ac_config *c = &m->config;
-    ac_state *s = calloc(1, sizeof *s);
-    if (!s) return fail(AC_ERR_NOMEM, "out of memory for the state");
-    int head_size = c->dim / c->n_heads;
-    uint64_t kv_dim = (uint64_t)head_size * (uint64_t)c->n_kv_heads;
-    uint64_t cache = (uint64_t)c->n_layers * (uint64_t)c->seq_len * kv_dim; /* < 2^63 by bounds */
-    s->model = m;
-    s->x = alloc_floats((uint64_t)c->dim);
-    s->xb = alloc_floats((uint64_t)c->dim);
-    s->xb2 = alloc_floats((uint64_t)c->dim);
-    s->hb = alloc_floats((uint64_t)c->hidden_dim);
-    s->hb2 = alloc_floats((uint64_t)c->hidden_dim);
-    s->q = alloc_floats((uint64_t)c->dim);
-    s->att = alloc_floats((uint64_t)c->n_heads * (uint64_t)c->seq_len);
-    s->logits = alloc_floats((uint64_t)c->vocab_size);
-    s->key_cache = alloc_floats(cache);
-    s->value_cache = alloc_floats(cache);
-    s->rope_freq = alloc_floats((uint64_t)(head_size / 2));
-    if (!s->x || !s->xb || !s->xb2 || !s->hb || !s->hb2 || !s->q || !s->att || !s->logits ||
-        !s->key_cache || !s->value_cache || !s->rope_freq) {
-        ac_state_free(s);
-        return fail(AC_ERR_NOMEM, "out of memory for the state (KV cache of %llu floats)",
-                    (unsigned long long)(2 * cache));
-    }
-    /* freq_i = 1 / 10000^(2i / head_size), in float32 like the reference */
-    for (int i = 0; i < head_size / 2; i++)
-        s->rope_freq[i] = 1.0f / powf(10000.0f, (float)(2 * i) / (float)head_size);
-    *out = s;
-    return AC_OK;
+    return state_create(m, 1, out);
 }
 
 /* ======================================================================== forward */
@@ -469,19 +737,6 @@ static void rmsnorm(float *o, const float *x, const float *w, int n) {
     ss = ss / (float)n + 1e-5f;
     float scale = 1.0f / sqrtf(ss);
     for (int j = 0; j < n; j++) o[j] = (x[j] * scale) * w[j];
-}
-
-/* out[d_out] = W[d_out, n_in] @ x[n_in].  Rows are independent, so threads split them
- * without changing any sum; small matrices stay serial (thread start-up would dominate). */
-static void matmul(float *out, const float *x, const float *W, int n_in, int d_out) {
-    int i;
-#pragma omp parallel for if ((long)n_in * d_out >= (1L << 16))
-    for (i = 0; i < d_out; i++) {
-        const float *row = W + (size_t)i * (size_t)n_in;
-        float sum = 0.0f;
-        for (int j = 0; j < n_in; j++) sum += row[j] * x[j];
-        out[i] = sum;
-    }
 }
 
 static void softmax(float *x, int n) {
@@ -496,14 +751,13 @@ static void softmax(float *x, int n) {
     for (int i = 0; i < n; i++) x[i] /= sum;
 }
 
-/* Rotates the interleaved pairs (v[2i], v[2i+1]) of each head of v (n_heads heads) by the
- * angle pos * freq_i. */
-static void rope(float *v, int n_heads, int head_size, int pos, const float *freq) {
+/* Rotates the interleaved pairs (v[2i], v[2i+1]) of each of the n_heads heads of v by the
+ * angle whose cosine and sine are cos_t[i], sin_t[i]. */
+static void rope(float *v, int n_heads, int head_size, const float *cos_t, const float *sin_t) {
     for (int h = 0; h < n_heads; h++) {
         float *hv = v + (size_t)h * head_size;
         for (int i = 0; i < head_size / 2; i++) {
-            float angle = (float)pos * freq[i];
-            float c = cosf(angle), s = sinf(angle);
+            float c = cos_t[i], s = sin_t[i];
             float a = hv[2 * i], b = hv[2 * i + 1];
             hv[2 * i] = a * c - b * s;
             hv[2 * i + 1] = a * s + b * c;
@@ -511,78 +765,221 @@ static void rope(float *v, int n_heads, int head_size, int pos, const float *fre
     }
 }
 
-/* Causal self-attention of the current position over positions 0..pos of layer l's cache;
- * the per-head outputs are concatenated into s->xb. */
-static void attention(ac_state *s, int l, int pos) {
-    const ac_config *c = &s->model->config;
-    int head_size = c->dim / c->n_heads;
-    int kv_dim = head_size * c->n_kv_heads;
-    int kv_mul = c->n_heads / c->n_kv_heads; /* GQA: query heads per kv head */
-    size_t layer_off = (size_t)l * c->seq_len * kv_dim;
-    float inv_scale = sqrtf((float)head_size);
-    for (int h = 0; h < c->n_heads; h++) {
-        const float *q = s->q + (size_t)h * head_size;
-        float *att = s->att + (size_t)h * c->seq_len;
-        size_t kv_off = layer_off + (size_t)(h / kv_mul) * head_size;
-        for (int t = 0; t <= pos; t++) {
-            const float *k = s->key_cache + kv_off + (size_t)t * kv_dim;
-            float score = 0.0f;
-            for (int i = 0; i < head_size; i++) score += q[i] * k[i];
-            att[t] = score / inv_scale;
-        }
-        softmax(att, pos + 1);
-        float *out = s->xb + (size_t)h * head_size;
-        memset(out, 0, (size_t)head_size * sizeof(float));
-        for (int t = 0; t <= pos; t++) {
-            const float *v = s->value_cache + kv_off + (size_t)t * kv_dim;
-            float a = att[t];
-            for (int i = 0; i < head_size; i++) out[i] += a * v[i];
+/* Runs job over n_units units of work on the state's threads, in a few blocks per thread
+ * (claimed dynamically, so a slow thread delays a job by one block at most). */
+static void run_job(ac_state *s, ac_pool_fn job, void *arg, int n_units) {
+    int blocks = s->n_threads == 1 ? 1 : 4 * s->n_threads;
+    if (blocks > n_units) blocks = n_units;
+    if (blocks > 0) ac_pool_run(s->pool, job, arg, blocks);
+}
+
+/* Matrix rows [r0, r1) times the T input rows x (T, n) into out (row t at out + t * ldo).
+ * int8 matrices read the quantized copy of x that quantize_input() left in s->xq / s->xs. */
+static void matmul_rows(const ac_state *s, const ac_matrix *W, float *out, int ldo,
+                        const float *x, int T, int n, int r0, int r1) {
+    if (W->f) s->kern->gemm_f32(out, ldo, W->f, x, T, n, r0, r1);
+    else s->kern->gemm_q8(out, ldo, W->q, W->s, s->xq, s->xs, T, n, s->model->config.group_size, r0, r1);
+}
+
+/* For int8 models: quantizes the T rows of x (T, n) into s->xq / s->xs. */
+static void quantize_input(ac_state *s, const float *x, int T, int n) {
+    int gs = s->model->config.group_size;
+    if (gs == 0) return;
+    for (int t = 0; t < T; t++)
+        ac_quantize_q8(s->xq + (size_t)t * n, s->xs + (size_t)t * (n / gs), x + (size_t)t * n, n, gs);
+}
+
+/* Rows are split between threads in units of this many (a multiple of the kernels' tiles). */
+#define ROW_UNIT 8
+
+/* Up to three matrices with the same input x (T, n), stacked by rows (wq, wk, wv): one
+ * parallel job for all of them.  Matrix m's outputs go to columns col[m].. of out. */
+typedef struct {
+    const ac_state *s;
+    int n_mats;
+    const ac_matrix *mats[3];
+    int rows[3], col[3];
+    const float *x;
+    int T, n;
+    float *out;
+    int ldo;
+} matmul_job;
+
+static int matmul_rows_total(const matmul_job *j) {
+    int total = 0;
+    for (int m = 0; m < j->n_mats; m++) total += j->rows[m];
+    return total;
+}
+
+static void matmul_task(void *arg, int block, int n_blocks, int thread) {
+    (void)thread;
+    const matmul_job *j = arg;
+    int begin, end;
+    ac_split(matmul_rows_total(j), ROW_UNIT, block, n_blocks, &begin, &end);
+    for (int m = 0, first = 0; m < j->n_mats; first += j->rows[m], m++) {
+        int r0 = begin > first ? begin - first : 0;
+        int r1 = end - first < j->rows[m] ? end - first : j->rows[m];
+        if (r0 < r1) matmul_rows(j->s, j->mats[m], j->out + j->col[m], j->ldo, j->x, j->T, j->n, r0, r1);
+    }
+}
+
+static void matmul(ac_state *s, matmul_job *job) {
+    quantize_input(s, job->x, job->T, job->n);
+    run_job(s, matmul_task, job, (matmul_rows_total(job) + ROW_UNIT - 1) / ROW_UNIT);
+}
+
+/* out (T, d) = W (d, n) @ x (T, n) for a single matrix. */
+static void matmul1(ac_state *s, const ac_matrix *W, float *out, const float *x, int T, int n, int d) {
+    matmul_job job = {s, 1, {W}, {d}, {0}, x, T, n, out, d};
+    matmul(s, &job);
+}
+
+/* FFN up-projection of layer l: hb = silu(W1 @ xb) * (W3 @ xb).  Each block takes the same
+ * rows of W1 and W3, so it can apply the gate to its own outputs (no second pass). */
+typedef struct {
+    const ac_state *s;
+    const ac_layer *layer;
+    int T;
+} ffn_job;
+
+static void ffn_up_task(void *arg, int block, int n_blocks, int thread) {
+    (void)thread;
+    const ffn_job *j = arg;
+    const ac_state *s = j->s;
+    int D = s->model->config.dim, H = s->model->config.hidden_dim;
+    int r0, r1;
+    ac_split(H, ROW_UNIT, block, n_blocks, &r0, &r1);
+    if (r0 == r1) return;
+    matmul_rows(s, &j->layer->w1, s->hb, H, s->xb, j->T, D, r0, r1);
+    matmul_rows(s, &j->layer->w3, s->hb2, H, s->xb, j->T, D, r0, r1);
+    for (int t = 0; t < j->T; t++) {
+        float *h1 = s->hb + (size_t)t * H, *h3 = s->hb2 + (size_t)t * H;
+        for (int i = r0; i < r1; i++) {
+            float v = h1[i];
+            v = v * (1.0f / (1.0f + expf(-v))); /* silu */
+            h1[i] = v * h3[i];
         }
     }
 }
 
-/* x += W2 @ (silu(W1 @ xb) * (W3 @ xb)) for layer l, with xb = rmsnorm(x) already in s->xb. */
-static void feed_forward(ac_state *s, int l) {
+static size_t cache_offset(const ac_state *s, int seq, int l) {
     const ac_config *c = &s->model->config;
-    const ac_weights *w = &s->model->w;
-    int D = c->dim, H = c->hidden_dim;
-    size_t off = (size_t)l * H * D;
-    matmul(s->hb, s->xb, w->w1 + off, D, H);
-    matmul(s->hb2, s->xb, w->w3 + off, D, H);
-    for (int i = 0; i < H; i++) {
-        float v = s->hb[i];
-        v = v * (1.0f / (1.0f + expf(-v))); /* silu */
-        s->hb[i] = v * s->hb2[i];
-    }
-    matmul(s->xb, s->hb, w->w2 + off, H, D);
-    for (int i = 0; i < D; i++) s->x[i] += s->xb[i];
+    size_t kv_dim = (size_t)(c->dim / c->n_heads) * c->n_kv_heads;
+    return ((size_t)seq * c->n_layers + (size_t)l) * c->seq_len * kv_dim;
 }
 
-/* The transformer for one token; leaves the logits in s->logits. */
-static void forward_token(ac_state *s, int token, int pos) {
+/* Causal self-attention of head h of row r over positions 0..pos of its sequence's layer-l
+ * cache, into row r of s->xb2.  att is this thread's scratch. */
+static void attend(const ac_state *s, int l, int r, int h, float *att) {
     const ac_config *c = &s->model->config;
-    const ac_weights *w = &s->model->w;
     int D = c->dim, head_size = D / c->n_heads;
     int kv_dim = head_size * c->n_kv_heads;
-    memcpy(s->x, w->token_embedding + (size_t)token * D, (size_t)D * sizeof(float));
+    int kv_mul = c->n_heads / c->n_kv_heads; /* GQA: query heads per kv head */
+    int pos = s->row_pos[r];
+    size_t off = cache_offset(s, s->row_seq[r], l) + (size_t)(h / kv_mul) * head_size;
+    const float *q = s->qkv + (size_t)r * (D + 2 * kv_dim) + (size_t)h * head_size;
+    float inv_scale = sqrtf((float)head_size);
+    for (int t = 0; t <= pos; t++)
+        att[t] = s->kern->dot(q, s->key_cache + off + (size_t)t * kv_dim, head_size) / inv_scale;
+    softmax(att, pos + 1);
+    float *o = s->xb2 + (size_t)r * D + (size_t)h * head_size;
+    memset(o, 0, (size_t)head_size * sizeof(float));
+    for (int t = 0; t <= pos; t++)
+        s->kern->axpy(o, att[t], s->value_cache + off + (size_t)t * kv_dim, head_size);
+}
+
+typedef struct {
+    const ac_state *s;
+    int l, T;
+} attention_job;
+
+/* Blocks of (row, head) pairs. */
+static void attention_task(void *arg, int block, int n_blocks, int thread) {
+    const attention_job *j = arg;
+    int n_heads = j->s->model->config.n_heads;
+    float *att = j->s->att + (size_t)thread * j->s->model->config.seq_len;
+    int begin, end;
+    ac_split(j->T * n_heads, 1, block, n_blocks, &begin, &end);
+    for (int item = begin; item < end; item++) attend(j->s, j->l, item / n_heads, item % n_heads, att);
+}
+
+/* Row x (D) = the embedding of token (dequantized for int8 models). */
+static void embed(const ac_state *s, int token, float *x) {
+    const ac_config *c = &s->model->config;
+    const ac_matrix *e = &s->model->w.token_embedding;
+    size_t D = (size_t)c->dim;
+    if (e->f) memcpy(x, e->f + (size_t)token * D, D * sizeof(float));
+    else ac_dequantize_q8(x, e->q + (size_t)token * D, e->s + (size_t)token * D / c->group_size,
+                          c->dim, c->group_size);
+}
+
+/* The transformer over rows [0, n) (n <= max_rows): row r is token tokens[r] at position
+ * s->row_pos[r] of sequence s->row_seq[r], and its keys/values go into that sequence's
+ * cache.  Rows of one sequence must be consecutive positions in increasing order (a prompt
+ * block): every row's keys/values are cached before any row attends, so each row sees the
+ * earlier ones.  Logits of rows [first, n) go to out, row r at out + (r - first) * V. */
+static void forward_rows(ac_state *s, const int *tokens, int n, int first, float *out) {
+    const ac_config *c = &s->model->config;
+    const ac_weights *w = &s->model->w;
+    int D = c->dim, H = c->hidden_dim, head_size = D / c->n_heads, half = head_size / 2;
+    int kv_dim = head_size * c->n_kv_heads, qkv_width = D + 2 * kv_dim;
+    for (int r = 0; r < n; r++) embed(s, tokens[r], s->x + (size_t)r * D);
     for (int l = 0; l < c->n_layers; l++) {
-        rmsnorm(s->xb, s->x, w->rms_att + (size_t)l * D, D);
-        /* k and v go straight into this position's cache row */
-        size_t cache_row = ((size_t)l * c->seq_len + (size_t)pos) * kv_dim;
-        float *k = s->key_cache + cache_row, *v = s->value_cache + cache_row;
-        matmul(s->q, s->xb, w->wq + (size_t)l * D * D, D, D);
-        matmul(k, s->xb, w->wk + (size_t)l * kv_dim * D, D, kv_dim);
-        matmul(v, s->xb, w->wv + (size_t)l * kv_dim * D, D, kv_dim);
-        rope(s->q, c->n_heads, head_size, pos, s->rope_freq);
-        rope(k, c->n_kv_heads, head_size, pos, s->rope_freq);
-        attention(s, l, pos);
-        matmul(s->xb2, s->xb, w->wo + (size_t)l * D * D, D, D);
-        for (int i = 0; i < D; i++) s->x[i] += s->xb2[i];
-        rmsnorm(s->xb, s->x, w->rms_ffn + (size_t)l * D, D);
-        feed_forward(s, l);
+        const ac_layer *layer = &w->layers[l];
+        for (int r = 0; r < n; r++)
+            rmsnorm(s->xb + (size_t)r * D, s->x + (size_t)r * D, w->rms_att + (size_t)l * D, D);
+        matmul_job qkv = {s, 3, {&layer->wq, &layer->wk, &layer->wv}, {D, kv_dim, kv_dim},
+                          {0, D, D + kv_dim}, s->xb, n, D, s->qkv, qkv_width};
+        matmul(s, &qkv);
+        for (int r = 0; r < n; r++) {
+            float *q = s->qkv + (size_t)r * qkv_width, *k = q + D, *v = k + kv_dim;
+            size_t rot = (size_t)s->row_pos[r] * half;
+            rope(q, c->n_heads, head_size, s->rope_cos + rot, s->rope_sin + rot);
+            rope(k, c->n_kv_heads, head_size, s->rope_cos + rot, s->rope_sin + rot);
+            size_t row = cache_offset(s, s->row_seq[r], l) + (size_t)s->row_pos[r] * kv_dim;
+            memcpy(s->key_cache + row, k, (size_t)kv_dim * sizeof(float));
+            memcpy(s->value_cache + row, v, (size_t)kv_dim * sizeof(float));
+        }
+        attention_job att = {s, l, n};
+        run_job(s, attention_task, &att, n * c->n_heads);
+        matmul1(s, &layer->wo, s->xb, s->xb2, n, D, D);
+        for (size_t i = 0; i < (size_t)n * D; i++) s->x[i] += s->xb[i];
+        for (int r = 0; r < n; r++)
+            rmsnorm(s->xb + (size_t)r * D, s->x + (size_t)r * D, w->rms_ffn + (size_t)l * D, D);
+        quantize_input(s, s->xb, n, D);
+        ffn_job ffn = {s, layer, n};
+        run_job(s, ffn_up_task, &ffn, (H + ROW_UNIT - 1) / ROW_UNIT);
+        matmul1(s, &layer->w2, s->xb, s->hb, n, H, D);
+        for (size_t i = 0; i < (size_t)n * D; i++) s->x[i] += s->xb[i];
     }
-    rmsnorm(s->x, s->x, w->rms_final, D);
-    matmul(s->logits, s->x, w->wcls, D, c->vocab_size);
+    if (first >= n) return;
+    float *xf = s->x + (size_t)first * D;
+    for (int r = 0; r < n - first; r++) rmsnorm(xf + (size_t)r * D, xf + (size_t)r * D, w->rms_final, D);
+    matmul1(s, &w->wcls, out, xf, n - first, D, c->vocab_size);
+}
+
+/* One token of sequence seq at pos; its logits go to out (V floats). */
+static void forward_one(ac_state *s, int seq, int token, int pos, float *out) {
+    s->row_pos[0] = pos;
+    s->row_seq[0] = seq;
+    forward_rows(s, &token, 1, 0, out);
+}
+
+/* Prefill: tokens[0..n) of sequence seq at positions pos0.. in blocks of max_rows tokens.
+ * With all_logits out receives every token's logits (n, V); otherwise only the last
+ * token's (V). */
+static void prefill(ac_state *s, int seq, const int *tokens, int n, int pos0, float *out,
+                    int all_logits) {
+    size_t V = (size_t)s->model->config.vocab_size;
+    for (int b = 0; b < n; b += s->max_rows) {
+        int m = n - b < s->max_rows ? n - b : s->max_rows;
+        for (int r = 0; r < m; r++) {
+            s->row_pos[r] = pos0 + b + r;
+            s->row_seq[r] = seq;
+        }
+        if (all_logits) forward_rows(s, tokens + b, m, 0, out + (size_t)b * V);
+        else forward_rows(s, tokens + b, m, b + m == n ? m - 1 : m, out);
+    }
 }
 
 AC_API int ac_forward(ac_state *s, int token, int pos, const float **logits) {
@@ -592,7 +989,7 @@ AC_API int ac_forward(ac_state *s, int token, int pos, const float **logits) {
         return fail(AC_ERR_RANGE, "token %d is outside the vocabulary [0, %d)", token, c->vocab_size);
     if (pos < 0 || pos >= c->seq_len)
         return fail(AC_ERR_RANGE, "position %d is outside the context [0, %d)", pos, c->seq_len);
-    forward_token(s, token, pos);
+    forward_one(s, 0, token, pos, s->logits);
     if (logits) *logits = s->logits;
     return AC_OK;
 }
@@ -605,19 +1002,30 @@ static int check_tokens(const int *tokens, int n, int vocab_size) {
     return AC_OK;
 }
 
-AC_API int ac_logits(ac_state *s, const int *tokens, int n_tokens, float *out) {
-    if (!s) return fail(AC_ERR_ARG, "ac_logits: state is NULL");
+/* The argument checks of ac_logits and ac_logits_stepwise. */
+static int check_logits_args(const ac_state *s, const int *tokens, int n_tokens, const float *out,
+                             const char *fn) {
+    if (!s) return fail(AC_ERR_ARG, "%s: state is NULL", fn);
     if (n_tokens < 0 || (n_tokens > 0 && (!tokens || !out)))
-        return fail(AC_ERR_ARG, "ac_logits: bad arguments (n_tokens=%d)", n_tokens);
+        return fail(AC_ERR_ARG, "%s: bad arguments (n_tokens=%d)", fn, n_tokens);
     const ac_config *c = &s->model->config;
     if (n_tokens > c->seq_len)
         return fail(AC_ERR_RANGE, "%d tokens exceed the model's seq_len %d", n_tokens, c->seq_len);
-    int rc = check_tokens(tokens, n_tokens, c->vocab_size);
+    return check_tokens(tokens, n_tokens, c->vocab_size);
+}
+
+AC_API int ac_logits(ac_state *s, const int *tokens, int n_tokens, float *out) {
+    int rc = check_logits_args(s, tokens, n_tokens, out, "ac_logits");
     if (rc) return rc;
-    for (int t = 0; t < n_tokens; t++) {
-        forward_token(s, tokens[t], t);
-        memcpy(out + (size_t)t * c->vocab_size, s->logits, (size_t)c->vocab_size * sizeof(float));
-    }
+    prefill(s, 0, tokens, n_tokens, 0, out, 1);
+    return AC_OK;
+}
+
+AC_API int ac_logits_stepwise(ac_state *s, const int *tokens, int n_tokens, float *out) {
+    int rc = check_logits_args(s, tokens, n_tokens, out, "ac_logits_stepwise");
+    if (rc) return rc;
+    size_t V = (size_t)s->model->config.vocab_size;
+    for (int t = 0; t < n_tokens; t++) forward_one(s, 0, tokens[t], t, out + (size_t)t * V);
     return AC_OK;
 }
 
@@ -1251,8 +1659,13 @@ AC_API int ac_session_create(const ac_model *m, const ac_tokenizer *tok,
 
 AC_API int ac_session_position(const ac_session *s) { return s ? s->pos : 0; }
 
+AC_API int ac_session_set_threads(ac_session *s, int n_threads) {
+    if (!s) return fail(AC_ERR_ARG, "ac_session_set_threads: session is NULL");
+    return ac_state_set_threads(s->state, n_threads);
+}
+
 static void run_token(ac_session *s, int token) {
-    forward_token(s->state, token, s->pos++);
+    forward_one(s->state, 0, token, s->pos++, s->state->logits);
     s->last = token;
     s->has_logits = 1;
 }
@@ -1271,7 +1684,12 @@ AC_API int ac_session_feed_tokens(ac_session *s, const int *tokens, int n_tokens
         run_token(s, s->pending);
         s->pending = -1;
     }
-    for (int i = 0; i < n_tokens; i++) run_token(s, tokens[i]);
+    if (n_tokens > 0) { /* one prefill pass: matrix-matrix products over the tokens */
+        prefill(s->state, 0, tokens, n_tokens, s->pos, s->state->logits, 0);
+        s->pos += n_tokens;
+        s->last = tokens[n_tokens - 1];
+        s->has_logits = 1;
+    }
     return AC_OK;
 }
 
@@ -1342,4 +1760,130 @@ AC_API int ac_generate(ac_session *s, const char *prompt, size_t len, int max_ne
     }
     if (n_generated) *n_generated = n;
     return rc;
+}
+
+/* ======================================================================== batch */
+
+struct ac_batch {
+    const ac_model *model;
+    const ac_tokenizer *tok;
+    int n_seqs;
+    ac_state *state;       /* one KV cache per sequence */
+    ac_sampler **samplers; /* (n_seqs) sequence i samples with seed + i */
+    int *pos;              /* (n_seqs) positions in each cache */
+    int *active;           /* (n_seqs) the sequences of this step's rows, in row order */
+    int *row_token;        /* (n_seqs) */
+};
+
+AC_API void ac_batch_free(ac_batch *b) {
+    if (!b) return;
+    if (b->samplers)
+        for (int i = 0; i < b->n_seqs; i++) ac_sampler_free(b->samplers[i]);
+    free(b->samplers);
+    ac_state_free(b->state);
+    free(b->pos);
+    free(b->active);
+    free(b->row_token);
+    free(b);
+}
+
+AC_API int ac_batch_create(const ac_model *m, const ac_tokenizer *tok, int n_seqs,
+                           const ac_sampler_params *params, ac_batch **out) {
+    if (!out) return fail(AC_ERR_ARG, "ac_batch_create: out is NULL");
+    *out = NULL;
+    if (!m || !tok) return fail(AC_ERR_ARG, "ac_batch_create: model and tokenizer are required");
+    if (n_seqs < 1 || n_seqs > AC_MAX_BATCH)
+        return fail(AC_ERR_ARG, "batch size %d is invalid: it must be in 1..%d", n_seqs, AC_MAX_BATCH);
+    if (tok->vocab_size != m->config.vocab_size)
+        return fail(AC_ERR_MISMATCH, "tokenizer has %d pieces but the model's vocab_size is %d",
+                    tok->vocab_size, m->config.vocab_size);
+    ac_batch *b = calloc(1, sizeof *b);
+    if (!b) return fail(AC_ERR_NOMEM, "out of memory for the batch");
+    b->model = m;
+    b->tok = tok;
+    b->n_seqs = n_seqs;
+    b->samplers = calloc((size_t)n_seqs, sizeof *b->samplers);
+    b->pos = calloc((size_t)n_seqs, sizeof *b->pos);
+    b->active = calloc((size_t)n_seqs, sizeof *b->active);
+    b->row_token = calloc((size_t)n_seqs, sizeof *b->row_token);
+    int rc = (b->samplers && b->pos && b->active && b->row_token)
+                 ? state_create(m, n_seqs, &b->state)
+                 : fail(AC_ERR_NOMEM, "out of memory for the batch");
+    ac_sampler_params p = params ? *params : ac_sampler_default_params();
+    for (int i = 0; !rc && i < n_seqs; i++) {
+        ac_sampler_params pi = p;
+        pi.seed = p.seed + (uint64_t)i;
+        rc = ac_sampler_create(&pi, m->config.vocab_size, &b->samplers[i]);
+    }
+    if (rc) {
+        ac_batch_free(b);
+        return rc;
+    }
+    *out = b;
+    return AC_OK;
+}
+
+AC_API int ac_batch_set_threads(ac_batch *b, int n_threads) {
+    if (!b) return fail(AC_ERR_ARG, "ac_batch_set_threads: batch is NULL");
+    return ac_state_set_threads(b->state, n_threads);
+}
+
+/* Encodes prompt i with BOS and prefills sequence i with it; its next-token logits go to
+ * logits (V floats). */
+static int batch_prefill(ac_batch *b, int i, const char *prompt, size_t len, float *logits) {
+    if ((!prompt && len > 0) || len > (size_t)INT_MAX / 4)
+        return fail(AC_ERR_ARG, "ac_batch_generate: bad prompt %d", i);
+    int cap = (int)len + 3, n;
+    int *tokens = malloc((size_t)cap * sizeof *tokens);
+    if (!tokens) return fail(AC_ERR_NOMEM, "ac_batch_generate: out of memory");
+    int rc = ac_encode(b->tok, prompt, len, 1, 0, tokens, cap, &n);
+    int seq_len = b->model->config.seq_len;
+    if (!rc && n > seq_len)
+        rc = fail(AC_ERR_RANGE, "prompt %d is %d tokens (BOS included) but the model's seq_len is %d",
+                  i, n, seq_len);
+    if (!rc) {
+        prefill(b->state, i, tokens, n, 0, logits, 0);
+        b->pos[i] = n;
+    }
+    free(tokens);
+    return rc;
+}
+
+AC_API int ac_batch_generate(ac_batch *b, const char *const *prompts, const size_t *lens,
+                             int max_new_tokens, int *tokens, int *n_generated) {
+    if (!b || !prompts || !lens || (max_new_tokens > 0 && !tokens) || !n_generated)
+        return fail(AC_ERR_ARG, "ac_batch_generate: bad arguments");
+    if (max_new_tokens < 0)
+        return fail(AC_ERR_ARG, "max_new_tokens %d is invalid: it must be >= 0", max_new_tokens);
+    int n = b->n_seqs, seq_len = b->model->config.seq_len;
+    size_t V = (size_t)b->model->config.vocab_size;
+    int n_active = 0;
+    for (int i = 0; i < n; i++) {
+        n_generated[i] = 0;
+        int rc = batch_prefill(b, i, prompts[i], lens[i], b->state->logits + (size_t)n_active * V);
+        if (rc) return rc;
+        /* a sampled token needs a free position, exactly as in ac_session_next */
+        if (max_new_tokens > 0 && b->pos[i] < seq_len) b->active[n_active++] = i;
+    }
+    /* Row r of the logits belongs to sequence active[r]: sample each, drop the sequences
+     * that ended, and run the rest one position further, all in one forward pass. */
+    while (n_active > 0) {
+        int rows = 0;
+        for (int r = 0; r < n_active; r++) {
+            int i = b->active[r], token;
+            int rc = ac_sample(b->samplers[i], b->state->logits + (size_t)r * V, &token);
+            if (rc) return rc;
+            if (token == AC_TOKEN_BOS || token == AC_TOKEN_EOS) continue;
+            tokens[(size_t)i * max_new_tokens + n_generated[i]++] = token;
+            if (n_generated[i] == max_new_tokens || b->pos[i] + 1 >= seq_len) continue;
+            b->active[rows] = i;
+            b->row_token[rows] = token;
+            b->state->row_seq[rows] = i;
+            b->state->row_pos[rows] = b->pos[i]++;
+            rows++;
+        }
+        n_active = rows;
+        if (rows > 0) forward_rows(b->state, b->row_token, rows, 0, b->state->logits);
+    }
+    return AC_OK;
 }

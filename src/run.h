@@ -10,6 +10,8 @@
  *   ac_sampler    the mutable sampler: temperature / top-k / top-p and a seeded PRNG.
  *   ac_session    one generation in progress: owns an ac_state and an ac_sampler, borrows a
  *                 model and a tokenizer.
+ *   ac_batch      N independent generations advanced together (batched decode): each weight
+ *                 read serves N tokens.
  *
  * Threads: ac_model and ac_tokenizer are read-only after loading, so any number of threads may
  * share one; ac_state, ac_sampler and ac_session are mutable, so give each thread its own.
@@ -58,6 +60,11 @@ enum { AC_TOKEN_UNK = 0, AC_TOKEN_BOS = 1, AC_TOKEN_EOS = 2 };
 #define AC_MIN_VOCAB 3 /* the special pieces <unk>, <s>, </s> */
 #define AC_MAX_VOCAB (1 << 24)
 #define AC_MAX_SEQ_LEN (1 << 20)
+/* Most threads one state may use, and most sequences one batch may hold. */
+#define AC_MAX_THREADS 256
+#define AC_MAX_BATCH 1024
+/* int8 (Q8_0) quantization: values per group sharing one float scale. */
+#define AC_DEFAULT_GROUP_SIZE 32
 /* Longest tokenizer piece accepted, in bytes. */
 #define AC_MAX_PIECE_BYTES 65536
 
@@ -82,11 +89,21 @@ typedef struct {
     int vocab_size;
     int seq_len;           /* maximum context: the KV cache holds this many positions */
     int shared_classifier; /* 1: logits use the token embedding; 0: a separate wcls matrix */
-    int version;           /* file layout: 0 = legacy llama2.c, 1 = "ak42" v1 */
+    int version;           /* file layout: 0 = legacy llama2.c, 1 = "ak42" v1 (float32),
+                              2 = "ak42" v2 (int8) */
+    int group_size;        /* int8 weights (v2): values per scale group; 0 = float32 weights */
 } ac_config;
 
 /* Memory-maps the file at path read-only, validates it, and returns a model in *out.
- * Layout detected by the first four bytes: "ak42" (0x616b3432) = v1, anything else = v0. */
+ * Layout detected by the first four bytes: "ak42" (0x616b3432) = v1 or v2 (the version field
+ * that follows), anything else = v0.
+ *
+ * v2 (llama2.c's int8 "version 2" layout): the 256-byte header holds the magic, int32 2, the
+ * seven int32 params, uint8 shared_classifier and int32 group_size (at byte 37), then zeros;
+ * then float32 rms_att (all layers), rms_ffn (all layers), rms_final; then each matrix as
+ * its int8 values followed by its float32 group scales (scale = max|w| / 127 over a group
+ * of group_size values along a row): token_embedding, then wq, wk, wv, wo, w1, w2, w3 for
+ * every layer in turn (all layers of one before the next), then wcls when not shared. */
 AC_API int ac_model_load(const char *path, ac_model **out);
 /* Same, from a caller's buffer (not copied: it must stay valid and unchanged until
  * ac_model_free).  data must be 4-byte aligned.  name (may be NULL) is used in messages. */
@@ -94,13 +111,34 @@ AC_API int ac_model_load_memory(const void *data, size_t size, const char *name,
 AC_API void ac_model_free(ac_model *model);
 AC_API int ac_model_config(const ac_model *model, ac_config *out);
 
+/* A new int8 model (v2 layout, in memory) quantized from the float32 model src, with
+ * group_size values per scale (0 = AC_DEFAULT_GROUP_SIZE; it must divide dim and hidden_dim
+ * and be a multiple of 4).  src may be freed afterwards.  Matrix products then run in int8
+ * with the activations quantized per group on the fly.  AC_ERR_ARG if src is already int8. */
+AC_API int ac_model_quantize(const ac_model *src, int group_size, ac_model **out);
+/* Writes the model's file (its own layout: a quantized model is written as v2) to path,
+ * through a temporary path + ".tmp" renamed over path. */
+AC_API int ac_model_save(const ac_model *model, const char *path);
+
+/* ------------------------------------------------------------------------ performance */
+
+/* The compute kernels in use: "avx2" (x86-64 with AVX2 + FMA) or "scalar" (portable C).
+ * Chosen once from the CPU; AC_KERNEL=scalar in the environment forces the portable set. */
+AC_API const char *ac_kernel_name(void);
+/* The default thread count: the CPUs this process may run on (capped at AC_MAX_THREADS). */
+AC_API int ac_default_threads(void);
+
 /* ------------------------------------------------------------------------ forward pass */
 
 typedef struct ac_state ac_state;
 
-/* Allocates the KV cache and activation buffers for one sequence of up to seq_len tokens. */
+/* Allocates the KV cache and activation buffers for one sequence of up to seq_len tokens,
+ * with ac_default_threads() threads. */
 AC_API int ac_state_create(const ac_model *model, ac_state **out);
 AC_API void ac_state_free(ac_state *state);
+/* Threads for this state's matrix products and attention (1..AC_MAX_THREADS; 0 = the
+ * default).  Results do not depend on it.  Idle threads spin ~2 ms, then sleep. */
+AC_API int ac_state_set_threads(ac_state *state, int n_threads);
 
 /* One decoding step: runs token at position pos (0 <= pos < seq_len) through the model,
  * storing its keys/values in the cache, and points *logits (may be NULL) at the vocab_size
@@ -110,8 +148,11 @@ AC_API int ac_forward(ac_state *state, int token, int pos, const float **logits)
 
 /* Logits for every position of tokens[0..n_tokens-1], run from position 0 through the KV
  * cache (so the state's previous contents are replaced).  out receives n_tokens * vocab_size
- * floats, row t = logits after token t.  n_tokens must be <= seq_len. */
+ * floats, row t = logits after token t.  n_tokens must be <= seq_len.  The tokens go through
+ * the layers together (prefill: matrix-matrix products, causal attention over the cache). */
 AC_API int ac_logits(ac_state *state, const int *tokens, int n_tokens, float *out);
+/* The same, one ac_forward per token (the decode path); for comparing the two paths. */
+AC_API int ac_logits_stepwise(ac_state *state, const int *tokens, int n_tokens, float *out);
 
 /* ------------------------------------------------------------------------ tokenizer */
 
@@ -173,6 +214,8 @@ typedef struct ac_session ac_session;
 AC_API int ac_session_create(const ac_model *model, const ac_tokenizer *tok,
                              const ac_sampler_params *params, ac_session **out);
 AC_API void ac_session_free(ac_session *session);
+/* Threads of the session's state (see ac_state_set_threads). */
+AC_API int ac_session_set_threads(ac_session *session, int n_threads);
 /* Forgets the context: the next feed starts at position 0. */
 AC_API void ac_session_reset(ac_session *session);
 /* Current number of positions in the KV cache. */
@@ -200,6 +243,25 @@ typedef int (*ac_piece_fn)(void *user, int token, const char *piece, size_t len)
  * number of tokens reported. */
 AC_API int ac_generate(ac_session *session, const char *prompt, size_t len, int max_new_tokens,
                        ac_piece_fn on_piece, void *user, int *n_generated);
+
+/* ------------------------------------------------------------------------ batched generation */
+
+typedef struct ac_batch ac_batch;
+
+/* n_seqs (1..AC_MAX_BATCH) sequences with their own KV caches and samplers; sequence i
+ * samples with params->seed + i (params may be NULL for the defaults).  Each decode step
+ * runs every unfinished sequence's token in one forward pass. */
+AC_API int ac_batch_create(const ac_model *model, const ac_tokenizer *tok, int n_seqs,
+                           const ac_sampler_params *params, ac_batch **out);
+AC_API void ac_batch_free(ac_batch *batch);
+/* Threads of the batch's state (see ac_state_set_threads). */
+AC_API int ac_batch_set_threads(ac_batch *batch, int n_threads);
+/* Sequence i continues prompts[i] (lens[i] bytes, BOS in front) exactly as ac_generate
+ * would with seed + i: same stops (BOS/EOS, max_new_tokens, seq_len), same tokens.  Its
+ * tokens go to tokens[i * max_new_tokens ...] and their count to n_generated[i]; decode
+ * them with ac_decode_piece, the first after the prompt's last token. */
+AC_API int ac_batch_generate(ac_batch *batch, const char *const *prompts, const size_t *lens,
+                             int max_new_tokens, int *tokens, int *n_generated);
 
 #ifdef __cplusplus
 }

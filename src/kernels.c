@@ -1,0 +1,256 @@
+/*
+ * kernels.c - the compute kernels behind kernels.h: a portable scalar set, an AVX2+FMA set
+ * on x86-64, and the run-time choice between them.
+ *
+ * Float sums: each dot product keeps 8 partial sums (lane k takes the terms j = k mod 8),
+ * reduces them in one fixed order (hsum8), then adds the n mod 8 leftover terms in order.
+ * The scalar set uses the same lane structure (it also lets the compiler vectorize it on
+ * any target without reassociating anything), so the two sets differ only by FMA rounding.
+ */
+#include "kernels.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+/* ======================================================================== quantization */
+
+void ac_quantize_q8(int8_t *q, float *s, const float *x, int n, int gs) {
+    for (int g = 0; g < n / gs; g++) {
+        const float *xg = x + (size_t)g * gs;
+        int8_t *qg = q + (size_t)g * gs;
+        float amax = 0.0f;
+        for (int j = 0; j < gs; j++) {
+            float a = fabsf(xg[j]);
+            if (a > amax) amax = a;
+        }
+        float scale = amax / 127.0f;
+        s[g] = scale;
+        for (int j = 0; j < gs; j++) {
+            float v = scale > 0.0f ? xg[j] / scale : 0.0f;
+            /* |v| <= 127 up to rounding; the clamp also keeps a NaN input defined (-> 0) */
+            v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
+            qg[j] = v == v ? (int8_t)nearbyintf(v) : 0;
+        }
+    }
+}
+
+void ac_dequantize_q8(float *x, const int8_t *q, const float *s, int n, int gs) {
+    for (int j = 0; j < n; j++) x[j] = (float)q[j] * s[j / gs];
+}
+
+/* ======================================================================== scalar set */
+
+/* The fixed reduction order of 8 partial sums, shared with hsum_avx2. */
+static float hsum8(const float l[8]) {
+    return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+}
+
+static float dot_scalar(const float *a, const float *b, int n) {
+    float lane[8] = {0};
+    int j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int k = 0; k < 8; k++) lane[k] += a[j + k] * b[j + k];
+    float sum = hsum8(lane);
+    for (; j < n; j++) sum += a[j] * b[j];
+    return sum;
+}
+
+static void axpy_scalar(float *y, float a, const float *x, int n) {
+    for (int j = 0; j < n; j++) y[j] += a * x[j];
+}
+
+static void gemm_f32_scalar(float *out, int ldo, const float *W, const float *X, int T, int n,
+                            int r0, int r1) {
+    for (int i = r0; i < r1; i++)
+        for (int t = 0; t < T; t++)
+            out[(size_t)t * ldo + i] = dot_scalar(W + (size_t)i * n, X + (size_t)t * n, n);
+}
+
+static void gemm_q8_scalar(float *out, int ldo, const int8_t *Wq, const float *Ws,
+                           const int8_t *Xq, const float *Xs, int T, int n, int gs, int r0,
+                           int r1) {
+    int ng = n / gs;
+    for (int i = r0; i < r1; i++) {
+        const int8_t *w = Wq + (size_t)i * n;
+        const float *ws = Ws + (size_t)i * ng;
+        for (int t = 0; t < T; t++) {
+            const int8_t *x = Xq + (size_t)t * n;
+            const float *xs = Xs + (size_t)t * ng;
+            float sum = 0.0f;
+            for (int g = 0; g < ng; g++) {
+                int32_t isum = 0;
+                for (int j = g * gs; j < (g + 1) * gs; j++) isum += (int32_t)w[j] * (int32_t)x[j];
+                sum += (float)isum * (ws[g] * xs[g]);
+            }
+            out[(size_t)t * ldo + i] = sum;
+        }
+    }
+}
+
+static const ac_kernels scalar_kernels = {"scalar", gemm_f32_scalar, gemm_q8_scalar, dot_scalar,
+                                          axpy_scalar};
+
+/* ======================================================================== AVX2 + FMA set */
+
+#if defined(__x86_64__)
+
+#define AVX2_FN __attribute__((target("avx2,fma")))
+/* Register-tile helpers are always inlined with constant tile sizes, so their small loops
+ * unroll fully and the accumulator arrays live in registers. */
+#define AVX2_TILE static inline __attribute__((target("avx2,fma"), always_inline))
+
+/* Same order as hsum8: (l0+l4, l1+l5, l2+l6, l3+l7) -> ((l0+l4)+(l2+l6), (l1+l5)+(l3+l7)) -> sum. */
+AVX2_TILE float hsum_avx2(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+AVX2_FN static float dot_avx2(const float *a, const float *b, int n) {
+    __m256 acc = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 8 <= n; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
+    float sum = hsum_avx2(acc);
+    for (; j < n; j++) sum += a[j] * b[j];
+    return sum;
+}
+
+AVX2_FN static void axpy_avx2(float *y, float a, const float *x, int n) {
+    __m256 va = _mm256_set1_ps(a);
+    int j = 0;
+    for (; j + 8 <= n; j += 8)
+        _mm256_storeu_ps(y + j, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j)));
+    for (; j < n; j++) y[j] += a * x[j];
+}
+
+/* ---------------------------------------------------------------- float32 GEMM */
+
+/* R weight rows x C tokens: R*C accumulators, each one dot product, updated once per
+ * 8-float chunk of n.  4 x 3 uses 12 accumulators + 3 token vectors + 1 weight vector = the
+ * 16 ymm registers, with 12 FMAs per 7 loads. */
+AVX2_TILE void tile_f32(int R, int C, float *out, int ldo, const float *W, const float *X, int n) {
+    __m256 acc[4][3];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 x[3];
+        for (int c = 0; c < C; c++) x[c] = _mm256_loadu_ps(X + (size_t)c * n + j);
+        for (int r = 0; r < R; r++) {
+            __m256 w = _mm256_loadu_ps(W + (size_t)r * n + j);
+            for (int c = 0; c < C; c++) acc[r][c] = _mm256_fmadd_ps(w, x[c], acc[r][c]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) {
+            float sum = hsum_avx2(acc[r][c]);
+            for (int k = j; k < n; k++) sum += W[(size_t)r * n + k] * X[(size_t)c * n + k];
+            out[(size_t)c * ldo + r] = sum;
+        }
+}
+
+/* R rows against all T tokens, 3 at a time (the R rows stay in L1 while X streams). */
+AVX2_TILE void rows_f32(int R, float *out, int ldo, const float *W, const float *X, int T, int n) {
+    int t = 0;
+    for (; t + 3 <= T; t += 3) tile_f32(R, 3, out + (size_t)t * ldo, ldo, W, X + (size_t)t * n, n);
+    if (T - t == 2) tile_f32(R, 2, out + (size_t)t * ldo, ldo, W, X + (size_t)t * n, n);
+    if (T - t == 1) tile_f32(R, 1, out + (size_t)t * ldo, ldo, W, X + (size_t)t * n, n);
+}
+
+AVX2_FN static void gemm_f32_avx2(float *out, int ldo, const float *W, const float *X, int T,
+                                  int n, int r0, int r1) {
+    int i = r0;
+    for (; i + 4 <= r1; i += 4) rows_f32(4, out + i, ldo, W + (size_t)i * n, X, T, n);
+    for (; i < r1; i++) rows_f32(1, out + i, ldo, W + (size_t)i * n, X, T, n);
+}
+
+/* ---------------------------------------------------------------- int8 GEMM */
+
+/* The 8 int32 partial sums of the 32 products w[k] * x[k]: maddubs needs an unsigned left
+ * operand, so it gets |w| and x carries w's sign (x * sign(w)); pairs of int16 products
+ * (at most 2 * 127 * 127, no saturation for quantized values) then widen to int32. */
+AVX2_TILE __m256i dot32_q8(__m256i abs_w, __m256i w, __m256i x) {
+    __m256i p16 = _mm256_maddubs_epi16(abs_w, _mm256_sign_epi8(x, w));
+    return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+}
+
+/* R weight rows x C tokens of int8; each 32-value chunk's int32 lane sums are converted to
+ * float and accumulated scaled by w_scale * x_scale of their group. */
+AVX2_TILE void tile_q8(int R, int C, float *out, int ldo, const int8_t *Wq, const float *Ws,
+                       const int8_t *Xq, const float *Xs, int n, int gs) {
+    int ng = n / gs;
+    __m256 acc[4][2];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
+    for (int g = 0; g < ng; g++) {
+        for (int k = g * gs; k < (g + 1) * gs; k += 32) {
+            __m256i x[2];
+            for (int c = 0; c < C; c++) x[c] = _mm256_loadu_si256((const __m256i *)(Xq + (size_t)c * n + k));
+            for (int r = 0; r < R; r++) {
+                __m256i w = _mm256_loadu_si256((const __m256i *)(Wq + (size_t)r * n + k));
+                __m256i abs_w = _mm256_sign_epi8(w, w);
+                for (int c = 0; c < C; c++) {
+                    __m256 scale = _mm256_set1_ps(Ws[(size_t)r * ng + g] * Xs[(size_t)c * ng + g]);
+                    __m256 d = _mm256_cvtepi32_ps(dot32_q8(abs_w, w, x[c]));
+                    acc[r][c] = _mm256_fmadd_ps(d, scale, acc[r][c]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) out[(size_t)c * ldo + r] = hsum_avx2(acc[r][c]);
+}
+
+AVX2_TILE void rows_q8(int R, float *out, int ldo, const int8_t *Wq, const float *Ws,
+                       const int8_t *Xq, const float *Xs, int T, int n, int gs) {
+    int ng = n / gs, t = 0;
+    for (; t + 2 <= T; t += 2)
+        tile_q8(R, 2, out + (size_t)t * ldo, ldo, Wq, Ws, Xq + (size_t)t * n, Xs + (size_t)t * ng, n, gs);
+    if (t < T)
+        tile_q8(R, 1, out + (size_t)t * ldo, ldo, Wq, Ws, Xq + (size_t)t * n, Xs + (size_t)t * ng, n, gs);
+}
+
+AVX2_FN static void gemm_q8_avx2(float *out, int ldo, const int8_t *Wq, const float *Ws,
+                                 const int8_t *Xq, const float *Xs, int T, int n, int gs, int r0,
+                                 int r1) {
+    if (gs % 32) { /* groups that are not whole 32-byte vectors: the portable kernel */
+        gemm_q8_scalar(out, ldo, Wq, Ws, Xq, Xs, T, n, gs, r0, r1);
+        return;
+    }
+    int ng = n / gs, i = r0;
+    for (; i + 4 <= r1; i += 4)
+        rows_q8(4, out + i, ldo, Wq + (size_t)i * n, Ws + (size_t)i * ng, Xq, Xs, T, n, gs);
+    for (; i < r1; i++)
+        rows_q8(1, out + i, ldo, Wq + (size_t)i * n, Ws + (size_t)i * ng, Xq, Xs, T, n, gs);
+}
+
+static const ac_kernels avx2_kernels = {"avx2", gemm_f32_avx2, gemm_q8_avx2, dot_avx2, axpy_avx2};
+
+#endif /* __x86_64__ */
+
+/* ======================================================================== dispatch */
+
+static const ac_kernels *g_kernels = &scalar_kernels;
+static pthread_once_t g_kernels_once = PTHREAD_ONCE_INIT;
+
+static void choose_kernels(void) {
+    const char *forced = getenv("AC_KERNEL");
+    if (forced && strcmp(forced, "scalar") == 0) return;
+#if defined(__x86_64__)
+    __builtin_cpu_init(); /* we may run before libgcc's own constructor has */
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) g_kernels = &avx2_kernels;
+#endif
+}
+
+const ac_kernels *ac_kernels_get(void) {
+    pthread_once(&g_kernels_once, choose_kernels);
+    return g_kernels;
+}
