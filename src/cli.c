@@ -2,9 +2,11 @@
  * cli.c - the ./run command line: generate text from a model file, or chat with it.
  *
  *   ./run MODEL [-t temp] [-p topp] [-k topk] [-s seed] [-n steps] [-i prompt] [-z tokenizer]
- *               [-m generate|chat] [-y system_prompt]
+ *               [-m generate|chat] [-y system_prompt] [-T threads] [-q int8] [-o out.bin]
+ *               [-b batch]
  *
- * The text goes to stdout (the prompt, then the continuation), "achieved tok/s: X" to stderr.
+ * The text goes to stdout (the prompt, then the continuation), "achieved tok/s: X" (decode:
+ * the tokens after the first) and "prompt tok/s: Y" (prefill) to stderr.
  * Bad flags or values print the usage to stderr and exit 1; load errors print the library's
  * message and exit 1.
  */
@@ -34,7 +36,12 @@ static void usage(void) {
             "  -z <string> tokenizer: NAME, NAME.bin, then both in the model's folder;\n"
             "              default tokenizer.bin, then tok4096.bin in the model's folder\n"
             "  -m <string> mode: generate|chat, default generate\n"
-            "  -y <string> system prompt in chat mode\n");
+            "  -y <string> system prompt in chat mode\n"
+            "  -T <int>    threads, default: all available cores\n"
+            "  -q <string> quantize a float32 model at load: int8 (an int8 file is used as it is)\n"
+            "  -o <string> write the model (quantized with -q int8) to this file and exit\n"
+            "  -b <int>    generate mode: advance N sequences together (seeds s, s+1, ...),\n"
+            "              print each in turn and report the total tok/s; default 1\n");
 }
 
 /* ------------------------------------------------------------------------ argument parsing */
@@ -73,8 +80,12 @@ typedef struct {
     const char *prompt;    /* -i, or NULL */
     const char *system;    /* -y, or NULL */
     const char *mode;
+    const char *out_path;  /* -o, or NULL */
     ac_sampler_params sampling;
     int steps;
+    int threads;           /* 0: the library's default */
+    int int8;              /* -q int8 */
+    int batch;
 } options;
 
 /* Returns 1 when argv is well-formed (values checked for syntax only; the library checks
@@ -86,6 +97,10 @@ static int parse_args(int argc, char **argv, options *o) {
     o->mode = "generate";
     o->sampling = ac_sampler_default_params();
     o->steps = 256;
+    o->out_path = NULL;
+    o->threads = 0;
+    o->int8 = 0;
+    o->batch = 1;
     unsigned long long seed = 0;
     for (int i = 2; i < argc; i += 2) {
         const char *flag = argv[i];
@@ -105,12 +120,20 @@ static int parse_args(int argc, char **argv, options *o) {
             o->mode = val;
             ok = !strcmp(val, "generate") || !strcmp(val, "chat");
             break;
+        case 'T': ok = parse_int(val, &o->threads) && o->threads >= 1; break;
+        case 'q': ok = o->int8 = !strcmp(val, "int8"); break;
+        case 'o': o->out_path = val; ok = 1; break;
+        case 'b': ok = parse_int(val, &o->batch) && o->batch >= 1; break;
         default: ok = 0;
         }
         if (!ok) {
             fprintf(stderr, "error: bad option %s %s\n", flag, val);
             return 0;
         }
+    }
+    if (o->batch > 1 && !strcmp(o->mode, "chat")) {
+        fprintf(stderr, "error: -b applies to generate mode only\n");
+        return 0;
     }
     /* seed 0 means "not chosen": derive one from the clock so runs differ */
     o->sampling.seed = seed ? seed : (unsigned long long)time(NULL) * 2654435761ull + 1;
@@ -166,7 +189,8 @@ static double now_seconds(void) {
 
 typedef struct {
     int count;
-    double first, last; /* times of the first and the latest token */
+    int n_prompt;              /* prompt tokens, BOS included */
+    double start, first, last; /* times of the start, the first and the latest token */
 } speed;
 
 static int print_piece(void *user, int token, const char *piece, size_t len) {
@@ -183,14 +207,32 @@ static void report_speed(const speed *sp) {
     /* the first token's time includes the prompt, so the rate counts the tokens after it */
     if (sp->count > 1 && sp->last > sp->first)
         fprintf(stderr, "achieved tok/s: %f\n", (sp->count - 1) / (sp->last - sp->first));
+    /* prefill (+ sampling the first token) */
+    if (sp->count > 0 && sp->first > sp->start)
+        fprintf(stderr, "prompt tok/s: %f\n", sp->n_prompt / (sp->first - sp->start));
 }
 
-static int generate(ac_session *s, const options *o, int steps) {
+/* The prompt's tokens with BOS in front, in a malloc'd array; NULL when out of memory. */
+static int *encode_prompt(const ac_tokenizer *tok, const char *prompt, int *n) {
+    size_t len = strlen(prompt);
+    int *tokens = malloc((len + 3) * sizeof *tokens);
+    if (tokens && ac_encode(tok, prompt, len, 1, 0, tokens, (int)len + 3, n)) {
+        free(tokens);
+        return NULL;
+    }
+    return tokens;
+}
+
+static int generate(ac_session *s, const ac_tokenizer *tok, const options *o, int steps) {
     const char *prompt = o->prompt ? o->prompt : "";
-    speed sp = {0, 0, 0};
+    speed sp = {0, 0, 0, 0, 0};
+    int *prompt_tokens = encode_prompt(tok, prompt, &sp.n_prompt);
+    free(prompt_tokens);
     fputs(prompt, stdout);
     fflush(stdout);
-    int rc = ac_generate(s, prompt, strlen(prompt), steps, print_piece, &sp, NULL);
+    sp.start = now_seconds();
+    int rc = prompt_tokens ? ac_generate(s, prompt, strlen(prompt), steps, print_piece, &sp, NULL)
+                           : AC_ERR_NOMEM;
     printf("\n");
     if (rc) {
         fprintf(stderr, "error: %s\n", ac_last_error());
@@ -198,6 +240,65 @@ static int generate(ac_session *s, const options *o, int steps) {
     }
     report_speed(&sp);
     return 0;
+}
+
+/* -b N: N sequences of the same prompt advanced together, seeds s, s+1, ...; each is printed
+ * in turn after all have finished, and the rate is the total over all of them (the time
+ * includes the prompts' prefill). */
+static int generate_batch(const ac_model *model, const ac_tokenizer *tok, const options *o,
+                          int steps) {
+    const char *prompt = o->prompt ? o->prompt : "";
+    int n = o->batch, n_prompt = 0;
+    size_t len = strlen(prompt);
+    int *prompt_tokens = encode_prompt(tok, prompt, &n_prompt);
+    int *tokens = malloc((size_t)n * (size_t)steps * sizeof *tokens);
+    int *counts = malloc((size_t)n * sizeof *counts);
+    const char **prompts = malloc((size_t)n * sizeof *prompts);
+    size_t *lens = malloc((size_t)n * sizeof *lens);
+    ac_batch *b = NULL;
+    int rc = (prompt_tokens && tokens && counts && prompts && lens) ? AC_OK : AC_ERR_NOMEM;
+    if (rc) fprintf(stderr, "error: out of memory for %d sequences\n", n);
+    else if ((rc = ac_batch_create(model, tok, n, &o->sampling, &b))) {
+        fprintf(stderr, "error: %s\n", ac_last_error());
+        if (rc == AC_ERR_ARG) usage();
+    } else if ((rc = ac_batch_set_threads(b, o->threads))) {
+        fprintf(stderr, "error: %s\n", ac_last_error());
+    }
+    double start = now_seconds(), end = start;
+    if (!rc) {
+        for (int i = 0; i < n; i++) {
+            prompts[i] = prompt;
+            lens[i] = len;
+        }
+        rc = ac_batch_generate(b, prompts, lens, steps, tokens, counts);
+        end = now_seconds();
+        if (rc) fprintf(stderr, "error: %s\n", ac_last_error());
+    }
+    long long total = 0;
+    for (int i = 0; !rc && i < n; i++) {
+        printf("=== sequence %d (seed %llu) ===\n%s", i,
+               (unsigned long long)(o->sampling.seed + (uint64_t)i), prompt);
+        int prev = prompt_tokens[n_prompt - 1];
+        for (int k = 0; k < counts[i]; k++) {
+            int token = tokens[(size_t)i * steps + k];
+            const char *piece;
+            size_t piece_len;
+            if (ac_decode_piece(tok, prev, token, &piece, &piece_len) == AC_OK)
+                fwrite(piece, 1, piece_len, stdout);
+            prev = token;
+        }
+        printf("\n");
+        total += counts[i];
+    }
+    if (!rc && total > 0 && end > start)
+        fprintf(stderr, "achieved tok/s: %f (total of %d sequences)\n", total / (end - start), n);
+    ac_batch_free(b);
+    free(prompt_tokens);
+    free(tokens);
+    free(counts);
+    free(prompts);
+    free(lens);
+    return rc ? 1 : 0;
 }
 
 /* ------------------------------------------------------------------------ chat mode */
@@ -257,6 +358,22 @@ static int chat(ac_session *s, const options *o, int steps) {
 
 /* ------------------------------------------------------------------------ main */
 
+/* Loads the model; -q int8 quantizes a float32 one (an int8 file is used as it is). */
+static ac_model *load_model(const options *o) {
+    ac_model *model = NULL, *quantized = NULL;
+    if (ac_model_load(o->model_path, &model)) {
+        fprintf(stderr, "error: %s\n", ac_last_error());
+        return NULL;
+    }
+    ac_config cfg;
+    ac_model_config(model, &cfg);
+    if (!o->int8 || cfg.group_size) return model;
+    int rc = ac_model_quantize(model, 0, &quantized);
+    ac_model_free(model);
+    if (rc) fprintf(stderr, "error: %s: %s\n", o->model_path, ac_last_error());
+    return quantized;
+}
+
 int main(int argc, char **argv) {
     if (argc >= 2 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) {
         usage();
@@ -268,10 +385,14 @@ int main(int argc, char **argv) {
         return 1;
     }
 
-    ac_model *model = NULL;
-    if (ac_model_load(o.model_path, &model)) {
-        fprintf(stderr, "error: %s\n", ac_last_error());
-        return 1;
+    ac_model *model = load_model(&o);
+    if (!model) return 1;
+    if (o.out_path) {
+        int rc = ac_model_save(model, o.out_path);
+        if (rc) fprintf(stderr, "error: %s\n", ac_last_error());
+        else fprintf(stderr, "wrote %s\n", o.out_path);
+        ac_model_free(model);
+        return rc ? 1 : 0;
     }
     ac_config cfg;
     ac_model_config(model, &cfg);
@@ -292,19 +413,23 @@ int main(int argc, char **argv) {
         return 1;
     }
 
-    ac_session *session = NULL;
-    if (ac_session_create(model, tok, &o.sampling, &session)) {
-        fprintf(stderr, "error: %s\n", ac_last_error());
-        usage();
-        ac_tokenizer_free(tok);
-        ac_model_free(model);
-        return 1;
+    int steps = (o.steps == 0 || o.steps > cfg.seq_len) ? cfg.seq_len : o.steps;
+    int status;
+    if (o.batch > 1) {
+        status = generate_batch(model, tok, &o, steps);
+    } else {
+        ac_session *session = NULL;
+        if ((rc = ac_session_create(model, tok, &o.sampling, &session)) ||
+            (rc = ac_session_set_threads(session, o.threads))) {
+            fprintf(stderr, "error: %s\n", ac_last_error());
+            if (rc == AC_ERR_ARG) usage();
+            status = 1;
+        } else {
+            status = strcmp(o.mode, "chat") ? generate(session, tok, &o, steps) : chat(session, &o, steps);
+        }
+        ac_session_free(session);
     }
 
-    int steps = (o.steps == 0 || o.steps > cfg.seq_len) ? cfg.seq_len : o.steps;
-    int status = strcmp(o.mode, "chat") ? generate(session, &o, steps) : chat(session, &o, steps);
-
-    ac_session_free(session);
     ac_tokenizer_free(tok);
     ac_model_free(model);
     return status;
