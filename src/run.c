@@ -531,10 +531,10 @@ AC_API int ac_model_quantize(const ac_model *src, int group_size, ac_model **out
     ac_config c = src->config;
     c.version = 2;
     c.group_size = group_size ? group_size : AC_DEFAULT_GROUP_SIZE;
-    int rc = validate_config(&c, "int8 quantization");
-    if (rc) return rc;
+    if (validate_config(&c, "int8 quantization")) return AC_ERR_ARG; /* its message stays */
     uint64_t bytes = expected_file_bytes(&c, V1_HEADER_BYTES);
     void *img = NULL;
+    int rc;
     if (bytes == 0 || bytes > SIZE_MAX || posix_memalign(&img, 64, (size_t)bytes) != 0)
         return fail(AC_ERR_NOMEM, "out of memory for the int8 model (%llu bytes)", (unsigned long long)bytes);
     write_v2_image(img, src, &c);
