@@ -95,7 +95,7 @@ static void gemm_q8_scalar(float *out, int ldo, const int8_t *Wq, const float *W
 }
 
 static const ac_kernels scalar_kernels = {"scalar", gemm_f32_scalar, gemm_q8_scalar, dot_scalar,
-                                          axpy_scalar};
+                                          axpy_scalar, ac_quantize_q8};
 
 /* ======================================================================== AVX2 + FMA set */
 
@@ -232,7 +232,52 @@ AVX2_FN static void gemm_q8_avx2(float *out, int ldo, const int8_t *Wq, const fl
         rows_q8(1, out + i, ldo, Wq + (size_t)i * n, Ws + (size_t)i * ng, Xq, Xs, T, n, gs);
 }
 
-static const ac_kernels avx2_kernels = {"avx2", gemm_f32_avx2, gemm_q8_avx2, dot_avx2, axpy_avx2};
+/* ---------------------------------------------------------------- int8 quantization */
+
+/* Same arithmetic as ac_quantize_q8, 8 lanes at a time: the maximum and the division are
+ * exact, NaN quotients become 0 before the clamp, and rounding is to nearest even (the
+ * default mode nearbyintf uses), so the results are bitwise equal. */
+AVX2_FN static void quantize_q8_avx2(int8_t *q, float *s, const float *x, int n, int gs) {
+    if (gs % 32) {
+        ac_quantize_q8(q, s, x, n, gs);
+        return;
+    }
+    const __m256 sign = _mm256_set1_ps(-0.0f), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int g = 0; g < n / gs; g++) {
+        const float *xg = x + (size_t)g * gs;
+        int8_t *qg = q + (size_t)g * gs;
+        __m256 amax = _mm256_setzero_ps();
+        for (int j = 0; j < gs; j += 8) /* max_ps returns its 2nd operand for a NaN 1st: skipped */
+            amax = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(xg + j)), amax);
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        float scale = _mm_cvtss_f32(m4) / 127.0f;
+        s[g] = scale;
+        if (!(scale > 0.0f)) {
+            memset(qg, 0, (size_t)gs);
+            continue;
+        }
+        __m256 vs = _mm256_set1_ps(scale);
+        for (int j = 0; j < gs; j += 32) {
+            __m256i i32[4];
+            for (int k = 0; k < 4; k++) {
+                __m256 v = _mm256_div_ps(_mm256_loadu_ps(xg + j + 8 * k), vs);
+                v = _mm256_and_ps(v, _mm256_cmp_ps(v, v, _CMP_ORD_Q)); /* NaN -> 0 */
+                v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+                i32[k] = _mm256_cvtps_epi32(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            }
+            /* the packs work per 128-bit lane; the permute restores element order */
+            __m256i i16a = _mm256_packs_epi32(i32[0], i32[1]), i16b = _mm256_packs_epi32(i32[2], i32[3]);
+            __m256i i8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(i16a, i16b), order);
+            _mm256_storeu_si256((__m256i *)(qg + j), i8);
+        }
+    }
+}
+
+static const ac_kernels avx2_kernels = {"avx2", gemm_f32_avx2, gemm_q8_avx2, dot_avx2, axpy_avx2,
+                                        quantize_q8_avx2};
 
 #endif /* __x86_64__ */
 

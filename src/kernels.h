@@ -47,6 +47,9 @@ typedef struct {
 
     /* y[j] += a * x[j] */
     void (*axpy)(float *y, float a, const float *x, int n);
+
+    /* ac_quantize_q8 (below), bitwise the same result, faster (activations on the fly). */
+    void (*quantize_q8)(int8_t *q, float *s, const float *x, int n, int gs);
 } ac_kernels;
 
 /* The kernel set in use (chosen once, thread-safe). */

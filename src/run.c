@@ -786,7 +786,7 @@ static void quantize_input(ac_state *s, const float *x, int T, int n) {
     int gs = s->model->config.group_size;
     if (gs == 0) return;
     for (int t = 0; t < T; t++)
-        ac_quantize_q8(s->xq + (size_t)t * n, s->xs + (size_t)t * (n / gs), x + (size_t)t * n, n, gs);
+        s->kern->quantize_q8(s->xq + (size_t)t * n, s->xs + (size_t)t * (n / gs), x + (size_t)t * n, n, gs);
 }
 
 /* Rows are split between threads in units of this many (a multiple of the kernels' tiles). */
