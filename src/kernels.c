@@ -66,11 +66,11 @@ static void axpy_scalar(float *y, float a, const float *x, int n) {
     for (int j = 0; j < n; j++) y[j] += a * x[j];
 }
 
-static void gemm_f32_scalar(float *out, int ldo, const float *W, const float *X, int T, int n,
-                            int r0, int r1) {
+static void gemm_f32_scalar(float *out, int ldo, const float *W, int ldw, const float *X, int ldx,
+                            int T, int n, int r0, int r1) {
     for (int i = r0; i < r1; i++)
         for (int t = 0; t < T; t++)
-            out[(size_t)t * ldo + i] = dot_scalar(W + (size_t)i * n, X + (size_t)t * n, n);
+            out[(size_t)t * ldo + i] = dot_scalar(W + (size_t)i * ldw, X + (size_t)t * ldx, n);
 }
 
 static void gemm_q8_scalar(float *out, int ldo, const int8_t *Wq, const float *Ws,
@@ -94,8 +94,8 @@ static void gemm_q8_scalar(float *out, int ldo, const int8_t *Wq, const float *W
     }
 }
 
-static const ac_kernels scalar_kernels = {"scalar", gemm_f32_scalar, gemm_q8_scalar, dot_scalar,
-                                          axpy_scalar, ac_quantize_q8};
+static const ac_kernels scalar_kernels = {"scalar", gemm_f32_scalar, gemm_q8_scalar, axpy_scalar,
+                                          ac_quantize_q8};
 
 /* ======================================================================== AVX2 + FMA set */
 
@@ -114,15 +114,6 @@ AVX2_TILE float hsum_avx2(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-AVX2_FN static float dot_avx2(const float *a, const float *b, int n) {
-    __m256 acc = _mm256_setzero_ps();
-    int j = 0;
-    for (; j + 8 <= n; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
-    float sum = hsum_avx2(acc);
-    for (; j < n; j++) sum += a[j] * b[j];
-    return sum;
-}
-
 AVX2_FN static void axpy_avx2(float *y, float a, const float *x, int n) {
     __m256 va = _mm256_set1_ps(a);
     int j = 0;
@@ -136,40 +127,42 @@ AVX2_FN static void axpy_avx2(float *y, float a, const float *x, int n) {
 /* R weight rows x C tokens: R*C accumulators, each one dot product, updated once per
  * 8-float chunk of n.  4 x 3 uses 12 accumulators + 3 token vectors + 1 weight vector = the
  * 16 ymm registers, with 12 FMAs per 7 loads. */
-AVX2_TILE void tile_f32(int R, int C, float *out, int ldo, const float *W, const float *X, int n) {
+AVX2_TILE void tile_f32(int R, int C, float *out, int ldo, const float *W, int ldw, const float *X,
+                       int ldx, int n) {
     __m256 acc[4][3];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
     int j = 0;
     for (; j + 8 <= n; j += 8) {
         __m256 x[3];
-        for (int c = 0; c < C; c++) x[c] = _mm256_loadu_ps(X + (size_t)c * n + j);
+        for (int c = 0; c < C; c++) x[c] = _mm256_loadu_ps(X + (size_t)c * ldx + j);
         for (int r = 0; r < R; r++) {
-            __m256 w = _mm256_loadu_ps(W + (size_t)r * n + j);
+            __m256 w = _mm256_loadu_ps(W + (size_t)r * ldw + j);
             for (int c = 0; c < C; c++) acc[r][c] = _mm256_fmadd_ps(w, x[c], acc[r][c]);
         }
     }
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) {
             float sum = hsum_avx2(acc[r][c]);
-            for (int k = j; k < n; k++) sum += W[(size_t)r * n + k] * X[(size_t)c * n + k];
+            for (int k = j; k < n; k++) sum += W[(size_t)r * ldw + k] * X[(size_t)c * ldx + k];
             out[(size_t)c * ldo + r] = sum;
         }
 }
 
 /* R rows against all T tokens, 3 at a time (the R rows stay in L1 while X streams). */
-AVX2_TILE void rows_f32(int R, float *out, int ldo, const float *W, const float *X, int T, int n) {
+AVX2_TILE void rows_f32(int R, float *out, int ldo, const float *W, int ldw, const float *X,
+                       int ldx, int T, int n) {
     int t = 0;
-    for (; t + 3 <= T; t += 3) tile_f32(R, 3, out + (size_t)t * ldo, ldo, W, X + (size_t)t * n, n);
-    if (T - t == 2) tile_f32(R, 2, out + (size_t)t * ldo, ldo, W, X + (size_t)t * n, n);
-    if (T - t == 1) tile_f32(R, 1, out + (size_t)t * ldo, ldo, W, X + (size_t)t * n, n);
+    for (; t + 3 <= T; t += 3) tile_f32(R, 3, out + (size_t)t * ldo, ldo, W, ldw, X + (size_t)t * ldx, ldx, n);
+    if (T - t == 2) tile_f32(R, 2, out + (size_t)t * ldo, ldo, W, ldw, X + (size_t)t * ldx, ldx, n);
+    if (T - t == 1) tile_f32(R, 1, out + (size_t)t * ldo, ldo, W, ldw, X + (size_t)t * ldx, ldx, n);
 }
 
-AVX2_FN static void gemm_f32_avx2(float *out, int ldo, const float *W, const float *X, int T,
-                                  int n, int r0, int r1) {
+AVX2_FN static void gemm_f32_avx2(float *out, int ldo, const float *W, int ldw, const float *X,
+                                  int ldx, int T, int n, int r0, int r1) {
     int i = r0;
-    for (; i + 4 <= r1; i += 4) rows_f32(4, out + i, ldo, W + (size_t)i * n, X, T, n);
-    for (; i < r1; i++) rows_f32(1, out + i, ldo, W + (size_t)i * n, X, T, n);
+    for (; i + 4 <= r1; i += 4) rows_f32(4, out + i, ldo, W + (size_t)i * ldw, ldw, X, ldx, T, n);
+    for (; i < r1; i++) rows_f32(1, out + i, ldo, W + (size_t)i * ldw, ldw, X, ldx, T, n);
 }
 
 /* ---------------------------------------------------------------- int8 GEMM */
@@ -276,7 +269,7 @@ AVX2_FN static void quantize_q8_avx2(int8_t *q, float *s, const float *x, int n,
     }
 }
 
-static const ac_kernels avx2_kernels = {"avx2", gemm_f32_avx2, gemm_q8_avx2, dot_avx2, axpy_avx2,
+static const ac_kernels avx2_kernels = {"avx2", gemm_f32_avx2, gemm_q8_avx2, axpy_avx2,
                                         quantize_q8_avx2};
 
 #endif /* __x86_64__ */

@@ -2,11 +2,12 @@
  * kernels.h - arianna_c's internal compute kernels (not part of the public API).
  *
  * Every matrix product in the forward pass is a "dot form" GEMM: the weights W are
- * (rows, n) row-major as stored in the model file, the activations X are T tokens of n
- * values each, and
+ * (rows, n) row-major as stored in the model file (row stride ldw), the activations X are T
+ * tokens of n values each (row stride ldx), and
  *
- *     out[t * ldo + i] = sum_j W[i * n + j] * X[t * n + j]    for i in [r0, r1), t in [0, T).
+ *     out[t * ldo + i] = sum_j W[i * ldw + j] * X[t * ldx + j]   for i in [r0, r1), t in [0, T).
  *
+ * Attention scores use it too: W = the cached keys of one head, X = a block of queries.
  * T = 1 is the decode matvec; T > 1 is prompt prefill or batched decode.  Callers split the
  * row range between threads.
  *
@@ -34,16 +35,13 @@
 typedef struct {
     const char *name; /* "scalar" or "avx2" */
 
-    /* float32 GEMM as above; W, X and out must not overlap. */
-    void (*gemm_f32)(float *out, int ldo, const float *W, const float *X, int T, int n, int r0,
-                     int r1);
+    /* float32 GEMM as above; out must not overlap W or X. */
+    void (*gemm_f32)(float *out, int ldo, const float *W, int ldw, const float *X, int ldx, int T,
+                     int n, int r0, int r1);
 
-    /* int8 GEMM: W = (Wq, Ws), X = (Xq, Xs) in groups of gs (gs divides n). */
+    /* int8 GEMM: W = (Wq, Ws), X = (Xq, Xs) in groups of gs (gs divides n); ldw = ldx = n. */
     void (*gemm_q8)(float *out, int ldo, const int8_t *Wq, const float *Ws, const int8_t *Xq,
                     const float *Xs, int T, int n, int gs, int r0, int r1);
-
-    /* sum_j a[j] * b[j] */
-    float (*dot)(const float *a, const float *b, int n);
 
     /* y[j] += a * x[j] */
     void (*axpy)(float *y, float a, const float *x, int n);

@@ -576,6 +576,9 @@ AC_API int ac_model_save(const ac_model *m, const char *path) {
 
 /* Prompt tokens run through the layers together, as matrix-matrix products (prefill). */
 #define PREFILL_ROWS 64
+/* Rows of one sequence at consecutive positions (a prompt block) attend together, up to
+ * this many: their scores against the cached keys are one small GEMM. */
+#define ATTENTION_ROWS 16
 
 struct ac_state {
     const ac_model *model;
@@ -593,7 +596,8 @@ struct ac_state {
     float *xs;          /* its group scales */
     int *row_pos;       /* (rows) each row's position */
     int *row_seq;       /* (rows) each row's sequence */
-    float *att;         /* (n_threads, seq_len) attention weights, one row per thread */
+    int *group_start;   /* (rows + 1) attention groups of rows, see attention_groups() */
+    float *att;         /* (n_threads, ATTENTION_ROWS, seq_len) attention scores per thread */
     float *logits;      /* (n_seqs, V) */
     float *key_cache;   /* (n_seqs, L, seq_len, KV) */
     float *value_cache; /* (n_seqs, L, seq_len, KV) */
@@ -622,6 +626,7 @@ AC_API void ac_state_free(ac_state *s) {
     free(s->xs);
     free(s->row_pos);
     free(s->row_seq);
+    free(s->group_start);
     free(s->att);
     free(s->logits);
     free(s->key_cache);
@@ -645,7 +650,7 @@ AC_API int ac_state_set_threads(ac_state *s, int n_threads) {
                     n_threads, AC_MAX_THREADS);
     if (n_threads == 0) n_threads = ac_default_threads();
     if (n_threads == s->n_threads) return AC_OK;
-    float *att = alloc_floats((uint64_t)n_threads * (uint64_t)s->model->config.seq_len);
+    float *att = alloc_floats((uint64_t)n_threads * ATTENTION_ROWS * (uint64_t)s->model->config.seq_len);
     ac_pool *pool = att ? ac_pool_create(n_threads) : NULL;
     if (!pool) {
         free(att);
@@ -690,13 +695,14 @@ static int state_create(const ac_model *m, int n_seqs, ac_state **out) {
     }
     s->row_pos = alloc_array((uint64_t)rows, sizeof(int));
     s->row_seq = alloc_array((uint64_t)rows, sizeof(int));
+    s->group_start = alloc_array((uint64_t)rows + 1, sizeof(int));
     s->logits = alloc_floats((uint64_t)n_seqs * (uint64_t)c->vocab_size);
     s->key_cache = alloc_floats(cache);
     s->value_cache = alloc_floats(cache);
     s->rope_cos = alloc_floats(S * (uint64_t)half);
     s->rope_sin = alloc_floats(S * (uint64_t)half);
     if (!s->x || !s->xb || !s->xb2 || !s->qkv || !s->hb || !s->hb2 ||
-        (quantized && (!s->xq || !s->xs)) || !s->row_pos || !s->row_seq || !s->logits ||
+        (quantized && (!s->xq || !s->xs)) || !s->row_pos || !s->row_seq || !s->group_start || !s->logits ||
         !s->key_cache || !s->value_cache || !s->rope_cos || !s->rope_sin) {
         ac_state_free(s);
         return fail(AC_ERR_NOMEM, "out of memory for the state (KV cache of %llu floats)",
@@ -777,7 +783,7 @@ static void run_job(ac_state *s, ac_pool_fn job, void *arg, int n_units) {
  * int8 matrices read the quantized copy of x that quantize_input() left in s->xq / s->xs. */
 static void matmul_rows(const ac_state *s, const ac_matrix *W, float *out, int ldo,
                         const float *x, int T, int n, int r0, int r1) {
-    if (W->f) s->kern->gemm_f32(out, ldo, W->f, x, T, n, r0, r1);
+    if (W->f) s->kern->gemm_f32(out, ldo, W->f, n, x, n, T, n, r0, r1);
     else s->kern->gemm_q8(out, ldo, W->q, W->s, s->xq, s->xs, T, n, s->model->config.group_size, r0, r1);
 }
 
@@ -868,39 +874,61 @@ static size_t cache_offset(const ac_state *s, int seq, int l) {
     return ((size_t)seq * c->n_layers + (size_t)l) * c->seq_len * kv_dim;
 }
 
-/* Causal self-attention of head h of row r over positions 0..pos of its sequence's layer-l
- * cache, into row r of s->xb2.  att is this thread's scratch. */
-static void attend(const ac_state *s, int l, int r, int h, float *att) {
+/* Causal self-attention of head h for rows [r0, r1) (one sequence, consecutive positions)
+ * over positions 0..pos of the sequence's layer-l cache, into the rows of s->xb2.  scores
+ * is this thread's (ATTENTION_ROWS, seq_len) scratch.  Each score is a dot product computed
+ * by the same kernel sequence whatever the group, so grouping does not change results. */
+static void attend(const ac_state *s, int l, int r0, int r1, int h, float *scores) {
     const ac_config *c = &s->model->config;
     int D = c->dim, head_size = D / c->n_heads;
-    int kv_dim = head_size * c->n_kv_heads;
+    int kv_dim = head_size * c->n_kv_heads, qkv_width = D + 2 * kv_dim;
     int kv_mul = c->n_heads / c->n_kv_heads; /* GQA: query heads per kv head */
-    int pos = s->row_pos[r];
-    size_t off = cache_offset(s, s->row_seq[r], l) + (size_t)(h / kv_mul) * head_size;
-    const float *q = s->qkv + (size_t)r * (D + 2 * kv_dim) + (size_t)h * head_size;
+    int n_pos = s->row_pos[r1 - 1] + 1;      /* positions the last row sees */
+    size_t off = cache_offset(s, s->row_seq[r0], l) + (size_t)(h / kv_mul) * head_size;
+    const float *q = s->qkv + (size_t)r0 * qkv_width + (size_t)h * head_size;
+    s->kern->gemm_f32(scores, n_pos, s->key_cache + off, kv_dim, q, qkv_width, r1 - r0, head_size, 0, n_pos);
     float inv_scale = sqrtf((float)head_size);
-    for (int t = 0; t <= pos; t++)
-        att[t] = s->kern->dot(q, s->key_cache + off + (size_t)t * kv_dim, head_size) / inv_scale;
-    softmax(att, pos + 1);
-    float *o = s->xb2 + (size_t)r * D + (size_t)h * head_size;
-    memset(o, 0, (size_t)head_size * sizeof(float));
-    for (int t = 0; t <= pos; t++)
-        s->kern->axpy(o, att[t], s->value_cache + off + (size_t)t * kv_dim, head_size);
+    for (int r = r0; r < r1; r++) {
+        float *att = scores + (size_t)(r - r0) * n_pos;
+        int pos = s->row_pos[r];
+        for (int t = 0; t <= pos; t++) att[t] /= inv_scale;
+        softmax(att, pos + 1);
+        float *o = s->xb2 + (size_t)r * D + (size_t)h * head_size;
+        memset(o, 0, (size_t)head_size * sizeof(float));
+        for (int t = 0; t <= pos; t++)
+            s->kern->axpy(o, att[t], s->value_cache + off + (size_t)t * kv_dim, head_size);
+    }
+}
+
+/* Splits rows [0, n) into attention groups: runs of one sequence at consecutive positions,
+ * at most ATTENTION_ROWS long.  Returns the count; group g is [start[g], start[g + 1]). */
+static int attention_groups(const ac_state *s, int n, int *start) {
+    int groups = 0;
+    for (int r = 0; r < n; r++)
+        if (r == 0 || r - start[groups - 1] == ATTENTION_ROWS || s->row_seq[r] != s->row_seq[r - 1] ||
+            s->row_pos[r] != s->row_pos[r - 1] + 1)
+            start[groups++] = r;
+    start[groups] = n;
+    return groups;
 }
 
 typedef struct {
     const ac_state *s;
-    int l, T;
+    int l, n_groups;
 } attention_job;
 
-/* Blocks of (row, head) pairs. */
+/* Blocks of (group, head) pairs. */
 static void attention_task(void *arg, int block, int n_blocks, int thread) {
     const attention_job *j = arg;
-    int n_heads = j->s->model->config.n_heads;
-    float *att = j->s->att + (size_t)thread * j->s->model->config.seq_len;
+    const ac_state *s = j->s;
+    int n_heads = s->model->config.n_heads;
+    float *scores = s->att + (size_t)thread * ATTENTION_ROWS * s->model->config.seq_len;
     int begin, end;
-    ac_split(j->T * n_heads, 1, block, n_blocks, &begin, &end);
-    for (int item = begin; item < end; item++) attend(j->s, j->l, item / n_heads, item % n_heads, att);
+    ac_split(j->n_groups * n_heads, 1, block, n_blocks, &begin, &end);
+    for (int item = begin; item < end; item++) {
+        int g = item / n_heads;
+        attend(s, j->l, s->group_start[g], s->group_start[g + 1], item % n_heads, scores);
+    }
 }
 
 /* Row x (D) = the embedding of token (dequantized for int8 models). */
@@ -924,6 +952,7 @@ static void forward_rows(ac_state *s, const int *tokens, int n, int first, float
     int D = c->dim, H = c->hidden_dim, head_size = D / c->n_heads, half = head_size / 2;
     int kv_dim = head_size * c->n_kv_heads, qkv_width = D + 2 * kv_dim;
     for (int r = 0; r < n; r++) embed(s, tokens[r], s->x + (size_t)r * D);
+    int n_groups = attention_groups(s, n, s->group_start);
     for (int l = 0; l < c->n_layers; l++) {
         const ac_layer *layer = &w->layers[l];
         for (int r = 0; r < n; r++)
@@ -940,8 +969,8 @@ static void forward_rows(ac_state *s, const int *tokens, int n, int first, float
             memcpy(s->key_cache + row, k, (size_t)kv_dim * sizeof(float));
             memcpy(s->value_cache + row, v, (size_t)kv_dim * sizeof(float));
         }
-        attention_job att = {s, l, n};
-        run_job(s, attention_task, &att, n * c->n_heads);
+        attention_job att = {s, l, n_groups};
+        run_job(s, attention_task, &att, n_groups * c->n_heads);
         matmul1(s, &layer->wo, s->xb, s->xb2, n, D, D);
         for (size_t i = 0; i < (size_t)n * D; i++) s->x[i] += s->xb[i];
         for (int r = 0; r < n; r++)
