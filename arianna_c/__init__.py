@@ -128,16 +128,28 @@ class Model:
     ``tokenizer``: a tokenizer file (resolved like the CLI's ``-z``), or its bytes; default:
     ``tok4096.bin`` then ``tokenizer.bin`` next to the model.
 
+    ``threads``: threads per call (its matrix products and attention); default: all available
+    cores.  Results do not depend on it.
+    ``quantize``: ``"int8"`` quantizes a float32 model at load (Q8_0: groups of 32 weights
+    sharing a float scale; activations are quantized on the fly); an int8 (v2) file is used
+    as it is, with or without it.
+
     Each call runs on its own C state, so one Model may serve several threads at once.
     """
 
     config: ModelConfig
 
-    def __init__(self, path: Optional[Source] = None, tokenizer: Optional[Source] = None) -> None:
+    def __init__(self, path: Optional[Source] = None, tokenizer: Optional[Source] = None,
+                 threads: Optional[int] = None, quantize: Optional[str] = None) -> None:
         self._lib = load()
         self._h = _Handles()
+        self._threads = _thread_count(threads)
+        if quantize not in (None, "int8"):
+            self._h.close()
+            raise AriannaError(f"quantize {quantize!r} is invalid: it must be None or 'int8'",
+                               self._lib.AC_ERR_ARG, "AC_ERR_ARG")
         try:
-            model_path = self._load_model(path)
+            model_path = self._load_model(path, quantize)
             self._load_tokenizer(model_path, tokenizer)
         except BaseException:
             self._h.close()
@@ -145,7 +157,7 @@ class Model:
 
     # ---------------------------------------------------------------- loading
 
-    def _load_model(self, source: Optional[Source]) -> Optional[Path]:
+    def _load_model(self, source: Optional[Source], quantize: Optional[str]) -> Optional[Path]:
         lib, out = self._lib, ffi.new("ac_model **")
         if isinstance(source, (bytes, bytearray, memoryview)):
             buf = _as_buffer(source)
@@ -160,6 +172,14 @@ class Model:
         self._h.model = out[0]
         cfg = ffi.new("ac_config *")
         _error_check(lib.ac_model_config(self._h.model, cfg))
+        if quantize == "int8" and cfg.group_size == 0:
+            _error_check(lib.ac_model_quantize(self._h.model, 0, out))
+            lib.ac_model_free(self._h.model)
+            self._h.model = out[0]
+            self._h.buffers.clear()  # the int8 model owns its weights
+            _error_check(lib.ac_model_config(self._h.model, cfg))
+        self.quantization: Optional[str] = "int8" if cfg.group_size else None
+
         self.config = ModelConfig(
             dim=cfg.dim, hidden_dim=cfg.hidden_dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
             n_kv_heads=cfg.n_kv_heads, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,
@@ -226,9 +246,12 @@ class Model:
     def decode(self, tokens: Sequence[int]) -> str:
         """The text of a token sequence, decoded as a whole so characters split over byte
         pieces come out intact.  A leading dummy-prefix space is dropped as after BOS."""
+        return self._decode(tokens, self._lib.AC_TOKEN_BOS)
+
+    def _decode(self, tokens: Sequence[int], prev: int) -> str:
+        """decode() of tokens that follow token prev."""
         lib, piece, size = self._lib, ffi.new("const char **"), ffi.new("size_t *")
         parts = []
-        prev = lib.AC_TOKEN_BOS
         with self._h.use() as h:
             for token in tokens:
                 token = _as_token(token, self.config.vocab_size)
@@ -239,9 +262,10 @@ class Model:
 
     # ---------------------------------------------------------------- forward
 
-    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+    def logits(self, tokens: Sequence[int], stepwise: bool = False) -> np.ndarray:
         """float32 logits of shape (len(tokens), vocab_size): row t follows tokens[0..t],
-        run from position 0 (len(tokens) <= seq_len)."""
+        run from position 0 (len(tokens) <= seq_len).  The tokens go through the layers
+        together (prefill); stepwise=True runs them one at a time as decoding does."""
         ids = np.array([_as_token(t, self.config.vocab_size) for t in tokens], dtype=np.int32)
         out = np.empty((len(ids), self.config.vocab_size), dtype=np.float32)
         if len(ids) > self.config.seq_len:
@@ -253,8 +277,10 @@ class Model:
         with self._h.use() as h:
             _error_check(lib.ac_state_create(h.model, state))
             try:
-                _error_check(lib.ac_logits(state[0], ffi.from_buffer("int[]", ids), len(ids),
-                                           ffi.from_buffer("float[]", out, require_writable=True)))
+                _error_check(lib.ac_state_set_threads(state[0], self._threads))
+                run = lib.ac_logits_stepwise if stepwise else lib.ac_logits
+                _error_check(run(state[0], ffi.from_buffer("int[]", ids), len(ids),
+                                 ffi.from_buffer("float[]", out, require_writable=True)))
             finally:
                 lib.ac_state_free(state[0])
         return out
@@ -289,6 +315,7 @@ class Model:
             _error_check(lib.ac_session_create(h.model, h.tokenizer, params, out))
             session = out[0]
             try:
+                _error_check(lib.ac_session_set_threads(session, self._threads))
                 ids = ffi.new("int[]", prompt_ids)
                 _error_check(lib.ac_session_feed_tokens(session, ids, len(prompt_ids)))
                 token, piece, size = ffi.new("int *"), ffi.new("const char **"), ffi.new("size_t *")
@@ -307,6 +334,45 @@ class Model:
             finally:
                 lib.ac_session_free(session)
 
+    def generate_batch(self, prompts: Sequence[Union[str, bytes]], max_new_tokens: int = 256,
+                       temperature: float = 0.8, top_p: float = 0.9, top_k: int = 0,
+                       seed: Optional[int] = None) -> list[str]:
+        """generate() for several prompts at once: the sequences advance together (each
+        weight read serves all of them), sequence i sampling with seed + i, so
+        generate_batch(ps, seed=s)[i] == generate(ps[i], seed=s + i).  seed=None picks a
+        random base seed."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise AriannaError(f"max_new_tokens {max_new_tokens!r} is invalid: it must be an int >= 0",
+                               self._lib.AC_ERR_ARG, "AC_ERR_ARG")
+        params = _sampler_params(temperature, top_p, top_k, seed)
+        texts = [p.encode("utf-8", "surrogatepass") if isinstance(p, str) else bytes(p) for p in prompts]
+        if not texts:
+            return []
+        last_prompt_tokens = [self.encode(t.decode("utf-8", "surrogatepass"), bos=True)[-1] for t in texts]
+        lib, n = self._lib, len(texts)
+        c_texts = [ffi.new("char[]", t) for t in texts]  # kept alive for the call
+        c_prompts = ffi.new("const char *[]", c_texts)
+        lens = ffi.new("size_t[]", [len(t) for t in texts])
+        tokens = ffi.new("int[]", n * max_new_tokens)
+        counts = ffi.new("int[]", n)
+        batch = ffi.new("ac_batch **")
+        with self._h.use() as h:
+            _error_check(lib.ac_batch_create(h.model, h.tokenizer, n, params, batch))
+            try:
+                _error_check(lib.ac_batch_set_threads(batch[0], self._threads))
+                _error_check(lib.ac_batch_generate(batch[0], c_prompts, lens, max_new_tokens, tokens, counts))
+            finally:
+                lib.ac_batch_free(batch[0])
+        return [self._decode(tokens[i * max_new_tokens : i * max_new_tokens + counts[i]], last_prompt_tokens[i])
+                for i in range(n)]
+
+    # ---------------------------------------------------------------- saving
+
+    def save(self, path: PathLike) -> None:
+        """Writes the model file: an int8 model (quantize="int8" or a v2 file) as a v2 file
+        that loads without quantizing again, a float32 model in its own layout."""
+        with self._h.use() as h:
+            _error_check(self._lib.ac_model_save(h.model, os.fsencode(os.fspath(path))), os.fspath(path))
 
 def _as_token(value: Any, vocab_size: int) -> int:
     try:
@@ -316,6 +382,16 @@ def _as_token(value: Any, vocab_size: int) -> int:
     if not 0 <= token < vocab_size:
         raise AriannaError(f"token {token} is outside the vocabulary [0, {vocab_size})", 6, "AC_ERR_RANGE")
     return token
+
+
+def _thread_count(threads: Optional[int]) -> int:
+    """The C thread count of Model(threads=...): 0 (the library's default) for None."""
+    if threads is None:
+        return 0
+    if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 256:
+        raise AriannaError(f"n_threads {threads!r} is invalid: it must be an int in 1..256 (None = all "
+                           "available cores)", 4, "AC_ERR_ARG")
+    return threads
 
 
 def _sampler_params(temperature: float, top_p: float, top_k: int, seed: Optional[int]) -> Any:

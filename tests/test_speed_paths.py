@@ -1,0 +1,446 @@
+"""The speed paths of the runtime, for correctness only (no timing assertions): SIMD vs scalar
+kernels, threads, int8 (Q8_0) weights and v2 files, prompt prefill vs token-by-token decode,
+batched decode vs single sequences, and the CLI flags -T / -q / -o / -b."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import LAYOUTS, REPO
+
+# dim and hidden_dim multiples of 32, so the int8 SIMD kernel (32-byte groups) is exercised.
+WIDE = dict(dim=64, hidden_dim=128, n_heads=4, n_kv_heads=2)
+
+
+def tokens_for(vocab_size: int, n: int, seed: int = 0) -> list[int]:
+    return [1] + np.random.default_rng(seed).integers(3, vocab_size, n - 1).tolist()
+
+
+def c_logits(lib, ffi, model, tokens, threads=1, stepwise=False) -> np.ndarray:
+    """Logits through the C API on a fresh state with the given thread count."""
+    ids = np.asarray(tokens, dtype=np.int32)
+    out = np.empty((len(ids), model_vocab(lib, ffi, model)), dtype=np.float32)
+    state = ffi.new("ac_state **")
+    assert lib.ac_state_create(model, state) == 0
+    try:
+        assert lib.ac_state_set_threads(state[0], threads) == 0
+        fn = lib.ac_logits_stepwise if stepwise else lib.ac_logits
+        assert fn(state[0], ffi.from_buffer("int[]", ids), len(ids),
+                  ffi.from_buffer("float[]", out, require_writable=True)) == 0
+    finally:
+        lib.ac_state_free(state[0])
+    return out
+
+
+def model_vocab(lib, ffi, model) -> int:
+    cfg = ffi.new("ac_config *")
+    assert lib.ac_model_config(model, cfg) == 0
+    return cfg.vocab_size
+
+
+def load(lib, ffi, path: Path):
+    out = ffi.new("ac_model **")
+    rc = lib.ac_model_load(str(path).encode(), out)
+    return rc, out[0]
+
+
+def quantize(lib, ffi, model, group_size=0):
+    out = ffi.new("ac_model **")
+    rc = lib.ac_model_quantize(model, group_size, out)
+    return rc, out[0]
+
+
+def last_error(lib, ffi) -> str:
+    return ffi.string(lib.ac_last_error()).decode()
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.fixture
+def wide_model(make_model):
+    return make_model(seed=11, **WIDE)
+
+
+# ---------------------------------------------------------------------------- kernels
+
+
+def test_kernel_choice(lib, ffi):
+    name = ffi.string(lib.ac_kernel_name()).decode()
+    assert name in ("avx2", "scalar")
+    cpu_flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if os.environ.get("AC_KERNEL") != "scalar" and " avx2" in cpu_flags and " fma" in cpu_flags:
+        assert name == "avx2"
+    assert lib.ac_default_threads() >= 1
+
+
+SCALAR_SCRIPT = r"""
+import sys, numpy as np
+sys.path.insert(0, sys.argv[1])
+from arianna_c import _lib
+lib, ffi = _lib.load(), _lib.ffi
+assert ffi.string(lib.ac_kernel_name()) == b"scalar", ffi.string(lib.ac_kernel_name())
+out = ffi.new("ac_model **")
+assert lib.ac_model_load(sys.argv[2].encode(), out) == 0
+model = out[0]
+if sys.argv[4] == "int8":
+    q = ffi.new("ac_model **")
+    assert lib.ac_model_quantize(model, 0, q) == 0
+    model = q[0]
+tokens = np.array([int(t) for t in sys.argv[5].split(",")], dtype=np.int32)
+cfg = ffi.new("ac_config *"); lib.ac_model_config(model, cfg)
+logits = np.empty((len(tokens), cfg.vocab_size), np.float32)
+state = ffi.new("ac_state **"); assert lib.ac_state_create(model, state) == 0
+assert lib.ac_logits(state[0], ffi.from_buffer("int[]", tokens), len(tokens),
+                     ffi.from_buffer("float[]", logits, require_writable=True)) == 0
+np.save(sys.argv[3], logits)
+"""
+
+
+@pytest.mark.parametrize("weights", ["float32", "int8"])
+def test_scalar_and_simd_kernels_agree(lib, ffi, wide_model, tmp_path, weights):
+    if ffi.string(lib.ac_kernel_name()) == b"scalar":
+        pytest.skip("no SIMD kernels on this CPU")
+    tokens = tokens_for(wide_model.cfg.vocab_size, 40, seed=3)
+    out_file = tmp_path / "scalar.npy"
+    env = dict(os.environ, AC_KERNEL="scalar", ARIANNA_C_LIB=str(REPO / "libarianna.so"))
+    r = subprocess.run([sys.executable, "-c", SCALAR_SCRIPT, str(REPO), str(wide_model.model),
+                        str(out_file), weights, ",".join(map(str, tokens))],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    scalar = np.load(out_file)
+    rc, model = load(lib, ffi, wide_model.model)
+    assert rc == 0
+    if weights == "int8":
+        rc, model = quantize(lib, ffi, model)
+        assert rc == 0
+    simd = c_logits(lib, ffi, model, tokens)
+    diff = np.abs(simd - scalar).max()
+    print(f"{weights}: max |avx2 - scalar| = {diff:.3g}")
+    assert diff < 1e-4
+
+
+# ---------------------------------------------------------------------------- threads, prefill
+
+
+@pytest.mark.parametrize("stepwise", [False, True], ids=["prefill", "stepwise"])
+def test_thread_count_does_not_change_logits(lib, ffi, layout_model, stepwise):
+    rc, model = load(lib, ffi, layout_model.model)
+    assert rc == 0
+    tokens = tokens_for(layout_model.cfg.vocab_size, layout_model.cfg.seq_len, seed=5)
+    one = c_logits(lib, ffi, model, tokens, threads=1, stepwise=stepwise)
+    for threads in (2, 3):
+        assert np.array_equal(one, c_logits(lib, ffi, model, tokens, threads=threads, stepwise=stepwise))
+    lib.ac_model_free(model)
+
+
+def test_prefill_equals_stepwise(lib, ffi, layout_model):
+    rc, model = load(lib, ffi, layout_model.model)
+    assert rc == 0
+    tokens = tokens_for(layout_model.cfg.vocab_size, layout_model.cfg.seq_len, seed=6)
+    prefill = c_logits(lib, ffi, model, tokens, threads=2)
+    stepwise = c_logits(lib, ffi, model, tokens, threads=2, stepwise=True)
+    print(f"max |prefill - stepwise| = {np.abs(prefill - stepwise).max():.3g}")
+    np.testing.assert_allclose(prefill, stepwise, atol=1e-4, rtol=0)
+    lib.ac_model_free(model)
+
+
+def test_prefill_over_several_blocks_matches_reference(make_model, built):
+    """A context longer than one prefill block (64 tokens), through the Python API, against
+    the float64 NumPy forward of test_runtime."""
+    from arianna_c import Model
+    from test_runtime import numpy_forward
+
+    files = make_model(seed=8, seq_len=150)
+    tokens = tokens_for(files.cfg.vocab_size, 150, seed=8)
+    with Model(files.model, files.tokenizer, threads=2) as m:
+        prefill = m.logits(tokens)
+        stepwise = m.logits(tokens, stepwise=True)
+    np.testing.assert_allclose(prefill, stepwise, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(prefill, numpy_forward(files.cfg, files.weights, tokens), atol=1e-4, rtol=0)
+
+
+def test_bad_thread_counts(lib, ffi, make_model, built):
+    from arianna_c import AriannaError, Model
+
+    files = make_model()
+    rc, model = load(lib, ffi, files.model)
+    state = ffi.new("ac_state **")
+    assert lib.ac_state_create(model, state) == 0
+    for bad in (-1, 100000):
+        assert lib.ac_state_set_threads(state[0], bad) == lib.AC_ERR_ARG
+        assert "n_threads" in last_error(lib, ffi)
+    assert lib.ac_state_set_threads(state[0], 0) == 0  # 0 = default
+    lib.ac_state_free(state[0])
+    lib.ac_model_free(model)
+    with pytest.raises(AriannaError, match="n_threads"):
+        with Model(files.model, files.tokenizer, threads=-3) as m:
+            m.generate("x", max_new_tokens=2)
+
+
+# ---------------------------------------------------------------------------- int8
+
+
+def test_int8_logits_close_to_float32(lib, ffi, wide_model):
+    rc, model = load(lib, ffi, wide_model.model)
+    rc, q8 = quantize(lib, ffi, model)
+    assert rc == 0, last_error(lib, ffi)
+    cfg = ffi.new("ac_config *")
+    lib.ac_model_config(q8, cfg)
+    assert (cfg.version, cfg.group_size) == (2, 32)
+    tokens = tokens_for(wide_model.cfg.vocab_size, wide_model.cfg.seq_len, seed=9)
+    f32 = c_logits(lib, ffi, model, tokens)
+    i8 = c_logits(lib, ffi, q8, tokens)
+    top1 = (f32.argmax(1) == i8.argmax(1)).mean()
+    cos = cosine_rows(f32, i8).min()
+    print(f"int8 vs float32: max |diff| = {np.abs(f32 - i8).max():.3g} (logit range "
+          f"{np.ptp(f32):.3g}), top-1 agreement {top1:.1%}, min cosine {cos:.5f}")
+    assert cos > 0.99
+    assert top1 >= 0.9
+    # the int8 paths keep the float32 paths' invariants
+    assert np.array_equal(i8, c_logits(lib, ffi, q8, tokens, threads=2))
+    np.testing.assert_allclose(i8, c_logits(lib, ffi, q8, tokens, stepwise=True), atol=1e-4, rtol=0)
+    lib.ac_model_free(q8)
+    lib.ac_model_free(model)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_int8_file_round_trip(lib, ffi, make_model, tmp_path, layout):
+    """quantize -> save -> load gives the same model (bytes and logits) as quantizing at load;
+    group size 16 on the 48-wide layouts exercises the non-SIMD group path."""
+    files = make_model(seed=12, **LAYOUTS[layout])
+    rc, model = load(lib, ffi, files.model)
+    rc, q8 = quantize(lib, ffi, model, 16)
+    assert rc == 0, last_error(lib, ffi)
+    path = tmp_path / "q8.bin"
+    assert lib.ac_model_save(q8, str(path).encode()) == 0
+    data = path.read_bytes()
+    magic, version = struct.unpack_from("<Ii", data, 0)
+    assert (magic, version) == (0x616B3432, 2)
+    assert struct.unpack_from("<7i", data, 8) == (
+        files.cfg.dim, files.cfg.hidden_dim, files.cfg.n_layers, files.cfg.n_heads,
+        files.cfg.n_kv_heads, files.cfg.vocab_size, files.cfg.seq_len)
+    assert data[36] == int(files.cfg.shared_classifier)
+    assert struct.unpack_from("<i", data, 37)[0] == 16
+    assert data[41:256] == bytes(215)
+    rc, loaded = load(lib, ffi, path)
+    assert rc == 0, last_error(lib, ffi)
+    tokens = tokens_for(files.cfg.vocab_size, 30, seed=1)
+    assert np.array_equal(c_logits(lib, ffi, q8, tokens), c_logits(lib, ffi, loaded, tokens))
+    # an int8 model cannot be quantized again
+    rc, _ = quantize(lib, ffi, loaded)
+    assert rc == lib.AC_ERR_ARG and "already int8" in last_error(lib, ffi)
+    for m in (loaded, q8, model):
+        lib.ac_model_free(m)
+
+
+def test_int8_file_layout_matches_numpy_quantization(lib, ffi, wide_model, tmp_path):
+    """The v2 bytes follow the documented layout: norms, then per matrix (per layer) int8
+    values and float32 scales with scale = max|w| / 127 and q = round(w / scale)."""
+    rc, model = load(lib, ffi, wide_model.model)
+    rc, q8 = quantize(lib, ffi, model)
+    path = tmp_path / "q8.bin"
+    assert lib.ac_model_save(q8, str(path).encode()) == 0
+    data, cfg, w = path.read_bytes(), wide_model.cfg, wide_model.weights
+    off = 256
+    for name in ("rms_att", "rms_ffn", "rms_final"):
+        n = w[name].size
+        assert np.array_equal(np.frombuffer(data, np.float32, n, off), w[name].ravel())
+        off += 4 * n
+    mats = [w["token_embedding"]] + [w[k][l] for k in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+                                     for l in range(cfg.n_layers)]
+    for m in mats:
+        groups = m.reshape(-1, 32).astype(np.float32)
+        scale = np.abs(groups).max(1) / np.float32(127)
+        q = np.round(groups / scale[:, None]).astype(np.int8)
+        assert np.array_equal(np.frombuffer(data, np.int8, m.size, off), q.ravel())
+        off += m.size
+        assert np.array_equal(np.frombuffer(data, np.float32, scale.size, off), scale)
+        off += 4 * scale.size
+    assert off == len(data)
+    lib.ac_model_free(q8)
+    lib.ac_model_free(model)
+
+
+def v2_file(lib, ffi, files, tmp_path) -> bytes:
+    rc, model = load(lib, ffi, files.model)
+    rc, q8 = quantize(lib, ffi, model, 16)
+    path = tmp_path / "q8.bin"
+    assert lib.ac_model_save(q8, str(path).encode()) == 0
+    lib.ac_model_free(q8)
+    lib.ac_model_free(model)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("patch, needle", [
+    (lambda d: d[:-4], "header implies"),
+    (lambda d: d + b"\0" * 4, "header implies"),
+    (lambda d: d[:37] + struct.pack("<i", 0) + d[41:], "group_size is 0"),
+    (lambda d: d[:37] + struct.pack("<i", 6) + d[41:], "multiple of 4"),
+    (lambda d: d[:37] + struct.pack("<i", 32) + d[41:], "group_size 32 does not divide dim 48"),
+    (lambda d: d[:37] + struct.pack("<i", 64) + d[41:], "does not divide dim"),
+    (lambda d: d[:4] + struct.pack("<i", 3) + d[8:], "unknown model file version 3"),
+])
+def test_int8_loader_errors(lib, ffi, make_model, tmp_path, patch, needle):
+    data = patch(v2_file(lib, ffi, make_model(seed=2), tmp_path))
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(data)
+    rc, _ = load(lib, ffi, bad)
+    assert rc == lib.AC_ERR_FORMAT
+    message = last_error(lib, ffi)
+    assert needle in message and str(bad) in message
+
+
+def test_quantize_rejects_group_sizes_that_do_not_fit(lib, ffi, make_model):
+    rc, model = load(lib, ffi, make_model().model)  # dim 48, hidden_dim 96
+    for gs, needle in ((32, "does not divide dim 48"), (-4, "group_size"), (6, "multiple of 4")):
+        rc, _ = quantize(lib, ffi, model, gs)
+        assert rc == lib.AC_ERR_ARG and needle in last_error(lib, ffi)
+    lib.ac_model_free(model)
+
+
+def test_python_quantize_and_save(wide_model, tmp_path, built):
+    from arianna_c import AriannaError, Model
+
+    tokens = tokens_for(wide_model.cfg.vocab_size, 20)
+    path = tmp_path / "saved_q8.bin"
+    with Model(wide_model.model, wide_model.tokenizer, quantize="int8") as m:
+        assert m.config.version == 2 and m.quantization == "int8"
+        want = m.logits(tokens)
+        text = m.generate("the", max_new_tokens=12, temperature=0.0)
+        m.save(path)
+    with Model(path, wide_model.tokenizer) as m:  # an int8 file is read as it is...
+        assert m.quantization == "int8"
+        assert np.array_equal(m.logits(tokens), want)
+        assert m.generate("the", max_new_tokens=12, temperature=0.0) == text
+    with Model(path, wide_model.tokenizer, quantize="int8") as m:  # ...also with quantize=
+        assert np.array_equal(m.logits(tokens), want)
+    with Model(wide_model.model, wide_model.tokenizer) as m:
+        assert m.quantization is None
+        m.save(tmp_path / "copy.bin")
+    assert (tmp_path / "copy.bin").read_bytes() == wide_model.model.read_bytes()
+    with pytest.raises(AriannaError, match="quantize"):
+        Model(wide_model.model, wide_model.tokenizer, quantize="int4")
+
+
+# ---------------------------------------------------------------------------- batched decode
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_generate_batch_equals_single_sequences(wide_model, built, quantization):
+    from arianna_c import Model
+
+    prompts = ["the", "it is a", "", "once upon a time there was"]
+    with Model(wide_model.model, wide_model.tokenizer, threads=2, quantize=quantization) as m:
+        greedy = m.generate_batch(prompts, max_new_tokens=30, temperature=0.0)
+        assert greedy == [m.generate(p, max_new_tokens=30, temperature=0.0) for p in prompts]
+        # sampled: sequence i uses seed + i
+        sampled = m.generate_batch(prompts, max_new_tokens=30, temperature=0.9, top_p=0.95, seed=40)
+        assert sampled == [m.generate(p, max_new_tokens=30, temperature=0.9, top_p=0.95, seed=40 + i)
+                           for i, p in enumerate(prompts)]
+        assert m.generate_batch([], max_new_tokens=5) == []
+
+
+def test_generate_batch_stops_like_generate(make_model, built):
+    """Sequences end at different times (context full, max_new_tokens); the rest go on."""
+    from arianna_c import Model
+
+    files = make_model(seed=3, seq_len=24)
+    full = "x" * 22  # BOS, the dummy-prefix space and 22 x: the whole context, nothing to add
+    with Model(files.model, files.tokenizer) as m:
+        assert len(m.encode(full)) == 24
+        prompts = ["the cat sat on it and the", full, "a"]
+        got = m.generate_batch(prompts, max_new_tokens=100, temperature=0.0)
+        assert got[1] == ""
+        assert got == [m.generate(p, max_new_tokens=100, temperature=0.0) for p in prompts]
+        assert m.generate_batch(prompts, max_new_tokens=0) == ["", "", ""]
+
+
+def test_batch_c_api_errors(lib, ffi, make_model):
+    files = make_model()
+    rc, model = load(lib, ffi, files.model)
+    tok = ffi.new("ac_tokenizer **")
+    assert lib.ac_tokenizer_load(str(files.tokenizer).encode(), files.cfg.vocab_size, tok) == 0
+    batch = ffi.new("ac_batch **")
+    for n in (0, -1, 100000):
+        assert lib.ac_batch_create(model, tok[0], n, ffi.NULL, batch) == lib.AC_ERR_ARG
+        assert "batch size" in last_error(lib, ffi)
+    assert lib.ac_batch_create(model, tok[0], 2, ffi.NULL, batch) == 0
+    prompt = b"x" * 200  # far more tokens than seq_len 64
+    c_prompt = ffi.new("char[]", prompt)
+    prompts = ffi.new("const char *[]", [c_prompt, c_prompt])
+    lens = ffi.new("size_t[]", [len(prompt), len(prompt)])
+    out, counts = ffi.new("int[]", 20), ffi.new("int[]", 2)
+    assert lib.ac_batch_generate(batch[0], prompts, lens, 10, out, counts) == lib.AC_ERR_RANGE
+    assert "seq_len" in last_error(lib, ffi)
+    assert lib.ac_batch_generate(batch[0], prompts, lens, -1, out, counts) == lib.AC_ERR_ARG
+    lib.ac_batch_free(batch[0])
+    lib.ac_tokenizer_free(tok[0])
+    lib.ac_model_free(model)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def cli(binary: Path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True,
+                          errors="replace", timeout=120)
+
+
+def test_cli_threads_and_speed_report(run_binary, wide_model):
+    outs = []
+    for threads in ("1", "2"):
+        r = cli(run_binary, wide_model.model, "-n", "30", "-t", "0", "-i", "the", "-T", threads)
+        assert r.returncode == 0, r.stderr
+        assert "achieved tok/s: " in r.stderr and "prompt tok/s: " in r.stderr
+        outs.append(r.stdout)
+    assert outs[0] == outs[1]
+
+
+def test_cli_int8_write_and_read(run_binary, wide_model, tmp_path, built):
+    from arianna_c import Model
+
+    out = tmp_path / "cli_q8.bin"
+    r = cli(run_binary, wide_model.model, "-q", "int8", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == ""
+    with Model(wide_model.model, wide_model.tokenizer, quantize="int8") as m:
+        m.save(tmp_path / "py_q8.bin")
+        want = m.generate("the", max_new_tokens=20, temperature=0.0)
+    assert out.read_bytes() == (tmp_path / "py_q8.bin").read_bytes()
+    for model_args in ([wide_model.model, "-q", "int8"], [out], [out, "-q", "int8"]):
+        r = cli(run_binary, *model_args, "-z", wide_model.tokenizer, "-n", "20", "-t", "0", "-i", "the")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == "the" + want + "\n"
+
+
+def test_cli_batch_prints_each_sequence(run_binary, wide_model, built):
+    r = cli(run_binary, wide_model.model, "-b", "3", "-s", "7", "-n", "20", "-t", "0.9", "-i", "the")
+    assert r.returncode == 0, r.stderr
+    assert "achieved tok/s: " in r.stderr
+    parts = r.stdout.split("=== sequence ")[1:]
+    assert len(parts) == 3
+    for i, part in enumerate(parts):
+        header, text = part.split("\n", 1)
+        assert header == f"{i} (seed {7 + i}) ==="
+        single = cli(run_binary, wide_model.model, "-s", str(7 + i), "-n", "20", "-t", "0.9", "-i", "the")
+        assert single.returncode == 0
+        assert text == single.stdout
+
+
+@pytest.mark.parametrize("args", [
+    ["-T", "0"], ["-T", "x"], ["-T", "-2"], ["-T", "100000"], ["-q", "int4"], ["-q", ""],
+    ["-b", "0"], ["-b", "two"], ["-m", "chat", "-b", "2"], ["-o"],
+])
+def test_cli_bad_speed_flags(run_binary, wide_model, args):
+    r = cli(run_binary, wide_model.model, *args)
+    assert r.returncode == 1
+    assert "Usage" in r.stderr
