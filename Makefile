@@ -46,9 +46,10 @@ clean:
 # `make sanitize-check`  the C-level tests (through build-san/libarianna.so) and a short CLI
 #                        generation under the sanitizers; any report fails the target
 # `make fuzz FUZZ_TIME=30` builds the libFuzzer harnesses (clang) and runs each FUZZ_TIME s
+# `make fuzz-replay`     the harnesses as plain programs that replay files (no clang needed)
 # `make valgrind`        a short CLI generation under valgrind memcheck
 
-.PHONY: sanitize sanitize-check fuzz fuzz-build valgrind
+.PHONY: sanitize sanitize-check fuzz fuzz-build fuzz-replay valgrind
 
 SAN_CC ?= $(CC)
 SAN_DIR = build-san
@@ -86,18 +87,28 @@ FUZZ_DIR = build-fuzz
 FUZZERS = fuzz_model_load fuzz_tokenizer_load fuzz_encode
 FUZZ_FLAGS = -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
 # libFuzzer options: a stuck input or a runaway allocation counts as a failure too.
-FUZZ_OPTS = -max_total_time=$(FUZZ_TIME) -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=1024 \
+FUZZ_OPTS = -max_total_time=$(FUZZ_TIME) -timeout=60 -rss_limit_mb=2048 -malloc_limit_mb=1024 \
             -print_final_stats=1
 
 fuzz-build: $(addprefix $(FUZZ_DIR)/,$(FUZZERS))
 
 $(FUZZ_DIR)/%: fuzz/%.c $(SRC) $(HDR)
 	@mkdir -p $(FUZZ_DIR)
-	$(FUZZ_CC) -std=gnu11 -Isrc $(FUZZ_FLAGS) -o $@ $< $(SRC) -lm
+	$(FUZZ_CC) -std=gnu11 -pthread -Isrc $(FUZZ_FLAGS) -o $@ $< $(SRC) -lm
+
+# The same harnesses without libFuzzer (any compiler), linked to libarianna.so (they use the
+# public API only): replay files given on the command line.  The test suite runs them on
+# tests/fuzz_regressions/<harness>/.
+fuzz-replay: $(addprefix $(FUZZ_DIR)/replay_,$(FUZZERS))
+
+$(FUZZ_DIR)/replay_%: fuzz/%.c fuzz/replay.c libarianna.so src/run.h
+	@mkdir -p $(FUZZ_DIR)
+	$(CC) -std=gnu11 -O1 -g -Wall -Wextra -Isrc -o $@ fuzz/replay.c $< -L. -larianna \
+	  -Wl,-rpath,'$$ORIGIN/..' $(LDLIBS)
 
 # Each harness starts from the generated seeds, its saved corpus and the regression files in
 # tests/fuzz_regressions/<harness>/; a crasher is saved in build-fuzz/crashes/<harness>/.
-fuzz: fuzz-build
+fuzz: all fuzz-build
 	$(PYTHON) fuzz/make_seeds.py $(FUZZ_DIR)/seeds
 	@for f in $(FUZZERS); do \
 	  mkdir -p $(FUZZ_DIR)/corpus/$$f $(FUZZ_DIR)/crashes/$$f; \

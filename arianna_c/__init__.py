@@ -69,6 +69,29 @@ def _as_buffer(data: Union[bytes, bytearray, memoryview]) -> Any:
     return ffi.from_buffer("char[]", data)
 
 
+def _check_path(path: Path, what: str) -> None:
+    """The errors Python can name better than the C library: a missing path
+    (FileNotFoundError), a directory (IsADirectoryError), a NUL byte in the name (AriannaError).
+    Everything else (FIFOs, unreadable or malformed files) is left to the library."""
+    if "\0" in str(path):
+        raise AriannaError(f"{what} path {str(path)!r} contains a NUL byte", 4, "AC_ERR_ARG")
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"{path}: is a directory, not a {what} file", str(path))
+    if not path.exists():
+        raise FileNotFoundError(errno.ENOENT, f"{what} file not found: {path}", str(path))
+
+
+def _text_bytes(text: Union[str, bytes, bytearray, memoryview]) -> bytes:
+    """The bytes the tokenizer sees.  A str is encoded as UTF-8 (lone surrogates pass as their
+    3-byte forms); bytes are used as they are.  Invalid UTF-8 and NUL are ordinary bytes: each
+    becomes a byte-fallback token (<0xNN>), and decodes to nothing for control bytes."""
+    if isinstance(text, str):
+        return text.encode("utf-8", "surrogatepass")
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        return bytes(text)
+    raise TypeError(f"text must be str or bytes, not {type(text).__name__}")
+
+
 class _Handles:
     """The C model and tokenizer of one Model, freed when the Model is closed and the last
     call or stream using them has finished (so close() never pulls memory from under a
@@ -166,8 +189,7 @@ class Model:
             model_path = None
         else:
             model_path = Path(os.fspath(source)) if source is not None else _default_model_path()
-            if not model_path.is_file():
-                raise FileNotFoundError(errno.ENOENT, f"model file not found: {model_path}", str(model_path))
+            _check_path(model_path, "model")
             _error_check(lib.ac_model_load(os.fsencode(model_path), out), str(model_path))
         self._h.model = out[0]
         cfg = ffi.new("ac_config *")
@@ -179,7 +201,6 @@ class Model:
             self._h.buffers.clear()  # the int8 model owns its weights
             _error_check(lib.ac_model_config(self._h.model, cfg))
         self.quantization: Optional[str] = "int8" if cfg.group_size else None
-
         self.config = ModelConfig(
             dim=cfg.dim, hidden_dim=cfg.hidden_dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
             n_kv_heads=cfg.n_kv_heads, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,
@@ -233,9 +254,10 @@ class Model:
 
     # ---------------------------------------------------------------- tokenizer
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        """Token ids of text, exactly as SentencePiece encodes it (plus BOS/EOS if asked)."""
-        data = text.encode("utf-8", "surrogatepass")
+    def encode(self, text: Union[str, bytes], bos: bool = True, eos: bool = False) -> list[int]:
+        """Token ids of text (str, or bytes that need not be valid UTF-8), exactly as
+        SentencePiece encodes it (plus BOS/EOS if asked)."""
+        data = _text_bytes(text)
         cap = len(data) + 3
         tokens, count = ffi.new("int[]", cap), ffi.new("int *")
         with self._h.use() as h:
@@ -287,30 +309,43 @@ class Model:
 
     # ---------------------------------------------------------------- generation
 
-    def generate(self, prompt: str = "", max_new_tokens: int = 256, temperature: float = 0.8,
-                 top_p: float = 0.9, top_k: int = 0, seed: Optional[int] = None) -> str:
+    def generate(self, prompt: Union[str, bytes] = "", max_new_tokens: int = 256,
+                 temperature: float = 0.8, top_p: float = 0.9, top_k: int = 0,
+                 seed: Optional[int] = None) -> str:
         """The continuation of prompt (without the prompt).  Stops after max_new_tokens, at
-        EOS/BOS, or when prompt + continuation fill seq_len.  seed=None picks a random seed."""
+        EOS/BOS, or when prompt + continuation fill seq_len (so max_new_tokens beyond it is
+        clamped).  A prompt longer than seq_len tokens (BOS included) raises AriannaError
+        (AC_ERR_RANGE); it is never truncated.  prompt may be bytes (invalid UTF-8 and NUL
+        become byte tokens).  seed=None picks a random seed."""
         return "".join(self.stream(prompt, max_new_tokens, temperature, top_p, top_k, seed))
 
-    def stream(self, prompt: str = "", max_new_tokens: int = 256, temperature: float = 0.8,
-               top_p: float = 0.9, top_k: int = 0, seed: Optional[int] = None) -> Iterator[str]:
+    def stream(self, prompt: Union[str, bytes] = "", max_new_tokens: int = 256,
+               temperature: float = 0.8, top_p: float = 0.9, top_k: int = 0,
+               seed: Optional[int] = None) -> Iterator[str]:
         """Like generate(), yielding text as it is produced, complete characters only.
-        Breaking out of the loop ends the generation and leaves the Model usable."""
+        Bad settings and a too-long prompt raise here, before the first piece.  Breaking out
+        of the loop ends the generation and leaves the Model usable."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise AriannaError(f"max_new_tokens {max_new_tokens!r} is invalid: it must be an int >= 0",
                                self._lib.AC_ERR_ARG, "AC_ERR_ARG")
         params = _sampler_params(temperature, top_p, top_k, seed)
-        return self._stream(prompt, max_new_tokens, params)
+        self._check_sampler(params)
+        prompt_ids = self.encode(prompt, bos=True)
+        if len(prompt_ids) > self.config.seq_len:
+            raise AriannaError(
+                f"the prompt is {len(prompt_ids)} tokens (BOS included) but the model's "
+                f"seq_len is {self.config.seq_len}", self._lib.AC_ERR_RANGE, "AC_ERR_RANGE")
+        return self._stream(prompt_ids, max_new_tokens, params)
 
-    def _stream(self, prompt: str, max_new_tokens: int, params: Any) -> Iterator[str]:
+    def _check_sampler(self, params: Any) -> None:
+        """Runs the C sampler's own range checks now, not at the first piece of a stream."""
+        out = ffi.new("ac_sampler **")
+        _error_check(self._lib.ac_sampler_create(params, self.config.vocab_size, out))
+        self._lib.ac_sampler_free(out[0])
+
+    def _stream(self, prompt_ids: list[int], max_new_tokens: int, params: Any) -> Iterator[str]:
         lib = self._lib
         with self._h.use() as h:
-            prompt_ids = self.encode(prompt, bos=True)
-            if len(prompt_ids) > self.config.seq_len:
-                raise AriannaError(
-                    f"the prompt is {len(prompt_ids)} tokens (BOS included) but the model's "
-                    f"seq_len is {self.config.seq_len}", lib.AC_ERR_RANGE, "AC_ERR_RANGE")
             out = ffi.new("ac_session **")
             _error_check(lib.ac_session_create(h.model, h.tokenizer, params, out))
             session = out[0]
@@ -334,6 +369,7 @@ class Model:
             finally:
                 lib.ac_session_free(session)
 
+
     def generate_batch(self, prompts: Sequence[Union[str, bytes]], max_new_tokens: int = 256,
                        temperature: float = 0.8, top_p: float = 0.9, top_k: int = 0,
                        seed: Optional[int] = None) -> list[str]:
@@ -345,10 +381,10 @@ class Model:
             raise AriannaError(f"max_new_tokens {max_new_tokens!r} is invalid: it must be an int >= 0",
                                self._lib.AC_ERR_ARG, "AC_ERR_ARG")
         params = _sampler_params(temperature, top_p, top_k, seed)
-        texts = [p.encode("utf-8", "surrogatepass") if isinstance(p, str) else bytes(p) for p in prompts]
+        texts = [_text_bytes(p) for p in prompts]
         if not texts:
             return []
-        last_prompt_tokens = [self.encode(t.decode("utf-8", "surrogatepass"), bos=True)[-1] for t in texts]
+        last_prompt_tokens = [self.encode(t, bos=True)[-1] for t in texts]
         lib, n = self._lib, len(texts)
         c_texts = [ffi.new("char[]", t) for t in texts]  # kept alive for the call
         c_prompts = ffi.new("const char *[]", c_texts)

@@ -2,9 +2,12 @@
  * fuzz_model_load.c - libFuzzer harness: ac_model_load_memory() on arbitrary bytes.
  *
  * Any input must either load or fail with a result code and a message naming the buffer;
- * never crash, read out of bounds or leak.  Models that load and are tiny also run one or
- * two forward steps and a sampling step, so every weight pointer the loader computed is read.
+ * never crash, read out of bounds or leak.  Models that load and are tiny also run a few
+ * tokens through the prefill and the decode paths (which must agree bit for bit), sample,
+ * and (float32 models) are quantized to int8 and run again: every weight pointer the loader
+ * computed is read, by the float32 and the int8 kernels.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,20 +29,43 @@ static void fuzz_assert(int ok, const char *what) {
 static int is_tiny(const ac_config *c) {
     uint64_t kv_dim = (uint64_t)(c->dim / c->n_heads) * (uint64_t)c->n_kv_heads;
     uint64_t cache = 2ull * (uint64_t)c->n_layers * (uint64_t)c->seq_len * kv_dim;
-    uint64_t scratch = 6ull * (uint64_t)c->dim + 2ull * (uint64_t)c->hidden_dim +
-                       (uint64_t)c->n_heads * (uint64_t)c->seq_len + 2ull * (uint64_t)c->vocab_size;
+    uint64_t scratch = 3ull * (6ull * (uint64_t)c->dim + 2ull * (uint64_t)c->hidden_dim +
+                              (uint64_t)c->n_heads * (uint64_t)c->seq_len) +
+                       8ull * (uint64_t)c->vocab_size;
     return cache + scratch <= FORWARD_MAX_FLOATS;
 }
 
-/* One or two forward steps plus a sample: reads every weight the loader pointed at. */
-static void run_model(const ac_model *m, const ac_config *c, const uint8_t *data, size_t size) {
+/* Same logits bit for bit, NaN matching NaN (a corrupt model may produce them). */
+static int same_floats(const float *a, const float *b, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (!(a[i] == b[i] || (isnan(a[i]) && isnan(b[i])))) return 0;
+    return 1;
+}
+
+/* A few tokens through the prefill path (ac_logits) and the decode path (one ac_forward per
+ * token): every weight the loader pointed at is read, and the two paths must agree bit for
+ * bit as run.h promises.  Then a sampling step on the last logits. */
+static void run_model(const ac_model *m, const ac_config *c, const uint8_t *data, size_t size,
+                      int n_threads) {
+    enum { MAX_T = 3 };
+    int n = c->seq_len < MAX_T ? c->seq_len : MAX_T, tokens[MAX_T];
+    for (int t = 0; t < n; t++)
+        tokens[t] = (int)((size > (size_t)t ? data[size - 1 - t] : t) % (unsigned)c->vocab_size);
+    size_t V = (size_t)c->vocab_size;
+    float *prefill = malloc((size_t)n * V * sizeof(float)), *stepwise = malloc((size_t)n * V * sizeof(float));
     ac_state *state = NULL;
-    if (ac_state_create(m, &state) != AC_OK) return; /* allocation refused: fine */
-    int token = size ? (int)(data[size - 1] % (unsigned)c->vocab_size) : 0;
+    if (!prefill || !stepwise || ac_state_create(m, &state) != AC_OK) { /* allocation refused */
+        free(prefill);
+        free(stepwise);
+        return;
+    }
+    fuzz_assert(ac_state_set_threads(state, n_threads) == AC_OK, "set threads");
+    fuzz_assert(ac_logits(state, tokens, n, prefill) == AC_OK, "prefill");
+    fuzz_assert(ac_logits_stepwise(state, tokens, n, stepwise) == AC_OK, "stepwise");
+    fuzz_assert(same_floats(prefill, stepwise, (size_t)n * V), "prefill == stepwise");
     const float *logits = NULL;
-    fuzz_assert(ac_forward(state, token, 0, &logits) == AC_OK && logits, "forward at position 0");
-    if (c->seq_len > 1)
-        fuzz_assert(ac_forward(state, 0, 1, &logits) == AC_OK, "forward at position 1");
+    fuzz_assert(ac_forward(state, tokens[0], 0, &logits) == AC_OK && logits, "forward");
+    fuzz_assert(same_floats(logits, prefill, V), "forward == prefill row 0");
     fuzz_assert(ac_forward(state, c->vocab_size, 0, NULL) == AC_ERR_RANGE, "token out of range");
     fuzz_assert(ac_forward(state, 0, c->seq_len, NULL) == AC_ERR_RANGE, "position out of range");
     ac_sampler_params params = ac_sampler_default_params();
@@ -52,6 +78,20 @@ static void run_model(const ac_model *m, const ac_config *c, const uint8_t *data
         ac_sampler_free(sampler);
     }
     ac_state_free(state);
+    free(prefill);
+    free(stepwise);
+}
+
+/* A float32 model quantized to int8 (the smallest group size that fits) runs too. */
+static void run_quantized(const ac_model *m, const ac_config *c, const uint8_t *data, size_t size) {
+    if (c->group_size || c->dim % 4 || c->hidden_dim % 4) return;
+    ac_model *q = NULL;
+    fuzz_assert(ac_model_quantize(m, 4, &q) == AC_OK, "quantize with group size 4");
+    ac_config qc;
+    fuzz_assert(ac_model_config(q, &qc) == AC_OK && qc.version == 2 && qc.group_size == 4,
+                "quantized config");
+    run_model(q, &qc, data, size, 1);
+    ac_model_free(q);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
@@ -71,7 +111,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         fuzz_assert(c.dim > 0 && c.dim % c.n_heads == 0 && c.n_heads % c.n_kv_heads == 0 &&
                         (c.dim / c.n_heads) % 2 == 0 && c.vocab_size > 0 && c.seq_len > 0,
                     "a loaded config is valid");
-        if (is_tiny(&c)) run_model(m, &c, data, size);
+        if (is_tiny(&c)) {
+            run_model(m, &c, data, size, 1 + (size & 1)); /* 1 or 2 threads */
+            run_quantized(m, &c, data, size);
+        }
         ac_model_free(m);
     }
     free(copy);

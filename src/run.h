@@ -94,7 +94,8 @@ typedef struct {
     int group_size;        /* int8 weights (v2): values per scale group; 0 = float32 weights */
 } ac_config;
 
-/* Memory-maps the file at path read-only, validates it, and returns a model in *out.
+/* Memory-maps the file at path read-only, validates it, and returns a model in *out.  A path
+ * that is not a regular file (directory, FIFO, device) is AC_ERR_IO, refused without blocking.
  * Layout detected by the first four bytes: "ak42" (0x616b3432) = v1 or v2 (the version field
  * that follows), anything else = v0.
  *
@@ -159,7 +160,8 @@ AC_API int ac_logits_stepwise(ac_state *state, const int *tokens, int n_tokens, 
 typedef struct ac_tokenizer ac_tokenizer;
 
 /* Loads a llama2.c-layout tokenizer file holding exactly vocab_size pieces (the model's
- * vocab_size) and nothing after them. */
+ * vocab_size, AC_MIN_VOCAB..AC_MAX_VOCAB) and nothing after them.  Like ac_model_load, a
+ * path that is not a regular file (directory, FIFO, device) is AC_ERR_IO, without blocking. */
 AC_API int ac_tokenizer_load(const char *path, int vocab_size, ac_tokenizer **out);
 /* Same from memory; the bytes are copied, so the buffer may be freed after the call. */
 AC_API int ac_tokenizer_load_memory(const void *data, size_t size, int vocab_size,

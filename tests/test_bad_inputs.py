@@ -1,0 +1,488 @@
+"""Every bad input gets a clear error at every layer, never a crash or nonsense:
+
+* C: the AC_ERR_* result code, and ac_last_error() naming the file and what is wrong;
+* CLI: exit status 1 with that message on stderr (and nothing on stdout for load errors);
+* Python: arianna_c.AriannaError (a ValueError, with .code) or OSError for unusable paths.
+
+Also: prompts and sampler settings at the edges, breaking out of a stream, and the fuzz
+regression inputs in tests/fuzz_regressions/ replayed through the fuzz harnesses.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import struct
+import subprocess
+import threading
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+
+from conftest import REPO, TINY, byte_id, piece_id, synthetic_tokenizer, tiny_config
+
+from arianna_c import AriannaError, Model, formats
+
+HEADER_FIELDS = ["dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"]
+V1_PARAMS = 8  # byte offset of the seven int32 in a v1 header (after magic and version)
+INT32_MAX = 2**31 - 1
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def last_error(lib, ffi) -> str:
+    return ffi.string(lib.ac_last_error()).decode("utf-8", "replace")
+
+
+def c_load(lib, ffi, model: Path, tokenizer: Path) -> tuple[int, str]:
+    """Loads model then tokenizer (with the model's vocab_size) through the C API; returns the
+    first failure's (code, message), or (AC_OK, "")."""
+    m, t = ffi.new("ac_model **"), ffi.new("ac_tokenizer **")
+    try:
+        rc = lib.ac_model_load(os.fsencode(model), m)
+        if rc:
+            assert m[0] == ffi.NULL
+            return rc, last_error(lib, ffi)
+        cfg = ffi.new("ac_config *")
+        lib.ac_model_config(m[0], cfg)
+        rc = lib.ac_tokenizer_load(os.fsencode(tokenizer), cfg.vocab_size, t)
+        if rc:
+            assert t[0] == ffi.NULL
+            return rc, last_error(lib, ffi)
+        return 0, ""
+    finally:
+        lib.ac_tokenizer_free(t[0])
+        lib.ac_model_free(m[0])
+
+
+def cli(run_binary: Path, *args, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([str(run_binary), *map(str, args)], capture_output=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def model_loads(lib, ffi, path: Path) -> bool:
+    out = ffi.new("ac_model **")
+    ok = lib.ac_model_load(os.fsencode(path), out) == 0
+    lib.ac_model_free(out[0])
+    return ok
+
+
+def assert_rejected(lib, ffi, run_binary, model: Path, tokenizer: Path, code: int, needle: str,
+                    py_error: type = AriannaError) -> None:
+    """The same bad input fails the same way in C, in the CLI and in Python; the message starts
+    with the bad file's path."""
+    bad = tokenizer if model_loads(lib, ffi, model) else model
+    rc, msg = c_load(lib, ffi, model, tokenizer)
+    assert (rc, needle in msg) == (code, True), f"C: {ffi.string(lib.ac_strerror(rc))}: {msg}"
+    assert msg.startswith(f"{bad}: "), msg
+
+    r = cli(run_binary, model, "-z", tokenizer, "-n", "4", "-s", "1")
+    stderr = r.stderr.decode("utf-8", "replace")
+    assert r.returncode == 1, stderr
+    assert f"error: {msg}" in stderr
+    assert r.stdout == b""
+
+    with pytest.raises(py_error, match=re.escape(needle)) as info:
+        Model(model, tokenizer)
+    if py_error is AriannaError:
+        assert info.value.code == code
+
+
+@pytest.fixture
+def good(make_model):
+    """A valid v1 model (vocab 320) with its tokenizer."""
+    return make_model(seed=3, version=1)
+
+
+def patched_header(data: bytes, **fields: int) -> bytes:
+    """A v1 file with header fields replaced (weights unchanged)."""
+    out = bytearray(data)
+    for field, value in fields.items():
+        off = V1_PARAMS + 4 * HEADER_FIELDS.index(field)
+        out[off : off + 4] = struct.pack("<i", value)
+    return bytes(out)
+
+
+def write(folder: Path, name: str, data: bytes) -> Path:
+    path = folder / name
+    path.write_bytes(data)
+    return path
+
+
+# ---------------------------------------------------------------------------- model files
+
+
+def v0_bytes() -> bytes:
+    cfg = tiny_config(version=0)
+    return formats.model_bytes(cfg, formats.random_weights(cfg, seed=1))
+
+
+# name -> (bad bytes from the valid v1 file's bytes, expected message fragment)
+BAD_MODELS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
+    "empty": (lambda d: b"", "file is 0 bytes, shorter than a model header (28 bytes)"),
+    "shorter-than-v0-header": (lambda d: d[:27], "file is 27 bytes, shorter than a model header"),
+    "shorter-than-v1-header": (lambda d: d[:100], "file is 100 bytes, shorter than a v1 header (256 bytes)"),
+    "truncated-weights": (lambda d: d[:-4], "header implies"),
+    "truncated-v0": (lambda d: v0_bytes()[:-1], "header implies"),
+    "trailing-bytes": (lambda d: d + b"\0" * 4, "header implies"),
+    "trailing-bytes-v0": (lambda d: v0_bytes() + b"x", "header implies"),
+    "wrong-magic": (lambda d: b"GGUF" + d[4:], "is it a model file?"),
+    "unknown-version-99": (lambda d: d[:4] + struct.pack("<i", 99) + d[8:], "unknown model file version 99"),
+    "unknown-version-neg": (lambda d: d[:4] + struct.pack("<i", -1) + d[8:], "unknown model file version -1"),
+    "shared-classifier-2": (lambda d: d[:36] + b"\2" + d[37:], "shared_classifier is 2, expected 0 or 1"),
+    "vocab-below-specials": (lambda d: patched_header(d, vocab_size=2), "vocab_size is 2, below the minimum 3"),
+    "v0-vocab-int-min": (lambda d: struct.pack("<7i", 48, 96, 2, 6, 2, -(2**31), 64) + b"\0" * 64,
+                         "vocab_size is -2147483648, out of range"),
+    "n-heads-above-dim": (lambda d: patched_header(d, n_heads=96), "n_heads is 96, above the limit 48"),
+    "n-kv-above-n-heads": (lambda d: patched_header(d, n_kv_heads=12), "n_kv_heads is 12, above the limit 6"),
+    "dim-not-divisible": (lambda d: patched_header(d, n_heads=5), "dim 48 is not divisible by n_heads 5"),
+    "heads-not-divisible": (lambda d: patched_header(d, n_kv_heads=4), "n_heads 6 is not divisible by n_kv_heads 4"),
+    "odd-head-size": (lambda d: patched_header(d, n_heads=16, n_kv_heads=16), "head size 3 (dim / n_heads) is odd"),
+}
+for _field in HEADER_FIELDS:
+    BAD_MODELS[f"zero-{_field}"] = (lambda d, f=_field: patched_header(d, **{f: 0}),
+                                    f"header field {_field} is 0, must be positive")
+    BAD_MODELS[f"negative-{_field}"] = (lambda d, f=_field: patched_header(d, **{f: -7}),
+                                        f"header field {_field} is -7, must be positive")
+    # every field huge: bounds are checked before any product is formed (64-bit overflow)
+    BAD_MODELS[f"huge-{_field}"] = (lambda d, f=_field: patched_header(d, **{f: INT32_MAX}),
+                                    f"header field {_field} is {INT32_MAX}, above the limit")
+
+
+@pytest.mark.parametrize("case", list(BAD_MODELS))
+def test_bad_model_file(lib, ffi, run_binary, good, tmp_path, case):
+    build, needle = BAD_MODELS[case]
+    bad = write(tmp_path, f"{case}.bin", build(good.model.read_bytes()))
+    assert_rejected(lib, ffi, run_binary, bad, good.tokenizer, lib.AC_ERR_FORMAT, needle)
+
+
+def test_bad_model_from_memory_names_the_buffer(good):
+    for case in ("empty", "truncated-weights", "odd-head-size"):
+        build, needle = BAD_MODELS[case]
+        with pytest.raises(AriannaError, match="<memory>: ") as info:
+            Model(build(good.model.read_bytes()), good.tokenizer.read_bytes())
+        assert needle in str(info.value) and info.value.name == "AC_ERR_FORMAT"
+
+
+def test_products_overflowing_32_bits_report_the_exact_64_bit_size(lib, ffi, run_binary, good, tmp_path):
+    """dim * hidden_dim * n_layers * 3 * 4 bytes is ~2^48: each field is within its bound, the
+    products are formed in 64 bits and the size check names the exact expected size."""
+    big = dict(dim=65536, hidden_dim=1 << 20, n_layers=1024, n_heads=256, n_kv_heads=256,
+               vocab_size=1 << 24, seq_len=1 << 20)
+    bad = write(tmp_path, "big.bin", patched_header(good.model.read_bytes(), **big))
+    expected = formats.expected_file_size(formats.ModelConfig(**big, version=1))
+    assert expected > 2**48
+    assert_rejected(lib, ffi, run_binary, bad, good.tokenizer, lib.AC_ERR_FORMAT,
+                    f"header implies {expected} (dim=65536 hidden_dim=1048576")
+
+
+def test_tokenizer_passed_as_model(lib, ffi, run_binary, good):
+    assert_rejected(lib, ffi, run_binary, good.tokenizer, good.tokenizer, lib.AC_ERR_FORMAT,
+                    "read as a legacy llama2.c v0 header: is it a model file?")
+
+
+def test_missing_model_in_missing_folder(lib, ffi, run_binary, good, tmp_path):
+    missing = tmp_path / "no-such-dir" / "model.bin"
+    rc, msg = c_load(lib, ffi, missing, good.tokenizer)
+    assert rc == lib.AC_ERR_IO and msg == f"{missing}: cannot open model file: No such file or directory"
+    r = cli(run_binary, missing, "-z", good.tokenizer)
+    assert r.returncode == 1 and f"error: {msg}" in r.stderr.decode()
+    with pytest.raises(FileNotFoundError, match="model file not found"):
+        Model(missing, good.tokenizer)
+
+
+def test_directory_as_model(lib, ffi, run_binary, good, tmp_path):
+    rc, msg = c_load(lib, ffi, tmp_path, good.tokenizer)
+    assert rc == lib.AC_ERR_IO and msg == f"{tmp_path}: cannot use it as the model file: it is a directory, not a regular file"
+    r = cli(run_binary, tmp_path, "-z", good.tokenizer)
+    assert r.returncode == 1 and f"error: {msg}" in r.stderr.decode()
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        Model(tmp_path, good.tokenizer)
+
+
+def call_with_timeout(fn: Callable[[], object], seconds: float = 20) -> object:
+    """fn() in a daemon thread: a call that blocks forever fails the test instead of hanging it."""
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(_capture(fn)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert result, f"the call blocked for more than {seconds} s"
+    return result[0]
+
+
+def _capture(fn: Callable[[], object]) -> object:
+    try:
+        return fn()
+    except BaseException as e:  # returned, so the test thread can inspect it
+        return e
+
+
+def test_fifo_as_model_or_tokenizer_does_not_block(lib, ffi, run_binary, good, tmp_path):
+    """Opening a FIFO for reading waits for a writer; the loaders must refuse it at once."""
+    fifo = tmp_path / "fifo.bin"
+    os.mkfifo(fifo)
+    rc, msg = call_with_timeout(lambda: c_load(lib, ffi, fifo, good.tokenizer))
+    assert rc == lib.AC_ERR_IO and "it is a special file, not a regular file" in msg
+    rc, msg = call_with_timeout(lambda: c_load(lib, ffi, good.model, fifo))
+    assert rc == lib.AC_ERR_IO and msg.startswith(f"{fifo}: cannot use it as the tokenizer file")
+    r = cli(run_binary, fifo, "-z", good.tokenizer, timeout=20)
+    assert r.returncode == 1 and b"special file" in r.stderr
+    error = call_with_timeout(lambda: Model(fifo, good.tokenizer))
+    assert isinstance(error, OSError) and "special file" in str(error)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files regardless of their permissions")
+def test_unreadable_model(lib, ffi, run_binary, good):
+    good.model.chmod(0)
+    rc, msg = c_load(lib, ffi, good.model, good.tokenizer)
+    assert rc == lib.AC_ERR_IO and "Permission denied" in msg
+    assert cli(run_binary, good.model, "-z", good.tokenizer).returncode == 1
+    with pytest.raises(OSError, match="Permission denied"):
+        Model(good.model, good.tokenizer)
+
+
+def test_nul_in_path_is_an_argument_error(good):
+    with pytest.raises(AriannaError, match="contains a NUL byte"):
+        Model(str(good.model) + "\0x", good.tokenizer)
+
+
+# ---------------------------------------------------------------------------- tokenizer files
+
+V = TINY["vocab_size"]
+
+
+def tokenizer_file(pieces: list[bytes], scores: list[float], max_len: Optional[int] = None) -> bytes:
+    data = bytearray(formats.tokenizer_bytes(pieces, scores))
+    if max_len is not None:
+        data[0:4] = struct.pack("<i", max_len)
+    return bytes(data)
+
+
+def last_piece_offset(data: bytes, pieces: list[bytes]) -> int:
+    return len(data) - len(pieces[-1]) - 8
+
+
+def damaged_tokenizer(damage: str) -> bytes:
+    pieces, scores = synthetic_tokenizer(V)
+    data = bytearray(tokenizer_file(pieces, scores))
+    last = last_piece_offset(bytes(data), pieces)
+    if damage == "length-past-end":
+        data[last + 4 : last + 8] = struct.pack("<i", len(pieces[-1]) + 1)
+    elif damage == "negative-length":
+        data[last + 4 : last + 8] = struct.pack("<i", -5)
+    elif damage == "nan-score":
+        data[last : last + 4] = struct.pack("<f", math.nan)
+    elif damage == "truncated-piece-header":
+        data = data[: last + 3]
+    return bytes(data)
+
+
+# name -> (file bytes, code name, message fragment)
+BAD_TOKENIZERS = {
+    "fewer-pieces": (lambda: tokenizer_file(*[x[:-1] for x in synthetic_tokenizer(V)]), "AC_ERR_MISMATCH",
+                     f"tokenizer has {V - 1} pieces but the model's vocab_size is {V}"),
+    "more-pieces": (lambda: tokenizer_file(*synthetic_tokenizer(V + 1)), "AC_ERR_MISMATCH",
+                    f"tokenizer has {V + 1} pieces but the model's vocab_size is {V}"),
+    "length-past-end": (lambda: damaged_tokenizer("length-past-end"), "AC_ERR_FORMAT",
+                        f"piece {V - 1} (length "),
+    "negative-length": (lambda: damaged_tokenizer("negative-length"), "AC_ERR_FORMAT",
+                        f"piece {V - 1} has length -5, expected 0..6 (max_token_length)"),
+    "max-len-below-a-piece": (lambda: tokenizer_file(*synthetic_tokenizer(V), max_len=5), "AC_ERR_FORMAT",
+                              "piece 3 has length 6, expected 0..5 (max_token_length)"),
+    "negative-max-len": (lambda: tokenizer_file(*synthetic_tokenizer(V), max_len=-1), "AC_ERR_FORMAT",
+                         "max_token_length is -1, expected 0..65536"),
+    "nan-score": (lambda: damaged_tokenizer("nan-score"), "AC_ERR_FORMAT", f"piece {V - 1} has a NaN score"),
+    "truncated-piece-header": (lambda: damaged_tokenizer("truncated-piece-header"), "AC_ERR_FORMAT",
+                               f"piece {V - 1} header runs past the end of the file"),
+    "empty": (lambda: b"", "AC_ERR_FORMAT", "0 bytes is too short for a tokenizer header"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TOKENIZERS))
+def test_bad_tokenizer_file(lib, ffi, run_binary, good, tmp_path, case):
+    build, code_name, needle = BAD_TOKENIZERS[case]
+    tok = write(tmp_path, f"{case}.tok", build())
+    assert_rejected(lib, ffi, run_binary, good.model, tok, getattr(lib, code_name), needle)
+
+
+def test_model_passed_as_tokenizer(lib, ffi, run_binary, good):
+    # a v1 model's first int32 is the magic: far above the longest piece allowed
+    assert_rejected(lib, ffi, run_binary, good.model, good.model, lib.AC_ERR_FORMAT,
+                    "max_token_length is 1634415666, expected 0..65536")
+
+
+def test_vocabulary_without_special_tokens(lib, ffi):
+    data = tokenizer_file([b"<unk>", b"<s>"], [0.0, 0.0])
+    out = ffi.new("ac_tokenizer **")
+    assert lib.ac_tokenizer_load_memory(data, len(data), 2, b"two.tok", out) == lib.AC_ERR_ARG
+    assert last_error(lib, ffi) == "two.tok: vocab_size 2 is outside 3..16777216"
+
+
+# ---------------------------------------------------------------------------- prompts, settings
+
+
+def test_empty_prompt_starts_from_bos(run_binary, good):
+    with Model(good.model, good.tokenizer) as m:
+        text = m.generate("", max_new_tokens=10, seed=4)
+        assert text == m.generate(b"", max_new_tokens=10, seed=4)
+    r = cli(run_binary, good.model, "-z", good.tokenizer, "-n", "10", "-s", "4", "-t", "0.8", "-i", "")
+    assert r.returncode == 0
+    assert r.stdout.decode("utf-8", "replace") == text + "\n"
+
+
+def test_prompt_longer_than_seq_len_is_an_error_everywhere(lib, ffi, run_binary, make_model):
+    files = make_model(seed=2, seq_len=16)
+    prompt = "the " * 20  # far more than 16 tokens
+    with Model(files.model, files.tokenizer) as m:
+        n = len(m.encode(prompt))
+        with pytest.raises(AriannaError, match=f"the prompt is {n} tokens .BOS included. but the model's seq_len is 16") as info:
+            m.stream(prompt)  # raised by the call itself, before the first piece
+        assert info.value.name == "AC_ERR_RANGE"
+        # exactly seq_len tokens fit (nothing can be generated after them)
+        fits = m.decode(m.encode(prompt)[1:16])
+        assert len(m.encode(fits)) == 16
+        assert m.generate(fits, max_new_tokens=5, seed=1) == ""
+    r = cli(run_binary, files.model, "-i", prompt, "-n", "4")
+    assert r.returncode == 1
+    assert f"error: the prompt is {n} tokens (BOS included) but the model's seq_len is 16".encode() in r.stderr
+
+
+def count_generated(lib, ffi, files, prompt: bytes, steps: int) -> int:
+    """ac_generate's token count (greedy), with the session's position checked."""
+    m, t, s = ffi.new("ac_model **"), ffi.new("ac_tokenizer **"), ffi.new("ac_session **")
+    assert lib.ac_model_load(os.fsencode(files.model), m) == 0
+    assert lib.ac_tokenizer_load(os.fsencode(files.tokenizer), files.cfg.vocab_size, t) == 0
+    params = lib.ac_sampler_default_params()
+    params.temperature = 0.0
+    assert lib.ac_session_create(m[0], t[0], ffi.new("ac_sampler_params *", params), s) == 0
+    n = ffi.new("int *")
+    try:
+        assert lib.ac_generate(s[0], prompt, len(prompt), steps, ffi.NULL, ffi.NULL, n) == 0
+        assert lib.ac_session_position(s[0]) <= files.cfg.seq_len
+        return n[0]
+    finally:
+        lib.ac_session_free(s[0])
+        lib.ac_tokenizer_free(t[0])
+        lib.ac_model_free(m[0])
+
+
+def test_steps_beyond_seq_len_are_clamped(lib, ffi, run_binary, scripted_model):
+    """Prompt + generated tokens never exceed seq_len, whatever max_new_tokens says."""
+    # greedily BOS -> a -> b -> ... -> z: longer than the context, so it never ends the text
+    files = scripted_model([1] + [byte_id(c) for c in b"abcdefghijklmnopqrstuvwxyz"], seq_len=12)
+    assert count_generated(lib, ffi, files, b"", 10_000) == 11  # seq_len 12 minus BOS
+    with Model(files.model, files.tokenizer) as m:
+        assert m.generate("", max_new_tokens=10_000, temperature=0) == "abcdefghijk"
+    r = cli(run_binary, files.model, "-n", "10000", "-t", "0")
+    assert (r.returncode, r.stdout) == (0, b"abcdefghijk\n")
+
+
+BAD_SETTINGS = [
+    (dict(temperature=-0.5), ["-t", "-0.5"], "temperature -0.5 is invalid: it must be >= 0"),
+    (dict(temperature=math.nan), ["-t", "nan"], "temperature nan is invalid"),
+    (dict(top_p=0.0), ["-p", "0"], "top_p 0 is invalid: it must be in (0, 1]"),
+    (dict(top_p=1.5), ["-p", "1.5"], "top_p 1.5 is invalid"),
+    (dict(top_p=-0.1), ["-p", "-0.1"], "top_p -0.1 is invalid"),
+    (dict(top_p=math.nan), ["-p", "nan"], "top_p nan is invalid"),
+    (dict(top_k=-1), ["-k", "-1"], "top_k -1 is invalid: it must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("kwargs, flags, needle", BAD_SETTINGS, ids=[n for _, _, n in BAD_SETTINGS])
+def test_bad_sampler_settings(lib, ffi, run_binary, good, kwargs, flags, needle):
+    params = lib.ac_sampler_default_params()
+    for key, value in kwargs.items():
+        setattr(params, key, value)
+    out = ffi.new("ac_sampler **")
+    assert lib.ac_sampler_create(ffi.new("ac_sampler_params *", params), V, out) == lib.AC_ERR_ARG
+    assert needle in last_error(lib, ffi) and out[0] == ffi.NULL
+    r = cli(run_binary, good.model, "-z", good.tokenizer, *flags, "-n", "4")
+    assert r.returncode == 1 and needle.encode() in r.stderr
+    with Model(good.model, good.tokenizer) as m:
+        with pytest.raises(AriannaError, match=re.escape(needle)) as info:
+            m.stream("hi", **kwargs)  # checked by the call, before the first piece
+        assert info.value.name == "AC_ERR_ARG"
+        assert m.generate("hi", max_new_tokens=3, seed=1) is not None  # still usable
+
+
+def test_nul_bytes_in_a_prompt_are_byte_tokens(good):
+    with Model(good.model, good.tokenizer) as m:
+        ids = m.encode("a\x00b")
+        assert ids == [1, piece_id(b" a"), byte_id(0), piece_id(b"b")]
+        assert m.decode(ids) == "ab"  # control bytes decode to nothing
+        assert m.encode(b"a\x00b") == ids
+        assert isinstance(m.generate("a\x00b", max_new_tokens=8, seed=2), str)
+
+
+def test_invalid_utf8_prompts(run_binary, good):
+    bad = b"\xff\xfe \xc3( \xed\xa0\x80"  # stray bytes, a broken pair, an encoded surrogate
+    with Model(good.model, good.tokenizer) as m:
+        ids = m.encode(bad)
+        assert byte_id(0xFF) in ids and byte_id(0xC3) in ids and byte_id(0xED) in ids
+        assert m.encode("\ud800") == m.encode(b"\xed\xa0\x80")  # a lone surrogate, as its bytes
+        text = m.generate(bad, max_new_tokens=8, seed=3, temperature=0)
+        assert isinstance(text, str)
+        with pytest.raises(TypeError, match="str or bytes"):
+            m.encode(42)  # type: ignore[arg-type]
+    r = cli(run_binary, good.model, "-z", good.tokenizer, "-i", os.fsdecode(bad), "-n", "8", "-t", "0")
+    assert r.returncode == 0
+    assert r.stdout.startswith(bad)  # the CLI echoes the prompt's bytes unchanged
+    assert r.stdout[len(bad):].decode("utf-8", "replace") == text + "\n"
+
+
+def test_breaking_out_of_a_stream_leaves_the_model_usable(good):
+    kwargs = dict(max_new_tokens=40, temperature=0.9, seed=12)
+    with Model(good.model, good.tokenizer) as fresh:
+        want = fresh.generate("the thing", **kwargs)
+    assert len(want) > 5
+    with Model(good.model, good.tokenizer) as m:
+        got = []
+        for piece in m.stream("the thing", **kwargs):
+            got.append(piece)
+            if len(got) == 3:
+                break
+        assert want.startswith("".join(got))
+        abandoned = m.stream("the thing", **kwargs)
+        next(abandoned)  # left suspended, never closed: must not disturb other calls
+        assert m.generate("the thing", **kwargs) == want
+        assert "".join(m.stream("the thing", **kwargs)) == want
+        abandoned.close()
+        assert m.generate("the thing", **kwargs) == want
+
+
+# ---------------------------------------------------------------------------- fuzz regressions
+
+REGRESSIONS = REPO / "tests" / "fuzz_regressions"
+HARNESSES = ["fuzz_model_load", "fuzz_tokenizer_load", "fuzz_encode"]
+
+
+@pytest.fixture(scope="session")
+def replay_binaries(built) -> Path:
+    """The fuzz harnesses built as plain programs (`make fuzz-replay`, no clang needed)."""
+    r = subprocess.run(["make", "-s", "fuzz-replay"], cwd=REPO, capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail(f"make fuzz-replay failed:\n{r.stdout}\n{r.stderr}")
+    return REPO / "build-fuzz"
+
+
+@pytest.mark.parametrize("harness", HARNESSES)
+def test_fuzz_regressions_replay_cleanly(replay_binaries, harness):
+    files = sorted(p for p in (REGRESSIONS / harness).glob("*") if p.is_file())
+    assert files, f"no regression inputs in {REGRESSIONS / harness}"
+    r = subprocess.run([str(replay_binaries / f"replay_{harness}"), *map(str, files)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("ok ") == len(files)
+
+
+def test_fuzz_regression_models_through_python(good):
+    """The model crashers also load (or fail cleanly) through the Python API."""
+    for path in sorted((REGRESSIONS / "fuzz_model_load").glob("*")):
+        try:
+            with Model(path.read_bytes(), good.tokenizer.read_bytes()) as m:
+                m.logits([0])
+        except AriannaError as e:
+            assert str(e).startswith("<memory>: ") and e.name in ("AC_ERR_FORMAT", "AC_ERR_MISMATCH")
