@@ -453,6 +453,73 @@ def test_breaking_out_of_a_stream_leaves_the_model_usable(good):
         assert m.generate("the thing", **kwargs) == want
 
 
+# ---------------------------------------------------------------------------- int8 (v2) files
+
+GROUP_SIZE_OFFSET = 37  # int32 after the shared_classifier byte of a v2 header
+
+
+def with_group_size(data: bytes, group_size: int) -> bytes:
+    return data[:GROUP_SIZE_OFFSET] + struct.pack("<i", group_size) + data[GROUP_SIZE_OFFSET + 4 :]
+
+
+# name -> (bad bytes from a valid v2 file's bytes, expected message fragment)
+BAD_INT8_MODELS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
+    "truncated": (lambda d: d[:-4], "header implies"),
+    "trailing-bytes": (lambda d: d + b"\0" * 4, "header implies"),
+    "header-only": (lambda d: d[:256], "file is 256 bytes, header implies"),
+    "read-as-float32": (lambda d: d[:4] + struct.pack("<i", 1) + d[8:], "header implies"),
+    "group-size-0": (lambda d: with_group_size(d, 0), "header field group_size is 0, must be a positive multiple of 4"),
+    "group-size-negative": (lambda d: with_group_size(d, -32), "header field group_size is -32"),
+    "group-size-not-multiple-of-4": (lambda d: with_group_size(d, 6), "header field group_size is 6"),
+    "group-size-huge": (lambda d: with_group_size(d, 1 << 30), "group_size 1073741824 does not divide dim 48"),
+    "group-size-not-dividing-dim": (lambda d: with_group_size(d, 32), "group_size 32 does not divide dim 48"),
+    "group-size-not-dividing-hidden": (lambda d: patched_header(with_group_size(d, 4), hidden_dim=98),
+                                       "group_size 4 does not divide hidden_dim 98"),
+}
+
+
+@pytest.fixture
+def good_int8(good, tmp_path) -> Path:
+    """good's model quantized to int8 and saved as a v2 file (group size 16)."""
+    lib_path = tmp_path / "int8.bin"
+    from arianna_c._lib import ffi, load
+
+    lib = load()
+    src, q = ffi.new("ac_model **"), ffi.new("ac_model **")
+    assert lib.ac_model_load(os.fsencode(good.model), src) == 0
+    try:
+        assert lib.ac_model_quantize(src[0], 16, q) == 0
+        assert lib.ac_model_save(q[0], os.fsencode(lib_path)) == 0
+    finally:
+        lib.ac_model_free(q[0])
+        lib.ac_model_free(src[0])
+    return lib_path
+
+
+@pytest.mark.parametrize("case", list(BAD_INT8_MODELS))
+def test_bad_int8_model_file(lib, ffi, run_binary, good, good_int8, tmp_path, case):
+    data = good_int8.read_bytes()
+    assert struct.unpack_from("<i", data, 4)[0] == 2
+    with Model(good_int8, good.tokenizer) as m:  # the unbroken file loads and runs
+        assert m.config.version == 2 and m.generate("the", max_new_tokens=3, seed=1) is not None
+    build, needle = BAD_INT8_MODELS[case]
+    bad = write(tmp_path, f"int8-{case}.bin", build(data))
+    assert_rejected(lib, ffi, run_binary, bad, good.tokenizer, lib.AC_ERR_FORMAT, needle)
+
+
+def test_batch_generation_rejects_bad_prompts_and_settings(good):
+    with Model(good.model, good.tokenizer) as m:
+        with pytest.raises(AriannaError, match="top_p 2 is invalid"):
+            m.generate_batch(["a", "b"], max_new_tokens=4, top_p=2.0)
+        with pytest.raises(AriannaError, match="seq_len is 64"):
+            m.generate_batch(["a", "the " * 80], max_new_tokens=4)
+        with pytest.raises(TypeError, match="str or bytes"):
+            m.generate_batch(["a", 7], max_new_tokens=4)  # type: ignore[list-item]
+        texts = m.generate_batch([b"\xff\x00", ""], max_new_tokens=6, seed=3)
+        assert texts == [m.generate(b"\xff\x00", max_new_tokens=6, seed=3),
+                         m.generate("", max_new_tokens=6, seed=4)]
+
+
 # ---------------------------------------------------------------------------- fuzz regressions
 
 REGRESSIONS = REPO / "tests" / "fuzz_regressions"
