@@ -745,7 +745,9 @@ static void rmsnorm(float *o, const float *x, const float *w, int n) {
     for (int j = 0; j < n; j++) o[j] = (x[j] * scale) * w[j];
 }
 
-static void softmax(float *x, int n) {
+/* x = softmax(x); returns the sum of the exponentials: in [1, n] unless x held an infinity
+ * or a NaN (then it is NaN and so is every x[i]). */
+static float softmax(float *x, int n) {
     float max = x[0];
     for (int i = 1; i < n; i++)
         if (x[i] > max) max = x[i];
@@ -755,6 +757,7 @@ static void softmax(float *x, int n) {
         sum += x[i];
     }
     for (int i = 0; i < n; i++) x[i] /= sum;
+    return sum;
 }
 
 /* Rotates the interleaved pairs (v[2i], v[2i+1]) of each of the n_heads heads of v by the
@@ -1594,7 +1597,12 @@ AC_API int ac_sample(ac_sampler *s, const float *logits, int *token) {
     }
     float *probs = s->probs;
     for (int i = 0; i < V; i++) probs[i] = logits[i] / p->temperature;
-    softmax(probs, V);
+    if (!isfinite(softmax(probs, V))) {
+        /* a temperature so small that logits / temperature overflow (whose limit is greedy
+         * decoding), or NaN logits from a corrupt model: greedy, never an arbitrary token */
+        *token = argmax(logits, V);
+        return AC_OK;
+    }
     float coin = rng_float(&s->rng);
     int use_k = p->top_k > 0 && p->top_k < V, use_p = p->top_p < 1.0f;
     if (!use_k && !use_p) {

@@ -408,6 +408,29 @@ def test_bad_sampler_settings(lib, ffi, run_binary, good, kwargs, flags, needle)
         assert m.generate("hi", max_new_tokens=3, seed=1) is not None  # still usable
 
 
+def test_extreme_temperatures_and_non_finite_logits_sample_greedily(lib, ffi, good):
+    """Logits / temperature overflowing (a tiny temperature), or NaN / inf logits from a corrupt
+    model, make softmax NaN: the sampler then picks the argmax, never an arbitrary token."""
+    with Model(good.model, good.tokenizer) as m:
+        greedy = m.generate("the", max_new_tokens=12, temperature=0)
+        for temperature in (1e-45, 1e-40):
+            for top_p, top_k in ((1.0, 0), (0.9, 0), (1.0, 5)):
+                assert m.generate("the", max_new_tokens=12, temperature=temperature, top_p=top_p,
+                                  top_k=top_k, seed=1) == greedy
+    cases = [([0.5, math.nan, 3.0, -math.inf, 2.0], 2), ([0.0, math.inf, 1.0, 5.0, -1.0], 1),
+             ([math.nan] * 5, 0)]
+    for logits, want in cases:
+        for top_p, top_k in ((1.0, 0), (0.5, 0), (1.0, 2)):
+            params = ffi.new("ac_sampler_params *", {"temperature": 1.0, "top_p": top_p, "top_k": top_k, "seed": 3})
+            sampler, token = ffi.new("ac_sampler **"), ffi.new("int *")
+            assert lib.ac_sampler_create(params, 5, sampler) == 0
+            try:
+                assert lib.ac_sample(sampler[0], ffi.new("float[]", logits), token) == 0
+            finally:
+                lib.ac_sampler_free(sampler[0])
+            assert token[0] == want, (logits, top_p, top_k)
+
+
 def test_nul_bytes_in_a_prompt_are_byte_tokens(good):
     with Model(good.model, good.tokenizer) as m:
         ids = m.encode("a\x00b")
