@@ -234,6 +234,7 @@ static int generate(ac_session *s, const ac_tokenizer *tok, const options *o, in
     int rc = prompt_tokens ? ac_generate(s, prompt, strlen(prompt), steps, print_piece, &sp, NULL)
                            : AC_ERR_NOMEM;
     printf("\n");
+    fflush(stdout); /* the text ends before the speed report on stderr */
     if (rc) {
         fprintf(stderr, "error: %s\n", ac_last_error());
         return 1;
