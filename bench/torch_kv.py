@@ -13,52 +13,17 @@ from __future__ import annotations
 import time
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 BOS, EOS = 1, 2
 
-# model-file weight name -> Transformer parameter name (layer index filled in)
-_LAYER_PARAMS = {
-    "rms_att": "layers.{}.attention_norm.weight",
-    "wq": "layers.{}.attention.wq.weight",
-    "wk": "layers.{}.attention.wk.weight",
-    "wv": "layers.{}.attention.wv.weight",
-    "wo": "layers.{}.attention.wo.weight",
-    "rms_ffn": "layers.{}.ffn_norm.weight",
-    "w1": "layers.{}.feed_forward.w1.weight",
-    "w2": "layers.{}.feed_forward.w2.weight",
-    "w3": "layers.{}.feed_forward.w3.weight",
-}
-
 
 def load_model(path: str):
     """A Transformer (eval mode) holding a model file's weights."""
-    try:
-        from arianna_c.export import torch_from_bin
-    except ImportError:
-        torch_from_bin = None
-    if torch_from_bin is not None:
-        return torch_from_bin(path)
-    from arianna_c.formats import read_model
-    from arianna_c.model import ModelArgs, Transformer
+    from arianna_c.export import torch_from_bin
 
-    cfg, weights = read_model(path)
-    args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                     vocab_size=cfg.vocab_size, hidden_dim=cfg.hidden_dim, max_seq_len=cfg.seq_len,
-                     tied=cfg.shared_classifier)
-    model = Transformer(args)
-    t = lambda a: torch.from_numpy(np.array(a, dtype=np.float32))  # noqa: E731 (copies)
-    state = {"tok_embeddings.weight": t(weights["token_embedding"]), "norm.weight": t(weights["rms_final"])}
-    for name, pattern in _LAYER_PARAMS.items():
-        for layer in range(cfg.n_layers):
-            state[pattern.format(layer)] = t(weights[name][layer])
-    state["output.weight"] = state["tok_embeddings.weight"] if cfg.shared_classifier else t(weights["wcls"])
-    model.load_state_dict(state, strict=True)
-    if cfg.shared_classifier:
-        model.output.weight = model.tok_embeddings.weight
-    return model.eval()
+    return torch_from_bin(path)
 
 
 class KVDecoder:
