@@ -216,8 +216,8 @@ def test_module_level_helpers_use_the_bundled_persona(monkeypatch, make_model, b
 
 
 def test_default_model_path_when_absent(tmp_path, monkeypatch):
-    if (REPO / "persona" / "arianna_v1_base.bin").exists():
-        pytest.skip("the persona is present")
+    # a package directory with no persona beside it or inside it
+    monkeypatch.setattr(arianna_c, "_PACKAGE_DIR", tmp_path / "pkg" / "arianna_c")
     with pytest.raises(FileNotFoundError, match="arianna_v1_base.bin"):
         Model()
 

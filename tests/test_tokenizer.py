@@ -62,12 +62,12 @@ def test_encode_equals_sentencepiece(model_with_sp, sp_tok, text, built):
 
 @pytest.mark.parametrize("text", TEXTS, ids=range(len(TEXTS)))
 def test_decode_inverts_encode(model_with_sp, text, built):
-    if any(ord(c) < 0x20 and c not in "\n\t\r" or c == "\x7f" for c in text):
-        pytest.skip("control characters are dropped by design")
+    # decode drops raw control characters other than \n \t \r by design; all else round-trips
+    expected = "".join(c for c in text if not (ord(c) < 0x20 and c not in "\n\t\r" or c == "\x7f"))
     ids = model_with_sp.encode(text)
     assert ids[0] == 1
-    assert model_with_sp.decode(ids) == text
-    assert model_with_sp.decode(model_with_sp.encode(text, bos=False)) == text
+    assert model_with_sp.decode(ids) == expected
+    assert model_with_sp.decode(model_with_sp.encode(text, bos=False)) == expected
 
 
 def test_random_strings_match_sentencepiece(model_with_sp, sp_tok):
