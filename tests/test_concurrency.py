@@ -64,10 +64,10 @@ def test_one_model_shared_by_four_threads(make_model):
 
 @pytest.fixture
 def slow_model(make_model):
-    """A model big enough that one ac_logits call over its whole context takes a while
-    (about 120 M multiply-adds)."""
-    return make_model(seed=9, dim=128, hidden_dim=384, n_layers=4, n_heads=4, n_kv_heads=4,
-                      vocab_size=512, seq_len=128)
+    """A model big enough that one token-by-token ac_logits call over its whole context takes
+    a while even on an idle machine (about 500 M multiply-adds)."""
+    return make_model(seed=9, dim=192, hidden_dim=512, n_layers=4, n_heads=4, n_kv_heads=4,
+                      vocab_size=1024, seq_len=256)
 
 
 def test_a_long_c_call_releases_the_gil(slow_model):
@@ -93,7 +93,7 @@ def test_a_long_c_call_releases_the_gil(slow_model):
             while not ticks:
                 time.sleep(0.001)
             t0 = time.perf_counter()
-            m.logits(tokens)  # a single C call
+            m.logits(tokens, stepwise=True)  # a single C call
             t1 = time.perf_counter()
     finally:
         stop.set()
