@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from arianna_c.formats import ModelConfig
+
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "roofline.c"
 
@@ -81,36 +83,28 @@ def parse_roofline(stdout: str) -> dict:
 
 @dataclass(frozen=True)
 class Shape:
-    dim: int
-    hidden_dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    vocab_size: int
-    seq_len: int
+    """The bytes and FLOPs per token of a model of cfg's shape (a formats.ModelConfig)."""
+
+    cfg: ModelConfig
 
     @classmethod
-    def of(cls, cfg) -> "Shape":
-        return cls(cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads,
-                   cfg.vocab_size, cfg.seq_len)
-
-    @property
-    def kv_dim(self) -> int:
-        return self.n_kv_heads * (self.dim // self.n_heads)
+    def of(cls, cfg: ModelConfig) -> "Shape":
+        return cls(cfg)
 
     @property
     def matmul_params(self) -> int:
         """Weights multiplied per token: attention + FFN of every layer, and the classifier."""
-        D, H, KV, L, V = self.dim, self.hidden_dim, self.kv_dim, self.n_layers, self.vocab_size
+        c = self.cfg
+        D, H, KV, L, V = c.dim, c.hidden_dim, c.kv_dim, c.n_layers, c.vocab_size
         return L * (2 * D * D + 2 * D * KV + 3 * D * H) + V * D
 
     @property
     def norm_params(self) -> int:
-        return (2 * self.n_layers + 1) * self.dim
+        return (2 * self.cfg.n_layers + 1) * self.cfg.dim
 
     def kv_bytes_read(self, pos: float) -> float:
         """float32 KV cache read (keys and values of every layer) by a token at position pos."""
-        return 4.0 * self.n_layers * 2 * self.kv_dim * (pos + 1)
+        return 4.0 * self.cfg.n_layers * 2 * self.cfg.kv_dim * (pos + 1)
 
     def bytes_per_token(self, dtype: str, avg_pos: float) -> float:
         """Bytes one decode step reads: weights (+ int8 scales), norms, the token's embedding row
@@ -119,7 +113,7 @@ class Shape:
             weights = self.matmul_params * (1.0 + 4.0 / INT8_GROUP)
         else:
             weights = 4.0 * self.matmul_params
-        return weights + 4.0 * (self.norm_params + self.dim) + self.kv_bytes_read(avg_pos)
+        return weights + 4.0 * (self.norm_params + self.cfg.dim) + self.kv_bytes_read(avg_pos)
 
     def weight_bytes(self, dtype: str) -> float:
         return self.bytes_per_token(dtype, -1.0)
@@ -127,7 +121,7 @@ class Shape:
     def flops_per_token(self, avg_pos: float) -> float:
         """2 FLOP per multiply-add of the matrices, plus attention (q.k and att.v over pos+1
         positions in every layer); elementwise work (norms, RoPE, SiLU, softmax) left out."""
-        return 2.0 * self.matmul_params + 4.0 * self.n_layers * self.dim * (avg_pos + 1)
+        return 2.0 * self.matmul_params + 4.0 * self.cfg.n_layers * self.cfg.dim * (avg_pos + 1)
 
 
 def decode_roofline(shape: Shape, dtype: str, avg_pos: float, gbs: Optional[float]) -> Optional[float]:
