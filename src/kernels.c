@@ -124,17 +124,32 @@ AVX2_FN static void axpy_avx2(float *y, float a, const float *x, int n) {
 
 /* ---------------------------------------------------------------- float32 GEMM */
 
+/* Single-token decode (T = 1) reads every weight once, so it waits on memory, not on
+ * arithmetic, and the hardware prefetcher alone does not keep up with it: the T = 1 kernels
+ * also prefetch in software, about PREFETCH_BYTES ahead, in whole rows (so strided rows
+ * such as the attention's key cache are fetched too).  Measured on the persona, 2-core AMD
+ * EPYC (AVX2), medians of 11 interleaved runs: float32 walked one row at a time with the
+ * prefetch decodes 1.5x (1 thread) to 1.7x (2 threads) faster than 4-row tiles without it,
+ * and 1.3x faster than 2- or 4-row tiles with it; int8 (a quarter of the bytes, mostly in
+ * L3) is best in 4-row tiles with the prefetch, 1.4-1.7x over the same without. */
+#define PREFETCH_BYTES 8192
+
+static int prefetch_rows(int row_bytes) { return (PREFETCH_BYTES + row_bytes - 1) / row_bytes; }
+
 /* R weight rows x C tokens: R*C accumulators, each one dot product, updated once per
  * 8-float chunk of n.  4 x 3 uses 12 accumulators + 3 token vectors + 1 weight vector = the
- * 16 ymm registers, with 12 FMAs per 7 loads. */
+ * 16 ymm registers, with 12 FMAs per 7 loads.  ahead > 0 prefetches rows ahead.. ahead+R-1
+ * further on, one cache line per row every two chunks. */
 AVX2_TILE void tile_f32(int R, int C, float *out, int ldo, const float *W, int ldw, const float *X,
-                       int ldx, int n) {
+                       int ldx, int n, int ahead) {
     __m256 acc[4][3];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
     int j = 0;
     for (; j + 8 <= n; j += 8) {
         __m256 x[3];
+        if (ahead && (j & 15) == 0)
+            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(W + (size_t)(ahead + r) * ldw + j), _MM_HINT_T0);
         for (int c = 0; c < C; c++) x[c] = _mm256_loadu_ps(X + (size_t)c * ldx + j);
         for (int r = 0; r < R; r++) {
             __m256 w = _mm256_loadu_ps(W + (size_t)r * ldw + j);
@@ -153,14 +168,19 @@ AVX2_TILE void tile_f32(int R, int C, float *out, int ldo, const float *W, int l
 AVX2_TILE void rows_f32(int R, float *out, int ldo, const float *W, int ldw, const float *X,
                        int ldx, int T, int n) {
     int t = 0;
-    for (; t + 3 <= T; t += 3) tile_f32(R, 3, out + (size_t)t * ldo, ldo, W, ldw, X + (size_t)t * ldx, ldx, n);
-    if (T - t == 2) tile_f32(R, 2, out + (size_t)t * ldo, ldo, W, ldw, X + (size_t)t * ldx, ldx, n);
-    if (T - t == 1) tile_f32(R, 1, out + (size_t)t * ldo, ldo, W, ldw, X + (size_t)t * ldx, ldx, n);
+    for (; t + 3 <= T; t += 3) tile_f32(R, 3, out + (size_t)t * ldo, ldo, W, ldw, X + (size_t)t * ldx, ldx, n, 0);
+    if (T - t == 2) tile_f32(R, 2, out + (size_t)t * ldo, ldo, W, ldw, X + (size_t)t * ldx, ldx, n, 0);
+    if (T - t == 1) tile_f32(R, 1, out + (size_t)t * ldo, ldo, W, ldw, X + (size_t)t * ldx, ldx, n, 0);
 }
 
 AVX2_FN static void gemm_f32_avx2(float *out, int ldo, const float *W, int ldw, const float *X,
                                   int ldx, int T, int n, int r0, int r1) {
     int i = r0;
+    if (T == 1) {
+        int ahead = prefetch_rows(n * (int)sizeof(float));
+        for (; i < r1; i++) tile_f32(1, 1, out + i, ldo, W + (size_t)i * ldw, ldw, X, ldx, n, ahead);
+        return;
+    }
     for (; i + 4 <= r1; i += 4) rows_f32(4, out + i, ldo, W + (size_t)i * ldw, ldw, X, ldx, T, n);
     for (; i < r1; i++) rows_f32(1, out + i, ldo, W + (size_t)i * ldw, ldw, X, ldx, T, n);
 }
@@ -176,15 +196,20 @@ AVX2_TILE __m256i dot32_q8(__m256i abs_w, __m256i w, __m256i x) {
 }
 
 /* R weight rows x C tokens of int8; each 32-value chunk's int32 lane sums are converted to
- * float and accumulated scaled by w_scale * x_scale of their group. */
+ * float and accumulated scaled by w_scale * x_scale of their group.  ahead > 0 prefetches
+ * the quantized rows and scales ahead rows further on, as tile_f32 does. */
 AVX2_TILE void tile_q8(int R, int C, float *out, int ldo, const int8_t *Wq, const float *Ws,
-                       const int8_t *Xq, const float *Xs, int n, int gs) {
+                       const int8_t *Xq, const float *Xs, int n, int gs, int ahead) {
     int ng = n / gs;
+    if (ahead)
+        for (int r = 0; r < R; r++) _mm_prefetch((const char *)(Ws + (size_t)(ahead + r) * ng), _MM_HINT_T0);
     __m256 acc[4][2];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
     for (int g = 0; g < ng; g++) {
         for (int k = g * gs; k < (g + 1) * gs; k += 32) {
+            if (ahead && (k & 63) == 0)
+                for (int r = 0; r < R; r++) _mm_prefetch((const char *)(Wq + (size_t)(ahead + r) * n + k), _MM_HINT_T0);
             __m256i x[2];
             for (int c = 0; c < C; c++) x[c] = _mm256_loadu_si256((const __m256i *)(Xq + (size_t)c * n + k));
             for (int r = 0; r < R; r++) {
@@ -202,13 +227,14 @@ AVX2_TILE void tile_q8(int R, int C, float *out, int ldo, const int8_t *Wq, cons
         for (int c = 0; c < C; c++) out[(size_t)c * ldo + r] = hsum_avx2(acc[r][c]);
 }
 
+/* R rows against all T tokens, 2 at a time; ahead as in tile_q8. */
 AVX2_TILE void rows_q8(int R, float *out, int ldo, const int8_t *Wq, const float *Ws,
-                       const int8_t *Xq, const float *Xs, int T, int n, int gs) {
+                       const int8_t *Xq, const float *Xs, int T, int n, int gs, int ahead) {
     int ng = n / gs, t = 0;
     for (; t + 2 <= T; t += 2)
-        tile_q8(R, 2, out + (size_t)t * ldo, ldo, Wq, Ws, Xq + (size_t)t * n, Xs + (size_t)t * ng, n, gs);
+        tile_q8(R, 2, out + (size_t)t * ldo, ldo, Wq, Ws, Xq + (size_t)t * n, Xs + (size_t)t * ng, n, gs, ahead);
     if (t < T)
-        tile_q8(R, 1, out + (size_t)t * ldo, ldo, Wq, Ws, Xq + (size_t)t * n, Xs + (size_t)t * ng, n, gs);
+        tile_q8(R, 1, out + (size_t)t * ldo, ldo, Wq, Ws, Xq + (size_t)t * n, Xs + (size_t)t * ng, n, gs, ahead);
 }
 
 AVX2_FN static void gemm_q8_avx2(float *out, int ldo, const int8_t *Wq, const float *Ws,
@@ -219,10 +245,11 @@ AVX2_FN static void gemm_q8_avx2(float *out, int ldo, const int8_t *Wq, const fl
         return;
     }
     int ng = n / gs, i = r0;
+    int ahead = T == 1 ? prefetch_rows(n) : 0;
     for (; i + 4 <= r1; i += 4)
-        rows_q8(4, out + i, ldo, Wq + (size_t)i * n, Ws + (size_t)i * ng, Xq, Xs, T, n, gs);
+        rows_q8(4, out + i, ldo, Wq + (size_t)i * n, Ws + (size_t)i * ng, Xq, Xs, T, n, gs, ahead);
     for (; i < r1; i++)
-        rows_q8(1, out + i, ldo, Wq + (size_t)i * n, Ws + (size_t)i * ng, Xq, Xs, T, n, gs);
+        rows_q8(1, out + i, ldo, Wq + (size_t)i * n, Ws + (size_t)i * ng, Xq, Xs, T, n, gs, ahead);
 }
 
 /* ---------------------------------------------------------------- int8 quantization */
