@@ -62,8 +62,10 @@ static float dot_scalar(const float *a, const float *b, int n) {
     return sum;
 }
 
-static void axpy_scalar(float *y, float a, const float *x, int n) {
-    for (int j = 0; j < n; j++) y[j] += a * x[j];
+static void weighted_sum_scalar(float *out, const float *a, const float *V, int ldv, int T, int n) {
+    memset(out, 0, (size_t)n * sizeof(float));
+    for (int t = 0; t < T; t++)
+        for (int j = 0; j < n; j++) out[j] += a[t] * V[(size_t)t * ldv + j];
 }
 
 static void gemm_f32_scalar(float *out, int ldo, const float *W, int ldw, const float *X, int ldx,
@@ -94,7 +96,7 @@ static void gemm_q8_scalar(float *out, int ldo, const int8_t *Wq, const float *W
     }
 }
 
-static const ac_kernels scalar_kernels = {"scalar", gemm_f32_scalar, gemm_q8_scalar, axpy_scalar,
+static const ac_kernels scalar_kernels = {"scalar", gemm_f32_scalar, gemm_q8_scalar, weighted_sum_scalar,
                                           ac_quantize_q8};
 
 /* ======================================================================== AVX2 + FMA set */
@@ -114,12 +116,28 @@ AVX2_TILE float hsum_avx2(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-AVX2_FN static void axpy_avx2(float *y, float a, const float *x, int n) {
-    __m256 va = _mm256_set1_ps(a);
+/* Columns [0, 8B) of the weighted sum, kept in B registers over all T rows (one pass over V
+ * instead of a load and store of out per row). */
+AVX2_TILE void weighted_block(int B, float *out, const float *a, const float *V, int ldv, int T) {
+    __m256 acc[4];
+    for (int b = 0; b < B; b++) acc[b] = _mm256_setzero_ps();
+    for (int t = 0; t < T; t++) {
+        __m256 at = _mm256_set1_ps(a[t]);
+        for (int b = 0; b < B; b++)
+            acc[b] = _mm256_fmadd_ps(at, _mm256_loadu_ps(V + (size_t)t * ldv + 8 * b), acc[b]);
+    }
+    for (int b = 0; b < B; b++) _mm256_storeu_ps(out + 8 * b, acc[b]);
+}
+
+AVX2_FN static void weighted_sum_avx2(float *out, const float *a, const float *V, int ldv, int T, int n) {
     int j = 0;
-    for (; j + 8 <= n; j += 8)
-        _mm256_storeu_ps(y + j, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j)));
-    for (; j < n; j++) y[j] += a * x[j];
+    for (; j + 32 <= n; j += 32) weighted_block(4, out + j, a, V + j, ldv, T);
+    for (; j + 8 <= n; j += 8) weighted_block(1, out + j, a, V + j, ldv, T);
+    for (; j < n; j++) {
+        float sum = 0.0f;
+        for (int t = 0; t < T; t++) sum += a[t] * V[(size_t)t * ldv + j];
+        out[j] = sum;
+    }
 }
 
 /* ---------------------------------------------------------------- float32 GEMM */
@@ -296,7 +314,7 @@ AVX2_FN static void quantize_q8_avx2(int8_t *q, float *s, const float *x, int n,
     }
 }
 
-static const ac_kernels avx2_kernels = {"avx2", gemm_f32_avx2, gemm_q8_avx2, axpy_avx2,
+static const ac_kernels avx2_kernels = {"avx2", gemm_f32_avx2, gemm_q8_avx2, weighted_sum_avx2,
                                         quantize_q8_avx2};
 
 #endif /* __x86_64__ */

@@ -43,8 +43,9 @@ typedef struct {
     void (*gemm_q8)(float *out, int ldo, const int8_t *Wq, const float *Ws, const int8_t *Xq,
                     const float *Xs, int T, int n, int gs, int r0, int r1);
 
-    /* y[j] += a * x[j] */
-    void (*axpy)(float *y, float a, const float *x, int n);
+    /* The attention's weighted sum of values: out[j] = sum over t in [0, T) of a[t] * V[t * ldv + j]
+     * for j in [0, n), summed in order of t (out must not overlap a or V). */
+    void (*weighted_sum)(float *out, const float *a, const float *V, int ldv, int T, int n);
 
     /* ac_quantize_q8 (below), bitwise the same result, faster (activations on the fly). */
     void (*quantize_q8)(int8_t *q, float *s, const float *x, int n, int gs);

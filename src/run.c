@@ -897,9 +897,7 @@ static void attend(const ac_state *s, int l, int r0, int r1, int h, float *score
         for (int t = 0; t <= pos; t++) att[t] /= inv_scale;
         softmax(att, pos + 1);
         float *o = s->xb2 + (size_t)r * D + (size_t)h * head_size;
-        memset(o, 0, (size_t)head_size * sizeof(float));
-        for (int t = 0; t <= pos; t++)
-            s->kern->axpy(o, att[t], s->value_cache + off + (size_t)t * kv_dim, head_size);
+        s->kern->weighted_sum(o, att, s->value_cache + off, kv_dim, pos + 1, head_size);
     }
 }
 
