@@ -214,8 +214,9 @@ AVX2_TILE __m256i dot32_q8(__m256i abs_w, __m256i w, __m256i x) {
 }
 
 /* R weight rows x C tokens of int8; each 32-value chunk's int32 lane sums are converted to
- * float and accumulated scaled by w_scale * x_scale of their group.  ahead > 0 prefetches
- * the quantized rows and scales ahead rows further on, as tile_f32 does. */
+ * float and accumulated scaled by w_scale * x_scale of their group.  Callers pass gs as the
+ * constant 32 where they can (then k / gs is a shift and the loop a single stream of chunks).
+ * ahead > 0 prefetches the quantized rows and scales ahead rows further on, as tile_f32. */
 AVX2_TILE void tile_q8(int R, int C, float *out, int ldo, const int8_t *Wq, const float *Ws,
                        const int8_t *Xq, const float *Xs, int n, int gs, int ahead) {
     int ng = n / gs;
@@ -224,20 +225,23 @@ AVX2_TILE void tile_q8(int R, int C, float *out, int ldo, const int8_t *Wq, cons
     __m256 acc[4][2];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
-    for (int g = 0; g < ng; g++) {
-        for (int k = g * gs; k < (g + 1) * gs; k += 32) {
-            if (ahead && (k & 63) == 0)
-                for (int r = 0; r < R; r++) _mm_prefetch((const char *)(Wq + (size_t)(ahead + r) * n + k), _MM_HINT_T0);
-            __m256i x[2];
-            for (int c = 0; c < C; c++) x[c] = _mm256_loadu_si256((const __m256i *)(Xq + (size_t)c * n + k));
-            for (int r = 0; r < R; r++) {
-                __m256i w = _mm256_loadu_si256((const __m256i *)(Wq + (size_t)r * n + k));
-                __m256i abs_w = _mm256_sign_epi8(w, w);
-                for (int c = 0; c < C; c++) {
-                    __m256 scale = _mm256_set1_ps(Ws[(size_t)r * ng + g] * Xs[(size_t)c * ng + g]);
-                    __m256 d = _mm256_cvtepi32_ps(dot32_q8(abs_w, w, x[c]));
-                    acc[r][c] = _mm256_fmadd_ps(d, scale, acc[r][c]);
-                }
+    for (int k = 0; k < n; k += 32) {
+        int g = k / gs;
+        if (ahead && (k & 63) == 0)
+            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(Wq + (size_t)(ahead + r) * n + k), _MM_HINT_T0);
+        __m256i x[2];
+        __m256 xs[2];
+        for (int c = 0; c < C; c++) {
+            x[c] = _mm256_loadu_si256((const __m256i *)(Xq + (size_t)c * n + k));
+            xs[c] = _mm256_broadcast_ss(Xs + (size_t)c * ng + g);
+        }
+        for (int r = 0; r < R; r++) {
+            __m256i w = _mm256_loadu_si256((const __m256i *)(Wq + (size_t)r * n + k));
+            __m256i abs_w = _mm256_sign_epi8(w, w);
+            __m256 ws = _mm256_broadcast_ss(Ws + (size_t)r * ng + g);
+            for (int c = 0; c < C; c++) {
+                __m256 d = _mm256_cvtepi32_ps(dot32_q8(abs_w, w, x[c]));
+                acc[r][c] = _mm256_fmadd_ps(d, _mm256_mul_ps(ws, xs[c]), acc[r][c]);
             }
         }
     }
@@ -245,14 +249,26 @@ AVX2_TILE void tile_q8(int R, int C, float *out, int ldo, const int8_t *Wq, cons
         for (int c = 0; c < C; c++) out[(size_t)c * ldo + r] = hsum_avx2(acc[r][c]);
 }
 
-/* R rows against all T tokens, 2 at a time; ahead as in tile_q8. */
-AVX2_TILE void rows_q8(int R, float *out, int ldo, const int8_t *Wq, const float *Ws,
-                       const int8_t *Xq, const float *Xs, int T, int n, int gs, int ahead) {
-    int ng = n / gs, t = 0;
-    for (; t + 2 <= T; t += 2)
-        tile_q8(R, 2, out + (size_t)t * ldo, ldo, Wq, Ws, Xq + (size_t)t * n, Xs + (size_t)t * ng, n, gs, ahead);
-    if (t < T)
-        tile_q8(R, 1, out + (size_t)t * ldo, ldo, Wq, Ws, Xq + (size_t)t * n, Xs + (size_t)t * ng, n, gs, ahead);
+/* Rows [r0, r1) against all T tokens: tiles of 4 rows x 2 tokens; ahead as in tile_q8. */
+AVX2_TILE void gemm_q8_tiles(float *out, int ldo, const int8_t *Wq, const float *Ws, const int8_t *Xq,
+                             const float *Xs, int T, int n, int gs, int r0, int r1, int ahead) {
+    int ng = n / gs;
+    for (int i = r0; i < r1;) {
+        int R = r1 - i >= 4 ? 4 : 1;
+        const int8_t *w = Wq + (size_t)i * n;
+        const float *ws = Ws + (size_t)i * ng;
+        for (int t = 0; t < T;) {
+            float *o = out + (size_t)t * ldo + i;
+            const int8_t *x = Xq + (size_t)t * n;
+            const float *xs = Xs + (size_t)t * ng;
+            if (T - t >= 2 && R == 4) tile_q8(4, 2, o, ldo, w, ws, x, xs, n, gs, ahead);
+            else if (T - t >= 2) tile_q8(1, 2, o, ldo, w, ws, x, xs, n, gs, ahead);
+            else if (R == 4) tile_q8(4, 1, o, ldo, w, ws, x, xs, n, gs, ahead);
+            else tile_q8(1, 1, o, ldo, w, ws, x, xs, n, gs, ahead);
+            t += T - t >= 2 ? 2 : 1;
+        }
+        i += R;
+    }
 }
 
 AVX2_FN static void gemm_q8_avx2(float *out, int ldo, const int8_t *Wq, const float *Ws,
@@ -262,12 +278,9 @@ AVX2_FN static void gemm_q8_avx2(float *out, int ldo, const int8_t *Wq, const fl
         gemm_q8_scalar(out, ldo, Wq, Ws, Xq, Xs, T, n, gs, r0, r1);
         return;
     }
-    int ng = n / gs, i = r0;
     int ahead = T == 1 ? prefetch_rows(n) : 0;
-    for (; i + 4 <= r1; i += 4)
-        rows_q8(4, out + i, ldo, Wq + (size_t)i * n, Ws + (size_t)i * ng, Xq, Xs, T, n, gs, ahead);
-    for (; i < r1; i++)
-        rows_q8(1, out + i, ldo, Wq + (size_t)i * n, Ws + (size_t)i * ng, Xq, Xs, T, n, gs, ahead);
+    if (gs == 32) gemm_q8_tiles(out, ldo, Wq, Ws, Xq, Xs, T, n, 32, r0, r1, ahead);
+    else gemm_q8_tiles(out, ldo, Wq, Ws, Xq, Xs, T, n, gs, r0, r1, ahead);
 }
 
 /* ---------------------------------------------------------------- int8 quantization */
