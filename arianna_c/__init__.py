@@ -19,12 +19,13 @@ import random
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 
 from ._lib import AriannaError, _error_check, ffi, load
 from .formats import ModelConfig
+
+if TYPE_CHECKING:  # numpy is imported by the calls that use it: it is most of the import time
+    import numpy as np
 
 __all__ = ["AriannaError", "Model", "ModelConfig", "generate", "stream", "__version__"]
 __version__ = "0.1.0"
@@ -288,6 +289,8 @@ class Model:
         """float32 logits of shape (len(tokens), vocab_size): row t follows tokens[0..t],
         run from position 0 (len(tokens) <= seq_len).  The tokens go through the layers
         together (prefill); stepwise=True runs them one at a time as decoding does."""
+        import numpy as np
+
         ids = np.array([_as_token(t, self.config.vocab_size) for t in tokens], dtype=np.int32)
         out = np.empty((len(ids), self.config.vocab_size), dtype=np.float32)
         if len(ids) > self.config.seq_len:

@@ -1,5 +1,8 @@
 """The on-disk layouts arianna_c reads and writes, in pure NumPy.
 
+NumPy is imported inside the functions that use it: ``import arianna_c`` needs only ModelConfig
+from here, and importing numpy would be most of its start-up time.
+
 Model files are llama2.c's two float32 layouts:
 
 * legacy v0: seven int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len),
@@ -23,12 +26,14 @@ PyTorch's nn.Linear holds them:
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from dataclasses import dataclass, replace
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 MAGIC_V1 = 0x616B3432
 V1_HEADER_BYTES = 256
@@ -108,13 +113,15 @@ def rope_table_floats(cfg: ModelConfig) -> int:
 
 def expected_file_size(cfg: ModelConfig) -> int:
     shapes = weight_shapes(cfg)
-    floats = sum(int(np.prod(shapes[name])) for name in _weight_order(cfg) if name != "rope")
+    floats = sum(math.prod(shapes[name]) for name in _weight_order(cfg) if name != "rope")
     if cfg.version == 0:
         return V0_HEADER_BYTES + 4 * (floats + rope_table_floats(cfg))
     return V1_HEADER_BYTES + 4 * floats
 
 
 def _rope_tables(cfg: ModelConfig) -> np.ndarray:
+    import numpy as np
+
     half = cfg.head_size // 2
     freqs = 1.0 / (10000.0 ** (np.arange(0, cfg.head_size, 2, dtype=np.float32) / cfg.head_size))
     angles = np.outer(np.arange(cfg.seq_len, dtype=np.float32), freqs[:half])
@@ -133,6 +140,8 @@ def encode_header(cfg: ModelConfig) -> bytes:
 
 def model_bytes(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> bytes:
     """The complete file contents for cfg's layout (cfg.version picks v0 or v1)."""
+    import numpy as np
+
     shapes = weight_shapes(cfg)
     parts = [encode_header(cfg)]
     for name in _weight_order(cfg):
@@ -152,6 +161,8 @@ def write_model(path: Union[str, os.PathLike], cfg: ModelConfig, weights: dict[s
 
 
 def _load_bytes(source: PathOrBytes) -> tuple[memoryview, str]:
+    import numpy as np
+
     if isinstance(source, (bytes, bytearray, memoryview)):
         return memoryview(source), "<memory>"
     name = os.fspath(source)
@@ -192,6 +203,8 @@ def _check_config(cfg: ModelConfig, name: str) -> None:
 
 def read_model(source: PathOrBytes) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """Config and weights of a v0 or v1 file; the arrays view the mapped file (no copy)."""
+    import numpy as np
+
     data, name = _load_bytes(source)
     cfg = decode_header(data, name)
     _check_config(cfg, name)
@@ -205,7 +218,7 @@ def read_model(source: PathOrBytes) -> tuple[ModelConfig, dict[str, np.ndarray]]
         if key == "rope":
             pos += rope_table_floats(cfg)
             continue
-        count = int(np.prod(shapes[key]))
+        count = math.prod(shapes[key])
         weights[key] = floats[pos : pos + count].reshape(shapes[key])
         pos += count
     return cfg, weights
@@ -213,6 +226,8 @@ def read_model(source: PathOrBytes) -> tuple[ModelConfig, dict[str, np.ndarray]]
 
 def random_weights(cfg: ModelConfig, seed: int, scale: float = 0.1) -> dict[str, np.ndarray]:
     """Seeded random weights of cfg's shapes; norms near 1 like a trained model's."""
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     weights = {}
     for name, shape in weight_shapes(cfg).items():

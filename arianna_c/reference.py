@@ -129,17 +129,21 @@ class Reference:
         c = cfg
         dt = self.dtype
         as_dt = lambda a: np.ascontiguousarray(a, dtype=dt)  # noqa: E731
-        self.emb = as_dt(weights["token_embedding"])
-        self.wcls = self.emb if c.shared_classifier else as_dt(weights["wcls"])
+        self.emb = as_dt(weights["token_embedding"])   # (vocab, D): a token's row is its input
         self.rms_att = as_dt(weights["rms_att"])
         self.rms_ffn = as_dt(weights["rms_ffn"])
         self.rms_final = as_dt(weights["rms_final"])
-        # q, k and v share their input, so one (D + 2 KV, D) matrix per layer does all three;
-        # w1 and w3 likewise.  Each output row is still its own dot product.
-        self.wqkv = as_dt(np.concatenate([weights["wq"], weights["wk"], weights["wv"]], axis=1))
-        self.wo = as_dt(weights["wo"])
-        self.w13 = as_dt(np.concatenate([weights["w1"], weights["w3"]], axis=1))
-        self.w2 = as_dt(weights["w2"])
+        # Matrices are stored transposed, (layers, in, out), so a product is ``x @ w``: for one
+        # token that is BLAS's column-streaming matrix-vector kernel, which reads the weights
+        # faster than the row-dot one.  q, k and v share their input, so one (D, D + 2 KV)
+        # matrix per layer gives all three; w1 and w3 likewise.  Each output is still its own
+        # dot product.
+        as_t = lambda a: as_dt(np.swapaxes(a, -1, -2))  # noqa: E731
+        self.wqkv = as_t(np.concatenate([weights["wq"], weights["wk"], weights["wv"]], axis=1))
+        self.wo = as_t(weights["wo"])
+        self.w13 = as_t(np.concatenate([weights["w1"], weights["w3"]], axis=1))
+        self.w2 = as_t(weights["w2"])
+        self.wcls = as_t(self.emb if c.shared_classifier else weights["wcls"])   # (D, vocab)
         hs = c.head_size
         self.kv_mul = c.n_heads // c.n_kv_heads
         self.scale = dt.type(np.sqrt(dt.type(hs)))
@@ -170,10 +174,11 @@ class Reference:
         return x * cos + swapped * sin
 
     def _silu_gate(self, h: np.ndarray) -> np.ndarray:
+        """silu(w1 x) * w3 x from h = (w1 x, w3 x).  exp(-v) overflows to inf for v << 0 and
+        silu becomes 0, as in C: callers run this under ``np.errstate(over="ignore")``."""
         H = self.config.hidden_dim
         g, u = h[..., :H], h[..., H:]
-        with np.errstate(over="ignore"):  # exp(-v) overflows to inf for v << 0: silu -> 0, as in C
-            return g * (self.dt1 / (self.dt1 + np.exp(-g))) * u
+        return g * (self.dt1 / (self.dt1 + np.exp(-g))) * u
 
     def _check_tokens(self, tokens: Sequence[int]) -> np.ndarray:
         toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
@@ -194,29 +199,33 @@ class Reference:
             raise ValueError(f"token {token} is outside the vocabulary [0, {c.vocab_size})")
         if not 0 <= pos < c.seq_len:
             raise ValueError(f"position {pos} is outside the context [0, {c.seq_len})")
-        D, KV, hs, nkv = c.dim, c.kv_dim, c.head_size, c.n_kv_heads
+        D, KV, hs, H, nkv = c.dim, c.kv_dim, c.head_size, c.n_heads, c.n_kv_heads
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]
-        x = self.emb[token].copy()
         T = pos + 1
-        for l in range(c.n_layers):
-            xb = self._rmsnorm(x, self.rms_att[l])
-            qkv = self.wqkv[l] @ xb
-            qk = self._rope(qkv[: D + KV].reshape(c.n_heads + nkv, hs), cos, sin)
-            q = qk[: c.n_heads]
-            self.key_cache[l, :, pos] = qk[c.n_heads :]
-            self.value_cache[l, :, pos] = qkv[D + KV :].reshape(nkv, hs)
-            keys = self.key_cache[l, :, :T]            # (nkv, T, hs)
-            values = self.value_cache[l, :, :T]
-            qg = q.reshape(nkv, self.kv_mul, hs)       # query heads grouped by their kv head
-            att = np.matmul(qg, keys.transpose(0, 2, 1)) / self.scale   # (nkv, kv_mul, T)
-            att = np.exp(att - att.max(axis=-1, keepdims=True))
-            att /= att.sum(axis=-1, keepdims=True)
-            out = np.matmul(att, values).reshape(D)    # heads concatenated
-            x += self.wo[l] @ out
-            xb = self._rmsnorm(x, self.rms_ffn[l])
-            x += self.w2[l] @ self._silu_gate(self.w13[l] @ xb)
+        x = self.emb[token].copy()                     # the residual stream
+        with np.errstate(over="ignore"):               # see _silu_gate
+            for l in range(c.n_layers):
+                # attention: q, k, v of every head in one product; RoPE on q and k together
+                xb = self._rmsnorm(x, self.rms_att[l])
+                qkv = xb @ self.wqkv[l]                                  # (D + 2 KV,)
+                qk = self._rope(qkv[: D + KV].reshape(H + nkv, hs), cos, sin)
+                self.key_cache[l, :, pos] = qk[H:]
+                self.value_cache[l, :, pos] = qkv[D + KV :].reshape(nkv, hs)
+                # scores of every head against positions 0..pos: (nkv, kv_mul, T), query heads
+                # grouped by the kv head they read; then softmax over positions
+                qg = qk[:H].reshape(nkv, self.kv_mul, hs)
+                att = np.matmul(qg, self.key_cache[l, :, :T].transpose(0, 2, 1))
+                att /= self.scale
+                att -= att.max(axis=-1, keepdims=True)
+                np.exp(att, out=att)
+                att /= att.sum(axis=-1, keepdims=True)
+                out = np.matmul(att, self.value_cache[l, :, :T]).reshape(D)  # heads concatenated
+                x += out @ self.wo[l]
+                # feed-forward: SwiGLU
+                xb = self._rmsnorm(x, self.rms_ffn[l])
+                x += self._silu_gate(xb @ self.w13[l]) @ self.w2[l]
         x = self._rmsnorm(x, self.rms_final)
-        return self.wcls @ x
+        return x @ self.wcls
 
     def logits_cached(self, tokens: Sequence[int]) -> np.ndarray:
         """(len, vocab) logits of every position, one ``step`` at a time from position 0."""
@@ -247,7 +256,7 @@ class Reference:
         x = self.emb[toks]                                            # (T, D)
         for l in range(c.n_layers):
             xb = self._rmsnorm(x, self.rms_att[l])
-            qkv = xb @ self.wqkv[l].T                                 # (T, D + 2 KV)
+            qkv = xb @ self.wqkv[l]                                   # (T, D + 2 KV)
             qk = self._rope(qkv[:, : D + KV].reshape(T, c.n_heads + nkv, hs), cos, sin)
             q, k = qk[:, : c.n_heads], qk[:, c.n_heads :]
             v = qkv[:, D + KV :].reshape(T, nkv, hs)
@@ -259,11 +268,11 @@ class Reference:
             att /= att.sum(axis=-1, keepdims=True)
             out = np.matmul(att, v.transpose(1, 0, 2)[:, None])             # (nkv, kv_mul, T, hs)
             out = out.transpose(2, 0, 1, 3).reshape(T, D)
-            x = x + out @ self.wo[l].T
+            x = x + out @ self.wo[l]
             xb = self._rmsnorm(x, self.rms_ffn[l])
-            x = x + self._silu_gate(xb @ self.w13[l].T) @ self.w2[l].T
+            x = x + self._silu_gate(xb @ self.w13[l]) @ self.w2[l]
         x = self._rmsnorm(x, self.rms_final)
-        return x @ self.wcls.T
+        return x @ self.wcls
 
     # ------------------------------------------------------------------ generation
     def generate_tokens(self, prompt_tokens: Sequence[int], max_new_tokens: int,

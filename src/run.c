@@ -599,8 +599,8 @@ struct ac_state {
     int *group_start;   /* (rows + 1) attention groups of rows, see attention_groups() */
     float *att;         /* (n_threads, ATTENTION_ROWS, seq_len) attention scores per thread */
     float *logits;      /* (n_seqs, V) */
-    float *key_cache;   /* (n_seqs, L, seq_len, KV) */
-    float *value_cache; /* (n_seqs, L, seq_len, KV) */
+    float *key_cache;   /* (n_seqs, L, n_kv_heads, seq_len, head_size), see cache_offset() */
+    float *value_cache; /* the same layout */
     float *rope_cos;    /* (seq_len, head_size / 2) RoPE rotation of each position */
     float *rope_sin;
 };
@@ -871,10 +871,12 @@ static void ffn_up_task(void *arg, int block, int n_blocks, int thread) {
     }
 }
 
-static size_t cache_offset(const ac_state *s, int seq, int l) {
+/* Where the cached keys (or values) of kv head kv_head of layer l of sequence seq begin: each
+ * head's positions are contiguous, so attention reads one sequential stream per head. */
+static size_t cache_offset(const ac_state *s, int seq, int l, int kv_head) {
     const ac_config *c = &s->model->config;
-    size_t kv_dim = (size_t)(c->dim / c->n_heads) * c->n_kv_heads;
-    return ((size_t)seq * c->n_layers + (size_t)l) * c->seq_len * kv_dim;
+    size_t head_size = (size_t)(c->dim / c->n_heads);
+    return (((size_t)seq * c->n_layers + (size_t)l) * c->n_kv_heads + (size_t)kv_head) * c->seq_len * head_size;
 }
 
 /* Causal self-attention of head h for rows [r0, r1) (one sequence, consecutive positions)
@@ -887,9 +889,9 @@ static void attend(const ac_state *s, int l, int r0, int r1, int h, float *score
     int kv_dim = head_size * c->n_kv_heads, qkv_width = D + 2 * kv_dim;
     int kv_mul = c->n_heads / c->n_kv_heads; /* GQA: query heads per kv head */
     int n_pos = s->row_pos[r1 - 1] + 1;      /* positions the last row sees */
-    size_t off = cache_offset(s, s->row_seq[r0], l) + (size_t)(h / kv_mul) * head_size;
+    size_t off = cache_offset(s, s->row_seq[r0], l, h / kv_mul);
     const float *q = s->qkv + (size_t)r0 * qkv_width + (size_t)h * head_size;
-    s->kern->gemm_f32(scores, n_pos, s->key_cache + off, kv_dim, q, qkv_width, r1 - r0, head_size, 0, n_pos);
+    s->kern->gemm_f32(scores, n_pos, s->key_cache + off, head_size, q, qkv_width, r1 - r0, head_size, 0, n_pos);
     float inv_scale = sqrtf((float)head_size);
     for (int r = r0; r < r1; r++) {
         float *att = scores + (size_t)(r - r0) * n_pos;
@@ -897,7 +899,7 @@ static void attend(const ac_state *s, int l, int r0, int r1, int h, float *score
         for (int t = 0; t <= pos; t++) att[t] /= inv_scale;
         softmax(att, pos + 1);
         float *o = s->xb2 + (size_t)r * D + (size_t)h * head_size;
-        s->kern->weighted_sum(o, att, s->value_cache + off, kv_dim, pos + 1, head_size);
+        s->kern->weighted_sum(o, att, s->value_cache + off, head_size, pos + 1, head_size);
     }
 }
 
@@ -966,9 +968,11 @@ static void forward_rows(ac_state *s, const int *tokens, int n, int first, float
             size_t rot = (size_t)s->row_pos[r] * half;
             rope(q, c->n_heads, head_size, s->rope_cos + rot, s->rope_sin + rot);
             rope(k, c->n_kv_heads, head_size, s->rope_cos + rot, s->rope_sin + rot);
-            size_t row = cache_offset(s, s->row_seq[r], l) + (size_t)s->row_pos[r] * kv_dim;
-            memcpy(s->key_cache + row, k, (size_t)kv_dim * sizeof(float));
-            memcpy(s->value_cache + row, v, (size_t)kv_dim * sizeof(float));
+            for (int kh = 0; kh < c->n_kv_heads; kh++) {
+                size_t row = cache_offset(s, s->row_seq[r], l, kh) + (size_t)s->row_pos[r] * head_size;
+                memcpy(s->key_cache + row, k + (size_t)kh * head_size, (size_t)head_size * sizeof(float));
+                memcpy(s->value_cache + row, v + (size_t)kh * head_size, (size_t)head_size * sizeof(float));
+            }
         }
         attention_job att = {s, l, n_groups};
         run_job(s, attention_task, &att, n_groups * c->n_heads);
