@@ -230,6 +230,14 @@ def test_library_lookup(monkeypatch, tmp_path, built):
     assert _lib.library_candidates()[0] == tmp_path / "x.so"
 
 
+def test_library_lookup_follows_the_package_path(monkeypatch, tmp_path):
+    """An editable install lists its install tree in the package's __path__: searched in order."""
+    monkeypatch.delenv("ARIANNA_C_LIB", raising=False)
+    monkeypatch.setattr(arianna_c, "__path__", [str(tmp_path), *arianna_c.__path__])
+    paths = _lib.library_candidates()
+    assert paths[:2] == [tmp_path / "libarianna.so", REPO / "arianna_c" / "libarianna.so"]
+
+
 def test_missing_library_is_a_clear_importerror(monkeypatch, tmp_path):
     monkeypatch.setattr(_lib, "_lib", None)
     monkeypatch.setattr(_lib, "library_candidates", lambda: [tmp_path / "libarianna.so"])

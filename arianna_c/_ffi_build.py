@@ -1,0 +1,127 @@
+"""The cffi declarations of libarianna's C API, and the generator of arianna_c/_ffi.py.
+
+cffi's in-line ABI mode (``FFI().cdef(CDEF)``) parses the declarations with pycparser on every
+import, which costs tens of milliseconds of start-up.  Out-of-line ABI mode does that parsing
+once, here, and writes the result as the pure Python module ``arianna_c/_ffi.py``, whose
+``ffi`` object is built from precomputed type tables without importing cffi or pycparser.
+
+The generated module is committed.  After changing CDEF (or the C API in src/run.h),
+regenerate it from the repository root with
+
+    python -m arianna_c._ffi_build
+
+tests/test_startup.py fails while the committed file differs from what CDEF produces.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+from cffi import FFI
+
+MODULE = "arianna_c._ffi"
+TARGET = Path(__file__).resolve().parent / "_ffi.py"
+HEADER = "# Generated from CDEF in arianna_c/_ffi_build.py: `python -m arianna_c._ffi_build`. Do not edit.\n"
+
+# Mirrors src/run.h (the part cffi needs; keep the two in step).
+CDEF = """
+enum {
+    AC_OK = 0, AC_ERR_IO = 1, AC_ERR_FORMAT = 2, AC_ERR_MISMATCH = 3, AC_ERR_ARG = 4,
+    AC_ERR_NOMEM = 5, AC_ERR_RANGE = 6
+};
+enum { AC_TOKEN_UNK = 0, AC_TOKEN_BOS = 1, AC_TOKEN_EOS = 2 };
+
+const char *ac_last_error(void);
+const char *ac_strerror(int code);
+const char *ac_version(void);
+
+typedef struct ac_model ac_model;
+typedef struct {
+    int dim; int hidden_dim; int n_layers; int n_heads; int n_kv_heads;
+    int vocab_size; int seq_len; int shared_classifier; int version; int group_size;
+} ac_config;
+int ac_model_load(const char *path, ac_model **out);
+int ac_model_load_memory(const void *data, size_t size, const char *name, ac_model **out);
+void ac_model_free(ac_model *model);
+int ac_model_config(const ac_model *model, ac_config *out);
+int ac_model_quantize(const ac_model *src, int group_size, ac_model **out);
+int ac_model_save(const ac_model *model, const char *path);
+
+const char *ac_kernel_name(void);
+int ac_default_threads(void);
+
+typedef struct ac_state ac_state;
+int ac_state_create(const ac_model *model, ac_state **out);
+void ac_state_free(ac_state *state);
+int ac_state_set_threads(ac_state *state, int n_threads);
+int ac_forward(ac_state *state, int token, int pos, const float **logits);
+int ac_logits(ac_state *state, const int *tokens, int n_tokens, float *out);
+int ac_logits_stepwise(ac_state *state, const int *tokens, int n_tokens, float *out);
+
+typedef struct ac_tokenizer ac_tokenizer;
+int ac_tokenizer_load(const char *path, int vocab_size, ac_tokenizer **out);
+int ac_tokenizer_load_memory(const void *data, size_t size, int vocab_size, const char *name,
+                             ac_tokenizer **out);
+void ac_tokenizer_free(ac_tokenizer *tok);
+int ac_tokenizer_vocab_size(const ac_tokenizer *tok);
+int ac_encode(const ac_tokenizer *tok, const char *text, size_t len, int bos, int eos,
+              int *tokens, int max_tokens, int *n_tokens);
+int ac_decode_piece(const ac_tokenizer *tok, int prev, int token, const char **piece, size_t *len);
+int ac_tokenizer_piece(const ac_tokenizer *tok, int id, const char **piece, size_t *len,
+                       float *score);
+
+typedef struct ac_sampler ac_sampler;
+typedef struct {
+    float temperature; float top_p; int top_k; uint64_t seed;
+} ac_sampler_params;
+ac_sampler_params ac_sampler_default_params(void);
+int ac_sampler_create(const ac_sampler_params *params, int vocab_size, ac_sampler **out);
+void ac_sampler_free(ac_sampler *sampler);
+int ac_sample(ac_sampler *sampler, const float *logits, int *token);
+
+typedef struct ac_session ac_session;
+int ac_session_create(const ac_model *model, const ac_tokenizer *tok,
+                      const ac_sampler_params *params, ac_session **out);
+void ac_session_free(ac_session *session);
+int ac_session_set_threads(ac_session *session, int n_threads);
+void ac_session_reset(ac_session *session);
+int ac_session_position(const ac_session *session);
+int ac_session_feed(ac_session *session, const char *text, size_t len, int bos);
+int ac_session_feed_tokens(ac_session *session, const int *tokens, int n_tokens);
+int ac_session_next(ac_session *session, int *token, const char **piece, size_t *len);
+
+typedef int (*ac_piece_fn)(void *user, int token, const char *piece, size_t len);
+int ac_generate(ac_session *session, const char *prompt, size_t len, int max_new_tokens,
+                ac_piece_fn on_piece, void *user, int *n_generated);
+
+typedef struct ac_batch ac_batch;
+int ac_batch_create(const ac_model *model, const ac_tokenizer *tok, int n_seqs,
+                    const ac_sampler_params *params, ac_batch **out);
+void ac_batch_free(ac_batch *batch);
+int ac_batch_set_threads(ac_batch *batch, int n_threads);
+int ac_batch_generate(ac_batch *batch, const char *const *prompts, const size_t *lens,
+                      int max_new_tokens, int *tokens, int *n_generated);
+"""
+
+
+def python_source() -> str:
+    """The text of arianna_c/_ffi.py for the current CDEF (cffi writes it to a file only)."""
+    builder = FFI()
+    builder.cdef(CDEF)
+    builder.set_source(MODULE, None, compiler_verbose=False)  # None: ABI mode, no C compiler
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "_ffi.py"
+        builder.emit_python_code(str(out))
+        return HEADER + out.read_text()
+
+
+def main() -> None:
+    """Writes arianna_c/_ffi.py (LF line endings on every platform, so it stays byte-stable)."""
+    TARGET.write_bytes(python_source().encode())
+    print(f"wrote {TARGET}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
