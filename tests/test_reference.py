@@ -97,8 +97,20 @@ def test_matches_a_naive_per_head_implementation(weights):
             x = x + w["w2"][l] @ (a / (1 + np.exp(-a)) * (w["w3"][l] @ xb))
         out_logits.append(w["wcls"] @ rms(x, w["rms_final"]))
     naive = np.array(out_logits)
-    assert hp.max_abs_diff(Reference((CFG, weights), dtype=np.float64).logits(tokens), naive) < 1e-9
-    assert hp.max_abs_diff(Reference((CFG, weights)).logits(tokens), naive) < 1e-4
+    r64, r32 = Reference((CFG, weights), dtype=np.float64), Reference((CFG, weights))
+    for forward in (r64.logits, r64.logits_cached):
+        assert hp.max_abs_diff(forward(tokens), naive) < 1e-9
+    for forward in (r32.logits, r32.logits_cached):
+        assert hp.max_abs_diff(forward(tokens), naive) < 1e-4
+
+
+def test_step_returns_fresh_logits(ref):
+    """step works in scratch buffers, but the logits it returns are never reused or aliased."""
+    first = ref.step(1, 0)
+    kept = first.copy()
+    second = ref.step(5, 1)
+    assert not np.shares_memory(first, second)
+    np.testing.assert_array_equal(first, kept)
 
 
 def test_rope_tables_float32_match_c_rounding():
