@@ -185,10 +185,18 @@ AVX2_TILE void tile_f32(int R, int C, float *out, int ldo, const float *W, int l
 /* R rows against all T tokens, 3 at a time (the R rows stay in L1 while X streams). */
 AVX2_TILE void rows_f32(int R, float *out, int ldo, const float *W, int ldw, const float *X,
                        int ldx, int T, int n) {
-    int t = 0;
-    for (; t + 3 <= T; t += 3) tile_f32(R, 3, out + (size_t)t * ldo, ldo, W, ldw, X + (size_t)t * ldx, ldx, n, 0);
-    if (T - t == 2) tile_f32(R, 2, out + (size_t)t * ldo, ldo, W, ldw, X + (size_t)t * ldx, ldx, n, 0);
-    if (T - t == 1) tile_f32(R, 1, out + (size_t)t * ldo, ldo, W, ldw, X + (size_t)t * ldx, ldx, n, 0);
+    /* the first tile also prefetches the rows two groups (2R rows) on: each row is read from
+     * memory once and then from L1, and without this its first tile waits on memory (measured
+     * 1.3x on T = 16 products whose weights do not fit in cache) */
+    for (int t = 0; t < T;) {
+        float *o = out + (size_t)t * ldo;
+        const float *x = X + (size_t)t * ldx;
+        int ahead = t == 0 ? 2 * R : 0;
+        if (T - t >= 3) tile_f32(R, 3, o, ldo, W, ldw, x, ldx, n, ahead);
+        else if (T - t == 2) tile_f32(R, 2, o, ldo, W, ldw, x, ldx, n, ahead);
+        else tile_f32(R, 1, o, ldo, W, ldw, x, ldx, n, ahead);
+        t += T - t >= 3 ? 3 : T - t;
+    }
 }
 
 AVX2_FN static void gemm_f32_avx2(float *out, int ldo, const float *W, int ldw, const float *X,
@@ -261,10 +269,11 @@ AVX2_TILE void gemm_q8_tiles(float *out, int ldo, const int8_t *Wq, const float 
             float *o = out + (size_t)t * ldo + i;
             const int8_t *x = Xq + (size_t)t * n;
             const float *xs = Xs + (size_t)t * ng;
-            if (T - t >= 2 && R == 4) tile_q8(4, 2, o, ldo, w, ws, x, xs, n, gs, ahead);
-            else if (T - t >= 2) tile_q8(1, 2, o, ldo, w, ws, x, xs, n, gs, ahead);
-            else if (R == 4) tile_q8(4, 1, o, ldo, w, ws, x, xs, n, gs, ahead);
-            else tile_q8(1, 1, o, ldo, w, ws, x, xs, n, gs, ahead);
+            int pf = t == 0 ? ahead : 0;
+            if (T - t >= 2 && R == 4) tile_q8(4, 2, o, ldo, w, ws, x, xs, n, gs, pf);
+            else if (T - t >= 2) tile_q8(1, 2, o, ldo, w, ws, x, xs, n, gs, pf);
+            else if (R == 4) tile_q8(4, 1, o, ldo, w, ws, x, xs, n, gs, pf);
+            else tile_q8(1, 1, o, ldo, w, ws, x, xs, n, gs, pf);
             t += T - t >= 2 ? 2 : 1;
         }
         i += R;
@@ -278,7 +287,9 @@ AVX2_FN static void gemm_q8_avx2(float *out, int ldo, const int8_t *Wq, const fl
         gemm_q8_scalar(out, ldo, Wq, Ws, Xq, Xs, T, n, gs, r0, r1);
         return;
     }
-    int ahead = T == 1 ? prefetch_rows(n) : 0;
+    /* decode prefetches about PREFETCH_BYTES ahead; with more tokens a row group takes
+     * longer, and two groups (8 rows) on is far enough, as in rows_f32 */
+    int ahead = T == 1 ? prefetch_rows(n) : 8;
     if (gs == 32) gemm_q8_tiles(out, ldo, Wq, Ws, Xq, Xs, T, n, 32, r0, r1, ahead);
     else gemm_q8_tiles(out, ldo, Wq, Ws, Xq, Xs, T, n, gs, r0, r1, ahead);
 }
