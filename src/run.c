@@ -1228,6 +1228,27 @@ AC_API int ac_tokenizer_load_memory(const void *data, size_t size, int vocab_siz
     return tokenizer_from_bytes(data ? data : "", size, vocab_size, name, out);
 }
 
+/* Tokenizer files up to this size are always read in, so that scan_tokenizer can name the
+ * piece at fault; larger ones must also pass check_tokenizer_size first. */
+#define TOKENIZER_ALWAYS_READ (16u << 20)
+
+/* A tokenizer of vocab_size pieces of at most max_token_length bytes each (the file's first
+ * field) has at most 4 + vocab_size * (8 + max_token_length) bytes: a large file over that
+ * is refused before it is read into memory.  Everything else is left to scan_tokenizer. */
+static int check_tokenizer_size(int fd, size_t size, int vocab_size, const char *path) {
+    unsigned char header[4];
+    if (size <= TOKENIZER_ALWAYS_READ || vocab_size < AC_MIN_VOCAB || vocab_size > AC_MAX_VOCAB ||
+        pread(fd, header, sizeof header, 0) != (ssize_t)sizeof header)
+        return AC_OK;
+    int max_len = read_i32(header);
+    if (max_len < 0 || max_len > AC_MAX_PIECE_BYTES) return AC_OK;
+    uint64_t most = 4 + (uint64_t)vocab_size * (8 + (uint64_t)max_len);
+    if (size <= most) return AC_OK;
+    return fail(AC_ERR_FORMAT, "%s: file is %zu bytes, more than a tokenizer of %d pieces of at most "
+                "%d bytes (max_token_length) can be (%llu bytes)", path, size, vocab_size, max_len,
+                (unsigned long long)most);
+}
+
 AC_API int ac_tokenizer_load(const char *path, int vocab_size, ac_tokenizer **out) {
     if (!out) return fail(AC_ERR_ARG, "ac_tokenizer_load: out is NULL");
     *out = NULL;
@@ -1236,6 +1257,10 @@ AC_API int ac_tokenizer_load(const char *path, int vocab_size, ac_tokenizer **ou
     size_t size;
     int rc = open_regular_file(path, "tokenizer", &fd, &size);
     if (rc) return rc;
+    if ((rc = check_tokenizer_size(fd, size, vocab_size, path))) {
+        close(fd);
+        return rc;
+    }
     unsigned char *buf = malloc(size ? size : 1);
     if (!buf) {
         close(fd);

@@ -308,6 +308,14 @@ def test_bad_tokenizer_file(lib, ffi, run_binary, good, tmp_path, case):
     assert_rejected(lib, ffi, run_binary, good.model, tok, getattr(lib, code_name), needle)
 
 
+def test_huge_tokenizer_file_is_refused_before_reading(lib, ffi, run_binary, good, tmp_path):
+    # a sparse 1 GiB file with a valid first field: refused from its size, never read in
+    tok = write(tmp_path, "huge.tok", tokenizer_file(*synthetic_tokenizer(V)))
+    os.truncate(tok, 1 << 30)
+    assert_rejected(lib, ffi, run_binary, good.model, tok, lib.AC_ERR_FORMAT,
+                    f"file is {1 << 30} bytes, more than a tokenizer of {V} pieces of at most 6 bytes")
+
+
 def test_model_passed_as_tokenizer(lib, ffi, run_binary, good):
     # a v1 model's first int32 is the magic: far above the longest piece allowed
     assert_rejected(lib, ffi, run_binary, good.model, good.model, lib.AC_ERR_FORMAT,
