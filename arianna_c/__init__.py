@@ -314,17 +314,18 @@ class Model:
 
     def generate(self, prompt: Union[str, bytes] = "", max_new_tokens: int = 256,
                  temperature: float = 0.8, top_p: float = 0.9, top_k: int = 0,
-                 seed: Optional[int] = None) -> str:
+                 seed: Optional[int] = None, ignore_eos: bool = False) -> str:
         """The continuation of prompt (without the prompt).  Stops after max_new_tokens, at
-        EOS/BOS, or when prompt + continuation fill seq_len (so max_new_tokens beyond it is
-        clamped).  A prompt longer than seq_len tokens (BOS included) raises AriannaError
-        (AC_ERR_RANGE); it is never truncated.  prompt may be bytes (invalid UTF-8 and NUL
-        become byte tokens).  seed=None picks a random seed."""
-        return "".join(self.stream(prompt, max_new_tokens, temperature, top_p, top_k, seed))
+        EOS/BOS (unless ignore_eos: then those are run like any token and the text goes on,
+        e.g. to time a fixed number of tokens), or when prompt + continuation fill seq_len (so
+        max_new_tokens beyond it is clamped).  A prompt longer than seq_len tokens (BOS
+        included) raises AriannaError (AC_ERR_RANGE); it is never truncated.  prompt may be
+        bytes (invalid UTF-8 and NUL become byte tokens).  seed=None picks a random seed."""
+        return "".join(self.stream(prompt, max_new_tokens, temperature, top_p, top_k, seed, ignore_eos))
 
     def stream(self, prompt: Union[str, bytes] = "", max_new_tokens: int = 256,
                temperature: float = 0.8, top_p: float = 0.9, top_k: int = 0,
-               seed: Optional[int] = None) -> Iterator[str]:
+               seed: Optional[int] = None, ignore_eos: bool = False) -> Iterator[str]:
         """Like generate(), yielding text as it is produced, complete characters only.
         Bad settings and a too-long prompt raise here, before the first piece.  Breaking out
         of the loop ends the generation and leaves the Model usable."""
@@ -338,7 +339,7 @@ class Model:
             raise AriannaError(
                 f"the prompt is {len(prompt_ids)} tokens (BOS included) but the model's "
                 f"seq_len is {self.config.seq_len}", self._lib.AC_ERR_RANGE, "AC_ERR_RANGE")
-        return self._stream(prompt_ids, max_new_tokens, params)
+        return self._stream(prompt_ids, max_new_tokens, params, ignore_eos)
 
     def _check_sampler(self, params: Any) -> None:
         """Runs the C sampler's own range checks now, not at the first piece of a stream."""
@@ -346,7 +347,8 @@ class Model:
         _error_check(self._lib.ac_sampler_create(params, self.config.vocab_size, out))
         self._lib.ac_sampler_free(out[0])
 
-    def _stream(self, prompt_ids: list[int], max_new_tokens: int, params: Any) -> Iterator[str]:
+    def _stream(self, prompt_ids: list[int], max_new_tokens: int, params: Any,
+                ignore_eos: bool) -> Iterator[str]:
         lib = self._lib
         with self._h.use() as h:
             out = ffi.new("ac_session **")
@@ -358,7 +360,7 @@ class Model:
                 _error_check(lib.ac_session_feed_tokens(session, ids, len(prompt_ids)))
                 token, piece, size = ffi.new("int *"), ffi.new("const char **"), ffi.new("size_t *")
                 decoder = codecs.getincrementaldecoder("utf-8")("replace")
-                stops = (lib.AC_TOKEN_BOS, lib.AC_TOKEN_EOS)
+                stops = () if ignore_eos else (lib.AC_TOKEN_BOS, lib.AC_TOKEN_EOS)
                 for _ in range(max_new_tokens):
                     _error_check(lib.ac_session_next(session, token, piece, size))
                     if token[0] < 0 or token[0] in stops:
@@ -375,11 +377,11 @@ class Model:
 
     def generate_batch(self, prompts: Sequence[Union[str, bytes]], max_new_tokens: int = 256,
                        temperature: float = 0.8, top_p: float = 0.9, top_k: int = 0,
-                       seed: Optional[int] = None) -> list[str]:
+                       seed: Optional[int] = None, ignore_eos: bool = False) -> list[str]:
         """generate() for several prompts at once: the sequences advance together (each
         weight read serves all of them), sequence i sampling with seed + i, so
-        generate_batch(ps, seed=s)[i] == generate(ps[i], seed=s + i).  seed=None picks a
-        random base seed."""
+        generate_batch(ps, seed=s, ignore_eos=e)[i] == generate(ps[i], seed=s + i,
+        ignore_eos=e).  seed=None picks a random base seed."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise AriannaError(f"max_new_tokens {max_new_tokens!r} is invalid: it must be an int >= 0",
                                self._lib.AC_ERR_ARG, "AC_ERR_ARG")
@@ -399,6 +401,7 @@ class Model:
             _error_check(lib.ac_batch_create(h.model, h.tokenizer, n, params, batch))
             try:
                 _error_check(lib.ac_batch_set_threads(batch[0], self._threads))
+                _error_check(lib.ac_batch_set_ignore_eos(batch[0], int(ignore_eos)))
                 _error_check(lib.ac_batch_generate(batch[0], c_prompts, lens, max_new_tokens, tokens, counts))
             finally:
                 lib.ac_batch_free(batch[0])
@@ -465,12 +468,12 @@ def default_model() -> Model:
 
 
 def generate(prompt: str = "", max_new_tokens: int = 256, temperature: float = 0.8, top_p: float = 0.9,
-             top_k: int = 0, seed: Optional[int] = None) -> str:
+             top_k: int = 0, seed: Optional[int] = None, ignore_eos: bool = False) -> str:
     """Model.generate on the bundled persona."""
-    return default_model().generate(prompt, max_new_tokens, temperature, top_p, top_k, seed)
+    return default_model().generate(prompt, max_new_tokens, temperature, top_p, top_k, seed, ignore_eos)
 
 
 def stream(prompt: str = "", max_new_tokens: int = 256, temperature: float = 0.8, top_p: float = 0.9,
-           top_k: int = 0, seed: Optional[int] = None) -> Iterator[str]:
+           top_k: int = 0, seed: Optional[int] = None, ignore_eos: bool = False) -> Iterator[str]:
     """Model.stream on the bundled persona."""
-    return default_model().stream(prompt, max_new_tokens, temperature, top_p, top_k, seed)
+    return default_model().stream(prompt, max_new_tokens, temperature, top_p, top_k, seed, ignore_eos)

@@ -86,6 +86,7 @@ int ac_session_create(const ac_model *model, const ac_tokenizer *tok,
                       const ac_sampler_params *params, ac_session **out);
 void ac_session_free(ac_session *session);
 int ac_session_set_threads(ac_session *session, int n_threads);
+int ac_session_set_ignore_eos(ac_session *session, int ignore);
 void ac_session_reset(ac_session *session);
 int ac_session_position(const ac_session *session);
 int ac_session_feed(ac_session *session, const char *text, size_t len, int bos);
@@ -101,6 +102,7 @@ int ac_batch_create(const ac_model *model, const ac_tokenizer *tok, int n_seqs,
                     const ac_sampler_params *params, ac_batch **out);
 void ac_batch_free(ac_batch *batch);
 int ac_batch_set_threads(ac_batch *batch, int n_threads);
+int ac_batch_set_ignore_eos(ac_batch *batch, int ignore);
 int ac_batch_generate(ac_batch *batch, const char *const *prompts, const size_t *lens,
                       int max_new_tokens, int *tokens, int *n_generated);
 """

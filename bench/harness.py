@@ -232,6 +232,7 @@ class Bench:
         f["cli_threads"] = has("-T")
         f["cli_int8"] = has("-q")
         f["cli_batch"] = has("-b")
+        f["cli_ignore_eos"] = has("-e")
         try:
             import arianna_c
 
@@ -300,6 +301,8 @@ class Bench:
             cmd += ["-n", "1", "-i", self.decode_prompt]
         else:
             cmd += ["-n", str(self.decode_new), "-i", self.decode_prompt]
+            if f["cli_ignore_eos"]:  # time decode_new tokens even where the model ends the text
+                cmd += ["-e", "1"]
         return cmd, None
 
     def run_cli(self, row: Row) -> dict:

@@ -81,6 +81,12 @@ class _Timed:
         return timed
 
 
+def _ignores_eos(method) -> bool:
+    """Whether the binding can go on past the model's end of text (every row then times the
+    same number of tokens, whatever the weights emit)."""
+    return "ignore_eos" in inspect.signature(method).parameters
+
+
 def _open_model(spec: dict):
     import arianna_c
 
@@ -95,8 +101,9 @@ def python_decode(spec: dict) -> dict:
     if hasattr(model, "_lib"):
         timed = _Timed(model._lib, ("ac_session_next",))
         model._lib = timed
+    extra = {"ignore_eos": True} if _ignores_eos(model.generate) else {}
     t0 = time.perf_counter()
-    text = model.generate(spec["prompt"], max_new_tokens=spec["tokens"], temperature=0.0)
+    text = model.generate(spec["prompt"], max_new_tokens=spec["tokens"], temperature=0.0, **extra)
     total = time.perf_counter() - t0
     calls = timed.log["ac_session_next"] if timed else []
     produced = [t1 for (_, t1, tok) in calls if tok is not None and tok >= 0 and tok not in (BOS, EOS)]
@@ -131,11 +138,16 @@ def python_batch(spec: dict) -> dict:
     if not hasattr(model, "generate_batch"):
         raise NotBuilt("Model.generate_batch is not in the binding")
     prompts = [spec["prompt"]] * spec["batch"]
+    ignore_eos = _ignores_eos(model.generate_batch)
+    extra = {"ignore_eos": True} if ignore_eos else {}
     t0 = time.perf_counter()
-    outs = model.generate_batch(prompts, max_new_tokens=spec["tokens"], temperature=0.0)
+    outs = model.generate_batch(prompts, max_new_tokens=spec["tokens"], temperature=0.0, **extra)
     total = time.perf_counter() - t0
     n, exact = 0, True
-    for out in outs:
+    if ignore_eos:  # every sequence ran to max_new_tokens, or to seq_len if that came first
+        room = model.config.seq_len - len(model.encode(spec["prompt"], bos=True))
+        n = len(prompts) * min(spec["tokens"], room)
+    for out in outs if not ignore_eos else ():
         if isinstance(out, str):
             n += len(model.encode(out, bos=False))
             exact = False

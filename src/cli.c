@@ -3,7 +3,7 @@
  *
  *   ./run MODEL [-t temp] [-p topp] [-k topk] [-s seed] [-n steps] [-i prompt] [-z tokenizer]
  *               [-m generate|chat] [-y system_prompt] [-T threads] [-q int8] [-o out.bin]
- *               [-b batch]
+ *               [-b batch] [-e 0|1]
  *
  * The text goes to stdout (the prompt, then the continuation), "achieved tok/s: X" (decode:
  * the tokens after the first) and "prompt tok/s: Y" (prefill) to stderr.
@@ -41,7 +41,9 @@ static void usage(void) {
             "  -q <string> quantize a float32 model at load: int8 (an int8 file is used as it is)\n"
             "  -o <string> write the model (quantized with -q int8) to this file and exit\n"
             "  -b <int>    generate mode: advance N sequences together (seeds s, s+1, ...),\n"
-            "              print each in turn and report the total tok/s; default 1\n");
+            "              print each in turn and report the total tok/s; default 1\n"
+            "  -e <int>    generate mode: 1 = do not stop when the model ends the text (BOS/EOS):\n"
+            "              always -n tokens (up to seq_len), e.g. for timing; default 0\n");
 }
 
 /* ------------------------------------------------------------------------ argument parsing */
@@ -86,6 +88,7 @@ typedef struct {
     int threads;           /* 0: the library's default */
     int int8;              /* -q int8 */
     int batch;
+    int ignore_eos;        /* -e 1 */
 } options;
 
 /* Returns 1 when argv is well-formed (values checked for syntax only; the library checks
@@ -101,6 +104,7 @@ static int parse_args(int argc, char **argv, options *o) {
     o->threads = 0;
     o->int8 = 0;
     o->batch = 1;
+    o->ignore_eos = 0;
     unsigned long long seed = 0;
     for (int i = 2; i < argc; i += 2) {
         const char *flag = argv[i];
@@ -124,6 +128,7 @@ static int parse_args(int argc, char **argv, options *o) {
         case 'q': ok = o->int8 = !strcmp(val, "int8"); break;
         case 'o': o->out_path = val; ok = 1; break;
         case 'b': ok = parse_int(val, &o->batch) && o->batch >= 1; break;
+        case 'e': ok = parse_int(val, &o->ignore_eos) && (o->ignore_eos == 0 || o->ignore_eos == 1); break;
         default: ok = 0;
         }
         if (!ok) {
@@ -231,8 +236,8 @@ static int generate(ac_session *s, const ac_tokenizer *tok, const options *o, in
     fputs(prompt, stdout);
     fflush(stdout);
     sp.start = now_seconds();
-    int rc = prompt_tokens ? ac_generate(s, prompt, strlen(prompt), steps, print_piece, &sp, NULL)
-                           : AC_ERR_NOMEM;
+    int rc = prompt_tokens ? ac_session_set_ignore_eos(s, o->ignore_eos) : AC_ERR_NOMEM;
+    if (!rc) rc = ac_generate(s, prompt, strlen(prompt), steps, print_piece, &sp, NULL);
     printf("\n");
     fflush(stdout); /* the text ends before the speed report on stderr */
     if (rc) {
@@ -262,7 +267,7 @@ static int generate_batch(const ac_model *model, const ac_tokenizer *tok, const 
     else if ((rc = ac_batch_create(model, tok, n, &o->sampling, &b))) {
         fprintf(stderr, "error: %s\n", ac_last_error());
         if (rc == AC_ERR_ARG) usage();
-    } else if ((rc = ac_batch_set_threads(b, o->threads))) {
+    } else if ((rc = ac_batch_set_threads(b, o->threads)) || (rc = ac_batch_set_ignore_eos(b, o->ignore_eos))) {
         fprintf(stderr, "error: %s\n", ac_last_error());
     }
     double start = now_seconds(), end = start;

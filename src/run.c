@@ -1681,6 +1681,7 @@ struct ac_session {
     int pending;     /* sampled but not yet run through the model, or -1 */
     int last;        /* the token at pos - 1 (or pending), for decoding; -1 at the start */
     int has_logits;  /* state->logits belong to the token at pos - 1 */
+    int ignore_eos;  /* ac_generate goes on past BOS/EOS (ac_session_set_ignore_eos) */
 };
 
 AC_API void ac_session_free(ac_session *s) {
@@ -1726,6 +1727,17 @@ AC_API int ac_session_position(const ac_session *s) { return s ? s->pos : 0; }
 AC_API int ac_session_set_threads(ac_session *s, int n_threads) {
     if (!s) return fail(AC_ERR_ARG, "ac_session_set_threads: session is NULL");
     return ac_state_set_threads(s->state, n_threads);
+}
+
+AC_API int ac_session_set_ignore_eos(ac_session *s, int ignore) {
+    if (!s) return fail(AC_ERR_ARG, "ac_session_set_ignore_eos: session is NULL");
+    s->ignore_eos = ignore != 0;
+    return AC_OK;
+}
+
+/* Whether a sampled token ends the text: BOS or EOS, unless those are ignored. */
+static int is_stop(int token, int ignore_eos) {
+    return !ignore_eos && (token == AC_TOKEN_BOS || token == AC_TOKEN_EOS);
 }
 
 static void run_token(ac_session *s, int token) {
@@ -1818,7 +1830,7 @@ AC_API int ac_generate(ac_session *s, const char *prompt, size_t len, int max_ne
         const char *piece;
         size_t piece_len;
         if ((rc = ac_session_next(s, &token, &piece, &piece_len))) break;
-        if (token < 0 || token == AC_TOKEN_BOS || token == AC_TOKEN_EOS) break;
+        if (token < 0 || is_stop(token, s->ignore_eos)) break;
         n++;
         if (on_piece && on_piece(user, token, piece, piece_len)) break;
     }
@@ -1837,6 +1849,7 @@ struct ac_batch {
     int *pos;              /* (n_seqs) positions in each cache */
     int *active;           /* (n_seqs) the sequences of this step's rows, in row order */
     int *row_token;        /* (n_seqs) */
+    int ignore_eos;        /* sequences go on past BOS/EOS (ac_batch_set_ignore_eos) */
 };
 
 AC_API void ac_batch_free(ac_batch *b) {
@@ -1892,6 +1905,12 @@ AC_API int ac_batch_set_threads(ac_batch *b, int n_threads) {
     return ac_state_set_threads(b->state, n_threads);
 }
 
+AC_API int ac_batch_set_ignore_eos(ac_batch *b, int ignore) {
+    if (!b) return fail(AC_ERR_ARG, "ac_batch_set_ignore_eos: batch is NULL");
+    b->ignore_eos = ignore != 0;
+    return AC_OK;
+}
+
 /* Encodes prompt i with BOS and prefills sequence i with it; its next-token logits go to
  * logits (V floats). */
 static int batch_prefill(ac_batch *b, int i, const char *prompt, size_t len, float *logits) {
@@ -1937,7 +1956,7 @@ AC_API int ac_batch_generate(ac_batch *b, const char *const *prompts, const size
             int i = b->active[r], token;
             int rc = ac_sample(b->samplers[i], b->state->logits + (size_t)r * V, &token);
             if (rc) return rc;
-            if (token == AC_TOKEN_BOS || token == AC_TOKEN_EOS) continue;
+            if (is_stop(token, b->ignore_eos)) continue;
             tokens[(size_t)i * max_new_tokens + n_generated[i]++] = token;
             if (n_generated[i] == max_new_tokens || b->pos[i] + 1 >= seq_len) continue;
             b->active[rows] = i;

@@ -233,13 +233,18 @@ AC_API int ac_session_feed_tokens(ac_session *session, const int *tokens, int n_
  * (seq_len positions used) or nothing was fed yet; callers stop on any of those. */
 AC_API int ac_session_next(ac_session *session, int *token, const char **piece, size_t *len);
 
+/* ignore != 0: ac_generate does not stop when the model emits BOS or EOS; it reports them
+ * (empty pieces), runs them like any token and goes on to max_new_tokens or seq_len, e.g. to
+ * time a fixed number of tokens.  Default 0. */
+AC_API int ac_session_set_ignore_eos(ac_session *session, int ignore);
+
 /* Called once per generated token with its decoded bytes (len may be 0).  Return nonzero to
  * stop generating. */
 typedef int (*ac_piece_fn)(void *user, int token, const char *piece, size_t len);
 
 /* Resets the session, feeds BOS + the encoded prompt (an empty prompt starts from BOS alone),
  * then samples up to max_new_tokens tokens, calling on_piece for each.  Stops early when the
- * model emits BOS or EOS (not reported), when the context reaches seq_len (prompt + generated
+ * model emits BOS or EOS (not reported; see ac_session_set_ignore_eos), when the context reaches seq_len (prompt + generated
  * tokens never exceed seq_len), or when on_piece returns nonzero.  A prompt whose tokens
  * (with BOS) exceed seq_len fails with AC_ERR_RANGE.  *n_generated (may be NULL) receives the
  * number of tokens reported. */
@@ -258,6 +263,8 @@ AC_API int ac_batch_create(const ac_model *model, const ac_tokenizer *tok, int n
 AC_API void ac_batch_free(ac_batch *batch);
 /* Threads of the batch's state (see ac_state_set_threads). */
 AC_API int ac_batch_set_threads(ac_batch *batch, int n_threads);
+/* ignore != 0: sequences do not stop at BOS/EOS (as ac_session_set_ignore_eos).  Default 0. */
+AC_API int ac_batch_set_ignore_eos(ac_batch *batch, int ignore);
 /* Sequence i continues prompts[i] (lens[i] bytes, BOS in front) exactly as ac_generate
  * would with seed + i: same stops (BOS/EOS, max_new_tokens, seq_len), same tokens.  Its
  * tokens go to tokens[i * max_new_tokens ...] and their count to n_generated[i]; decode

@@ -51,6 +51,25 @@ def test_scripted_output_and_tok_per_second(run_binary, scripted_model):
     assert rate > 0
 
 
+def test_ignore_eos_goes_on_past_the_end_of_the_text(run_binary, scripted_model):
+    from arianna_c import Model
+
+    script = [1, 3 + ord("a"), 3 + ord("b"), 2, 3 + ord("c"), 3 + ord("d"), 3 + ord("e")]  # "ab" EOS "cde"
+    files = scripted_model(script)
+    stops = run(run_binary, files.model, "-t", "0", "-n", "5")
+    goes_on = run(run_binary, files.model, "-t", "0", "-n", "5", "-e", "1")
+    batch = run(run_binary, files.model, "-t", "0", "-n", "5", "-e", "1", "-b", "2")
+    assert stops.returncode == goes_on.returncode == batch.returncode == 0, stops.stderr + goes_on.stderr
+    assert stops.stdout == "ab\n"
+    assert goes_on.stdout == "abcd\n"  # a b EOS c d: exactly -n 5 tokens, EOS printed as nothing
+    assert batch.stdout.count("abcd\n") == 2
+    with Model(files.model, files.tokenizer) as m:
+        assert m.generate("", 5, temperature=0.0) == "ab"
+        assert m.generate("", 5, temperature=0.0, ignore_eos=True) == "abcd"
+        assert m.generate_batch(["", ""], 5, temperature=0.0, ignore_eos=True) == ["abcd", "abcd"]
+        assert m.generate_batch([""], 5, temperature=0.0) == ["ab"]
+
+
 def test_steps_are_clamped_to_seq_len(run_binary, make_model):
     files = make_model(seed=2, seq_len=16)
     r = run(run_binary, files.model, "-n", "1000", "-t", "1", "-s", "1")
