@@ -106,7 +106,8 @@ def python_decode(spec: dict) -> dict:
     text = model.generate(spec["prompt"], max_new_tokens=spec["tokens"], temperature=0.0, **extra)
     total = time.perf_counter() - t0
     calls = timed.log["ac_session_next"] if timed else []
-    produced = [t1 for (_, t1, tok) in calls if tok is not None and tok >= 0 and tok not in (BOS, EOS)]
+    ends_text = () if extra else (BOS, EOS)  # with ignore_eos those are tokens like any other
+    produced = [t1 for (_, t1, tok) in calls if tok is not None and tok >= 0 and tok not in ends_text]
     if len(produced) >= 2:
         return {"value": _rate(produced), "tokens": len(produced), "total_s": total,
                 "timing": "first to last token (ac_session_next timed through the binding)",
