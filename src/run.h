@@ -266,7 +266,7 @@ AC_API int ac_batch_set_threads(ac_batch *batch, int n_threads);
 /* ignore != 0: sequences do not stop at BOS/EOS (as ac_session_set_ignore_eos).  Default 0. */
 AC_API int ac_batch_set_ignore_eos(ac_batch *batch, int ignore);
 /* Sequence i continues prompts[i] (lens[i] bytes, BOS in front) exactly as ac_generate
- * would with seed + i: same stops (BOS/EOS, max_new_tokens, seq_len), same tokens.  Its
+ * would with seed + i: same stops (BOS/EOS unless ignored, max_new_tokens, seq_len), same tokens.  Its
  * tokens go to tokens[i * max_new_tokens ...] and their count to n_generated[i]; decode
  * them with ac_decode_piece, the first after the prompt's last token. */
 AC_API int ac_batch_generate(ac_batch *batch, const char *const *prompts, const size_t *lens,
