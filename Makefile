@@ -84,7 +84,7 @@ sanitize-check: all sanitize $(TINY_DIR)/model.bin
 FUZZ_CC ?= clang
 FUZZ_TIME ?= 30
 FUZZ_DIR = build-fuzz
-FUZZERS = fuzz_model_load fuzz_tokenizer_load fuzz_encode
+FUZZERS = fuzz_model_load fuzz_tokenizer_load fuzz_encode fuzz_generate
 FUZZ_FLAGS = -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
 # libFuzzer options: a stuck input or a runaway allocation counts as a failure too.
 FUZZ_OPTS = -max_total_time=$(FUZZ_TIME) -timeout=60 -rss_limit_mb=2048 -malloc_limit_mb=1024 \

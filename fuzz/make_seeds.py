@@ -1,6 +1,6 @@
 """Writes the seed corpora of the fuzz harnesses: `python3 fuzz/make_seeds.py DIR` creates
-DIR/fuzz_model_load, DIR/fuzz_tokenizer_load and DIR/fuzz_encode holding small valid (and a
-few nearly valid) inputs.
+DIR/fuzz_model_load, DIR/fuzz_tokenizer_load, DIR/fuzz_encode and DIR/fuzz_generate holding
+small valid (and a few nearly valid) inputs.
 
 The models are tiny (dim 8) so that the model harness also runs their forward pass; int8
 (v2) seeds are written by libarianna.so itself (`make` first).
@@ -91,9 +91,62 @@ def encode_seeds() -> dict[str, bytes]:
     return {f"text{i}-{flags}": bytes([flags]) + text for i, text in enumerate(TEXTS) for flags in (1, 6, 7)}
 
 
+def generate_input(prompts: list[bytes], *, model: int = 0, threads: int = 1, ignore_eos: bool = False,
+                   by_hand: bool = False, null_tokens: bool = False, max_new: int = 8, temp: int = 0,
+                   stop: int = 0, top_p: int = 0, top_k: tuple[int, int] = (0, 0), seed: int = 1,
+                   sep: bytes = b"|", logit_bytes: int = 0) -> bytes:
+    """One fuzz_generate input: the 12 settings bytes its header comment describes (temp and
+    top_p index its tables; stop 12..15 stops the callback; top_k is bytes 4 and 5), then the
+    prompts joined by the separator."""
+    assert 1 <= len(prompts) <= 4 and all(sep not in p for p in prompts[:-1])
+    b0 = (len(prompts) - 1) | (threads - 1) << 2 | ignore_eos << 3 | model << 4 | by_hand << 6 | null_tokens << 7
+    b1 = max_new if max_new >= 0 else 245 - max_new
+    header = bytes([b0, b1, temp | stop << 4, top_p, *top_k]) + struct.pack("<I", seed)
+    header += sep + bytes([logit_bytes])
+    return header + sep.join(prompts)
+
+
+def generate_seeds() -> dict[str, bytes]:
+    t = TEXTS
+    seeds = {}
+    for model in range(4):  # 0 v1 float32, 1 its int8 g16, 2 v0 seq_len 72, 3 its int8 g32
+        m = f"m{model}"
+        seeds[f"{m}-greedy"] = generate_input([t[0]], model=model, max_new=16)
+        seeds[f"{m}-greedy-batch4-ignore-eos"] = generate_input(t[:4], model=model, ignore_eos=True, max_new=40)
+        seeds[f"{m}-sample-top-p"] = generate_input([t[1], t[5]], model=model, temp=8, top_p=3, max_new=20, seed=7)
+        seeds[f"{m}-sample-top-k-by-hand"] = generate_input([t[2]], model=model, temp=7, top_k=(0x60, 5),
+                                                            by_hand=True, max_new=30, threads=2)
+    # 69 tokens with BOS: two prefill blocks (64 + 5 rows) in the seq_len 72 model, 3 positions left
+    seeds["long-prompt"] = generate_input([b"0123456789" * 6 + b"0123456"], model=2, max_new=5, by_hand=True)
+    # 24 tokens with BOS (dummy-prefix space + 22 digits): exactly model 0's seq_len, no room left
+    seeds["prompt-fills-context"] = generate_input([b"0" * 22, b"ab"], max_new=5, by_hand=True)
+    # 12 + 2 tokens, then the 11-token continuation needs 25 positions: refused by one
+    seeds["continuation-one-too-many"] = generate_input([b"0123456789"], max_new=2, ignore_eos=True,
+                                                        by_hand=True)
+    seeds["too-long-prompt"] = generate_input([b"x" * 30, b"ok"], max_new=5)
+    seeds["stop-callback"] = generate_input([t[6], t[0]], temp=10, stop=13, max_new=12)
+    seeds["top-k-around-vocab"] = generate_input([t[4]], temp=8, top_k=(0xA0, 3), top_p=6, max_new=10)
+    seeds["huge-temperature"] = generate_input([t[3]], temp=12, max_new=10, ignore_eos=True)
+    seeds["tiny-temperature"] = generate_input([t[0]], temp=4, max_new=10)
+    seeds["seed-wraps"] = generate_input([b"a", b"b", b"c", b"d"], temp=8, seed=0xFF000002, max_new=6)
+    seeds["max-new-0-null-tokens"] = generate_input([b"ab", b""], max_new=0, null_tokens=True)
+    seeds["odd-logits"] = generate_input([b"\xff\xfe\x80\xfd\x00\xfc\xfb" * 3], temp=8, top_k=(0x60, 1),
+                                         logit_bytes=21, max_new=2)
+    seeds["top-k-2-on-logits"] = generate_input([b"ponmlkjihgfedcba"], temp=8, top_k=(0x60, 1), logit_bytes=16,
+                                                max_new=4)
+    seeds["top-p-on-logits"] = generate_input([bytes(range(0x7A, 0x60, -1))], temp=10, top_p=4, logit_bytes=26,
+                                              max_new=4)
+    seeds["nan-temperature"] = generate_input([t[0]], temp=13)
+    seeds["negative-top-k"] = generate_input([t[0]], top_k=(0xE0, 1))
+    seeds["top-p-zero"] = generate_input([t[0]], top_p=9)
+    seeds["negative-max-new"] = generate_input([t[0]], max_new=-1)
+    seeds["empty"] = b""
+    return seeds
+
+
 def main(out: Path) -> None:
     corpora = {"fuzz_model_load": model_seeds(), "fuzz_tokenizer_load": tokenizer_seeds(),
-               "fuzz_encode": encode_seeds()}
+               "fuzz_encode": encode_seeds(), "fuzz_generate": generate_seeds()}
     for corpus, seeds in corpora.items():
         folder = out / corpus
         folder.mkdir(parents=True, exist_ok=True)

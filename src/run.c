@@ -1585,11 +1585,11 @@ static uint64_t rng_next(uint64_t *state) {
 /* Uniform in [0, 1), from the top 24 bits (exactly representable in a float). */
 static float rng_float(uint64_t *state) { return (float)(rng_next(state) >> 40) / 16777216.0f; }
 
-/* First index of the largest value (NaNs never win). */
+/* First index of the largest value; NaNs never win (0 when all are NaN). */
 static int argmax(const float *x, int n) {
     int best = 0;
     for (int i = 1; i < n; i++)
-        if (x[i] > x[best]) best = i;
+        if (x[i] > x[best] || (isnan(x[best]) && !isnan(x[i]))) best = i;
     return best;
 }
 

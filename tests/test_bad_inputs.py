@@ -426,7 +426,7 @@ def test_extreme_temperatures_and_non_finite_logits_sample_greedily(lib, ffi, go
                 assert m.generate("the", max_new_tokens=12, temperature=temperature, top_p=top_p,
                                   top_k=top_k, seed=1) == greedy
     cases = [([0.5, math.nan, 3.0, -math.inf, 2.0], 2), ([0.0, math.inf, 1.0, 5.0, -1.0], 1),
-             ([math.nan] * 5, 0)]
+             ([math.nan] * 5, 0), ([math.nan, 1.0, math.nan, 4.0, 2.0], 3)]
     for logits, want in cases:
         for top_p, top_k in ((1.0, 0), (0.5, 0), (1.0, 2)):
             params = ffi.new("ac_sampler_params *", {"temperature": 1.0, "top_p": top_p, "top_k": top_k, "seed": 3})
@@ -554,7 +554,7 @@ def test_batch_generation_rejects_bad_prompts_and_settings(good):
 # ---------------------------------------------------------------------------- fuzz regressions
 
 REGRESSIONS = REPO / "tests" / "fuzz_regressions"
-HARNESSES = ["fuzz_model_load", "fuzz_tokenizer_load", "fuzz_encode"]
+HARNESSES = ["fuzz_model_load", "fuzz_tokenizer_load", "fuzz_encode", "fuzz_generate"]
 
 
 @pytest.fixture(scope="session")
