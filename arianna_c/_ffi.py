@@ -1,4 +1,5 @@
 # Generated from CDEF in arianna_c/_ffi_build.py: `python -m arianna_c._ffi_build`. Do not edit.
+# CDEF sha256 3e5882b9e89abfeee7e3b02a38265916f7d9cd00e7f96b946371d6daafb5603d, cffi 2.0.0
 # auto-generated file
 import _cffi_backend
 

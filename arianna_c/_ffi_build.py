@@ -10,20 +10,25 @@ regenerate it from the repository root with
 
     python -m arianna_c._ffi_build
 
-tests/test_startup.py fails while the committed file differs from what CDEF produces.
+The header records a digest of CDEF and the cffi version that wrote the file:
+tests/test_startup.py fails while the digest differs from the current CDEF (whatever cffi is
+installed) and, under the recorded cffi version, while the file differs from what it writes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import tempfile
 from pathlib import Path
 
+import cffi
 from cffi import FFI
 
 MODULE = "arianna_c._ffi"
 TARGET = Path(__file__).resolve().parent / "_ffi.py"
-HEADER = "# Generated from CDEF in arianna_c/_ffi_build.py: `python -m arianna_c._ffi_build`. Do not edit.\n"
+HEADER = ("# Generated from CDEF in arianna_c/_ffi_build.py: `python -m arianna_c._ffi_build`. Do not edit.\n"
+          "# CDEF sha256 {digest}, cffi {version}\n")
 
 # Mirrors src/run.h (the part cffi needs; keep the two in step).
 CDEF = """
@@ -116,7 +121,21 @@ def python_source() -> str:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "_ffi.py"
         builder.emit_python_code(str(out))
-        return HEADER + out.read_text()
+        return header() + out.read_text()
+
+
+def cdef_digest() -> str:
+    return hashlib.sha256(CDEF.encode()).hexdigest()
+
+
+def header() -> str:
+    return HEADER.format(digest=cdef_digest(), version=cffi.__version__)
+
+
+def recorded(source: str) -> tuple[str, str]:
+    """(CDEF digest, cffi version) from the header of a generated module's text."""
+    words = source.splitlines()[1].split()
+    return words[3].rstrip(","), words[5]
 
 
 def main() -> None:
