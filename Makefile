@@ -92,7 +92,7 @@ FUZZ_OPTS = -max_total_time=$(FUZZ_TIME) -timeout=60 -rss_limit_mb=2048 -malloc_
 
 fuzz-build: $(addprefix $(FUZZ_DIR)/,$(FUZZERS))
 
-$(FUZZ_DIR)/%: fuzz/%.c $(SRC) $(HDR)
+$(FUZZ_DIR)/%: fuzz/%.c fuzz/fuzz_buf.h $(SRC) $(HDR)
 	@mkdir -p $(FUZZ_DIR)
 	$(FUZZ_CC) -std=gnu11 -pthread -Isrc $(FUZZ_FLAGS) -o $@ $< $(SRC) -lm
 
@@ -101,7 +101,7 @@ $(FUZZ_DIR)/%: fuzz/%.c $(SRC) $(HDR)
 # tests/fuzz_regressions/<harness>/.
 fuzz-replay: $(addprefix $(FUZZ_DIR)/replay_,$(FUZZERS))
 
-$(FUZZ_DIR)/replay_%: fuzz/%.c fuzz/replay.c libarianna.so src/run.h
+$(FUZZ_DIR)/replay_%: fuzz/%.c fuzz/fuzz_buf.h fuzz/replay.c libarianna.so src/run.h
 	@mkdir -p $(FUZZ_DIR)
 	$(CC) -std=gnu11 -O1 -g -Wall -Wextra -Isrc -o $@ fuzz/replay.c $< -L. -larianna \
 	  -Wl,-rpath,'$$ORIGIN/..' $(LDLIBS)

@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fuzz_buf.h"
 #include "run.h"
 
 static void fuzz_assert(int ok, const char *what) {
@@ -25,31 +26,6 @@ static void fuzz_assert(int ok, const char *what) {
 
 /* ------------------------------------------------------------------ tokenizer construction */
 
-typedef struct {
-    unsigned char *data;
-    size_t size, cap;
-    int count, max_len;
-} tok_file;
-
-static void put(tok_file *f, const void *p, size_t n) {
-    if (f->size + n > f->cap) {
-        f->cap = (f->size + n) * 2;
-        f->data = realloc(f->data, f->cap);
-        fuzz_assert(f->data != NULL, "out of memory building the tokenizer");
-    }
-    memcpy(f->data + f->size, p, n);
-    f->size += n;
-}
-
-static void add_piece(tok_file *f, const char *piece, size_t len, float score) {
-    int32_t n = (int32_t)len;
-    put(f, &score, 4);
-    put(f, &n, 4);
-    put(f, piece, len);
-    f->count++;
-    if (n > f->max_len) f->max_len = n;
-}
-
 /* Merged pieces, best (highest score) first; several share prefixes and scores on purpose. */
 static const char *const MERGES[] = {
     " t", "th", "he", " the", "in", "er", "an", " a", "re", "on", "\xc3\xa9", " \xc3\xa9",
@@ -58,24 +34,24 @@ static const char *const MERGES[] = {
 };
 
 static ac_tokenizer *build_tokenizer(int with_bytes) {
-    tok_file f = {0};
-    put(&f, &f.max_len, 4); /* patched below */
-    add_piece(&f, "<unk>", 5, 0.0f);
-    add_piece(&f, "<s>", 3, 0.0f);
-    add_piece(&f, "</s>", 4, 0.0f);
+    fuzz_buf f = {0};
+    fuzz_put(&f, &f.max_len, 4); /* patched below */
+    fuzz_add_piece(&f, "<unk>", 5, 0.0f);
+    fuzz_add_piece(&f, "<s>", 3, 0.0f);
+    fuzz_add_piece(&f, "</s>", 4, 0.0f);
     for (int b = 0; b < 256; b++) {
         if (!with_bytes && b % 7) continue; /* the partial tokenizer keeps 1 byte in 7 */
         char piece[8];
         snprintf(piece, sizeof piece, "<0x%02X>", b);
-        add_piece(&f, piece, 6, 0.0f);
+        fuzz_add_piece(&f, piece, 6, 0.0f);
     }
     for (int c = 0x20; c < 0x7f; c++) {
         char ch = (char)c;
-        add_piece(&f, &ch, 1, -1.0f);
+        fuzz_add_piece(&f, &ch, 1, -1.0f);
     }
     float score = -2.0f;
     for (size_t i = 0; i < sizeof MERGES / sizeof MERGES[0]; i++, score -= (i % 3 == 0))
-        add_piece(&f, MERGES[i], strlen(MERGES[i]), score);
+        fuzz_add_piece(&f, MERGES[i], strlen(MERGES[i]), score);
     memcpy(f.data, &f.max_len, 4);
     ac_tokenizer *t = NULL;
     fuzz_assert(ac_tokenizer_load_memory(f.data, f.size, f.count, "built-in", &t) == AC_OK,

@@ -50,6 +50,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fuzz_buf.h"
 #include "run.h"
 
 #define HEADER_BYTES 12
@@ -75,49 +76,24 @@ static void expect_rc(int rc, int expected, const char *what) {
 
 /* ------------------------------------------------------------------ tokenizer */
 
-typedef struct {
-    unsigned char *data;
-    size_t size, cap;
-    int count;
-    int32_t max_len;
-} buf;
-
-static void put(buf *b, const void *p, size_t n) {
-    if (b->size + n > b->cap) {
-        b->cap = (b->size + n) * 2;
-        b->data = realloc(b->data, b->cap);
-        fuzz_assert(b->data != NULL, "out of memory at start-up");
-    }
-    memcpy(b->data + b->size, p, n);
-    b->size += n;
-}
-
-static void add_piece(buf *b, const char *piece, float score) {
-    int32_t n = (int32_t)strlen(piece);
-    put(b, &score, 4);
-    put(b, &n, 4);
-    put(b, piece, (size_t)n);
-    b->count++;
-    if (n > b->max_len) b->max_len = n;
-}
-
 static const char *const MERGES[] = {" t", "th", "he", " the", "in", "er",
                                       " a", "an", "\xc3\xa9", "\n\n", "  "};
 
 static ac_tokenizer *build_tokenizer(void) {
-    buf b = {0};
-    put(&b, &b.max_len, 4); /* patched below */
-    add_piece(&b, "<unk>", 0.0f);
-    add_piece(&b, "<s>", 0.0f);
-    add_piece(&b, "</s>", 0.0f);
+    fuzz_buf b = {0};
+    fuzz_put(&b, &b.max_len, 4); /* patched below */
+    fuzz_add_piece(&b, "<unk>", 5, 0.0f);
+    fuzz_add_piece(&b, "<s>", 3, 0.0f);
+    fuzz_add_piece(&b, "</s>", 4, 0.0f);
     for (int v = 0; v < 256; v++) { /* some byte pieces: other bytes become <unk> */
         if (v % 16 && v != '\n' && v != 0xC3 && v != 0xFF) continue;
         char piece[8];
         snprintf(piece, sizeof piece, "<0x%02X>", v);
-        add_piece(&b, piece, 0.0f);
+        fuzz_add_piece(&b, piece, strlen(piece), 0.0f);
     }
-    for (int c = 0x20; c < 0x7f; c++) add_piece(&b, (char[]){(char)c, 0}, -1.0f);
-    for (size_t i = 0; i < sizeof MERGES / sizeof MERGES[0]; i++) add_piece(&b, MERGES[i], -2.0f - (float)i);
+    for (int c = 0x20; c < 0x7f; c++) fuzz_add_piece(&b, (char[]){(char)c}, 1, -1.0f);
+    for (size_t i = 0; i < sizeof MERGES / sizeof MERGES[0]; i++)
+        fuzz_add_piece(&b, MERGES[i], strlen(MERGES[i]), -2.0f - (float)i);
     memcpy(b.data, &b.max_len, 4);
     ac_tokenizer *t = NULL;
     fuzz_assert(ac_tokenizer_load_memory(b.data, b.size, b.count, "built-in", &t) == AC_OK,
@@ -138,24 +114,24 @@ static float uniform(float a) { /* in [-a, a), splitmix64 */
     return a * (2.0f * (float)(z >> 40) / 16777216.0f - 1.0f);
 }
 
-static void put_i32(buf *b, int32_t v) { put(b, &v, 4); }
+static void put_i32(fuzz_buf *b, int32_t v) { fuzz_put(b, &v, 4); }
 
-static void put_random(buf *b, uint64_t n, float a) {
+static void put_random(fuzz_buf *b, uint64_t n, float a) {
     for (uint64_t i = 0; i < n; i++) {
         float v = uniform(a);
-        put(b, &v, 4);
+        fuzz_put(b, &v, 4);
     }
 }
 
-static void put_norm(buf *b, uint64_t n) {
+static void put_norm(fuzz_buf *b, uint64_t n) {
     for (uint64_t i = 0; i < n; i++) {
         float v = 1.0f + uniform(0.2f);
-        put(b, &v, 4);
+        fuzz_put(b, &v, 4);
     }
 }
 
 /* (V, D) embedding or classifier, the rows of BOS and EOS scaled up by boost. */
-static void put_vocab_matrix(buf *b, int V, int D, float a, float boost) {
+static void put_vocab_matrix(fuzz_buf *b, int V, int D, float a, float boost) {
     for (int r = 0; r < V; r++)
         put_random(b, (uint64_t)D, r == AC_TOKEN_BOS || r == AC_TOKEN_EOS ? a * boost : a);
 }
@@ -168,16 +144,16 @@ static ac_model *build_model(const model_spec *s) {
     int D = s->dim, H = s->hidden, L = s->layers, V = s->vocab;
     uint64_t KV = (uint64_t)(D / s->heads) * (uint64_t)s->kv_heads, hs = (uint64_t)(D / s->heads);
     float wa = 0.5f / sqrtf((float)D), ha = 0.5f / sqrtf((float)H);
-    buf b = {0};
+    fuzz_buf b = {0};
     if (s->version == 1) {
         put_i32(&b, 0x616b3432); /* "ak42" */
         put_i32(&b, 1);
     }
     int32_t params[7] = {D, H, L, s->heads, s->kv_heads, s->version == 0 && !s->shared ? -V : V, s->seq_len};
-    put(&b, params, sizeof params);
+    fuzz_put(&b, params, sizeof params);
     if (s->version == 1) {
         unsigned char pad[256 - 36] = {(unsigned char)s->shared};
-        put(&b, pad, sizeof pad);
+        fuzz_put(&b, pad, sizeof pad);
         put_norm(&b, (uint64_t)L * D); /* rms_att */
         put_norm(&b, (uint64_t)L * D); /* rms_ffn */
         put_norm(&b, (uint64_t)D);     /* rms_final */

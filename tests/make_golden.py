@@ -45,6 +45,17 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def persona_tokenizer(scratch: Path) -> Path:
+    """persona/tok4096.bin, or when it is missing the same file exported from
+    persona/tok4096.model into the folder scratch."""
+    tok = REPO / "persona" / "tok4096.bin"
+    if tok.is_file():
+        return tok
+    from arianna_c.export import tokenizer_from_sentencepiece
+
+    return tokenizer_from_sentencepiece(PERSONA_TOKENIZER_MODEL, scratch / "tok4096.bin")
+
+
 def prompt_tokens(sp_model: Path = PERSONA_TOKENIZER_MODEL) -> list[list[int]]:
     import sentencepiece as spm
 

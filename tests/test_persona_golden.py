@@ -46,11 +46,8 @@ def golden():
 @pytest.fixture(scope="module")
 def c_model(built, tmp_path_factory):
     import arianna_c
-    from arianna_c.export import tokenizer_from_sentencepiece
 
-    tok = mg.REPO / "persona" / "tok4096.bin"
-    if not tok.is_file():
-        tok = tokenizer_from_sentencepiece(mg.PERSONA_TOKENIZER_MODEL, tmp_path_factory.mktemp("tok") / "tok4096.bin")
+    tok = mg.persona_tokenizer(tmp_path_factory.mktemp("tok"))
     model = arianna_c.Model(mg.PERSONA_MODEL, tokenizer=tok)
     yield model
     model.close()

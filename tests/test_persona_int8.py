@@ -81,11 +81,8 @@ def val_tokens(tmp_path_factory) -> np.ndarray:
 def models(built, tmp_path_factory):
     """(float32, int8) C models of the persona; int8 quantized at load."""
     import arianna_c
-    from arianna_c.export import tokenizer_from_sentencepiece
 
-    tok = mg.REPO / "persona" / "tok4096.bin"
-    if not tok.is_file():
-        tok = tokenizer_from_sentencepiece(mg.PERSONA_TOKENIZER_MODEL, tmp_path_factory.mktemp("tok") / "tok4096.bin")
+    tok = mg.persona_tokenizer(tmp_path_factory.mktemp("tok"))
     f32 = arianna_c.Model(mg.PERSONA_MODEL, tokenizer=tok)
     i8 = arianna_c.Model(mg.PERSONA_MODEL, tokenizer=tok, quantize="int8")
     assert f32.quantization is None and i8.quantization == "int8"
