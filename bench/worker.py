@@ -148,12 +148,13 @@ def python_batch(spec: dict) -> dict:
     if ignore_eos:  # every sequence ran to max_new_tokens, or to seq_len if that came first
         room = model.config.seq_len - len(model.encode(spec["prompt"], bos=True))
         n = len(prompts) * min(spec["tokens"], room)
-    for out in outs if not ignore_eos else ():
-        if isinstance(out, str):
-            n += len(model.encode(out, bos=False))
-            exact = False
-        else:
-            n += len(out)
+    else:
+        for out in outs:
+            if isinstance(out, str):
+                n += len(model.encode(out, bos=False))
+                exact = False
+            else:
+                n += len(out)
     return {"value": n / total, "tokens": n, "total_s": total, "tokens_exact": exact,
             "timing": "whole generate_batch() call (prompts included)", "threads_via": threads_via}
 
