@@ -214,6 +214,20 @@ def test_sampler_matches_c_on_the_same_logits(built, temperature, top_p, top_k):
     assert [sampler.sample(logits) for _ in range(200)] == c
 
 
+@pytest.mark.parametrize("top_p,top_k", [(0.9, 0), (0.99, 0), (1.0, 300)])
+def test_sampler_order_with_ties_matches_c(built, top_p, top_k):
+    """A 4096 vocabulary of few distinct logits: thousands of candidates, most of them tied.
+    The C sampler's radix sort must give NumPy's stable order (ties by id) draw for draw."""
+    rng = np.random.default_rng(8)
+    logits = rng.integers(-6, 3, 4096).astype(np.float32) * np.float32(0.5)
+    logits[rng.integers(0, 4096, 50)] = np.float32(0.0)  # -0.0 and 0.0 ties too
+    logits[:7] = -np.float32(0.0)
+    c = hp.c_sample(logits, 1.0, top_p, top_k, seed=5, n=300)
+    sampler = Sampler(1.0, top_p, top_k, seed=5)
+    assert [sampler.sample(logits) for _ in range(300)] == c
+    assert len(set(c)) > 100
+
+
 # ---------------------------------------------------------------------------- tokenizer
 
 
