@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import LAYOUTS, REPO
+from conftest import LAYOUTS, REPO, tiny_config
 
 # dim and hidden_dim multiples of 32, so the int8 SIMD kernel (32-byte groups) is exercised.
 WIDE = dict(dim=64, hidden_dim=128, n_heads=4, n_kv_heads=2)
@@ -242,9 +242,26 @@ def test_int8_file_round_trip(lib, ffi, make_model, tmp_path, layout):
         lib.ac_model_free(m)
 
 
-def test_int8_file_layout_matches_numpy_quantization(lib, ffi, wide_model, tmp_path):
+def edge_case_weights(cfg) -> dict:
+    """Random weights whose embedding starts with the groups rounding can get wrong: halves
+    (scale exactly 1, so w / scale lands on .5), an all-zero group, subnormals."""
+    from arianna_c import formats
+
+    weights = formats.random_weights(cfg, seed=11)
+    halves = np.arange(-16, 16, dtype=np.float32) + np.float32(0.5)
+    halves[0] = np.float32(-127.0)
+    rows = weights["token_embedding"].reshape(-1, 32)
+    rows[0], rows[1], rows[2] = halves, 0.0, halves * np.float32(1e-42)
+    return weights
+
+
+@pytest.mark.parametrize("edge_cases", [False, True], ids=["random", "edge-cases"])
+def test_int8_file_layout_matches_numpy_quantization(lib, ffi, make_model, tmp_path, edge_cases):
     """The v2 bytes follow the documented layout: norms, then per matrix (per layer) int8
-    values and float32 scales with scale = max|w| / 127 and q = round(w / scale)."""
+    values and float32 scales with scale = max|w| / 127 and q = round(w / scale) (half to
+    even; 0 for an all-zero group)."""
+    cfg_weights = edge_case_weights(tiny_config(**WIDE)) if edge_cases else None
+    wide_model = make_model(seed=11, weights=cfg_weights, **WIDE)
     rc, model = load(lib, ffi, wide_model.model)
     rc, q8 = quantize(lib, ffi, model)
     path = tmp_path / "q8.bin"
@@ -260,7 +277,8 @@ def test_int8_file_layout_matches_numpy_quantization(lib, ffi, wide_model, tmp_p
     for m in mats:
         groups = m.reshape(-1, 32).astype(np.float32)
         scale = np.abs(groups).max(1) / np.float32(127)
-        q = np.round(groups / scale[:, None]).astype(np.int8)
+        with np.errstate(invalid="ignore"):
+            q = np.nan_to_num(np.round(groups / scale[:, None])).astype(np.int8)
         assert np.array_equal(np.frombuffer(data, np.int8, m.size, off), q.ravel())
         off += m.size
         assert np.array_equal(np.frombuffer(data, np.float32, scale.size, off), scale)
