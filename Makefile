@@ -39,7 +39,7 @@ bench: all
 
 clean:
 	rm -f run libarianna.so
-	rm -rf $(SAN_DIR) $(FUZZ_DIR)
+	rm -rf $(SAN_DIR) $(FUZZ_DIR) $(AARCH64_DIR)
 
 # ------------------------------------------------------------------ hardening (README "Hardening")
 # `make sanitize`        library + CLI with ASan + UBSan (UBSan fatal) into build-san/
@@ -126,3 +126,33 @@ fuzz: all fuzz-build
 valgrind: all $(TINY_DIR)/model.bin
 	valgrind --leak-check=full --show-leak-kinds=all --errors-for-leak-kinds=all --error-exitcode=1 \
 	  ./run $(TINY_DIR)/model.bin -z $(TINY_DIR)/tokenizer.bin -n 16 -s 7 -i "the thing"
+
+# ------------------------------------------------------------------ aarch64 (README "Portability")
+# `make check-aarch64` cross-builds the library and the CLI for aarch64 (where the portable
+# scalar kernels run) into build-aarch64/, then runs that CLI under qemu-user on the persona:
+# its greedy text, float32 and int8, must be byte for byte the native CLI's.  Needs
+# gcc-aarch64-linux-gnu and qemu-user (.ci/run installs them).
+
+.PHONY: check-aarch64
+
+AARCH64_CC ?= aarch64-linux-gnu-gcc
+AARCH64_EMU ?= qemu-aarch64 -L /usr/aarch64-linux-gnu
+AARCH64_DIR = build-aarch64
+PERSONA_RUN = persona/arianna_v1_base.bin -z persona/tok4096.bin -t 0 -n 32 -i "Resonance is"
+
+$(AARCH64_DIR)/libarianna.so: $(SRC) $(HDR)
+	@mkdir -p $(AARCH64_DIR)
+	$(AARCH64_CC) $(CFLAGS) -shared -o $@ $(SRC) $(LDFLAGS) $(LDLIBS)
+
+$(AARCH64_DIR)/run: src/cli.c $(SRC) $(HDR)
+	@mkdir -p $(AARCH64_DIR)
+	$(AARCH64_CC) $(CFLAGS) -o $@ src/cli.c $(SRC) $(LDFLAGS) $(LDLIBS)
+
+check-aarch64: run $(AARCH64_DIR)/libarianna.so $(AARCH64_DIR)/run
+	@for q in f32 int8; do \
+	  flags=$$([ $$q = int8 ] && echo "-q int8"); \
+	  ./run $(PERSONA_RUN) $$flags > $(AARCH64_DIR)/native-$$q.txt 2>/dev/null || exit 1; \
+	  $(AARCH64_EMU) $(AARCH64_DIR)/run $(PERSONA_RUN) $$flags > $(AARCH64_DIR)/aarch64-$$q.txt 2>/dev/null || exit 1; \
+	  cmp $(AARCH64_DIR)/native-$$q.txt $(AARCH64_DIR)/aarch64-$$q.txt || exit 1; \
+	  echo "aarch64 $$q: greedy text identical to the native CLI's ($$(wc -c < $(AARCH64_DIR)/aarch64-$$q.txt) bytes)"; \
+	done
