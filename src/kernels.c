@@ -182,19 +182,39 @@ AVX2_TILE void tile_f32(int R, int C, float *out, int ldo, const float *W, int l
         }
 }
 
-/* R rows against all T tokens, 3 at a time (the R rows stay in L1 while X streams). */
+/* Products over several tokens (T > 1) read each weight row from memory once and then from
+ * L1.  So that the first tile of a row group does not wait on memory, every tile of a group
+ * first prefetches its share of the row group after next: a group's fetch is spread over the
+ * tiles of the group before it.  Measured on persona-shaped products with cold weights, float32:
+ * 1.4x at T = 16 and 1.3x at T = 64 over prefetching the whole group in its first tile;
+ * batched decode (16 sequences) 1.13-1.17x and prefill 1.1x end to end. */
+
+/* Prefetches bytes [lo, hi) of each of R rows, row r at base + r * stride. */
+AVX2_TILE void prefetch_share(int R, const void *base, size_t stride, int lo, int hi) {
+    for (int r = 0; r < R; r++)
+        for (int b = lo; b < hi; b += 64) _mm_prefetch((const char *)base + r * stride + b, _MM_HINT_T0);
+}
+
+/* Tile k of ntiles prefetches bytes [lo, hi) of rows of row_bytes bytes (whole cache lines). */
+static void tile_share(int row_bytes, int k, int ntiles, int *lo, int *hi) {
+    *lo = (int)((long long)row_bytes * k / ntiles) & ~63;
+    *hi = k + 1 == ntiles ? row_bytes : (int)((long long)row_bytes * (k + 1) / ntiles) & ~63;
+}
+
+/* R rows against all T tokens, 3 at a time (the R rows stay in L1 while X streams); each
+ * tile prefetches its share of the R rows 2R on. */
 AVX2_TILE void rows_f32(int R, float *out, int ldo, const float *W, int ldw, const float *X,
                        int ldx, int T, int n) {
-    /* the first tile also prefetches the rows two groups (2R rows) on: each row is read from
-     * memory once and then from L1, and without this its first tile waits on memory (measured
-     * 1.3x on T = 16 products whose weights do not fit in cache) */
-    for (int t = 0; t < T;) {
+    int ntiles = (T + 2) / 3;
+    for (int t = 0, k = 0; t < T; k++) {
+        int lo, hi;
+        tile_share(n * (int)sizeof(float), k, ntiles, &lo, &hi);
+        prefetch_share(R, W + (size_t)(2 * R) * ldw, (size_t)ldw * sizeof(float), lo, hi);
         float *o = out + (size_t)t * ldo;
         const float *x = X + (size_t)t * ldx;
-        int ahead = t == 0 ? 2 * R : 0;
-        if (T - t >= 3) tile_f32(R, 3, o, ldo, W, ldw, x, ldx, n, ahead);
-        else if (T - t == 2) tile_f32(R, 2, o, ldo, W, ldw, x, ldx, n, ahead);
-        else tile_f32(R, 1, o, ldo, W, ldw, x, ldx, n, ahead);
+        if (T - t >= 3) tile_f32(R, 3, o, ldo, W, ldw, x, ldx, n, 0);
+        else if (T - t == 2) tile_f32(R, 2, o, ldo, W, ldw, x, ldx, n, 0);
+        else tile_f32(R, 1, o, ldo, W, ldw, x, ldx, n, 0);
         t += T - t >= 3 ? 3 : T - t;
     }
 }
@@ -288,7 +308,8 @@ AVX2_FN static void gemm_q8_avx2(float *out, int ldo, const int8_t *Wq, const fl
         return;
     }
     /* decode prefetches about PREFETCH_BYTES ahead; with more tokens a row group takes
-     * longer, and two groups (8 rows) on is far enough, as in rows_f32 */
+     * longer, and two groups (8 rows) on is far enough (int8 weights are a quarter of the
+     * bytes and mostly stay in L3: rows_f32's spread prefetch measured no faster here) */
     int ahead = T == 1 ? prefetch_rows(n) : 8;
     if (gs == 32) gemm_q8_tiles(out, ldo, Wq, Ws, Xq, Xs, T, n, 32, r0, r1, ahead);
     else gemm_q8_tiles(out, ldo, Wq, Ws, Xq, Xs, T, n, gs, r0, r1, ahead);
