@@ -496,11 +496,12 @@ class Bench:
             "weight_bytes": {dt: shape.weight_bytes(dt) for dt in ("f32", "int8")},
             "flops_per_token": {"decode": shape.flops_per_token(avg_decode_pos),
                                 "prefill": shape.flops_per_token(avg_prefill_pos)},
-            "bandwidth_gbs": {}, "fma_gflops": {}, "samples": [],
+            "bandwidth_gbs": {}, "cold_bandwidth_gbs": {}, "fma_gflops": {}, "samples": [],
         }
         if row is None:
             return summary
         bw: dict[tuple[str, int], list[float]] = {}
+        cold: dict[tuple[str, int], list[float]] = {}
         fma: dict[int, list[float]] = {}
         sizes = {int(shape.weight_bytes("f32")): "f32", int(shape.weight_bytes("int8")): "int8"}
         for s in row.samples:
@@ -508,21 +509,26 @@ class Bench:
                 continue
             summary["samples"].append(s)
             for b in s.get("bandwidth_gbs", []):
-                bw.setdefault((sizes.get(b["bytes"], str(b["bytes"])), b["threads"]), []).append(b["gbs"])
+                key = (sizes.get(b["bytes"], str(b["bytes"])), b["threads"])
+                bw.setdefault(key, []).append(b["gbs"])
+                if "cold_gbs" in b:
+                    cold.setdefault(key, []).append(b["cold_gbs"])
             for f in s.get("fma_gflops", []):
                 fma.setdefault(f["threads"], []).append(f["gflops"])
             summary["avx2_fma"] = s.get("avx2_fma")
         # the median over rounds: the same statistic as the rows it is compared with
-        for (dt, t), values in bw.items():
-            summary["bandwidth_gbs"].setdefault(dt, {})[f"T{t}"] = statistics.median(values)
+        for name, measured in (("bandwidth_gbs", bw), ("cold_bandwidth_gbs", cold)):
+            for (dt, t), values in measured.items():
+                summary[name].setdefault(dt, {})[f"T{t}"] = statistics.median(values)
         for t, values in fma.items():
             summary["fma_gflops"][f"T{t}"] = statistics.median(values)
         summary["buffer_bytes"] = {dt: size for size, dt in sizes.items()}
         return summary
 
-    def _roofline_for(self, row: Row, roof: dict) -> Optional[float]:
+    def _roofline_for(self, row: Row, roof: dict, bandwidth: str = "bandwidth_gbs") -> Optional[float]:
+        """The row's roofline with the read bandwidth roof[bandwidth] (warm, or cold: from memory)."""
         t = f"T{row.threads}"
-        bw = roof["bandwidth_gbs"].get(row.dtype, {}).get(t)
+        bw = roof.get(bandwidth, {}).get(row.dtype, {}).get(t)
         peak = roof["fma_gflops"].get(t)
         shape = self.shape
         if row.group == "decode":
@@ -555,6 +561,11 @@ class Bench:
         roofline = self._roofline_for(row, roof)
         entry["roofline"] = roofline
         entry["roofline_fraction"] = (entry["median"] / roofline) if (roofline and entry["median"]) else None
+        # decode and batched decode read the weights each step: their roofline with the
+        # bandwidth of reads from memory too (prefill is compute bound: none)
+        cold = self._roofline_for(row, roof, "cold_bandwidth_gbs") if row.group in ("decode", "batch16") else None
+        entry["cold_roofline"] = cold
+        entry["cold_roofline_fraction"] = (entry["median"] / cold) if (cold and entry["median"]) else None
         target = TARGETS.get(f"{row.group}/{row.impl}/{row.dtype}/T{row.threads}")
         entry["target"] = target
         if target and target["kind"] == "min" and entry["median"] is not None:

@@ -36,12 +36,15 @@ def header(result: dict) -> list[str]:
         f"prefill: a {s['prefill_prompt_tokens']}-token prompt (seq_len {cfg['seq_len']}); batch {s['batch']}",
     ]
     bw, fma = roof.get("bandwidth_gbs", {}), roof.get("fma_gflops", {})
+    cold = roof.get("cold_bandwidth_gbs", {})
     if bw or fma:
         parts = []
         for dt in ("f32", "int8"):
             if dt in bw:
                 size = roof.get("buffer_bytes", {}).get(dt)
                 per = ", ".join(f"{t} {v:.1f}" for t, v in sorted(bw[dt].items()))
+                if dt in cold:
+                    per += " (from memory: " + ", ".join(f"{t} {v:.1f}" for t, v in sorted(cold[dt].items())) + ")"
                 parts.append(f"read {_mb(size)} ({dt} weights): {per} GB/s")
         if fma:
             parts.append("FMA peak: " + ", ".join(f"{t} {v:.1f}" for t, v in sorted(fma.items())) + " GFLOP/s")
@@ -53,8 +56,13 @@ def header(result: dict) -> list[str]:
     return lines
 
 
+def _percent(fraction: Optional[float], missing: str) -> str:
+    return f"{100 * fraction:.0f}%" if fraction else missing
+
+
 def format_table(result: dict) -> str:
-    cols = ["row", "median", "min-max", "unit", "peak RSS", "roofline", "of roof", "target", "pass", "notes"]
+    cols = ["row", "median", "min-max", "unit", "peak RSS", "roofline", "of roof", "of cold roof", "target", "pass",
+            "notes"]
     table: list[list[str]] = []
     for r in result["rows"]:
         unit = "ms" if r["metric"] == "ms" else ("tok/s total" if r["group"] == "batch16" else "tok/s")
@@ -81,13 +89,14 @@ def format_table(result: dict) -> str:
             unit,
             f"{rss['max']:.1f} MB" if rss else "-",
             _num(r.get("roofline")),
-            f"{100 * r['roofline_fraction']:.0f}%" if r.get("roofline_fraction") else "-",
+            _percent(r.get("roofline_fraction"), "-"),
+            _percent(r.get("cold_roofline_fraction"), "-"),
             target["text"] if target else "",
             passed,
             "; ".join(notes),
         ])
     widths = [max(len(c), *(len(row[i]) for row in table)) if table else len(c) for i, c in enumerate(cols)]
-    right = {1, 2, 4, 5, 6}
+    right = {1, 2, 4, 5, 6, 7}
 
     def fmt(row: list[str]) -> str:
         cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
@@ -101,19 +110,20 @@ def format_table(result: dict) -> str:
 
 def markdown_table(result: dict) -> str:
     """The same rows as a Markdown table (for README.md)."""
-    out = ["| row | median | min–max | peak RSS | roofline | of roof | target | pass |",
-           "|---|---:|---:|---:|---:|---:|---|---|"]
+    out = ["| row | median | min–max | peak RSS | roofline | of roof | of cold roof | target | pass |",
+           "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in result["rows"]:
         rss = r.get("peak_rss_mb")
         target = r.get("target")
         status = "" if r["status"] == "ok" else f" ({r['status']})"
         unit = " ms" if r["metric"] == "ms" else ""
         ratio = f" ({r['vs_cli']['ratio_of_medians']:.3f}× CLI)" if r.get("vs_cli") else ""
-        out.append("| {} | {}{}{} | {} | {} | {} | {} | {} | {} |".format(
+        out.append("| {} | {}{}{} | {} | {} | {} | {} | {} | {} | {} |".format(
             r["id"], _num(r["median"], r["metric"]), unit, ratio + status,
             f"{_num(r['min'], r['metric'])}–{_num(r['max'], r['metric'])}" if r["median"] is not None else "–",
             f"{rss['max']:.1f} MB" if rss else "–", _num(r.get("roofline")),
-            f"{100 * r['roofline_fraction']:.0f}%" if r.get("roofline_fraction") else "–",
+            _percent(r.get("roofline_fraction"), "–"),
+            _percent(r.get("cold_roofline_fraction"), "–"),
             target["text"] if target else "", {True: "PASS", False: "FAIL", None: ""}[r.get("pass")]))
     return "\n".join(out)
 

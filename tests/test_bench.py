@@ -43,7 +43,8 @@ def _bench(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess
 
 
 ROW_KEYS = {"id", "group", "impl", "dtype", "threads", "metric", "status", "samples", "values", "median",
-            "min", "max", "peak_rss_mb", "roofline", "roofline_fraction", "target", "pass"}
+            "min", "max", "peak_rss_mb", "roofline", "roofline_fraction", "cold_roofline",
+            "cold_roofline_fraction", "target", "pass"}
 
 
 def test_quick_run_writes_results_json(built, tiny_files, tmp_path):
@@ -66,6 +67,8 @@ def test_quick_run_writes_results_json(built, tiny_files, tmp_path):
     roof = res["roofline"]
     assert set(roof["bandwidth_gbs"]) == {"f32", "int8"}
     assert set(roof["bandwidth_gbs"]["f32"]) >= {"T1"}
+    assert set(roof["cold_bandwidth_gbs"]) == {"f32", "int8"}
+    assert roof["cold_bandwidth_gbs"]["f32"]["T1"] > 0  # reads after evicting the caches
     assert roof["fma_gflops"]["T1"] > 0
     assert roof["bytes_per_token"]["f32"] > roof["bytes_per_token"]["int8"] > 0
 
@@ -83,6 +86,8 @@ def test_quick_run_writes_results_json(built, tiny_files, tmp_path):
         assert row["peak_rss_mb"]["max"] > 0
     assert rows["decode/cli/f32/T1"]["roofline"] > 0
     assert 0 < rows["decode/cli/f32/T1"]["roofline_fraction"]
+    assert rows["decode/cli/f32/T1"]["cold_roofline"] > 0 and rows["decode/cli/f32/T1"]["cold_roofline_fraction"] > 0
+    assert rows["startup/python/f32/T1"]["cold_roofline"] is None  # only rows that read the weights per step
     assert rows["decode/cli/f32/T1"]["target"]["value"] == 880
     assert rows["decode/cli/f32/T1"]["pass"] in (True, False)
     assert "ratio_of_medians" in rows["decode/python/f32/T1"]["vs_cli"]
