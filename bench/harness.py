@@ -384,7 +384,9 @@ class Bench:
                 rows.append(Row(f"decode/python/{dt}/T{t}", "decode", "python", dt, t,
                                 runner=worker("python_decode", **dec)))
             rows.append(Row(f"decode/numpy/f32/T{t}", "decode", "numpy", "f32", t, runner=worker("numpy_decode", **dec)))
-            rows.append(Row(f"decode/torch/f32/T{t}", "decode", "torch", "f32", t, runner=worker("torch_decode", **dec)))
+            for dt in ("f32", "int8"):
+                rows.append(Row(f"decode/torch/{dt}/T{t}", "decode", "torch", dt, t, runner=worker("torch_decode", **dec),
+                                note="torch.ao quantize_dynamic (qint8 Linear)" if dt == "int8" else ""))
         for t in (1, 2):
             for dt in ("f32", "int8"):
                 rows.append(Row(f"prefill/cli/{dt}/T{t}", "prefill", "cli", dt, t, runner=cli))

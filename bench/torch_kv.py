@@ -67,9 +67,11 @@ class KVDecoder:
         return m.output(m.norm(x)).view(-1)
 
 
-def decode(model, prompt_ids: Sequence[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
+def decode(model, prompt_ids: Sequence[int], max_new_tokens: int,
+           ignore_eos: bool = False) -> tuple[list[int], list[float]]:
     """Greedy decode after the prompt; returns the new tokens and the time each was produced.
-    Stops like the C runtime: at BOS/EOS, after max_new_tokens, or when the context is full."""
+    Stops like the C runtime: at BOS/EOS (unless ignore_eos), after max_new_tokens, or when the
+    context is full."""
     dec = KVDecoder(model)
     logits: Optional[torch.Tensor] = None
     for pos, tok in enumerate(prompt_ids):
@@ -79,7 +81,7 @@ def decode(model, prompt_ids: Sequence[int], max_new_tokens: int) -> tuple[list[
     times: list[float] = []
     while len(tokens) < max_new_tokens and pos < dec.seq_len and logits is not None:
         token = int(torch.argmax(logits))
-        if token in (BOS, EOS):
+        if token in (BOS, EOS) and not ignore_eos:
             break
         tokens.append(token)
         times.append(time.perf_counter())

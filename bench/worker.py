@@ -195,9 +195,7 @@ def numpy_decode(spec: dict) -> dict:
         logits = ref.step(int(tok), pos)
     pos, times = len(ids), []
     while len(times) < spec["tokens"] and pos < seq_len:
-        token = int(np.argmax(logits))
-        if token in (BOS, EOS):
-            break
+        token = int(np.argmax(logits))  # BOS/EOS do not stop it: the same token count as the CLI rows
         times.append(time.perf_counter())
         if pos + 1 >= seq_len:
             break
@@ -220,17 +218,27 @@ def numpy_prefill(spec: dict) -> dict:
 
 
 def _torch(spec: dict):
+    """torch, bench.torch_kv and the model; for int8 rows its Linear layers dynamically
+    quantized (int8 weights, activations quantized per call), PyTorch's own int8 path."""
+    import warnings
+
     import torch
 
     torch.set_num_threads(spec["threads"])
     from bench import torch_kv
 
-    return torch, torch_kv, torch_kv.load_model(spec["model"])
+    model = torch_kv.load_model(spec["model"])
+    if spec["dtype"] == "int8":
+        with warnings.catch_warnings():  # the API is deprecated in favour of torchao, not installed here
+            warnings.simplefilter("ignore")
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    return torch, torch_kv, model
 
 
 def torch_decode(spec: dict) -> dict:
     torch, torch_kv, model = _torch(spec)
-    tokens, times = torch_kv.decode(model, spec["prompt_ids"], spec["tokens"])
+    # like the CLI (-e 1) and binding (ignore_eos=True) rows: exactly spec["tokens"] tokens
+    tokens, times = torch_kv.decode(model, spec["prompt_ids"], spec["tokens"], ignore_eos=True)
     return {"value": _rate(times), "tokens": len(tokens), "torch": torch.__version__,
             "timing": "first to last token (KV-cache decode loop, no_grad)"}
 
