@@ -1524,8 +1524,8 @@ struct ac_sampler {
     uint64_t rng;   /* xorshift64* state, never 0 */
     float *probs;   /* (V) scratch */
     int *order;     /* (V) candidate ids, sorted by probability */
-    int *order_tmp; /* (V) and (2V) scratch of sort_by_prob */
-    uint32_t *keys;
+    int *order_tmp; /* (V) scratch of sort_by_prob */
+    uint32_t *keys; /* (2V) scratch of sort_by_prob */
 };
 
 #define DEFAULT_SEED 0x9E3779B97F4A7C15ull
@@ -1605,9 +1605,11 @@ static int argmax(const float *x, int n) {
  * increasing id order (so the top candidate agrees with argmax).  The ids arrive in
  * increasing order and this is a stable LSD radix sort on the bits of the probabilities,
  * which (for the non-negative, non-NaN floats of candidates) order like the floats: ~bits
- * ascending is probability descending.  Measured ~10x faster than qsort with a comparison
- * callback on the persona's candidate lists (hundreds to thousands of ids per token). */
+ * ascending is probability descending.  It replaced qsort with a comparison callback, which
+ * took ~13% of int8 decode time with the default top-p (the persona keeps hundreds to
+ * thousands of candidates per token): int8 decode 1.15x, batched decode 1.22x (measured). */
 static void sort_by_prob(ac_sampler *s, int n) {
+    if (n < 2) return;
     int *ids = s->order, *ids_out = s->order_tmp;
     uint32_t *key = s->keys, *key_out = s->keys + n;
     for (int i = 0; i < n; i++) {
@@ -1625,8 +1627,12 @@ static void sort_by_prob(ac_sampler *s, int n) {
             key_out[at] = key[i];
             ids_out[at] = ids[i];
         }
-        uint32_t *kt = key; key = key_out; key_out = kt;
-        int *it = ids; ids = ids_out; ids_out = it;
+        uint32_t *key_in = key;
+        key = key_out;
+        key_out = key_in;
+        int *ids_in = ids;
+        ids = ids_out;
+        ids_out = ids_in;
     }
     if (ids != s->order) memcpy(s->order, ids, (size_t)n * sizeof *ids);
 }
