@@ -161,12 +161,15 @@ static read_bandwidth bandwidth(size_t bytes, int threads, double ms, int avx2) 
     if (n == 0) n = 64 * (size_t)threads;
     size_t n_evict = 4 * n > ((size_t)64 << 20) / sizeof(float) ? 4 * n : ((size_t)64 << 20) / sizeof(float);
     float *buf = aligned_alloc(64, n * sizeof(float));
-    float *evict = calloc(n_evict, sizeof(float));
+    float *evict = malloc(n_evict * sizeof(float));
     if (!buf || !evict) {
         free(buf);
         free(evict);
         return out;
     }
+    /* written once so that it owns real pages (untouched pages all map the one zero page,
+     * and reading them would evict nothing) */
+    for (size_t i = 0; i < n_evict; i++) evict[i] = 1.0f;
 #pragma omp parallel num_threads(threads)
     {
         int t = 0, nt = 1;
