@@ -4,7 +4,8 @@
  *
  *   (a) read bandwidth (GB/s) over a buffer of a given size with a given number of threads:
  *       each thread sums its slice of the buffer with 256-bit AVX2 loads into 8 independent
- *       accumulators, pass after pass; the best pass over a time budget is reported ("gbs":
+ *       accumulators, prefetching 8 KB ahead, pass after pass; the best pass over a time
+ *       budget is reported ("gbs":
  *       back-to-back passes, so a buffer that fits in the L3 is read from it), and the median
  *       of passes that each follow a read of an eviction buffer four times larger (at least
  *       64 MiB), so the buffer comes from memory ("cold_gbs": what a decode step gets when the
