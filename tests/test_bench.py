@@ -102,8 +102,8 @@ def test_list_rows(built, tiny_files):
     assert r.returncode == 0, r.stderr
     ids = r.stdout.split()
     for rid in ("decode/cli/f32/T1", "decode/cli/int8/T2", "decode/python/f32/T1", "decode/numpy/f32/T1",
-                "decode/torch/f32/T2", "decode/torch/int8/T1", "prefill/cli/f32/T1", "batch16/cli/f32/T2", "startup/python/f32/T1",
-                "machine/roofline"):
+                "decode/torch/f32/T2", "decode/torch/int8/T1", "prefill/cli/f32/T1", "batch16/cli/f32/T2",
+                "startup/python/f32/T1", "machine/roofline"):
         assert rid in ids
 
 

@@ -220,7 +220,7 @@ def test_sampler_order_with_ties_matches_c(built, top_p, top_k):
     The C sampler's radix sort must give NumPy's stable order (ties by id) draw for draw."""
     rng = np.random.default_rng(8)
     logits = rng.integers(-6, 3, 4096).astype(np.float32) * np.float32(0.5)
-    logits[rng.integers(0, 4096, 50)] = np.float32(0.0)  # -0.0 and 0.0 ties too
+    logits[rng.integers(0, 4096, 50)] = np.float32(0.0)  # logits 0.0 and -0.0 tie too
     logits[:7] = -np.float32(0.0)
     c = hp.c_sample(logits, 1.0, top_p, top_k, seed=5, n=300)
     sampler = Sampler(1.0, top_p, top_k, seed=5)

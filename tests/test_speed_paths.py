@@ -260,8 +260,8 @@ def test_int8_file_layout_matches_numpy_quantization(lib, ffi, make_model, tmp_p
     """The v2 bytes follow the documented layout: norms, then per matrix (per layer) int8
     values and float32 scales with scale = max|w| / 127 and q = round(w / scale) (half to
     even; 0 for an all-zero group)."""
-    cfg_weights = edge_case_weights(tiny_config(**WIDE)) if edge_cases else None
-    wide_model = make_model(seed=11, weights=cfg_weights, **WIDE)
+    weights = edge_case_weights(tiny_config(**WIDE)) if edge_cases else None
+    wide_model = make_model(seed=11, weights=weights, **WIDE)
     rc, model = load(lib, ffi, wide_model.model)
     rc, q8 = quantize(lib, ffi, model)
     path = tmp_path / "q8.bin"
