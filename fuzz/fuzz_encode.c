@@ -35,10 +35,7 @@ static const char *const MERGES[] = {
 
 static ac_tokenizer *build_tokenizer(int with_bytes) {
     fuzz_buf f = {0};
-    fuzz_put(&f, &f.max_len, 4); /* patched below */
-    fuzz_add_piece(&f, "<unk>", 5, 0.0f);
-    fuzz_add_piece(&f, "<s>", 3, 0.0f);
-    fuzz_add_piece(&f, "</s>", 4, 0.0f);
+    fuzz_tokenizer_start(&f);
     for (int b = 0; b < 256; b++) {
         if (!with_bytes && b % 7) continue; /* the partial tokenizer keeps 1 byte in 7 */
         char piece[8];
@@ -52,11 +49,8 @@ static ac_tokenizer *build_tokenizer(int with_bytes) {
     float score = -2.0f;
     for (size_t i = 0; i < sizeof MERGES / sizeof MERGES[0]; i++, score -= (i % 3 == 0))
         fuzz_add_piece(&f, MERGES[i], strlen(MERGES[i]), score);
-    memcpy(f.data, &f.max_len, 4);
-    ac_tokenizer *t = NULL;
-    fuzz_assert(ac_tokenizer_load_memory(f.data, f.size, f.count, "built-in", &t) == AC_OK,
-                "the built-in tokenizer loads");
-    free(f.data);
+    ac_tokenizer *t = fuzz_tokenizer_finish(&f);
+    fuzz_assert(t != NULL, "the built-in tokenizer loads");
     return t;
 }
 

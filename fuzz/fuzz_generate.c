@@ -81,10 +81,7 @@ static const char *const MERGES[] = {" t", "th", "he", " the", "in", "er",
 
 static ac_tokenizer *build_tokenizer(void) {
     fuzz_buf b = {0};
-    fuzz_put(&b, &b.max_len, 4); /* patched below */
-    fuzz_add_piece(&b, "<unk>", 5, 0.0f);
-    fuzz_add_piece(&b, "<s>", 3, 0.0f);
-    fuzz_add_piece(&b, "</s>", 4, 0.0f);
+    fuzz_tokenizer_start(&b);
     for (int v = 0; v < 256; v++) { /* some byte pieces: other bytes become <unk> */
         if (v % 16 && v != '\n' && v != 0xC3 && v != 0xFF) continue;
         char piece[8];
@@ -94,11 +91,8 @@ static ac_tokenizer *build_tokenizer(void) {
     for (int c = 0x20; c < 0x7f; c++) fuzz_add_piece(&b, (char[]){(char)c}, 1, -1.0f);
     for (size_t i = 0; i < sizeof MERGES / sizeof MERGES[0]; i++)
         fuzz_add_piece(&b, MERGES[i], strlen(MERGES[i]), -2.0f - (float)i);
-    memcpy(b.data, &b.max_len, 4);
-    ac_tokenizer *t = NULL;
-    fuzz_assert(ac_tokenizer_load_memory(b.data, b.size, b.count, "built-in", &t) == AC_OK,
-                "the built-in tokenizer loads");
-    free(b.data);
+    ac_tokenizer *t = fuzz_tokenizer_finish(&b);
+    fuzz_assert(t != NULL, "the built-in tokenizer loads");
     return t;
 }
 
