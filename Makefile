@@ -14,6 +14,11 @@ LDLIBS = -lm
 
 CFLAGS += -pthread
 LDFLAGS += -pthread
+# The library stays mapped once loaded (dlclose does not unmap it): a state's pool workers wait
+# inside library code, and a caller that unloads the library with a live state (Python does at
+# exit) must not leave them to wake up in unmapped memory.  Joining them from a destructor
+# instead would need a registry of every pool and would hang if a state were still in use.
+LIB_LDFLAGS = -Wl,-z,nodelete
 
 SRC = src/run.c src/kernels.c src/pool.c
 HDR = src/run.h src/kernels.h src/pool.h
@@ -23,7 +28,7 @@ HDR = src/run.h src/kernels.h src/pool.h
 all: libarianna.so run
 
 libarianna.so: $(SRC) $(HDR)
-	$(CC) $(CFLAGS) -shared -o $@ $(SRC) $(LDFLAGS) $(LDLIBS)
+	$(CC) $(CFLAGS) -shared -o $@ $(SRC) $(LDFLAGS) $(LIB_LDFLAGS) $(LDLIBS)
 
 # The CLI links the library's object code statically, so ./run works without LD_LIBRARY_PATH.
 run: src/cli.c $(SRC) $(HDR)
@@ -64,7 +69,7 @@ sanitize: $(SAN_DIR)/libarianna.so $(SAN_DIR)/run
 
 $(SAN_DIR)/libarianna.so: $(SRC) $(HDR)
 	@mkdir -p $(SAN_DIR)
-	$(SAN_CC) $(CFLAGS) $(SAN_FLAGS) -shared -o $@ $(SRC) $(LDFLAGS) $(LDLIBS)
+	$(SAN_CC) $(CFLAGS) $(SAN_FLAGS) -shared -o $@ $(SRC) $(LDFLAGS) $(LIB_LDFLAGS) $(LDLIBS)
 
 $(SAN_DIR)/run: src/cli.c $(SRC) $(HDR)
 	@mkdir -p $(SAN_DIR)
@@ -142,7 +147,7 @@ PERSONA_RUN = persona/arianna_v1_base.bin -z persona/tok4096.bin -t 0 -n 32 -i "
 
 $(AARCH64_DIR)/libarianna.so: $(SRC) $(HDR)
 	@mkdir -p $(AARCH64_DIR)
-	$(AARCH64_CC) $(CFLAGS) -shared -o $@ $(SRC) $(LDFLAGS) $(LDLIBS)
+	$(AARCH64_CC) $(CFLAGS) -shared -o $@ $(SRC) $(LDFLAGS) $(LIB_LDFLAGS) $(LDLIBS)
 
 $(AARCH64_DIR)/run: src/cli.c $(SRC) $(HDR)
 	@mkdir -p $(AARCH64_DIR)

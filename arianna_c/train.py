@@ -121,7 +121,14 @@ def progress_line(step: int, loss: float, lr: float, tok_s: float, progress: flo
 
 
 def build_model(cfg: TrainConfig) -> Transformer:
-    """A fresh model, or the weights of --init-from (whose architecture then wins)."""
+    """A fresh model, or the weights of --init-from (whose architecture then wins).
+
+    --init-from takes a training checkpoint (.pt) or a model file the runtime reads (.bin).
+    """
+    if cfg.init_from and Path(cfg.init_from).suffix != ".pt":
+        from .export import torch_from_bin
+
+        return torch_from_bin(cfg.init_from).train()
     if cfg.init_from:
         ckpt = torch.load(cfg.init_from, map_location="cpu", weights_only=False)
         model = Transformer(ModelArgs(**ckpt["model_args"]))

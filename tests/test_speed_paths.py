@@ -102,7 +102,35 @@ state = ffi.new("ac_state **"); assert lib.ac_state_create(model, state) == 0
 assert lib.ac_logits(state[0], ffi.from_buffer("int[]", tokens), len(tokens),
                      ffi.from_buffer("float[]", logits, require_writable=True)) == 0
 np.save(sys.argv[3], logits)
+lib.ac_state_free(state[0])
+if model != out[0]:
+    lib.ac_model_free(model)
+lib.ac_model_free(out[0])
 """
+
+# Unloads the library while a state with two threads is alive, then gives the pool's workers
+# time to wake: they must not find their code unmapped (the library is linked -z nodelete).
+UNLOAD_SCRIPT = r"""
+import ctypes, _ctypes, sys, time
+lib = ctypes.CDLL(sys.argv[1])
+model, state = ctypes.c_void_p(), ctypes.c_void_p()
+assert lib.ac_model_load(sys.argv[2].encode(), ctypes.byref(model)) == 0
+assert lib.ac_state_create(model, ctypes.byref(state)) == 0
+assert lib.ac_state_set_threads(state, 2) == 0
+tokens = (ctypes.c_int * 4)(1, 5, 6, 7)
+logits = (ctypes.c_float * (4 * int(sys.argv[3])))()
+assert lib.ac_logits(state, tokens, 4, logits) == 0
+_ctypes.dlclose(lib._handle)
+time.sleep(0.05)
+"""
+
+
+def test_library_survives_unload_with_live_state(wide_model):
+    for _ in range(5):
+        r = subprocess.run([sys.executable, "-c", UNLOAD_SCRIPT, str(REPO / "libarianna.so"),
+                            str(wide_model.model), str(wide_model.cfg.vocab_size)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, (r.returncode, r.stderr)
 
 
 @pytest.mark.parametrize("weights", ["float32", "int8"])
