@@ -4,7 +4,7 @@
 # Flags: -O3, -fPIC and -pthread (src/pool.c's thread pool).  Deliberately no -ffast-math
 # (it would break the float32 parity with the NumPy/PyTorch reference) and no -march=native
 # (the library must run on any x86-64/aarch64 machine it is copied to): the SIMD kernels in
-# src/kernels.c are compiled per function for AVX2+FMA and picked at run time.
+# src/kernels_*.c are compiled per function for their instruction sets and picked at run time.
 
 CC ?= gcc
 PYTHON ?= python3
@@ -20,8 +20,9 @@ LDFLAGS += -pthread
 # instead would need a registry of every pool and would hang if a state were still in use.
 LIB_LDFLAGS = -Wl,-z,nodelete
 
-SRC = src/run.c src/kernels.c src/pool.c
-HDR = src/run.h src/kernels.h src/pool.h
+SRC = src/errors.c src/file.c src/model.c src/forward.c src/tokenizer.c src/sampler.c src/session.c \
+      src/module.c src/blake2b.c src/kernels.c src/kernels_avx2.c src/kernels_avx512.c src/pool.c
+HDR = src/run.h src/internal.h src/kernels.h src/kernels_x86.h src/pool.h src/blake2b.h
 
 .PHONY: all test clean bench
 
@@ -89,7 +90,7 @@ sanitize-check: all sanitize $(TINY_DIR)/model.bin
 FUZZ_CC ?= clang
 FUZZ_TIME ?= 30
 FUZZ_DIR = build-fuzz
-FUZZERS = fuzz_model_load fuzz_tokenizer_load fuzz_encode fuzz_generate
+FUZZERS = fuzz_model_load fuzz_tokenizer_load fuzz_encode fuzz_generate fuzz_module_load fuzz_sampler
 FUZZ_FLAGS = -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
 # libFuzzer options: a stuck input or a runaway allocation counts as a failure too.
 FUZZ_OPTS = -max_total_time=$(FUZZ_TIME) -timeout=60 -rss_limit_mb=2048 -malloc_limit_mb=1024 \
@@ -116,7 +117,7 @@ $(FUZZ_DIR)/replay_%: fuzz/%.c fuzz/fuzz_buf.h fuzz/replay.c libarianna.so src/r
 fuzz: all fuzz-build
 	$(PYTHON) fuzz/make_seeds.py $(FUZZ_DIR)/seeds
 	@for f in $(FUZZERS); do \
-	  mkdir -p $(FUZZ_DIR)/corpus/$$f $(FUZZ_DIR)/crashes/$$f; \
+	  mkdir -p $(FUZZ_DIR)/corpus/$$f $(FUZZ_DIR)/crashes/$$f $(FUZZ_DIR)/seeds/$$f; \
 	  dirs="$(FUZZ_DIR)/corpus/$$f $(FUZZ_DIR)/seeds/$$f"; \
 	  [ -d tests/fuzz_regressions/$$f ] && dirs="$$dirs tests/fuzz_regressions/$$f"; \
 	  echo "== $$f for $(FUZZ_TIME) s (log: $(FUZZ_DIR)/$$f.log)"; \

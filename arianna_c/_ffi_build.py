@@ -54,6 +54,20 @@ int ac_model_config(const ac_model *model, ac_config *out);
 int ac_model_quantize(const ac_model *src, int group_size, ac_model **out);
 int ac_model_save(const ac_model *model, const char *path);
 
+#define AC_MAX_MODULES 64
+typedef struct ac_module ac_module;
+typedef struct {
+    int rank; float alpha; int n_targets; uint64_t n_params; ac_config base;
+    unsigned char base_fingerprint[32];
+} ac_module_info;
+int ac_module_load(const char *path, ac_module **out);
+int ac_module_load_memory(const void *data, size_t size, const char *name, ac_module **out);
+void ac_module_free(ac_module *module);
+int ac_module_get_info(const ac_module *module, ac_module_info *out);
+int ac_model_fingerprint(const ac_model *model, unsigned char out[32]);
+int ac_model_apply_modules(const ac_model *base, const ac_module *const *modules, const float *scales,
+                           int n_modules, ac_model **out);
+
 const char *ac_kernel_name(void);
 int ac_default_threads(void);
 
@@ -80,11 +94,19 @@ int ac_tokenizer_piece(const ac_tokenizer *tok, int id, const char **piece, size
 typedef struct ac_sampler ac_sampler;
 typedef struct {
     float temperature; float top_p; int top_k; uint64_t seed;
+    float min_p; float repeat_penalty; int repeat_last_n; float presence_penalty;
+    float frequency_penalty;
 } ac_sampler_params;
 ac_sampler_params ac_sampler_default_params(void);
+int ac_sampler_check_params(const ac_sampler_params *params);
 int ac_sampler_create(const ac_sampler_params *params, int vocab_size, ac_sampler **out);
 void ac_sampler_free(ac_sampler *sampler);
 int ac_sample(ac_sampler *sampler, const float *logits, int *token);
+int ac_sampler_accept(ac_sampler *sampler, int token);
+void ac_sampler_reset_history(ac_sampler *sampler);
+int ac_sampler_set_logit_bias(ac_sampler *sampler, const int *ids, const float *biases, int n);
+int ac_logprobs(const float *logits, int n_vocab, int token, int top_n, float *token_logprob,
+                int *top_ids, float *top_logprobs);
 
 typedef struct ac_session ac_session;
 int ac_session_create(const ac_model *model, const ac_tokenizer *tok,
@@ -110,6 +132,10 @@ int ac_batch_set_threads(ac_batch *batch, int n_threads);
 int ac_batch_set_ignore_eos(ac_batch *batch, int ignore);
 int ac_batch_generate(ac_batch *batch, const char *const *prompts, const size_t *lens,
                       int max_new_tokens, int *tokens, int *n_generated);
+int ac_batch_prefill(ac_batch *batch, int seq, const int *tokens, int n_tokens, int pos,
+                     float *logits);
+int ac_batch_decode(ac_batch *batch, int n_rows, const int *seqs, const int *tokens,
+                    const int *pos, float *logits);
 """
 
 

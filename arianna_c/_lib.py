@@ -12,32 +12,19 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import sys
 import threading
 from pathlib import Path
 from typing import Any, Optional
 
 from ._ffi import ffi
+from .errors import AriannaError, ErrorCode
 
 LIB_NAME = "libarianna.so"
 
 _lib: Optional[Any] = None
 _lock = threading.Lock()
-
-
-class AriannaError(ValueError):
-    """An error reported by libarianna: bad file contents, bad arguments, out-of-range values.
-
-    ``code`` is the C result code (``AC_ERR_*``), ``name`` its symbolic name, and the message
-    is the library's own (it names the file, the field, and expected vs actual values).
-    """
-
-    __module__ = "arianna_c"
-
-    def __init__(self, message: str, code: int = 0, name: str = "") -> None:
-        super().__init__(message)
-        self.code = code
-        self.name = name
 
 
 def library_candidates() -> list[Path]:
@@ -86,20 +73,46 @@ def error_message() -> str:
 
 
 def _error_check(rc: int, path: Optional[str] = None) -> None:
-    """Raises the Python exception for a C result code (AC_OK does nothing).
+    """Raises the Python exception for a C result code (AC_OK does nothing): the one place
+    where codes become exceptions.
 
-    AC_ERR_IO becomes OSError (FileNotFoundError when path is given and does not exist),
-    AC_ERR_NOMEM MemoryError, every other code AriannaError with the library's message.
+    AC_ERR_IO becomes the OSError the system reports for path (FileNotFoundError,
+    PermissionError, IsADirectoryError, ... with the library's message), AC_ERR_NOMEM
+    MemoryError, every other code AriannaError, all with the library's message.
     """
-    if rc == 0:
+    if rc == ErrorCode.OK:
         return
     lib = load()
     message = error_message()
-    name = ffi.string(lib.ac_strerror(rc)).decode()
-    if rc == lib.AC_ERR_IO:
-        if path is not None and not os.path.exists(path):
-            raise FileNotFoundError(errno.ENOENT, message, path)
-        raise OSError(errno.EIO, message, path)
-    if rc == lib.AC_ERR_NOMEM:
+    if rc == ErrorCode.IO:
+        raise _os_error(message, path)
+    if rc == ErrorCode.NOMEM:
         raise MemoryError(message)
-    raise AriannaError(message, rc, name)
+    raise AriannaError(message, rc, ffi.string(lib.ac_strerror(rc)).decode())
+
+
+def _os_error(message: str, path: Optional[str]) -> OSError:
+    """The OSError for a file the library could not use: the library reports why in words, the
+    system's own open of the same path gives the errno (and so the OSError subclass)."""
+    if path is None:
+        return OSError(message)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        return OSError(exc.errno, message, path)  # OSError(errno, ...) picks the subclass
+    try:
+        is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+    return OSError(errno.EISDIR, message, path) if is_dir else OSError(message)
+
+
+def library_version() -> str:
+    """The version of the libarianna.so in use (opens the library)."""
+    return ffi.string(load().ac_version()).decode()
+
+
+def kernel_name() -> str:
+    """The compute kernels the library picked for this CPU, e.g. "avx2" or "scalar" (opens
+    the library)."""
+    return ffi.string(load().ac_kernel_name()).decode()

@@ -8,16 +8,22 @@ shard works as well as a hundred.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
 BOS_ID = 1
 SHARD_DTYPE = np.uint16
+MAX_VOCAB = int(np.iinfo(SHARD_DTYPE).max) + 1  # ids must fit the uint16 shards
+# <unk> <s> </s> and the 256 byte-fallback pieces: every tokenizer holds them
+RESERVED_PIECES = 3 + 256
+# Written by pretokenize beside the shards: which tokenizer made them, and their sizes.
+SHARDS_RECORD = "shards.json"
 
 # Options that make the tokenizer reproducible by the C encoder: plain BPE with byte fallback,
 # no normalization at all (text in == pieces out), a dummy-prefix space, digits split apart.
@@ -53,17 +59,59 @@ def train_tokenizer(corpus_dir: os.PathLike | str, model_prefix: os.PathLike | s
     import sentencepiece as spm
 
     files = corpus_files(corpus_dir)
-    spm.SentencePieceTrainer.train(
-        input=[str(f) for f in files],
-        model_prefix=str(model_prefix),
-        vocab_size=vocab_size,
-        num_threads=threads,
-        input_sentence_size=2_000_000,
-        shuffle_input_sentence=True,
-        minloglevel=1,
-        **SENTENCEPIECE_OPTIONS,
-    )
+    folder = Path(model_prefix).parent
+    if not folder.is_dir():
+        raise DataError(f"--out {model_prefix}: the folder {folder} does not exist; create it first "
+                        f"(mkdir -p {folder})")
+    if not RESERVED_PIECES < vocab_size <= MAX_VOCAB:
+        raise DataError(f"--vocab-size {vocab_size} is out of range: it must be above {RESERVED_PIECES} "
+                        f"(<unk> <s> </s> and 256 byte pieces, plus the corpus' characters) and at "
+                        f"most {MAX_VOCAB} (token ids are stored as uint16)")
+    try:
+        spm.SentencePieceTrainer.train(
+            input=[str(f) for f in files],
+            model_prefix=str(model_prefix),
+            vocab_size=vocab_size,
+            num_threads=threads,
+            input_sentence_size=2_000_000,
+            shuffle_input_sentence=True,
+            minloglevel=1,
+            **SENTENCEPIECE_OPTIONS,
+        )
+    except RuntimeError as exc:
+        raise DataError(_explain_sentencepiece_error(str(exc), vocab_size, corpus_dir)) from None
     return Path(f"{model_prefix}.model")
+
+
+def _explain_sentencepiece_error(message: str, vocab_size: int, corpus_dir) -> str:
+    """SentencePiece's INTERNAL check failures, said in terms of the command's options."""
+    too_small = re.search(r"smaller than required_chars\. \d+ vs (\d+)", message)
+    if too_small:
+        need = int(too_small.group(1))
+        return (f"--vocab-size {vocab_size} is too small for {corpus_dir}: its {need - RESERVED_PIECES} "
+                f"distinct characters, 256 byte pieces and <unk> <s> </s> need at least {need}; "
+                f"use --vocab-size {need} or more")
+    too_large = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", message)
+    if too_large:
+        return (f"--vocab-size {vocab_size} is more pieces than {corpus_dir} yields (at most "
+                f"{too_large.group(1)}); lower --vocab-size or add text")
+    return f"SentencePiece could not train on {corpus_dir}: {message.splitlines()[0]}"
+
+
+def load_sentencepiece(model_path: os.PathLike | str):
+    """A SentencePieceProcessor, or a DataError saying what the file is instead."""
+    import sentencepiece as spm
+
+    path = Path(model_path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such SentencePiece model file")
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError):
+        from .export import describe_file
+
+        raise DataError(f"{path}: not a SentencePiece .model file (it is {describe_file(path)}); give "
+                        f"the tokenizer's .model, as `train tokenizer` writes it") from None
 
 
 def paragraphs(text: str) -> list[str]:
@@ -77,17 +125,16 @@ def tokenize_text(sp, text: str) -> np.ndarray:
     for piece_ids in sp.encode(paragraphs(text)):
         ids.append(BOS_ID)
         ids.extend(piece_ids)
-    if sp.get_piece_size() > np.iinfo(SHARD_DTYPE).max + 1:
+    if sp.get_piece_size() > MAX_VOCAB:
         raise DataError(f"vocabulary of {sp.get_piece_size()} does not fit uint16 shards")
     return np.asarray(ids, dtype=SHARD_DTYPE)
 
 
 def pretokenize(corpus_dir: os.PathLike | str, tokenizer_model: os.PathLike | str,
                 out_dir: os.PathLike | str) -> dict[str, int]:
-    """Write one shard per corpus file; returns {shard name: token count}."""
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
+    """Write one shard per corpus file, and SHARDS_RECORD naming the tokenizer; returns
+    {shard name: token count}."""
+    sp = load_sentencepiece(tokenizer_model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     counts = {}
@@ -96,7 +143,22 @@ def pretokenize(corpus_dir: os.PathLike | str, tokenizer_model: os.PathLike | st
         shard = out / f"{path.stem}.bin"
         tokens.tofile(shard)
         counts[shard.name] = len(tokens)
+    record = {"tokenizer": str(Path(tokenizer_model).resolve()), "vocab_size": sp.get_piece_size(),
+              "shards": counts}
+    (out / SHARDS_RECORD).write_text(json.dumps(record, indent=1) + "\n")
     return counts
+
+
+def recorded_vocab_size(data_dir: os.PathLike | str) -> Optional[tuple[int, str]]:
+    """(vocab_size, tokenizer path) of the tokenizer that made the shards, if pretokenize recorded it."""
+    path = Path(data_dir) / SHARDS_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        return int(record["vocab_size"]), str(record["tokenizer"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: unreadable shard record ({exc}); delete it or pretokenize again") from None
 
 
 @dataclass
@@ -104,6 +166,11 @@ class Split:
     train: np.ndarray
     val: np.ndarray
     shards: list[str]
+    sizes: list[int]  # tokens per shard, in the order of shards
+
+    def fingerprint(self) -> dict[str, int]:
+        """{shard name: token count}: what a checkpoint records of the data it was trained on."""
+        return dict(zip(self.shards, self.sizes))
 
 
 def load_split(data_dir: os.PathLike | str, val_fraction: float = 0.05) -> Split:
@@ -113,13 +180,14 @@ def load_split(data_dir: os.PathLike | str, val_fraction: float = 0.05) -> Split
     shards = sorted(Path(data_dir).glob("*.bin"))
     if not shards:
         raise DataError(f"{data_dir}: no .bin shards (run the pretokenize step first)")
-    train_parts, val_parts = [], []
+    train_parts, val_parts, sizes = [], [], []
     for shard in shards:
         tokens = np.fromfile(shard, dtype=SHARD_DTYPE)
+        sizes.append(len(tokens))
         n_val = int(np.ceil(len(tokens) * val_fraction))
         train_parts.append(tokens[: len(tokens) - n_val])
         val_parts.append(tokens[len(tokens) - n_val :])
-    return Split(np.concatenate(train_parts), np.concatenate(val_parts), [s.name for s in shards])
+    return Split(np.concatenate(train_parts), np.concatenate(val_parts), [s.name for s in shards], sizes)
 
 
 def check_fits(split: Split, data_dir: os.PathLike | str, batch_size: int, seq_len: int) -> None:
@@ -138,10 +206,26 @@ def check_fits(split: Split, data_dir: os.PathLike | str, batch_size: int, seq_l
         )
 
 
-def random_batch(tokens: np.ndarray, batch_size: int, seq_len: int,
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """batch_size random windows: inputs and the targets shifted by one."""
-    starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)
+def check_vocab(split: Split, data_dir: os.PathLike | str, vocab_size: int) -> None:
+    """The model's vocabulary must be the shards' tokenizer's: every id below vocab_size, and the
+    tokenizer pretokenize recorded (if any) of the same size."""
+    recorded = recorded_vocab_size(data_dir)
+    if recorded is not None and recorded[0] != vocab_size:
+        raise DataError(f"--vocab-size {vocab_size} does not match the shards in {data_dir}: they were "
+                        f"made with {recorded[1]} ({recorded[0]} pieces); use --vocab-size {recorded[0]}")
+    largest = max(int(split.train.max(initial=0)), int(split.val.max(initial=0)))
+    if largest >= vocab_size:
+        raise DataError(f"--vocab-size {vocab_size} does not match the shards in {data_dir}: they hold "
+                        f"token id {largest}; use the vocabulary size of the tokenizer that made them")
+
+
+def batch_starts(rng: np.random.Generator, n_tokens: int, rows: int, seq_len: int) -> np.ndarray:
+    """rows random window starts over n_tokens tokens (each window holds seq_len + 1 tokens)."""
+    return rng.integers(0, n_tokens - seq_len, size=rows)
+
+
+def windows_at(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """The windows at starts: inputs (rows, seq_len) and the targets shifted by one, int64."""
     windows = np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64)
     return windows[:, :-1], windows[:, 1:]
 
@@ -152,8 +236,7 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int,
     n_windows = min(max_batches * batch_size, (len(tokens) - 1) // seq_len)
     starts = np.linspace(0, len(tokens) - seq_len - 1, n_windows).astype(np.int64)
     for i in range(0, n_windows, batch_size):
-        windows = np.stack([tokens[s : s + seq_len + 1] for s in starts[i : i + batch_size]]).astype(np.int64)
-        yield windows[:, :-1], windows[:, 1:]
+        yield windows_at(tokens, starts[i : i + batch_size], seq_len)
 
 
 def shard_summary(counts: dict[str, int]) -> str:

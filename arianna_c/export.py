@@ -1,9 +1,12 @@
 """Exporters: PyTorch LLiSA -> model .bin (v0 / v1) or .npz; SentencePiece .model -> tokenizer .bin.
 
-    python -m arianna_c.export model CKPT.pt OUT.bin [--version 1] [--no-verify]
-    python -m arianna_c.export model CKPT.pt OUT.npz
+    python -m arianna_c.export model RUN/best OUT.bin [--version 1] [--no-verify]
+    python -m arianna_c.export model RUN/best OUT.npz
     python -m arianna_c.export tokenizer persona/tok4096.model persona/tok4096.bin
-    python -m arianna_c.export check MODEL.bin CKPT.pt        # C logits vs torch logits
+    python -m arianna_c.export check MODEL.bin RUN/best      # C logits vs torch logits
+
+The model source is a training checkpoint folder (``RUN/best``, ``RUN/ckpt``), a one-file
+``.pt`` checkpoint of earlier versions, or a model file (.bin / .npz, e.g. to change layout).
 
 Model files default to the legacy v0 layout, which stock llama2.c ``run`` reads too; ``--version 1``
 writes the "ak42" v1 layout.  A classifier tied to the embedding (``output.weight`` is, or equals,
@@ -20,10 +23,11 @@ torch is imported lazily: the tokenizer exporter and the NumPy helpers work with
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -55,41 +59,55 @@ class ExportError(RuntimeError):
 # ============================================================================ torch -> weights
 
 
-def load_checkpoint(path: PathLike):
-    """A ``Transformer`` (eval mode) from a training checkpoint (.pt with model_args + model)."""
-    import torch
-
-    from .model import ModelArgs, Transformer
-
+def describe_file(path: PathLike) -> str:
+    """What a path most likely holds, for error messages ("a model .bin", ...)."""
+    path = Path(path)
+    if path.is_dir():
+        return "a folder"
     try:
-        ckpt = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-    except Exception:  # checkpoints of older torch versions may hold other picklable objects
-        ckpt = torch.load(os.fspath(path), map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
-        raise ExportError(f"{path}: not a training checkpoint (needs 'model_args' and 'model')")
-    state = _strip_prefix(ckpt["model"])
-    args = ModelArgs(**ckpt["model_args"])
-    if args.tied and "output.weight" in state and not torch.equal(state["output.weight"],
-                                                                   state["tok_embeddings.weight"]):
-        args.tied = False  # a checkpoint whose classifier was untied after all
-    model = Transformer(args)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (args.tied and k == "output.weight")]
-    if missing or unexpected:
-        raise ExportError(f"{path}: state dict does not fit the model: missing {missing}, "
-                          f"unexpected {unexpected}")
-    return model.eval()
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    if head == b"PK\x03\x04":
+        return "a PyTorch .pt file"
+    try:
+        formats.read_model(path)
+        return "a model .bin"
+    except Exception:
+        pass
+    try:
+        import sentencepiece as spm
+
+        spm.SentencePieceProcessor(model_file=str(path))
+        return "a SentencePiece .model"
+    except Exception:
+        pass
+    try:
+        if len(formats.read_tokenizer(path)[0]) >= 3:
+            return "a runtime tokenizer .bin"
+    except Exception:
+        pass
+    return "no file this project writes"
 
 
-def _strip_prefix(state: dict) -> dict:
-    """Drops torch.compile's ``_orig_mod.`` (and DDP's ``module.``) key prefixes."""
-    out = {}
-    for key, value in state.items():
-        for prefix in ("_orig_mod.", "module."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value
-    return out
+def load_checkpoint(path: PathLike):
+    """A ``Transformer`` (eval mode) from a checkpoint folder or a legacy ``.pt`` file."""
+    from .checkpoint import build_transformer, load_any
+
+    ckpt = load_any(path)
+    return build_transformer(ckpt.meta["model_args"], ckpt.model_state).eval()
+
+
+def load_torch_model(path: PathLike):
+    """A ``Transformer`` (eval mode) from a checkpoint (folder or legacy .pt) or a model file
+    the runtime reads (.bin, or the NumPy reference's .npz)."""
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".pt":
+        return load_checkpoint(path)
+    if path.suffix == ".npz" or describe_file(path) == "a model .bin":
+        return torch_from_bin(path)
+    return load_checkpoint(path)  # a checkpoint by content, or its error saying what the file is
 
 
 def is_tied(state: dict) -> bool:
@@ -109,7 +127,9 @@ def weights_from_torch(model_or_state, version: int = 0) -> tuple[ModelConfig, d
         state, args = model_or_state
     else:
         state, args = model_or_state.state_dict(keep_vars=False), model_or_state.args
-    state = _strip_prefix(state)
+    from .checkpoint import strip_prefixes
+
+    state = strip_prefixes(state)
     tied = is_tied(state)
     arr = lambda t: t.detach().to("cpu").float().numpy()  # noqa: E731
     emb = arr(state["tok_embeddings.weight"])
@@ -127,9 +147,9 @@ def weights_from_torch(model_or_state, version: int = 0) -> tuple[ModelConfig, d
 
 
 def _as_model(source):
-    """A Transformer from a module or a checkpoint path."""
+    """A Transformer from a module or a path (see load_torch_model)."""
     if isinstance(source, (str, os.PathLike)):
-        return load_checkpoint(source)
+        return load_torch_model(source)
     return source.eval()
 
 
@@ -258,9 +278,9 @@ def tokenizer_from_sentencepiece(model_path: PathLike, out_path: Optional[PathLi
     as "<unk>", "<s>", "</s>"), scores as SentencePiece holds them.  Writes out_path and returns
     it; without out_path returns the file's bytes.
     """
-    import sentencepiece as spm
+    from .data import load_sentencepiece
 
-    sp = spm.SentencePieceProcessor(model_file=os.fspath(model_path))
+    sp = load_sentencepiece(model_path)
     pieces, scores = [], []
     for i in range(sp.get_piece_size()):
         piece = sp.id_to_piece(i)
@@ -282,7 +302,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m arianna_c.export", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     mod = sub.add_parser("model", help="PyTorch checkpoint -> model .bin (v0/v1) or .npz")
-    mod.add_argument("checkpoint", help=".pt checkpoint (model_args + model state dict)")
+    mod.add_argument("checkpoint", help="checkpoint folder (RUN/best, RUN/ckpt), a .pt of an older "
+                                        "version, or a model .bin / .npz")
     mod.add_argument("out", help="output .bin (or .npz)")
     mod.add_argument("--version", type=int, choices=(0, 1), default=0,
                      help=".bin layout: 0 = legacy llama2.c (default), 1 = ak42 v1")
@@ -295,6 +316,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     chk.add_argument("checkpoint")
     args = parser.parse_args(argv)
     try:
+        if args.command in ("model", "check") and importlib.util.find_spec("torch") is None:
+            raise ExportError(f"`export {args.command}` needs PyTorch: pip install torch==2.13.0 "
+                              f"(or pip install 'arianna_c[train]')")
         if args.command == "model":
             if str(args.out).endswith(".npz"):
                 export_npz(args.checkpoint, args.out)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import formats
+
 
 @dataclass
 class ModelArgs:
@@ -57,11 +59,11 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, seq_len: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (seq_len, head_dim // 2), computed as the C runtime computes them."""
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), freqs)
-    return torch.cos(angles), torch.sin(angles)
+def rope_tables(head_dim: int, seq_len: int, theta: float = formats.ROPE_THETA) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (seq_len, head_dim // 2): formats.rope_tables, rounded as the C
+    runtime rounds them."""
+    cos, sin = formats.rope_tables(head_dim, seq_len, theta=theta)
+    return torch.from_numpy(cos), torch.from_numpy(sin)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

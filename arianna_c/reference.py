@@ -41,7 +41,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from .formats import FormatError, ModelConfig, read_model, read_tokenizer, weight_shapes
+from .formats import FormatError, ModelConfig, read_model, read_tokenizer, rope_tables, weight_shapes
 
 BOS, EOS = 1, 2
 NORM_EPS = 1e-5
@@ -57,7 +57,8 @@ PathLike = Union[str, os.PathLike]
 
 
 def load_weights(path: PathLike) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    """Config and weights of a model ``.bin`` (v0 or v1) or a ``.npz`` written by :func:`save_npz`."""
+    """Config and weights of a model ``.bin`` or a ``.npz`` written by :func:`save_npz`.  The int8
+    matrices of a v2 ``.bin`` come back dequantized (q * scale, float32)."""
     path = os.fspath(path)
     if path.endswith(".npz"):
         with np.load(path, allow_pickle=False) as npz:
@@ -86,25 +87,6 @@ def save_npz(path: PathLike, cfg: ModelConfig, weights: dict[str, np.ndarray]) -
     arrays[_CONFIG_KEY] = np.array(json.dumps(fields))
     with open(path, "wb") as f:  # a file object: np.savez must not append ".npz" to the name
         np.savez(f, **arrays)
-
-
-def rope_tables(head_size: int, seq_len: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin, each (seq_len, head_size // 2), rounded as the C runtime rounds them.
-
-    float32: ``freq = 1 / powf(10000, 2i / hs)`` and ``angle = (float)pos * freq`` in float32,
-    cos/sin correctly rounded from float64 (what glibc's cosf/sinf return).
-    float64: the same formula in float64 throughout.
-    """
-    i2 = np.arange(0, head_size, 2)
-    if np.dtype(dtype) == np.float32:
-        exponent = i2.astype(np.float32) / np.float32(head_size)
-        freq = np.float32(1.0) / (10000.0 ** exponent.astype(np.float64)).astype(np.float32)
-        angles = np.arange(seq_len, dtype=np.float32)[:, None] * freq[None, :]
-        angles = angles.astype(np.float64)
-    else:
-        freq = 1.0 / (10000.0 ** (i2 / head_size))
-        angles = np.arange(seq_len, dtype=np.float64)[:, None] * freq[None, :]
-    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
 
 
 # ============================================================================ forward pass

@@ -1,35 +1,41 @@
 """The persona training pipeline: ``python -m arianna_c.train {tokenizer,pretokenize,train}``.
 
 ``train`` pretrains (or, with ``--init-from``, fine-tunes) LLiSA on every shard of a data
-folder. The learning-rate schedule (linear warmup, cosine decay) runs on *progress*, the larger
-of steps done / --max-steps and time spent / --time-budget, so a run given a wall-clock budget
-still finishes its decay on a busy machine. Checkpoints (``ckpt.pt``) can be resumed.
+folder, in one process or in several under ``torchrun`` (DistributedDataParallel). The
+learning-rate schedule (linear warmup, cosine decay) runs on *progress*, the larger of steps
+done / --max-steps and time spent / --time-budget, so a run given a wall-clock budget still
+finishes its decay on a busy machine. ``--resume`` continues a run exactly where its last
+checkpoint left it; Ctrl-C (SIGINT) or SIGTERM stops after the current step and saves one.
 
 Fine-tuning on a small set can wreck what the base model knew. With ``--guard-data BASE_DIR``
 the base corpus' validation loss is measured before the first step and at every evaluation; the
 run stops once it is worse than at the start by more than ``--guard-margin`` (relative), and
 the checkpoint kept is the best one that stayed within the margin.
+
+This module holds the command line and the settings; it needs no PyTorch, so ``--help`` and
+the tokenizer steps work without it. The loop itself is ``arianna_c.trainer``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
+import signal
 import sys
-import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-import numpy as np
-import torch
+from .data import pretokenize, shard_summary, train_tokenizer
 
-from .data import (DataError, check_fits, eval_batches, load_split, pretokenize, random_batch,
-                   shard_summary, train_tokenizer)
-from .model import ModelArgs, Transformer
+TORCH_HINT = "pip install torch==2.13.0 (or pip install 'arianna_c[train]')"
+
+
+class ConfigError(ValueError):
+    """Settings that cannot make a run: the message names the option and what to do."""
 
 
 @dataclass
@@ -55,8 +61,10 @@ class TrainConfig:
     eval_interval: int = 200
     eval_batches: int = 20
     log_interval: int = 10
+    save_interval: float = 10.0  # minutes
     seed: int = 1337
     dtype: str = "auto"
+    device: str = "auto"
     compile: bool = False
     threads: int = 0
     init_from: Optional[str] = None
@@ -65,18 +73,66 @@ class TrainConfig:
     guard_margin: float = 0.05
 
 
-def bf16_is_fast() -> bool:
-    """bf16 autocast only pays on CPUs with native bf16 matrix support (AMX / AVX512-BF16)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+# What each option means, with its unit; the default comes from TrainConfig.
+OPTION_HELP = {
+    "data": "folder of .bin token shards from `pretokenize` (every shard is used); "
+            "with --resume, the checkpoint's folder unless given",
+    "out": "run folder: ckpt/ (the last state), best/ (lowest validation loss), history.json",
+    "dim": "model width (embedding size); must divide by --n-heads",
+    "n_layers": "transformer blocks",
+    "n_heads": "attention heads",
+    "n_kv_heads": "key/value heads (grouped-query attention); must divide --n-heads; unset = --n-heads",
+    "vocab_size": "tokenizer pieces; must be the shards' tokenizer's",
+    "seq_len": "tokens per batch row (the model's context length)",
+    "batch_size": "rows per micro-batch, in each process",
+    "grad_accum": "micro-batches per optimizer step: a step trains on batch_size x grad_accum rows "
+                  "in all, split over the torchrun processes",
+    "lr": "peak learning rate, reached after the warmup",
+    "min_lr": "learning rate at the end of the cosine decay",
+    "warmup_steps": "optimizer steps of linear warmup (at most --max-steps)",
+    "max_steps": "optimizer steps of the whole run",
+    "time_budget": "minutes of training steps; 0 = no time limit (the schedule ends with whichever "
+                   "of steps and time runs out first)",
+    "weight_decay": "AdamW weight decay of the matrices (not of the norms)",
+    "grad_clip": "largest gradient norm; 0 = no clipping",
+    "val_fraction": "fraction of each shard's tail held out for validation",
+    "eval_interval": "optimizer steps between validation runs",
+    "eval_batches": "batches of --batch-size rows per validation run",
+    "log_interval": "optimizer steps between progress lines",
+    "save_interval": "minutes between checkpoints (one is also written at the end and on Ctrl-C)",
+    "seed": "seed of the initial weights and of the batch draw",
+    "dtype": "compute type: bf16 autocast, or fp32; auto = bf16 where the hardware has native bf16 "
+             "(AMX or AVX512-BF16 CPUs, bf16 GPUs)",
+    "device": "auto = cuda when a GPU is visible, else cpu",
+    "compile": "torch.compile the model (pays on long runs)",
+    "threads": "PyTorch CPU threads per process; 0 = PyTorch's default",
+    "init_from": "start from these weights (fine-tuning): a checkpoint folder, a .pt of an older "
+                 "version, or a model .bin; their shape wins",
+    "resume": "continue OUT/ckpt as saved: settings, weights, optimizer, schedule, data position, RNG",
+    "guard_data": "base-corpus shards whose validation loss must not worsen (fine-tuning guard)",
+    "guard_margin": "stop once the base-corpus validation loss is this fraction above its start",
+}
+CHOICES = {"dtype": ("auto", "fp32", "bf16"), "device": ("auto", "cpu", "cuda")}
+OPTION_TYPES = {"int": int, "Optional[int]": int, "float": float}  # TrainConfig's annotations
+
+# The model's shape: from --init-from's weights (or the checkpoint) unless given.
+SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")
+# Settings a resumed run may change: how long it runs, how it reports, where it computes.
+# Every other setting is the checkpoint's; giving a different value is an error.
+RESUME_MAY_CHANGE = ("data", "out", "resume", "max_steps", "time_budget", "eval_interval",
+                     "log_interval", "save_interval", "dtype", "device", "compile", "threads")
+
+POSITIVE = ("dim", "n_layers", "n_heads", "vocab_size", "seq_len", "batch_size", "grad_accum",
+            "max_steps", "eval_interval", "eval_batches", "log_interval", "lr")
+NOT_NEGATIVE = ("warmup_steps", "time_budget", "weight_decay", "grad_clip", "save_interval",
+                "threads", "min_lr", "guard_margin")
 
 
-def autocast_context(dtype: str):
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and bf16_is_fast())
-    return torch.autocast("cpu", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# -------------------------------------------------------------- the schedule and progress lines
 
 
 def learning_rate(cfg: TrainConfig, step: int, progress: float) -> float:
@@ -90,19 +146,6 @@ def progress_of(cfg: TrainConfig, step: int, elapsed: float) -> float:
     by_steps = step / cfg.max_steps
     by_time = elapsed / (60.0 * cfg.time_budget) if cfg.time_budget > 0 else 0.0
     return max(by_steps, by_time)
-
-
-@torch.no_grad()
-def evaluate(model: Transformer, tokens: np.ndarray, cfg: TrainConfig) -> float:
-    """Mean loss over the same fixed validation windows every time."""
-    model.eval()
-    losses = []
-    with autocast_context(cfg.dtype):
-        for x, y in eval_batches(tokens, cfg.batch_size, cfg.seq_len, cfg.eval_batches):
-            _, loss = model(torch.from_numpy(x), torch.from_numpy(y))
-            losses.append(float(loss))
-    model.train()
-    return float(np.mean(losses))
 
 
 def format_eta(seconds: float) -> str:
@@ -120,225 +163,211 @@ def progress_line(step: int, loss: float, lr: float, tok_s: float, progress: flo
             f"{tok_s:,.0f} tok/s elapsed {format_eta(elapsed)} eta {eta_text}")
 
 
-def build_model(cfg: TrainConfig) -> Transformer:
-    """A fresh model, or the weights of --init-from (whose architecture then wins).
+# ---------------------------------------------------------------------- settings
 
-    --init-from takes a training checkpoint (.pt) or a model file the runtime reads (.bin).
+
+def resolve_config(options: dict, warn: Callable[[str], None] = lambda s: None) -> TrainConfig:
+    """The settings of a run from the options given (only those given, by field name).
+
+    On --resume the checkpoint's settings are the base; with --init-from the model's shape is.
+    Whether a given option contradicts either is checked by the Trainer when it loads them
+    (check_resume / check_shape), so the rule holds however a TrainConfig was made.
     """
-    if cfg.init_from and Path(cfg.init_from).suffix != ".pt":
-        from .export import torch_from_bin
+    unknown = set(options) - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise ConfigError(f"unknown training options: {', '.join(sorted(unknown))}")
+    if not options.get("out"):
+        raise ConfigError("--out is required: the folder for the run's checkpoints")
+    base: dict = {}
+    if options.get("resume"):
+        base = saved_settings(Path(options["out"]))
+    elif options.get("init_from"):
+        base = shape_of(options["init_from"])
+    settings = {**base, **options}
+    if not settings.get("data"):
+        raise ConfigError("--data is required: a folder of .bin shards (see `pretokenize`)")
+    cfg = TrainConfig(**settings)
+    check_ranges(cfg)
+    if cfg.warmup_steps > cfg.max_steps and not cfg.resume:  # a resumed run keeps its schedule
+        warn(f"warning: --warmup-steps {cfg.warmup_steps} is longer than the run (--max-steps "
+             f"{cfg.max_steps}); warming up over {cfg.max_steps} steps")
+        cfg.warmup_steps = cfg.max_steps
+    return cfg
 
-        return torch_from_bin(cfg.init_from).train()
-    if cfg.init_from:
-        ckpt = torch.load(cfg.init_from, map_location="cpu", weights_only=False)
-        model = Transformer(ModelArgs(**ckpt["model_args"]))
-        model.load_state_dict(ckpt["model"])
-        return model
-    args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                     vocab_size=cfg.vocab_size, max_seq_len=cfg.seq_len)
-    return Transformer(args)
+
+def saved_settings(out: Path) -> dict:
+    """The settings stored in OUT/ckpt (JSON only), as TrainConfig fields."""
+    from .checkpoint import CheckpointError, read_meta
+
+    try:
+        settings = read_meta(out / "ckpt")["settings"]
+    except CheckpointError as exc:
+        if (out / "ckpt.pt").is_file():
+            raise ConfigError(f"--resume: {out / 'ckpt.pt'} is a checkpoint of an earlier version, which "
+                              f"cannot be resumed; continue from its weights with --init-from") from None
+        raise ConfigError(f"--resume: {exc}; train without --resume to start this run") from None
+    known = {f.name for f in fields(TrainConfig)}
+    return {k: v for k, v in settings.items() if k in known}
 
 
-def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+def shape_of(init_from: str) -> dict:
+    """The shape settings (and seq_len) of --init-from's model."""
+    from .export import load_torch_model
+
+    args = load_torch_model(init_from).args
+    return {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads,
+            "n_kv_heads": args.resolved_kv_heads(), "vocab_size": args.vocab_size,
+            "seq_len": args.max_seq_len}
 
 
-class Trainer:
-    def __init__(self, cfg: TrainConfig, log=print):
-        self.cfg, self.log = cfg, log
-        self.out = Path(cfg.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(cfg.seed)
-        self.rng = np.random.default_rng(cfg.seed)
-        self.model = build_model(cfg)
-        if self.model.args.max_seq_len < cfg.seq_len:
-            raise DataError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {self.model.args.max_seq_len}")
-        self.split = load_split(cfg.data, cfg.val_fraction)
-        check_fits(self.split, cfg.data, cfg.batch_size, cfg.seq_len)
-        self.guard_val = None
-        if cfg.guard_data:
-            guard_split = load_split(cfg.guard_data, cfg.val_fraction)
-            check_fits(guard_split, cfg.guard_data, 1, cfg.seq_len)
-            self.guard_val = guard_split.val
-        self.optimizer = make_optimizer(self.model, cfg)
-        self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
-        self.best_val = float("inf")
-        self.history: dict[str, list] = {"train": [], "val": [], "guard": []}
-        self.guard_baseline: Optional[float] = None
-        if cfg.resume:
-            self._resume()
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+def check_ranges(cfg: TrainConfig) -> None:
+    for name in POSITIVE:
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"{flag(name)} {getattr(cfg, name)} is invalid: it must be above 0")
+    for name in NOT_NEGATIVE:
+        if not getattr(cfg, name) >= 0:
+            raise ConfigError(f"{flag(name)} {getattr(cfg, name)} is invalid: it must be 0 or more")
+    if cfg.dim % cfg.n_heads:
+        raise ConfigError(f"--dim {cfg.dim} does not divide by --n-heads {cfg.n_heads}")
+    if cfg.n_kv_heads is not None and (cfg.n_kv_heads <= 0 or cfg.n_heads % cfg.n_kv_heads):
+        raise ConfigError(f"--n-kv-heads {cfg.n_kv_heads} must be above 0 and divide --n-heads {cfg.n_heads}")
 
-    # ------------------------------------------------------------------ checkpoints
-    def _resume(self) -> None:
-        path = self.out / "ckpt.pt"
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no checkpoint to resume from")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.step, self.tokens_seen, self.elapsed = ckpt["step"], ckpt["tokens_seen"], ckpt["elapsed"]
-        self.best_val, self.history = ckpt["best_val"], ckpt["history"]
-        self.guard_baseline = ckpt.get("guard_baseline")
-        self.rng = np.random.default_rng([self.cfg.seed, self.step])
-        self.log(f"resumed from {path} at step {self.step} ({self.tokens_seen:,} tokens)")
 
-    def save(self, name: str = "ckpt.pt") -> Path:
-        path = self.out / name
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "model_args": self.model.args.to_dict(),
-            "config": asdict(self.cfg),
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "elapsed": self.elapsed,
-            "best_val": self.best_val,
-            "history": self.history,
-            "guard_baseline": self.guard_baseline,
-        }
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-        (self.out / "history.json").write_text(json.dumps(self.history, indent=1))
-        return path
+def check_resume(cfg: TrainConfig, saved: dict, where: Path) -> None:
+    """Every setting a resumed run may not change equals the checkpoint's."""
+    for name, value in saved.items():
+        if name in RESUME_MAY_CHANGE or not hasattr(cfg, name):
+            continue
+        if getattr(cfg, name) != value:
+            raise ConfigError(f"{flag(name)} {getattr(cfg, name)} contradicts the checkpoint in {where} "
+                              f"({name} {value} there); leave it out to resume as saved, or train "
+                              f"into another --out")
 
-    # ------------------------------------------------------------------ loop
-    def train_step(self) -> float:
-        cfg = self.cfg
-        total = 0.0
-        with autocast_context(cfg.dtype):
-            for _ in range(cfg.grad_accum):
-                x, y = random_batch(self.split.train, cfg.batch_size, cfg.seq_len, self.rng)
-                _, loss = self.forward(torch.from_numpy(x), torch.from_numpy(y))
-                (loss / cfg.grad_accum).backward()
-                total += loss.item() / cfg.grad_accum
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return total
 
-    def run_eval(self) -> bool:
-        """Record validation (and guard) loss, keep the best checkpoint; False = stop training."""
-        val = evaluate(self.model, self.split.val, self.cfg)
-        self.history["val"].append([self.step, self.tokens_seen, val])
-        line = f"eval step {self.step} tokens {self.tokens_seen:,} val loss {val:.4f}"
-        guard_ok = True
-        if self.guard_val is not None:
-            guard = evaluate(self.model, self.guard_val, self.cfg)
-            self.history["guard"].append([self.step, self.tokens_seen, guard])
-            if self.guard_baseline is None:
-                self.guard_baseline = guard
-            limit = self.guard_baseline * (1.0 + self.cfg.guard_margin)
-            guard_ok = guard <= limit
-            line += f" base-corpus val {guard:.4f} (start {self.guard_baseline:.4f}, limit {limit:.4f})"
-        self.log(line)
-        if guard_ok and val < self.best_val:
-            self.best_val = val
-            self.save("best.pt")
-        if not guard_ok:
-            self.log(f"stopping: base-corpus validation loss worsened by more than "
-                     f"{100 * self.cfg.guard_margin:.1f}%; best checkpoint kept in {self.out / 'best.pt'}")
-        return guard_ok
-
-    def train(self) -> dict:
-        cfg = self.cfg
-        self.log(f"data {cfg.data}: {len(self.split.shards)} shard(s), {len(self.split.train):,} train / "
-                 f"{len(self.split.val):,} val tokens; model {self.model.num_parameters():,} parameters")
-        if self.step == 0 and not self.run_eval():
-            return self.summary()
-        tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-        window_start, window_tokens = time.time(), 0
-        last_save = time.time()
-        while True:
-            progress = progress_of(cfg, self.step, self.elapsed)
-            if progress >= 1.0:
-                break
-            lr = learning_rate(cfg, self.step, progress)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            t0 = time.time()
-            loss = self.train_step()
-            self.elapsed += time.time() - t0
-            self.step += 1
-            self.tokens_seen += tokens_per_step
-            window_tokens += tokens_per_step
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at step {self.step}; lower --lr")
-            if self.step % cfg.log_interval == 0:
-                tok_s = window_tokens / max(time.time() - window_start, 1e-9)
-                self.history["train"].append([self.step, self.tokens_seen, loss])
-                self.log(progress_line(self.step, loss, lr, tok_s, progress_of(cfg, self.step, self.elapsed),
-                                       self.elapsed))
-                window_start, window_tokens = time.time(), 0
-            if self.step % cfg.eval_interval == 0 and not self.run_eval():
-                return self.summary()
-            if time.time() - last_save > 600:
-                self.save()
-                last_save = time.time()
-        if not self.history["val"] or self.history["val"][-1][0] != self.step:
-            self.run_eval()
-        self.save()
-        return self.summary()
-
-    def summary(self) -> dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed_s": round(self.elapsed, 1),
-                "best_val": self.best_val, "out": str(self.out)}
+def check_shape(cfg: TrainConfig, model_args, where: str) -> None:
+    """The shape settings equal the model's (whose shape wins), and seq_len fits its context."""
+    actual = {"dim": model_args.dim, "n_layers": model_args.n_layers, "n_heads": model_args.n_heads,
+              "n_kv_heads": model_args.resolved_kv_heads(), "vocab_size": model_args.vocab_size}
+    for name in SHAPE_KEYS:
+        value = getattr(cfg, name)
+        if name == "n_kv_heads" and value is None:
+            value = cfg.n_heads
+        if value != actual[name]:
+            raise ConfigError(f"{flag(name)} {getattr(cfg, name)} contradicts {where} ({name} "
+                              f"{actual[name]} there); leave it out to use the model's")
+    if cfg.seq_len > model_args.max_seq_len:
+        raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the context of {where} "
+                          f"({model_args.max_seq_len} tokens)")
 
 
 # ---------------------------------------------------------------------- command line
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every TrainConfig field as an option; an option left out is absent from the namespace,
+    so resolve_config can tell what was given."""
     defaults = TrainConfig(data="", out="")
-    parser.add_argument("--data", required=True, help="folder of .bin shards (every shard is used)")
-    parser.add_argument("--out", required=True, help="folder for ckpt.pt, best.pt and history.json")
-    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len", "batch_size",
-                 "grad_accum", "warmup_steps", "max_steps", "eval_interval", "eval_batches",
-                 "log_interval", "seed", "threads"):
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    for name in ("lr", "min_lr", "time_budget", "weight_decay", "grad_clip", "val_fraction", "guard_margin"):
-        parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
-    parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="bf16 autocast; auto uses it only where the CPU has native bf16")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--init-from", help="checkpoint to start from (fine-tuning)")
-    parser.add_argument("--resume", action="store_true", help="continue OUT/ckpt.pt")
-    parser.add_argument("--guard-data", help="base-corpus shards whose validation loss must not worsen")
+    for field in fields(TrainConfig):
+        name, default = field.name, getattr(defaults, field.name)
+        text = OPTION_HELP[name]
+        kwargs: dict = {"default": argparse.SUPPRESS}
+        if isinstance(default, bool):
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["type"] = OPTION_TYPES.get(str(field.type), str)
+            if name in CHOICES:
+                kwargs["choices"] = CHOICES[name]
+            if default not in (None, ""):
+                text += f" (default: {default})"
+        parser.add_argument(flag(name), help=text, **kwargs)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m arianna_c.train", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     tok = sub.add_parser("tokenizer", help="train the SentencePiece BPE tokenizer")
-    tok.add_argument("--corpus", required=True)
-    tok.add_argument("--out", required=True, help="model prefix, e.g. persona/tok4096")
-    tok.add_argument("--vocab-size", type=int, default=4096)
+    tok.add_argument("--corpus", required=True, help="folder of .txt files (UTF-8)")
+    tok.add_argument("--out", required=True, help="model prefix in an existing folder, e.g. persona/tok4096 "
+                                                  "(writes PREFIX.model and PREFIX.vocab)")
+    tok.add_argument("--vocab-size", type=int, default=4096, help="pieces (default: 4096)")
     pre = sub.add_parser("pretokenize", help="one uint16 shard per corpus file")
-    pre.add_argument("--corpus", required=True)
+    pre.add_argument("--corpus", required=True, help="folder of .txt files (UTF-8)")
     pre.add_argument("--tokenizer", required=True, help="SentencePiece .model")
-    pre.add_argument("--out", required=True, help="data folder for the shards")
-    add_train_arguments(sub.add_parser("train", help="pretrain or fine-tune"))
-    args = parser.parse_args(argv)
+    pre.add_argument("--out", required=True, help="data folder for the shards (created if missing)")
+    train = sub.add_parser("train", help="pretrain or fine-tune (torchrun for several processes)",
+                           description="Train LLiSA on a folder of shards. Under torchrun every "
+                                       "process draws its share of each step's batch.")
+    add_train_arguments(train)
+    from .lora import add_module_arguments  # knowledge modules; needs no torch for --help
+
+    add_module_arguments(sub.add_parser("module", help="train a knowledge module (LoRA adapter) on a frozen base"))
+    return parser
+
+
+def require(module: str, hint: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"training needs {module}: {hint}")
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (or the only process): the one that logs."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def run_training(options: dict) -> dict:
+    require("torch", TORCH_HINT)
+    require("safetensors", "pip install safetensors (or pip install 'arianna_c[train]')")
+    import torch
+
+    from .trainer import Trainer, leave_world
+
+    main_process = is_main_process()
+    cfg = resolve_config(options, warn=lambda s: print(s, file=sys.stderr) if main_process else None)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    try:
+        trainer = Trainer(cfg, log=lambda s: print(s, flush=True))
+
+        def stop_after_this_step(signum, frame):
+            trainer.request_stop()
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: at once
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, stop_after_this_step)
+        return trainer.train()
+    finally:
+        leave_world()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "tokenizer":
             print(train_tokenizer(args.corpus, args.out, args.vocab_size))
         elif args.command == "pretokenize":
             print(shard_summary(pretokenize(args.corpus, args.tokenizer, args.out)))
+        elif args.command == "module":
+            from .lora import main_train
+
+            return main_train(args)
         else:
-            fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-            cfg = TrainConfig(**fields)
-            if cfg.threads > 0:
-                torch.set_num_threads(cfg.threads)
-            print(json.dumps(Trainer(cfg, log=lambda s: print(s, flush=True)).train()))
-    except (DataError, FileNotFoundError) as exc:
+            options = {k: v for k, v in vars(args).items() if k != "command"}
+            summary = run_training(options)
+            if is_main_process():
+                print(json.dumps(summary))
+    except (ValueError, OSError, ArithmeticError) as exc:  # DataError, ConfigError, CheckpointError...
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def __getattr__(name: str):
+    """The loop's pieces also import from here; they need torch, so they load on first use."""
+    if name in ("Trainer", "build_model", "evaluate", "autocast_context", "make_optimizer"):
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

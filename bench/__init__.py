@@ -1,4 +1,4 @@
-"""arianna_c's benchmark (issue 5): ``python -m bench`` or ``make bench``.
+"""arianna_c's benchmark: ``python -m bench`` or ``make bench``.
 
 Runs the CLI, the Python binding, the NumPy reference and PyTorch eager (KV cache) side by
 side, round-robin, each measurement in its own subprocess, next to this machine's roofline

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from . import peers as pr
 from . import roofline as rl
 from .report import format_table
 from .targets import TARGETS
@@ -147,6 +148,12 @@ class Bench:
         self.roofline_bin: Optional[Path] = None
         self.roofline_build = ""
         self.features: dict[str, Any] = {}
+        self.peers: Optional[pr.PeerDir] = None
+        if args.peers:
+            root = Path(args.peers)
+            if not root.is_dir():
+                raise SystemExit(f"--peers {root}: not a folder (build it with the peers build.sh)")
+            self.peers = pr.PeerDir(root, pr.find_ct2_run(root, args.ct2_run))
 
     # ------------------------------------------------------------------ setup
     def setup_model(self) -> None:
@@ -261,7 +268,7 @@ class Bench:
     def build_tools(self, roofline: bool) -> None:
         """Compiles bench/peak_rss.c (and bench/roofline.c when a roofline row runs)."""
         global PEAK_RSS
-        PEAK_RSS, note = rl.compile_c(rl.HERE / "peak_rss.c", self.work / "peak_rss", openmp=False)
+        PEAK_RSS, note = rl.compile_c(rl.HERE / "peak_rss.c", self.work / "peak_rss", threads=False)
         if PEAK_RSS is None:
             self.notes.append("peak_rss.c did not compile (peak RSS from wait4, inflated by fork): " + note)
         if roofline:
@@ -396,8 +403,9 @@ class Bench:
                             runner=worker("numpy_prefill", **pre)))
             rows.append(Row(f"prefill/torch/f32/T{t}", "prefill", "torch", "f32", t, note="all-position logits",
                             runner=worker("torch_prefill", **pre)))
-        for dt in ("f32", "int8"):
-            rows.append(Row(f"batch16/cli/{dt}/T2", "batch16", "cli", dt, 2, runner=cli))
+        for t in (1, 2):
+            for dt in ("f32", "int8"):
+                rows.append(Row(f"batch16/cli/{dt}/T{t}", "batch16", "cli", dt, t, runner=cli))
         rows.append(Row("batch16/python/f32/T2", "batch16", "python", "f32", 2,
                         runner=worker("python_batch", prompt=self.decode_prompt, tokens=self.decode_new,
                                       batch=self.batch)))
@@ -406,6 +414,8 @@ class Bench:
                         runner=worker("python_startup", prompt=self.decode_prompt)))
         rows.append(Row("startup/cli/f32/T1", "startup", "cli", "f32", 1, metric="ms",
                         note="./run -n 1, spawn to exit", runner=cli))
+        if self.peers:
+            rows += pr.peer_rows(self.peers, self.notes)
         if self.args.only:
             pattern = re.compile(self.args.only)
             rows = [r for r in rows if pattern.search(r.id)]
@@ -458,12 +468,14 @@ class Bench:
     def aggregate(self, rows: list[Row]) -> dict:
         machine_row = next((r for r in rows if r.impl == "roofline"), None)
         roof = self._roofline_summary(machine_row)
+        self._roofline_note(roof)
         out_rows = []
         for row in rows:
             if row.impl == "roofline":
                 continue
             out_rows.append(self._row_summary(row, roof))
         self._add_ratios(out_rows)
+        pr.add_peer_ratios(out_rows)
         return {
             "schema": 1,
             "tool": "python -m bench",
@@ -518,6 +530,8 @@ class Bench:
             for f in s.get("fma_gflops", []):
                 fma.setdefault(f["threads"], []).append(f["gflops"])
             summary["avx2_fma"] = s.get("avx2_fma")
+            summary["isa"] = s.get("isa")
+            summary["l3_bytes"] = s.get("l3_bytes")
         # the median over rounds: the same statistic as the rows it is compared with
         for name, measured in (("bandwidth_gbs", bw), ("cold_bandwidth_gbs", cold)):
             for (dt, t), values in measured.items():
@@ -525,7 +539,27 @@ class Bench:
         for t, values in fma.items():
             summary["fma_gflops"][f"T{t}"] = statistics.median(values)
         summary["buffer_bytes"] = {dt: size for size, dt in sizes.items()}
+        l3 = summary.get("l3_bytes")
+        if l3:
+            summary["weights_fit_l3"] = {dt: summary["weight_bytes"][dt] < l3 for dt in ("f32", "int8")}
         return summary
+
+    def _roofline_note(self, roof: dict) -> None:
+        """Which decode roofline applies here: weights that fit in the L3 stay there between
+        tokens (the back-to-back bandwidth), larger ones come from memory."""
+        fits = roof.get("weights_fit_l3")
+        if not fits:
+            return
+        l3 = roof["l3_bytes"] / 2**20
+        for dt, fit in fits.items():
+            size = roof["weight_bytes"][dt] / 1e6
+            if fit:
+                self.notes.append(f"{dt} weights ({size:.1f} MB) fit in the {l3:.0f} MiB L3: decode reads them from "
+                                  f"the L3 from one token to the next, so 'of roof' (back-to-back reads) is the bound "
+                                  f"that applies; 'of cold roof' (from memory) is a floor")
+            else:
+                self.notes.append(f"{dt} weights ({size:.1f} MB) exceed the {l3:.0f} MiB L3: decode reads them from "
+                                  f"memory, so 'of cold roof' is the bound that applies")
 
     def _roofline_for(self, row: Row, roof: dict, bandwidth: str = "bandwidth_gbs") -> Optional[float]:
         """The row's roofline with the read bandwidth roof[bandwidth] (warm, or cold: from memory)."""
@@ -615,6 +649,11 @@ def _background_load() -> dict:
     return info
 
 
+# The CPU flags that decide the kernels (and the peers' builds), in the order they are printed.
+SIMD_FLAGS = ("avx2", "fma", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+              "amx_int8", "amx_bf16", "asimd", "sve")
+
+
 def _machine_info() -> dict:
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
                             "cpus": os.cpu_count()}
@@ -625,12 +664,19 @@ def _machine_info() -> dict:
         info["cpu"] = model.group(1).strip() if model else platform.processor()
         fl = set(flags.group(1).split()) if flags else set()
         info["avx2"], info["fma"], info["avx512f"] = "avx2" in fl, "fma" in fl, "avx512f" in fl
+        info["simd_flags"] = [f for f in SIMD_FLAGS if f in fl]
     except OSError:
         info["cpu"] = platform.processor()
     try:
         info["l3"] = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
     except OSError:
         pass
+    try:
+        import arianna_c
+
+        info["kernels"] = arianna_c.kernel_name()
+    except Exception as exc:  # noqa: BLE001 - the library may not be built
+        info["kernels"] = f"unknown ({type(exc).__name__})"
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc:
         try:
@@ -642,7 +688,7 @@ def _machine_info() -> dict:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench", description="arianna_c benchmark (issue 5): CLI, "
+    p = argparse.ArgumentParser(prog="python -m bench", description="arianna_c benchmark: CLI, "
                                 "Python binding, NumPy reference and PyTorch side by side, with the roofline.")
     p.add_argument("--quick", action="store_true", help="R=1, 32 decode tokens, 64-token prefill, short roofline")
     p.add_argument("--runs", type=int, default=None, help="rounds R (default 5, --quick 1)")
@@ -655,6 +701,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16, help="sequences in the batched-decode rows (default 16)")
     p.add_argument("--roofline-ms", type=float, help="time per roofline measurement (default 250, --quick 30)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before a measurement is killed")
+    p.add_argument("--peers", metavar="DIR", help="add peer rows (llama2.c, llama.cpp, CTranslate2) from a folder "
+                   "built by the peers build.sh, and each CLI row's ratio to the best peer")
+    p.add_argument("--ct2-run", metavar="PATH", help="the build script's ct2_run.py for the CTranslate2 rows "
+                   "(default: DIR/ct2_run.py)")
     p.add_argument("--list", action="store_true", help="list the row ids and exit")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p.parse_args(argv)

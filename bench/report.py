@@ -22,12 +22,16 @@ def _mb(x: Optional[float]) -> str:
 
 def header(result: dict) -> list[str]:
     m, model, s, roof = result["machine"], result["model"], result["settings"], result["roofline"]
-    isa = "AVX2+FMA" if m.get("avx2") and m.get("fma") else "no AVX2"
-    isa += ", AVX-512" if m.get("avx512f") else " (no AVX-512)"
+    if "simd_flags" in m:
+        isa = "flags " + (" ".join(m["simd_flags"]) or "none of the SIMD ones")
+    else:
+        isa = "AVX2+FMA" if m.get("avx2") and m.get("fma") else "no AVX2"
+        isa += ", AVX-512" if m.get("avx512f") else " (no AVX-512)"
+    kernels = f", kernels {m['kernels']}" if m.get("kernels") else ""
     cfg = model["config"]
     lines = [
         f"arianna_c benchmark  {result['timestamp']}",
-        f"machine: {m.get('cpu')}, {m.get('cpus')} CPUs, {isa}, L3 {m.get('l3', '?')}",
+        f"machine: {m.get('cpu')}, {m.get('cpus')} CPUs, {isa}, L3 {m.get('l3', '?')}{kernels}",
         f"model:   {model['path']}{' (random weights, same shape)' if model['random_weights'] else ''}: "
         f"dim {cfg['dim']}, hidden {cfg['hidden_dim']}, {cfg['n_layers']} layers, {cfg['n_heads']} heads, "
         f"vocab {cfg['vocab_size']}, seq_len {cfg['seq_len']}, {model['file_bytes'] / 1e6:.1f} MB",
@@ -47,7 +51,8 @@ def header(result: dict) -> list[str]:
                     per += " (from memory: " + ", ".join(f"{t} {v:.1f}" for t, v in sorted(cold[dt].items())) + ")"
                 parts.append(f"read {_mb(size)} ({dt} weights): {per} GB/s")
         if fma:
-            parts.append("FMA peak: " + ", ".join(f"{t} {v:.1f}" for t, v in sorted(fma.items())) + " GFLOP/s")
+            isa_used = f" ({roof['isa']})" if roof.get("isa") else ""
+            parts.append(f"FMA peak{isa_used}: " + ", ".join(f"{t} {v:.1f}" for t, v in sorted(fma.items())) + " GFLOP/s")
         lines.append("roofline: " + "; ".join(parts))
     lines.append(
         f"          bytes/token f32 {_mb(roof['bytes_per_token']['f32'])}, int8 {_mb(roof['bytes_per_token']['int8'])} "
@@ -60,9 +65,15 @@ def _percent(fraction: Optional[float], missing: str) -> str:
     return f"{100 * fraction:.0f}%" if fraction else missing
 
 
+def _vs_peer(row: dict, missing: str = "-") -> str:
+    """Our row's ratio to the best peer of its group, dtype and threads, e.g. "1.39x llamacpp"."""
+    v = row.get("vs_best_peer")
+    return f"{v['ratio']:.2f}x {v['peer'].split('/')[1]}" if v else missing
+
+
 def format_table(result: dict) -> str:
-    cols = ["row", "median", "min-max", "unit", "peak RSS", "roofline", "of roof", "of cold roof", "target", "pass",
-            "notes"]
+    cols = ["row", "median", "min-max", "unit", "peak RSS", "roofline", "of roof", "of cold roof", "vs best peer",
+            "target", "pass", "notes"]
     table: list[list[str]] = []
     for r in result["rows"]:
         unit = "ms" if r["metric"] == "ms" else ("tok/s total" if r["group"] == "batch16" else "tok/s")
@@ -91,12 +102,13 @@ def format_table(result: dict) -> str:
             _num(r.get("roofline")),
             _percent(r.get("roofline_fraction"), "-"),
             _percent(r.get("cold_roofline_fraction"), "-"),
+            _vs_peer(r),
             target["text"] if target else "",
             passed,
             "; ".join(notes),
         ])
     widths = [max(len(c), *(len(row[i]) for row in table)) if table else len(c) for i, c in enumerate(cols)]
-    right = {1, 2, 4, 5, 6, 7}
+    right = {1, 2, 4, 5, 6, 7, 8}
 
     def fmt(row: list[str]) -> str:
         cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
@@ -110,20 +122,20 @@ def format_table(result: dict) -> str:
 
 def markdown_table(result: dict) -> str:
     """The same rows as a Markdown table (for README.md)."""
-    out = ["| row | median | min–max | peak RSS | roofline | of roof | of cold roof | target | pass |",
-           "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    out = ["| row | median | min–max | peak RSS | roofline | of roof | of cold roof | vs best peer | target | pass |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in result["rows"]:
         rss = r.get("peak_rss_mb")
         target = r.get("target")
         status = "" if r["status"] == "ok" else f" ({r['status']})"
         unit = " ms" if r["metric"] == "ms" else ""
         ratio = f" ({r['vs_cli']['ratio_of_medians']:.3f}× CLI)" if r.get("vs_cli") else ""
-        out.append("| {} | {}{}{} | {} | {} | {} | {} | {} | {} | {} |".format(
+        out.append("| {} | {}{}{} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
             r["id"], _num(r["median"], r["metric"]), unit, ratio + status,
             f"{_num(r['min'], r['metric'])}–{_num(r['max'], r['metric'])}" if r["median"] is not None else "–",
             f"{rss['max']:.1f} MB" if rss else "–", _num(r.get("roofline")),
             _percent(r.get("roofline_fraction"), "–"),
-            _percent(r.get("cold_roofline_fraction"), "–"),
+            _percent(r.get("cold_roofline_fraction"), "–"), _vs_peer(r, "–"),
             target["text"] if target else "", {True: "PASS", False: "FAIL", None: ""}[r.get("pass")]))
     return "\n".join(out)
 

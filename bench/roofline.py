@@ -46,23 +46,19 @@ def _int8_group() -> int:
 INT8_GROUP = _int8_group()
 
 
-def compile_c(source: Path, binary: Path, openmp: bool = True, cc: Optional[str] = None) -> tuple[Optional[Path], str]:
-    """Compiles one C file with the system C compiler (-O2, and -fopenmp when it links).
+def compile_c(source: Path, binary: Path, threads: bool = True, cc: Optional[str] = None) -> tuple[Optional[Path], str]:
+    """Compiles one C file with the system C compiler (-O2, with -pthread for threads).
     Returns (binary or None, the flags used or why it failed)."""
     cc = cc or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "cc"
-    attempts = [[cc, "-O2", "-fopenmp"], [cc, "-O2"]] if openmp else [[cc, "-O2"]]
-    errors = []
-    for flags in attempts:
-        cmd = flags + ["-o", str(binary), str(source)]
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            errors.append(f"{' '.join(cmd)}: {exc}")
-            continue
-        if r.returncode == 0:
-            return binary, " ".join(flags)
-        errors.append(f"{' '.join(cmd)}: {r.stderr.strip()[-400:]}")
-    return None, "; ".join(errors)
+    flags = [cc, "-O2"] + (["-pthread"] if threads else [])
+    cmd = flags + ["-o", str(binary), str(source)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"{' '.join(cmd)}: {exc}"
+    if r.returncode == 0:
+        return binary, " ".join(flags)
+    return None, f"{' '.join(cmd)}: {r.stderr.strip()[-400:]}"
 
 
 def roofline_command(binary: Path, sizes: list[int], threads: list[int], ms: float) -> list[str]:

@@ -1,4 +1,4 @@
-"""The issue's targets, keyed like the row ids (group/impl/dtype/Tthreads).
+"""The speed targets, keyed like the row ids (group/impl/dtype/Tthreads).
 
 kind "min": the median must be >= value; "max": the median must be < value; "ratio": the
 row's median divided by the matching CLI row's median must be >= value.  The numbers were set

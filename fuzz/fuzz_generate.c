@@ -222,6 +222,7 @@ typedef struct {
 
 static settings parse_settings(const uint8_t h[HEADER_BYTES], int V) {
     settings s;
+    s.params = ac_sampler_default_params(); /* the fields not set below stay neutral */
     s.n_seqs = 1 + (h[0] & 3);
     s.threads = 1 + ((h[0] >> 2) & 1);
     s.ignore_eos = (h[0] >> 3) & 1;

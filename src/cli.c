@@ -1,79 +1,154 @@
 /*
  * cli.c - the ./run command line: generate text from a model file, or chat with it.
  *
- *   ./run MODEL [-t temp] [-p topp] [-k topk] [-s seed] [-n steps] [-i prompt] [-z tokenizer]
- *               [-m generate|chat] [-y system_prompt] [-T threads] [-q int8] [-o out.bin]
- *               [-b batch] [-e 0|1]
+ *   ./run MODEL [options]        (./run -h lists the options with their units and defaults)
  *
  * The text goes to stdout (the prompt, then the continuation), "achieved tok/s: X" (decode:
- * the tokens after the first) and "prompt tok/s: Y" (prefill) to stderr.
- * Bad flags or values print the usage to stderr and exit 1; load errors print the library's
- * message and exit 1.
+ * the tokens after the first) and "prompt tok/s: Y" (prefill) to stderr.  Every write to
+ * stdout is checked: a full disk, a closed stdout or a reader that went away ends the run with
+ * "error: write to stdout failed: ..." and exit 1, never with a speed report.  A bad flag or
+ * value is named with the value as typed and the reason, then the usage goes to stderr and the
+ * exit status is 1; load errors print the library's message and exit 1.
  */
 #define _GNU_SOURCE
+#include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <float.h>
 #include <limits.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "run.h"
 
-static void usage(void) {
-    fprintf(stderr,
+#define DEFAULT_STEPS 256
+#define STRINGIFY(x) STRINGIFY_(x)
+#define STRINGIFY_(x) #x
+
+/* ------------------------------------------------------------------------ stdout, checked */
+
+/* errno of the first failed write to stdout; 0 while every write went through.  Once set,
+ * the run stops producing text and ends with exit 1 and no speed report. */
+static int stdout_error;
+
+static int check_stdout(int ok) {
+    if (!ok && !stdout_error) {
+        stdout_error = errno ? errno : EIO;
+        fprintf(stderr, "error: write to stdout failed: %s\n", strerror(stdout_error));
+    }
+    return stdout_error ? -1 : 0;
+}
+
+/* out_write, out_text and out_flush return 0, or -1 once any write to stdout has failed (the
+ * error is printed the first time). */
+static int out_write(const char *s, size_t n) {
+    if (stdout_error) return -1;
+    errno = 0;
+    return check_stdout(fwrite(s, 1, n, stdout) == n);
+}
+
+static int out_text(const char *s) { return out_write(s, strlen(s)); }
+
+static int out_flush(void) {
+    if (stdout_error) return -1;
+    errno = 0;
+    return check_stdout(fflush(stdout) == 0 && !ferror(stdout));
+}
+
+/* The last word on stdout: what is still buffered is written, and closing counts too (some
+ * file systems report a full disk only then). */
+static int close_stdout(void) {
+    if (out_flush()) return -1;
+    errno = 0;
+    return check_stdout(fclose(stdout) == 0);
+}
+
+/* A standard stream closed by the caller (`>&-`) leaves its descriptor free, and the next
+ * open() - the model file, or the file -o writes - would become "stdout".  Park /dev/null
+ * there, read-only, so that writes still fail (EBADF) as on the closed descriptor. */
+static void keep_standard_descriptors(void) {
+    for (int fd = 0; fd <= 2; fd++)
+        if (fcntl(fd, F_GETFD) == -1 && errno == EBADF) (void)open("/dev/null", O_RDONLY);
+}
+
+/* ------------------------------------------------------------------------ usage */
+
+static void usage(FILE *f) {
+    ac_sampler_params d = ac_sampler_default_params();
+    fprintf(f,
             "Usage:   run <model.bin> [options]\n"
+            "         run -h | --help | --version\n"
             "Example: run persona/arianna_v1_base.bin -z tok4096 -n 256 -i \"Resonance is\"\n"
-            "Options:\n"
-            "  -t <float>  temperature in [0,inf), default 1.0 (0 = greedy)\n"
-            "  -p <float>  top-p (nucleus) in (0,1], default 0.9 (1 = off)\n"
-            "  -k <int>    top-k, default 0 (off)\n"
-            "  -s <int>    random seed, default: time-based (also for 0)\n"
-            "  -n <int>    tokens to generate, default 256 (0 = up to seq_len); prompt plus\n"
-            "              generated tokens never exceed the model's seq_len\n"
-            "  -i <string> input prompt\n"
-            "  -z <string> tokenizer: NAME, NAME.bin, then both in the model's folder;\n"
-            "              default tokenizer.bin, then tok4096.bin in the model's folder\n"
-            "  -m <string> mode: generate|chat, default generate\n"
-            "  -y <string> system prompt in chat mode\n"
-            "  -T <int>    threads, default: all available cores\n"
-            "  -q <string> quantize a float32 model at load: int8 (an int8 file is used as it is)\n"
+            "Options (each takes a value):\n"
+            "  -t <float>  temperature, >= 0 (0 = greedy); default %g\n"
+            "  -p <float>  top-p (nucleus) in (0, 1] (1 = off); default %g\n"
+            "  -k <int>    top-k: sample among the k likeliest tokens, >= 0 (0 = off); default %d\n"
+            "  -s <int>    random seed, 0..18446744073709551615; default: from the clock (also 0)\n"
+            "  -n <int>    tokens to generate (per answer in chat), >= 0 (0 = up to seq_len);\n"
+            "              default %d; prompt plus generated tokens never exceed seq_len\n"
+            "  -i <string> prompt (in chat: the first user turn); default: empty (from BOS)\n"
+            "  -z <string> tokenizer file: NAME, NAME.bin, then both in the model's folder;\n"
+            "              default: tokenizer.bin, then tok4096.bin in the model's folder\n"
+            "  -m <string> mode: generate or chat (a [INST] loop on stdin); default generate\n"
+            "  -y <string> chat: system prompt; default: asked on stdin\n"
+            "  -T <int>    threads, 1..%d; default: all available cores (%d here)\n"
+            "  -q <string> int8: quantize a float32 model at load (an int8 file is used as it is)\n"
             "  -o <string> write the model (quantized with -q int8) to this file and exit\n"
-            "  -b <int>    generate mode: advance N sequences together (seeds s, s+1, ...),\n"
-            "              print each in turn and report the total tok/s; default 1\n"
-            "  -e <int>    generate mode: 1 = do not stop when the model ends the text (BOS/EOS):\n"
-            "              always -n tokens (up to seq_len), e.g. for timing; default 0\n");
+            "  -L <string> knowledge module MODULE[:SCALE] merged into the weights at load, before\n"
+            "              -q; repeatable (up to %d); SCALE default 1, 0 = the base exactly\n"
+            "  -b <int>    generate: sequences advanced together (seeds s, s+1, ...), 1..%d, each\n"
+            "              printed in turn, the total tok/s reported; default 1\n"
+            "  -e <int>    generate: 1 = do not stop when the model ends the text (BOS/EOS):\n"
+            "              always -n tokens (up to seq_len), e.g. for timing; default 0\n"
+            "The text goes to stdout; tok/s (tokens per second) and errors go to stderr.\n",
+            (double)d.temperature, (double)d.top_p, d.top_k, DEFAULT_STEPS, AC_MAX_THREADS,
+            ac_default_threads(), AC_MAX_MODULES, AC_MAX_BATCH);
 }
 
 /* ------------------------------------------------------------------------ argument parsing */
 
-static int parse_float(const char *s, float *out) {
+/* The number parsers take the whole string (no blanks, nothing after the number) and return
+ * NULL with the value stored, or the reason the string is not such a number. */
+
+/* A float, checked as the double the user wrote (so 1.0000001 is not rounded to 1 first). */
+static const char *parse_float(const char *s, double *out) {
     char *end;
     errno = 0;
-    float v = strtof(s, &end);
-    if (errno || end == s || *end) return 0;
+    double v = strtod(s, &end);
+    if (end == s || *end || isspace((unsigned char)s[0]) || isnan(v)) return "not a number";
+    if (isinf(v) && errno != ERANGE) return "not a finite number"; /* "inf" as typed */
+    if (fabs(v) > FLT_MAX) return "too large for a float (the largest is 3.4e+38)";
+    if ((v != 0.0 && fabs(v) < FLT_MIN) || errno == ERANGE)
+        return "too close to 0 for a float (the smallest is 1.2e-38)";
     *out = v;
-    return 1;
+    return NULL;
 }
 
-static int parse_int(const char *s, int *out) {
+static const char *parse_int(const char *s, int *out) {
     char *end;
     errno = 0;
     long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < INT_MIN || v > INT_MAX) return 0;
+    if (end == s || *end || isspace((unsigned char)s[0])) return "not a whole number";
+    if ((errno == ERANGE && v > 0) || v > INT_MAX) return "too large (the largest is 2147483647)";
+    if (errno == ERANGE || v < INT_MIN) return "too small (the smallest is -2147483648)";
     *out = (int)v;
-    return 1;
+    return NULL;
 }
 
-static int parse_u64(const char *s, unsigned long long *out) {
+static const char *parse_u64(const char *s, unsigned long long *out) {
     char *end;
     errno = 0;
-    if (*s == '-') return 0;
     unsigned long long v = strtoull(s, &end, 10);
-    if (errno || end == s || *end) return 0;
+    if (end == s || *end || isspace((unsigned char)s[0])) return "not a whole number";
+    if (s[0] == '-') return "the seed must be >= 0";
+    if (errno == ERANGE) return "too large (the largest is 18446744073709551615)";
     *out = v;
-    return 1;
+    return NULL;
 }
 
 typedef struct {
@@ -89,60 +164,136 @@ typedef struct {
     int int8;              /* -q int8 */
     int batch;
     int ignore_eos;        /* -e 1 */
+    const char *module[AC_MAX_MODULES]; /* -L MODULE[:SCALE] as typed */
+    size_t module_path_len[AC_MAX_MODULES];
+    float module_scale[AC_MAX_MODULES];
+    int n_modules;
 } options;
 
-/* Returns 1 when argv is well-formed (values checked for syntax only; the library checks
- * the sampler's ranges). */
+enum { ARGS_RUN, ARGS_HELP, ARGS_VERSION, ARGS_BAD };
+
+/* The option letters: each is a case of parse_flag, and each takes a value. */
+#define FLAGS "tpksnizymTqobeL"
+
+/* -L MODULE[:SCALE]: the scale is what follows the last ':' when that is a number (so a path
+ * may hold ':' too), else 1. */
+static const char *parse_module(const char *val, options *o) {
+    if (o->n_modules == AC_MAX_MODULES) return "too many modules (the most is " STRINGIFY(AC_MAX_MODULES) ")";
+    double scale = 1.0;
+    const char *colon = strrchr(val, ':');
+    size_t len = strlen(val);
+    if (colon && colon > val && !parse_float(colon + 1, &scale)) len = (size_t)(colon - val);
+    o->module[o->n_modules] = val;
+    o->module_path_len[o->n_modules] = len;
+    o->module_scale[o->n_modules++] = (float)scale;
+    return NULL;
+}
+
+/* Checks the value of a flag in FLAGS and stores it; returns NULL, or why it is refused. */
+static const char *parse_flag(char flag, const char *val, options *o, unsigned long long *seed) {
+    const char *why = NULL;
+    double x = 0;
+    switch (flag) {
+    case 't':
+        if (!(why = parse_float(val, &x)) && !(x >= 0)) why = "temperature must be >= 0 (0 = greedy)";
+        if (!why) o->sampling.temperature = (float)x;
+        return why;
+    case 'p':
+        if (!(why = parse_float(val, &x)) && !(x > 0 && x <= 1)) why = "top-p must be in (0, 1] (1 = off)";
+        if (!why) o->sampling.top_p = (float)x;
+        return why;
+    case 'k':
+        if (!(why = parse_int(val, &o->sampling.top_k)) && o->sampling.top_k < 0)
+            why = "top-k must be >= 0 (0 = off)";
+        return why;
+    case 's': return parse_u64(val, seed);
+    case 'n':
+        if (!(why = parse_int(val, &o->steps)) && o->steps < 0)
+            why = "the number of tokens must be >= 0 (0 = up to seq_len)";
+        return why;
+    case 'T':
+        if (!(why = parse_int(val, &o->threads)) && (o->threads < 1 || o->threads > AC_MAX_THREADS))
+            why = "threads must be in 1.." STRINGIFY(AC_MAX_THREADS);
+        return why;
+    case 'b':
+        if (!(why = parse_int(val, &o->batch)) && (o->batch < 1 || o->batch > AC_MAX_BATCH))
+            why = "the batch must be in 1.." STRINGIFY(AC_MAX_BATCH) " sequences";
+        return why;
+    case 'e':
+        if (!(why = parse_int(val, &o->ignore_eos)) && o->ignore_eos != 0 && o->ignore_eos != 1)
+            why = "must be 0 or 1";
+        return why;
+    case 'm':
+        o->mode = val;
+        return strcmp(val, "generate") && strcmp(val, "chat") ? "the mode must be generate or chat" : NULL;
+    case 'q':
+        o->int8 = !strcmp(val, "int8");
+        return o->int8 ? NULL : "the only quantization is int8";
+    case 'i': o->prompt = val; return NULL;
+    case 'z': o->tokenizer = val; return NULL;
+    case 'y': o->system = val; return NULL;
+    case 'o': o->out_path = val; return NULL;
+    case 'L': return parse_module(val, o);
+    }
+    return "not an option";
+}
+
+static int is_help(const char *arg) { return !strcmp(arg, "-h") || !strcmp(arg, "--help"); }
+
+/* Reads argv into o.  A usage error is printed here, naming what is wrong (the caller adds
+ * the usage text). */
 static int parse_args(int argc, char **argv, options *o) {
-    if (argc < 2 || argv[1][0] == '-') return 0;
+    if (argc >= 2 && is_help(argv[1])) return ARGS_HELP;
+    if (argc >= 2 && !strcmp(argv[1], "--version")) return ARGS_VERSION;
+    if (argc < 2) {
+        fprintf(stderr, "error: no model file given\n");
+        return ARGS_BAD;
+    }
+    if (argv[1][0] == '-') {
+        fprintf(stderr, "error: the model file comes first, before %s\n", argv[1]);
+        return ARGS_BAD;
+    }
     o->model_path = argv[1];
     o->tokenizer = o->prompt = o->system = NULL;
     o->mode = "generate";
     o->sampling = ac_sampler_default_params();
-    o->steps = 256;
+    o->steps = DEFAULT_STEPS;
     o->out_path = NULL;
     o->threads = 0;
     o->int8 = 0;
     o->batch = 1;
     o->ignore_eos = 0;
+    o->n_modules = 0;
     unsigned long long seed = 0;
     for (int i = 2; i < argc; i += 2) {
         const char *flag = argv[i];
-        if (i + 1 >= argc || flag[0] != '-' || strlen(flag) != 2) return 0;
-        const char *val = argv[i + 1];
-        int ok;
-        switch (flag[1]) {
-        case 't': ok = parse_float(val, &o->sampling.temperature); break;
-        case 'p': ok = parse_float(val, &o->sampling.top_p); break;
-        case 'k': ok = parse_int(val, &o->sampling.top_k); break;
-        case 's': ok = parse_u64(val, &seed); break;
-        case 'n': ok = parse_int(val, &o->steps) && o->steps >= 0; break;
-        case 'i': o->prompt = val; ok = 1; break;
-        case 'z': o->tokenizer = val; ok = 1; break;
-        case 'y': o->system = val; ok = 1; break;
-        case 'm':
-            o->mode = val;
-            ok = !strcmp(val, "generate") || !strcmp(val, "chat");
-            break;
-        case 'T': ok = parse_int(val, &o->threads) && o->threads >= 1; break;
-        case 'q': ok = o->int8 = !strcmp(val, "int8"); break;
-        case 'o': o->out_path = val; ok = 1; break;
-        case 'b': ok = parse_int(val, &o->batch) && o->batch >= 1; break;
-        case 'e': ok = parse_int(val, &o->ignore_eos) && (o->ignore_eos == 0 || o->ignore_eos == 1); break;
-        default: ok = 0;
+        if (is_help(flag)) return ARGS_HELP;
+        if (!strcmp(flag, "--version")) return ARGS_VERSION;
+        if (flag[0] != '-') {
+            fprintf(stderr, "error: unexpected argument '%s': options come as -x VALUE\n", flag);
+            return ARGS_BAD;
         }
-        if (!ok) {
-            fprintf(stderr, "error: bad option %s %s\n", flag, val);
-            return 0;
+        if (strlen(flag) != 2 || !strchr(FLAGS, flag[1])) {
+            fprintf(stderr, "error: unknown option %s\n", flag);
+            return ARGS_BAD;
+        }
+        if (i + 1 >= argc) {
+            fprintf(stderr, "error: %s needs a value\n", flag);
+            return ARGS_BAD;
+        }
+        const char *why = parse_flag(flag[1], argv[i + 1], o, &seed);
+        if (why) {
+            fprintf(stderr, "error: %s %s: %s\n", flag, argv[i + 1], why);
+            return ARGS_BAD;
         }
     }
     if (o->batch > 1 && !strcmp(o->mode, "chat")) {
         fprintf(stderr, "error: -b applies to generate mode only\n");
-        return 0;
+        return ARGS_BAD;
     }
     /* seed 0 means "not chosen": derive one from the clock so runs differ */
     o->sampling.seed = seed ? seed : (unsigned long long)time(NULL) * 2654435761ull + 1;
-    return 1;
+    return ARGS_RUN;
 }
 
 /* ------------------------------------------------------------------------ tokenizer lookup */
@@ -152,17 +303,21 @@ static int is_file(const char *path) {
     return stat(path, &st) == 0 && S_ISREG(st.st_mode);
 }
 
+#define CANDIDATE_SIZE (PATH_MAX + 16) /* a folder, a slash and a name with ".bin" */
+
 /* Finds the tokenizer file: for -z NAME tries NAME, NAME.bin, then both inside the model's
- * folder; without -z tries tokenizer.bin then tok4096.bin in the model's folder.  On failure
- * returns NULL with the paths tried listed in tried. */
-static char *find_tokenizer(const char *model_path, const char *name, char *tried, size_t tried_size) {
+ * folder; without -z tries tokenizer.bin then tok4096.bin in the model's folder.  Copies the
+ * path found into found and returns 1; on failure returns 0 with the paths tried listed in
+ * tried. */
+static int find_tokenizer(const char *model_path, const char *name, char found[CANDIDATE_SIZE],
+                          char *tried, size_t tried_size) {
     char dir[PATH_MAX];
     const char *slash = strrchr(model_path, '/');
     if (slash) snprintf(dir, sizeof dir, "%.*s", (int)(slash - model_path), model_path);
     else snprintf(dir, sizeof dir, ".");
     if (slash == model_path) snprintf(dir, sizeof dir, "/");
 
-    char candidates[4][PATH_MAX + 16];
+    char candidates[4][CANDIDATE_SIZE];
     int n = 0;
     if (name) {
         snprintf(candidates[n++], sizeof candidates[0], "%s", name);
@@ -177,11 +332,14 @@ static char *find_tokenizer(const char *model_path, const char *name, char *trie
     }
     tried[0] = '\0';
     for (int i = 0; i < n; i++) {
-        if (is_file(candidates[i])) return strdup(candidates[i]);
+        if (is_file(candidates[i])) {
+            memcpy(found, candidates[i], CANDIDATE_SIZE);
+            return 1;
+        }
         size_t used = strlen(tried);
         snprintf(tried + used, tried_size - used, "%s%s", i ? ", " : "", candidates[i]);
     }
-    return NULL;
+    return 0;
 }
 
 /* ------------------------------------------------------------------------ generate mode */
@@ -193,58 +351,50 @@ static double now_seconds(void) {
 }
 
 typedef struct {
+    const ac_session *session;
+    const char *prompt;        /* printed with the first token: by then it is known to fit */
     int count;
     int n_prompt;              /* prompt tokens, BOS included */
     double start, first, last; /* times of the start, the first and the latest token */
-} speed;
+} progress;
 
 static int print_piece(void *user, int token, const char *piece, size_t len) {
     (void)token;
-    speed *sp = user;
-    fwrite(piece, 1, len, stdout);
-    fflush(stdout);
-    sp->last = now_seconds();
-    if (sp->count++ == 0) sp->first = sp->last;
+    progress *p = user;
+    if (p->count == 0) {
+        /* the prompt is in the cache and the first token is sampled but not yet run */
+        p->n_prompt = ac_session_position(p->session);
+        if (out_text(p->prompt)) return 1;
+    }
+    if (out_write(piece, len) || out_flush()) return 1;
+    p->last = now_seconds();
+    if (p->count++ == 0) p->first = p->last;
     return 0;
 }
 
-static void report_speed(const speed *sp) {
+static void report_speed(const progress *p) {
     /* the first token's time includes the prompt, so the rate counts the tokens after it */
-    if (sp->count > 1 && sp->last > sp->first)
-        fprintf(stderr, "achieved tok/s: %f\n", (sp->count - 1) / (sp->last - sp->first));
+    if (p->count > 1 && p->last > p->first)
+        fprintf(stderr, "achieved tok/s: %f\n", (p->count - 1) / (p->last - p->first));
     /* prefill (+ sampling the first token) */
-    if (sp->count > 0 && sp->first > sp->start)
-        fprintf(stderr, "prompt tok/s: %f\n", sp->n_prompt / (sp->first - sp->start));
+    if (p->count > 0 && p->first > p->start)
+        fprintf(stderr, "prompt tok/s: %f\n", p->n_prompt / (p->first - p->start));
 }
 
-/* The prompt's tokens with BOS in front, in a malloc'd array; NULL when out of memory. */
-static int *encode_prompt(const ac_tokenizer *tok, const char *prompt, int *n) {
-    size_t len = strlen(prompt);
-    int *tokens = malloc((len + 3) * sizeof *tokens);
-    if (tokens && ac_encode(tok, prompt, len, 1, 0, tokens, (int)len + 3, n)) {
-        free(tokens);
-        return NULL;
-    }
-    return tokens;
-}
-
-static int generate(ac_session *s, const ac_tokenizer *tok, const options *o, int steps) {
-    const char *prompt = o->prompt ? o->prompt : "";
-    speed sp = {0, 0, 0, 0, 0};
-    int *prompt_tokens = encode_prompt(tok, prompt, &sp.n_prompt);
-    free(prompt_tokens);
-    fputs(prompt, stdout);
-    fflush(stdout);
-    sp.start = now_seconds();
-    int rc = prompt_tokens ? ac_session_set_ignore_eos(s, o->ignore_eos) : AC_ERR_NOMEM;
-    if (!rc) rc = ac_generate(s, prompt, strlen(prompt), steps, print_piece, &sp, NULL);
-    printf("\n");
-    fflush(stdout); /* the text ends before the speed report on stderr */
+static int generate(ac_session *s, const options *o, int steps) {
+    progress p = {s, o->prompt ? o->prompt : "", 0, 0, 0, 0, 0};
+    p.start = now_seconds();
+    int rc = ac_session_set_ignore_eos(s, o->ignore_eos);
+    if (!rc) rc = ac_generate(s, p.prompt, strlen(p.prompt), steps, print_piece, &p, NULL);
+    if (!rc && p.count == 0) out_text(p.prompt); /* the model ended the text at once */
+    if (!rc || p.count > 0) out_text("\n");
+    out_flush(); /* the text ends before the speed report on stderr */
     if (rc) {
         fprintf(stderr, "error: %s\n", ac_last_error());
         return 1;
     }
-    report_speed(&sp);
+    if (stdout_error) return 1;
+    report_speed(&p);
     return 0;
 }
 
@@ -256,18 +406,22 @@ static int generate_batch(const ac_model *model, const ac_tokenizer *tok, const 
     const char *prompt = o->prompt ? o->prompt : "";
     int n = o->batch, n_prompt = 0;
     size_t len = strlen(prompt);
-    int *prompt_tokens = encode_prompt(tok, prompt, &n_prompt);
+    /* the prompt's tokens: its last one is the context of each sequence's first piece */
+    int *prompt_tokens = malloc((len + 3) * sizeof *prompt_tokens);
     int *tokens = malloc((size_t)n * (size_t)steps * sizeof *tokens);
     int *counts = malloc((size_t)n * sizeof *counts);
     const char **prompts = malloc((size_t)n * sizeof *prompts);
     size_t *lens = malloc((size_t)n * sizeof *lens);
     ac_batch *b = NULL;
-    int rc = (prompt_tokens && tokens && counts && prompts && lens) ? AC_OK : AC_ERR_NOMEM;
-    if (rc) fprintf(stderr, "error: out of memory for %d sequences\n", n);
-    else if ((rc = ac_batch_create(model, tok, n, &o->sampling, &b))) {
-        fprintf(stderr, "error: %s\n", ac_last_error());
-        if (rc == AC_ERR_ARG) usage();
-    } else if ((rc = ac_batch_set_threads(b, o->threads)) || (rc = ac_batch_set_ignore_eos(b, o->ignore_eos))) {
+    int rc = AC_OK;
+    if (!prompt_tokens || !tokens || !counts || !prompts || !lens) {
+        fprintf(stderr, "error: out of memory for the tokens of %d sequences of up to %d tokens "
+                "(%.1f MiB)\n", n, steps, (double)n * steps * sizeof *tokens / (1 << 20));
+        rc = AC_ERR_NOMEM;
+    } else if ((rc = ac_encode(tok, prompt, len, 1, 0, prompt_tokens, (int)len + 3, &n_prompt)) ||
+               (rc = ac_batch_create(model, tok, n, &o->sampling, &b)) ||
+               (rc = ac_batch_set_threads(b, o->threads)) ||
+               (rc = ac_batch_set_ignore_eos(b, o->ignore_eos))) {
         fprintf(stderr, "error: %s\n", ac_last_error());
     }
     double start = now_seconds(), end = start;
@@ -281,22 +435,25 @@ static int generate_batch(const ac_model *model, const ac_tokenizer *tok, const 
         if (rc) fprintf(stderr, "error: %s\n", ac_last_error());
     }
     long long total = 0;
-    for (int i = 0; !rc && i < n; i++) {
-        printf("=== sequence %d (seed %llu) ===\n%s", i,
-               (unsigned long long)(o->sampling.seed + (uint64_t)i), prompt);
+    for (int i = 0; !rc && !stdout_error && i < n; i++) {
+        char title[96];
+        snprintf(title, sizeof title, "=== sequence %d (seed %llu) ===\n", i,
+                 (unsigned long long)(o->sampling.seed + (uint64_t)i));
+        out_text(title);
+        out_text(prompt);
         int prev = prompt_tokens[n_prompt - 1];
         for (int k = 0; k < counts[i]; k++) {
             int token = tokens[(size_t)i * steps + k];
             const char *piece;
             size_t piece_len;
-            if (ac_decode_piece(tok, prev, token, &piece, &piece_len) == AC_OK)
-                fwrite(piece, 1, piece_len, stdout);
+            if (ac_decode_piece(tok, prev, token, &piece, &piece_len) == AC_OK) out_write(piece, piece_len);
             prev = token;
         }
-        printf("\n");
+        out_text("\n");
         total += counts[i];
     }
-    if (!rc && total > 0 && end > start)
+    out_flush();
+    if (!rc && !stdout_error && total > 0 && end > start)
         fprintf(stderr, "achieved tok/s: %f (total of %d sequences)\n", total / (end - start), n);
     ac_batch_free(b);
     free(prompt_tokens);
@@ -304,73 +461,138 @@ static int generate_batch(const ac_model *model, const ac_tokenizer *tok, const 
     free(counts);
     free(prompts);
     free(lens);
-    return rc ? 1 : 0;
+    return rc || stdout_error ? 1 : 0;
 }
 
 /* ------------------------------------------------------------------------ chat mode */
 
-/* Reads one line from stdin without its newline; returns 0 at end of input. */
-static int read_line(const char *question, char *buf, size_t size) {
-    printf("%s", question);
-    fflush(stdout);
-    if (!fgets(buf, (int)size, stdin)) return 0;
-    buf[strcspn(buf, "\n")] = '\0';
+/* Asks question on stdout and reads one line of stdin, of any length, without its newline,
+ * into *line (grown as needed).  Returns 1, 0 at the end of input, -1 on an error (printed). */
+static int read_line(const char *question, char **line, size_t *cap) {
+    if (out_text(question) || out_flush()) return -1;
+    errno = 0;
+    ssize_t n = getline(line, cap, stdin);
+    if (n < 0 && errno == ENOMEM) {
+        fprintf(stderr, "error: out of memory for a line of stdin\n");
+        return -1;
+    }
+    if (n < 0 && ferror(stdin)) {
+        fprintf(stderr, "error: read from stdin failed: %s\n", strerror(errno));
+        return -1;
+    }
+    if (n < 0) return 0;
+    if (n > 0 && (*line)[n - 1] == '\n') (*line)[n - 1] = '\0';
     return 1;
 }
 
-/* A Llama-2-style [INST] loop: each user turn is fed with BOS, the assistant answers until
- * it emits EOS, and the KV cache carries the whole conversation until seq_len is used up. */
-static int chat(ac_session *s, const options *o, int steps) {
-    char system[4096] = "", user[4096], turn[8192 + 64];
-    if (o->system) snprintf(system, sizeof system, "%s", o->system);
-    else if (!read_line("Enter system prompt (optional): ", system, sizeof system)) system[0] = '\0';
-    for (int first = 1;; first = 0) {
-        if (first && o->prompt) snprintf(user, sizeof user, "%s", o->prompt);
-        else if (!read_line("User: ", user, sizeof user)) break;
-        if (first && system[0])
-            snprintf(turn, sizeof turn, "[INST] <<SYS>>\n%s\n<</SYS>>\n\n%s [/INST]", system, user);
-        else
-            snprintf(turn, sizeof turn, "[INST] %s [/INST]", user);
-        int rc = ac_session_feed(s, turn, strlen(turn), 1);
-        if (rc == AC_ERR_RANGE) {
-            printf("\n(the context is full)\n");
-            break;
-        }
-        if (rc) {
-            fprintf(stderr, "error: %s\n", ac_last_error());
-            return 1;
-        }
-        printf("Assistant: ");
-        int token = -1;
-        for (int n = 0; n < steps; n++) {
-            const char *piece;
-            size_t len;
-            if ((rc = ac_session_next(s, &token, &piece, &len))) {
-                fprintf(stderr, "error: %s\n", ac_last_error());
-                return 1;
-            }
-            if (token < 0 || token == AC_TOKEN_EOS || token == AC_TOKEN_BOS) break;
-            fwrite(piece, 1, len, stdout);
-            fflush(stdout);
-        }
-        printf("\n");
-        if (token < 0) {
-            printf("(the context is full)\n");
-            break;
-        }
+/* The Llama-2 chat template; the system prompt goes with the first turn.  NULL when out of
+ * memory. */
+static char *format_turn(const char *system, const char *user) {
+    char *turn = NULL;
+    int n = system && system[0] ? asprintf(&turn, "[INST] <<SYS>>\n%s\n<</SYS>>\n\n%s [/INST]", system, user)
+                                : asprintf(&turn, "[INST] %s [/INST]", user);
+    return n < 0 ? NULL : turn;
+}
+
+/* Feeds one turn and streams the answer until the model emits EOS (or BOS) or steps tokens.
+ * Returns 1 when the answer was given, 0 when the turn did not fit in what is left of the
+ * context (said on stdout: the conversation goes on), -1 on an error (printed). */
+static int chat_turn(ac_session *s, const char *system, const char *user, int steps, int *context_full) {
+    char *turn = format_turn(system, user);
+    if (!turn) {
+        fprintf(stderr, "error: out of memory for a chat turn of %zu bytes\n", strlen(user));
+        return -1;
     }
-    return 0;
+    int rc = ac_session_feed(s, turn, strlen(turn), 1);
+    free(turn);
+    if (rc == AC_ERR_RANGE) {
+        char note[512];
+        snprintf(note, sizeof note, "(this turn is too long: %s; the conversation goes on)\n", ac_last_error());
+        return out_text(note) || out_flush() ? -1 : 0;
+    }
+    if (rc) {
+        fprintf(stderr, "error: %s\n", ac_last_error());
+        return -1;
+    }
+    if (out_text("Assistant: ")) return -1;
+    int token = -1;
+    for (int n = 0; n < steps; n++) {
+        const char *piece;
+        size_t len;
+        if ((rc = ac_session_next(s, &token, &piece, &len))) {
+            fprintf(stderr, "error: %s\n", ac_last_error());
+            return -1;
+        }
+        if (token < 0 || token == AC_TOKEN_EOS || token == AC_TOKEN_BOS) break;
+        if (out_write(piece, len) || out_flush()) return -1;
+    }
+    *context_full = token < 0;
+    return out_text("\n") || out_flush() ? -1 : 1;
+}
+
+/* A Llama-2-style [INST] loop: each user turn is fed with BOS, the assistant answers until
+ * it emits EOS, and the KV cache carries the whole conversation until seq_len is used up.
+ * A turn that does not fit is refused with its size and the conversation goes on. */
+static int chat(ac_session *s, const options *o, int steps) {
+    char *system = NULL, *line = NULL;
+    size_t system_cap = 0, line_cap = 0;
+    int status = 0, system_sent = 0, context_full = 0;
+    if (!o->system) {
+        int r = read_line("Enter system prompt (optional): ", &system, &system_cap);
+        if (r < 0) status = 1;
+    }
+    const char *system_prompt = o->system ? o->system : system;
+    for (int turn = 0; !status && !context_full; turn++) {
+        const char *user = o->prompt; /* -i is the first turn */
+        if (turn > 0 || !o->prompt) {
+            int r = read_line("User: ", &line, &line_cap);
+            if (r <= 0) {
+                status = r < 0;
+                break;
+            }
+            user = line;
+        }
+        int r = chat_turn(s, system_sent ? NULL : system_prompt, user, steps, &context_full);
+        if (r < 0) status = 1;
+        if (r > 0) system_sent = 1;
+    }
+    if (context_full && !status) status = out_text("(the context is full)\n") ? 1 : 0;
+    free(system);
+    free(line);
+    return status;
 }
 
 /* ------------------------------------------------------------------------ main */
 
-/* Loads the model; -q int8 quantizes a float32 one (an int8 file is used as it is). */
+/* -L: a new model, base with every module merged (the base file is only read); frees base. */
+static ac_model *with_modules(ac_model *base, const options *o) {
+    ac_module *modules[AC_MAX_MODULES];
+    ac_model *merged = NULL;
+    int n = 0, rc = 0;
+    while (!rc && n < o->n_modules) {
+        char *path = strndup(o->module[n], o->module_path_len[n]);
+        rc = path ? ac_module_load(path, &modules[n]) : AC_ERR_NOMEM;
+        if (!path) fprintf(stderr, "error: out of memory for the path of module %s\n", o->module[n]);
+        else if (rc) fprintf(stderr, "error: %s\n", ac_last_error());
+        free(path);
+        if (!rc) n++;
+    }
+    if (!rc && ac_model_apply_modules(base, (const ac_module *const *)modules, o->module_scale, n, &merged))
+        fprintf(stderr, "error: %s\n", ac_last_error());
+    for (int i = 0; i < n; i++) ac_module_free(modules[i]);
+    ac_model_free(base);
+    return merged;
+}
+
+/* Loads the model and merges -L modules; -q int8 quantizes a float32 one (an int8 file is
+ * used as it is). */
 static ac_model *load_model(const options *o) {
     ac_model *model = NULL, *quantized = NULL;
     if (ac_model_load(o->model_path, &model)) {
         fprintf(stderr, "error: %s\n", ac_last_error());
         return NULL;
     }
+    if (o->n_modules && !(model = with_modules(model, o))) return NULL;
     ac_config cfg;
     ac_model_config(model, &cfg);
     if (!o->int8 || cfg.group_size) return model;
@@ -380,14 +602,47 @@ static ac_model *load_model(const options *o) {
     return quantized;
 }
 
-int main(int argc, char **argv) {
-    if (argc >= 2 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) {
-        usage();
-        return 0;
+static ac_tokenizer *load_tokenizer(const options *o, int vocab_size) {
+    char path[CANDIDATE_SIZE], tried[4 * CANDIDATE_SIZE + 8];
+    if (!find_tokenizer(o->model_path, o->tokenizer, path, tried, sizeof tried)) {
+        fprintf(stderr, "error: no tokenizer file found; tried: %s\n", tried);
+        return NULL;
     }
+    ac_tokenizer *tok = NULL;
+    if (ac_tokenizer_load(path, vocab_size, &tok)) fprintf(stderr, "error: %s\n", ac_last_error());
+    return tok;
+}
+
+/* Generate or chat with one session, or -b sequences together.  Returns the exit status. */
+static int run_model(const ac_model *model, const ac_tokenizer *tok, const options *o, int steps) {
+    if (o->batch > 1) return generate_batch(model, tok, o, steps);
+    ac_session *session = NULL;
+    int status;
+    if (ac_session_create(model, tok, &o->sampling, &session) ||
+        ac_session_set_threads(session, o->threads)) {
+        fprintf(stderr, "error: %s\n", ac_last_error());
+        status = 1;
+    } else {
+        status = strcmp(o->mode, "chat") ? generate(session, o, steps) : chat(session, o, steps);
+    }
+    ac_session_free(session);
+    return status;
+}
+
+int main(int argc, char **argv) {
+    keep_standard_descriptors();
     options o;
-    if (!parse_args(argc, argv, &o)) {
-        usage();
+    switch (parse_args(argc, argv, &o)) {
+    case ARGS_HELP:
+        usage(stdout);
+        return close_stdout() ? 1 : 0;
+    case ARGS_VERSION:
+        out_text("arianna_c ");
+        out_text(ac_version());
+        out_text("\n");
+        return close_stdout() ? 1 : 0;
+    case ARGS_BAD:
+        usage(stderr);
         return 1;
     }
 
@@ -402,41 +657,14 @@ int main(int argc, char **argv) {
     }
     ac_config cfg;
     ac_model_config(model, &cfg);
-
-    char tried[4 * (PATH_MAX + 16) + 8];
-    char *tok_path = find_tokenizer(o.model_path, o.tokenizer, tried, sizeof tried);
-    if (!tok_path) {
-        fprintf(stderr, "error: no tokenizer file found; tried: %s\n", tried);
-        ac_model_free(model);
-        return 1;
+    ac_tokenizer *tok = load_tokenizer(&o, cfg.vocab_size);
+    int status = 1;
+    if (tok) {
+        int steps = (o.steps == 0 || o.steps > cfg.seq_len) ? cfg.seq_len : o.steps;
+        status = run_model(model, tok, &o, steps);
     }
-    ac_tokenizer *tok = NULL;
-    int rc = ac_tokenizer_load(tok_path, cfg.vocab_size, &tok);
-    free(tok_path);
-    if (rc) {
-        fprintf(stderr, "error: %s\n", ac_last_error());
-        ac_model_free(model);
-        return 1;
-    }
-
-    int steps = (o.steps == 0 || o.steps > cfg.seq_len) ? cfg.seq_len : o.steps;
-    int status;
-    if (o.batch > 1) {
-        status = generate_batch(model, tok, &o, steps);
-    } else {
-        ac_session *session = NULL;
-        if ((rc = ac_session_create(model, tok, &o.sampling, &session)) ||
-            (rc = ac_session_set_threads(session, o.threads))) {
-            fprintf(stderr, "error: %s\n", ac_last_error());
-            if (rc == AC_ERR_ARG) usage();
-            status = 1;
-        } else {
-            status = strcmp(o.mode, "chat") ? generate(session, tok, &o, steps) : chat(session, &o, steps);
-        }
-        ac_session_free(session);
-    }
-
     ac_tokenizer_free(tok);
     ac_model_free(model);
+    if (close_stdout()) status = 1;
     return status;
 }

@@ -1,11 +1,11 @@
 /*
- * kernels.c - the compute kernels behind kernels.h: a portable scalar set, an AVX2+FMA set
- * on x86-64, and the run-time choice between them.
+ * kernels.c - the portable half of kernels.h: int8 quantization, the scalar kernel set, and
+ * the run-time choice of a set (the SIMD sets are in kernels_avx2.c and kernels_avx512.c).
  *
  * Float sums: each dot product keeps 8 partial sums (lane k takes the terms j = k mod 8),
  * reduces them in one fixed order (hsum8), then adds the n mod 8 leftover terms in order.
- * The scalar set uses the same lane structure (it also lets the compiler vectorize it on
- * any target without reassociating anything), so the two sets differ only by FMA rounding.
+ * The avx2 set uses the same lane structure (it also lets the compiler vectorize this one on
+ * any target without reassociating anything), so the two differ only by FMA rounding.
  */
 #include "kernels.h"
 
@@ -15,8 +15,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <stdio.h>
+
 #if defined(__x86_64__)
-#include <immintrin.h>
+#include <cpuid.h>
 #endif
 
 /* ======================================================================== quantization */
@@ -75,9 +77,8 @@ static void gemm_f32_scalar(float *out, int ldo, const float *W, int ldw, const 
             out[(size_t)t * ldo + i] = dot_scalar(W + (size_t)i * ldw, X + (size_t)t * ldx, n);
 }
 
-static void gemm_q8_scalar(float *out, int ldo, const int8_t *Wq, const float *Ws,
-                           const int8_t *Xq, const float *Xs, int T, int n, int gs, int r0,
-                           int r1) {
+void ac_gemm_q8_scalar(float *out, int ldo, const int8_t *Wq, const float *Ws, const int8_t *Xq,
+                       const float *Xs, int T, int n, int gs, int r0, int r1) {
     int ng = n / gs;
     for (int i = r0; i < r1; i++) {
         const int8_t *w = Wq + (size_t)i * n;
@@ -96,286 +97,140 @@ static void gemm_q8_scalar(float *out, int ldo, const int8_t *Wq, const float *W
     }
 }
 
-static const ac_kernels scalar_kernels = {"scalar", gemm_f32_scalar, gemm_q8_scalar, weighted_sum_scalar,
-                                          ac_quantize_q8};
-
-/* ======================================================================== AVX2 + FMA set */
-
-#if defined(__x86_64__)
-
-#define AVX2_FN __attribute__((target("avx2,fma")))
-/* Register-tile helpers are always inlined with constant tile sizes, so their small loops
- * unroll fully and the accumulator arrays live in registers. */
-#define AVX2_TILE static inline __attribute__((target("avx2,fma"), always_inline))
-
-/* Same order as hsum8: (l0+l4, l1+l5, l2+l6, l3+l7) -> ((l0+l4)+(l2+l6), (l1+l5)+(l3+l7)) -> sum. */
-AVX2_TILE float hsum_avx2(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-/* Columns [0, 8B) of the weighted sum, kept in B registers over all T rows (one pass over V
- * instead of a load and store of out per row). */
-AVX2_TILE void weighted_block(int B, float *out, const float *a, const float *V, int ldv, int T) {
-    __m256 acc[4];
-    for (int b = 0; b < B; b++) acc[b] = _mm256_setzero_ps();
-    for (int t = 0; t < T; t++) {
-        __m256 at = _mm256_set1_ps(a[t]);
-        for (int b = 0; b < B; b++)
-            acc[b] = _mm256_fmadd_ps(at, _mm256_loadu_ps(V + (size_t)t * ldv + 8 * b), acc[b]);
-    }
-    for (int b = 0; b < B; b++) _mm256_storeu_ps(out + 8 * b, acc[b]);
-}
-
-AVX2_FN static void weighted_sum_avx2(float *out, const float *a, const float *V, int ldv, int T, int n) {
-    int j = 0;
-    for (; j + 32 <= n; j += 32) weighted_block(4, out + j, a, V + j, ldv, T);
-    for (; j + 8 <= n; j += 8) weighted_block(1, out + j, a, V + j, ldv, T);
-    for (; j < n; j++) {
-        float sum = 0.0f;
-        for (int t = 0; t < T; t++) sum += a[t] * V[(size_t)t * ldv + j];
-        out[j] = sum;
+static void swiglu_scalar(float *h, const float *g, int n) {
+    for (int i = 0; i < n; i++) {
+        float v = h[i];
+        v = v * (1.0f / (1.0f + expf(-v)));
+        h[i] = v * g[i];
     }
 }
 
-/* ---------------------------------------------------------------- float32 GEMM */
-
-/* Single-token decode (T = 1) reads every weight once, so it waits on memory, not on
- * arithmetic, and the hardware prefetcher alone does not keep up with it: the T = 1 kernels
- * also prefetch in software, about PREFETCH_BYTES ahead, in whole rows (so strided rows
- * such as the attention's key cache are fetched too).  Measured on the persona, 2-core AMD
- * EPYC (AVX2), medians of 11 interleaved runs: float32 walked one row at a time with the
- * prefetch decodes 1.5x (1 thread) to 1.7x (2 threads) faster than 4-row tiles without it,
- * and 1.3x faster than 2- or 4-row tiles with it; int8 (a quarter of the bytes, mostly in
- * L3) is best in 4-row tiles with the prefetch, 1.4-1.7x over the same without. */
-#define PREFETCH_BYTES 8192
-
-static int prefetch_rows(int row_bytes) { return (PREFETCH_BYTES + row_bytes - 1) / row_bytes; }
-
-/* R weight rows x C tokens: R*C accumulators, each one dot product, updated once per
- * 8-float chunk of n.  4 x 3 uses 12 accumulators + 3 token vectors + 1 weight vector = the
- * 16 ymm registers, with 12 FMAs per 7 loads.  ahead > 0 prefetches rows ahead.. ahead+R-1
- * further on, one cache line per row every two chunks. */
-AVX2_TILE void tile_f32(int R, int C, float *out, int ldo, const float *W, int ldw, const float *X,
-                       int ldx, int n, int ahead) {
-    __m256 acc[4][3];
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
-    int j = 0;
-    for (; j + 8 <= n; j += 8) {
-        __m256 x[3];
-        if (ahead && (j & 15) == 0)
-            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(W + (size_t)(ahead + r) * ldw + j), _MM_HINT_T0);
-        for (int c = 0; c < C; c++) x[c] = _mm256_loadu_ps(X + (size_t)c * ldx + j);
-        for (int r = 0; r < R; r++) {
-            __m256 w = _mm256_loadu_ps(W + (size_t)r * ldw + j);
-            for (int c = 0; c < C; c++) acc[r][c] = _mm256_fmadd_ps(w, x[c], acc[r][c]);
-        }
+float ac_softmax_scalar(float *x, int n) {
+    float max = x[0];
+    for (int i = 1; i < n; i++)
+        if (x[i] > max) max = x[i];
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) {
+        x[i] = expf(x[i] - max);
+        sum += x[i];
     }
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) {
-            float sum = hsum_avx2(acc[r][c]);
-            for (int k = j; k < n; k++) sum += W[(size_t)r * ldw + k] * X[(size_t)c * ldx + k];
-            out[(size_t)c * ldo + r] = sum;
-        }
+    for (int i = 0; i < n; i++) x[i] /= sum;
+    return sum;
 }
 
-/* Products over several tokens (T > 1) read each weight row from memory once and then from
- * L1.  So that the first tile of a row group does not wait on memory, every tile of a group
- * first prefetches its share of the row group after next: a group's fetch is spread over the
- * tiles of the group before it.  Measured on persona-shaped products with cold weights, float32:
- * 1.4x at T = 16 and 1.3x at T = 64 over prefetching the whole group in its first tile;
- * end to end, batched decode (16 sequences) 1.09-1.17x and prefill 1.10-1.13x. */
+const ac_kernels ac_kernels_scalar = {"scalar", gemm_f32_scalar, ac_gemm_q8_scalar, weighted_sum_scalar,
+                                      ac_quantize_q8, swiglu_scalar, ac_softmax_scalar};
 
-/* Prefetches bytes [lo, hi) of each of R rows, row r at base + r * stride. */
-AVX2_TILE void prefetch_share(int R, const void *base, size_t stride, int lo, int hi) {
-    for (int r = 0; r < R; r++)
-        for (int b = lo; b < hi; b += 64) _mm_prefetch((const char *)base + r * stride + b, _MM_HINT_T0);
-}
-
-/* Tile k of ntiles prefetches bytes [lo, hi) of rows of row_bytes bytes (whole cache lines). */
-static void tile_share(int row_bytes, int k, int ntiles, int *lo, int *hi) {
-    *lo = (int)((long long)row_bytes * k / ntiles) & ~63;
-    *hi = k + 1 == ntiles ? row_bytes : (int)((long long)row_bytes * (k + 1) / ntiles) & ~63;
-}
-
-/* R rows against all T tokens, 3 at a time (the R rows stay in L1 while X streams); each
- * tile prefetches its share of the R rows 2R on. */
-AVX2_TILE void rows_f32(int R, float *out, int ldo, const float *W, int ldw, const float *X,
-                       int ldx, int T, int n) {
-    int ntiles = (T + 2) / 3;
-    for (int t = 0, k = 0; t < T; k++) {
-        int lo, hi;
-        tile_share(n * (int)sizeof(float), k, ntiles, &lo, &hi);
-        prefetch_share(R, W + (size_t)(2 * R) * ldw, (size_t)ldw * sizeof(float), lo, hi);
-        float *o = out + (size_t)t * ldo;
-        const float *x = X + (size_t)t * ldx;
-        if (T - t >= 3) tile_f32(R, 3, o, ldo, W, ldw, x, ldx, n, 0);
-        else if (T - t == 2) tile_f32(R, 2, o, ldo, W, ldw, x, ldx, n, 0);
-        else tile_f32(R, 1, o, ldo, W, ldw, x, ldx, n, 0);
-        t += T - t >= 3 ? 3 : T - t;
-    }
-}
-
-AVX2_FN static void gemm_f32_avx2(float *out, int ldo, const float *W, int ldw, const float *X,
-                                  int ldx, int T, int n, int r0, int r1) {
-    int i = r0;
-    if (T == 1) {
-        int ahead = prefetch_rows(n * (int)sizeof(float));
-        for (; i < r1; i++) tile_f32(1, 1, out + i, ldo, W + (size_t)i * ldw, ldw, X, ldx, n, ahead);
-        return;
-    }
-    for (; i + 4 <= r1; i += 4) rows_f32(4, out + i, ldo, W + (size_t)i * ldw, ldw, X, ldx, T, n);
-    for (; i < r1; i++) rows_f32(1, out + i, ldo, W + (size_t)i * ldw, ldw, X, ldx, T, n);
-}
-
-/* ---------------------------------------------------------------- int8 GEMM */
-
-/* The 8 int32 partial sums of the 32 products w[k] * x[k]: maddubs needs an unsigned left
- * operand, so it gets |w| and x carries w's sign (x * sign(w)); pairs of int16 products
- * (at most 2 * 127 * 127, no saturation for quantized values) then widen to int32. */
-AVX2_TILE __m256i dot32_q8(__m256i abs_w, __m256i w, __m256i x) {
-    __m256i p16 = _mm256_maddubs_epi16(abs_w, _mm256_sign_epi8(x, w));
-    return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
-}
-
-/* R weight rows x C tokens of int8; each 32-value chunk's int32 lane sums are converted to
- * float and accumulated scaled by w_scale * x_scale of their group.  Callers pass gs as the
- * constant 32 where they can (then k / gs is a shift and the loop a single stream of chunks).
- * ahead > 0 prefetches the quantized rows and scales ahead rows further on, as tile_f32. */
-AVX2_TILE void tile_q8(int R, int C, float *out, int ldo, const int8_t *Wq, const float *Ws,
-                       const int8_t *Xq, const float *Xs, int n, int gs, int ahead) {
-    int ng = n / gs;
-    if (ahead)
-        for (int r = 0; r < R; r++) _mm_prefetch((const char *)(Ws + (size_t)(ahead + r) * ng), _MM_HINT_T0);
-    __m256 acc[4][2];
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
-    for (int k = 0; k < n; k += 32) {
-        int g = k / gs;
-        if (ahead && (k & 63) == 0)
-            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(Wq + (size_t)(ahead + r) * n + k), _MM_HINT_T0);
-        __m256i x[2];
-        __m256 xs[2];
-        for (int c = 0; c < C; c++) {
-            x[c] = _mm256_loadu_si256((const __m256i *)(Xq + (size_t)c * n + k));
-            xs[c] = _mm256_broadcast_ss(Xs + (size_t)c * ng + g);
-        }
-        for (int r = 0; r < R; r++) {
-            __m256i w = _mm256_loadu_si256((const __m256i *)(Wq + (size_t)r * n + k));
-            __m256i abs_w = _mm256_sign_epi8(w, w);
-            __m256 ws = _mm256_broadcast_ss(Ws + (size_t)r * ng + g);
-            for (int c = 0; c < C; c++) {
-                __m256 d = _mm256_cvtepi32_ps(dot32_q8(abs_w, w, x[c]));
-                acc[r][c] = _mm256_fmadd_ps(d, _mm256_mul_ps(ws, xs[c]), acc[r][c]);
-            }
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) out[(size_t)c * ldo + r] = hsum_avx2(acc[r][c]);
-}
-
-/* Rows [r0, r1) against all T tokens: tiles of 4 rows x 2 tokens; ahead as in tile_q8. */
-AVX2_TILE void gemm_q8_tiles(float *out, int ldo, const int8_t *Wq, const float *Ws, const int8_t *Xq,
-                             const float *Xs, int T, int n, int gs, int r0, int r1, int ahead) {
-    int ng = n / gs;
-    for (int i = r0; i < r1;) {
-        int R = r1 - i >= 4 ? 4 : 1;
-        const int8_t *w = Wq + (size_t)i * n;
-        const float *ws = Ws + (size_t)i * ng;
-        for (int t = 0; t < T;) {
-            float *o = out + (size_t)t * ldo + i;
-            const int8_t *x = Xq + (size_t)t * n;
-            const float *xs = Xs + (size_t)t * ng;
-            int pf = t == 0 ? ahead : 0;
-            if (T - t >= 2 && R == 4) tile_q8(4, 2, o, ldo, w, ws, x, xs, n, gs, pf);
-            else if (T - t >= 2) tile_q8(1, 2, o, ldo, w, ws, x, xs, n, gs, pf);
-            else if (R == 4) tile_q8(4, 1, o, ldo, w, ws, x, xs, n, gs, pf);
-            else tile_q8(1, 1, o, ldo, w, ws, x, xs, n, gs, pf);
-            t += T - t >= 2 ? 2 : 1;
-        }
-        i += R;
-    }
-}
-
-AVX2_FN static void gemm_q8_avx2(float *out, int ldo, const int8_t *Wq, const float *Ws,
-                                 const int8_t *Xq, const float *Xs, int T, int n, int gs, int r0,
-                                 int r1) {
-    if (gs % 32) { /* groups that are not whole 32-byte vectors: the portable kernel */
-        gemm_q8_scalar(out, ldo, Wq, Ws, Xq, Xs, T, n, gs, r0, r1);
-        return;
-    }
-    /* decode prefetches about PREFETCH_BYTES ahead; with more tokens a row group takes
-     * longer, and two groups (8 rows) on is far enough (int8 weights are a quarter of the
-     * bytes and mostly stay in L3: rows_f32's spread prefetch measured no faster here) */
-    int ahead = T == 1 ? prefetch_rows(n) : 8;
-    if (gs == 32) gemm_q8_tiles(out, ldo, Wq, Ws, Xq, Xs, T, n, 32, r0, r1, ahead);
-    else gemm_q8_tiles(out, ldo, Wq, Ws, Xq, Xs, T, n, gs, r0, r1, ahead);
-}
-
-/* ---------------------------------------------------------------- int8 quantization */
-
-/* Same arithmetic as ac_quantize_q8, 8 lanes at a time: the maximum and the division are
- * exact, NaN quotients become 0 before the clamp, and rounding is to nearest even (the
- * default mode nearbyintf uses), so the results are bitwise equal. */
-AVX2_FN static void quantize_q8_avx2(int8_t *q, float *s, const float *x, int n, int gs) {
-    if (gs % 32) {
-        ac_quantize_q8(q, s, x, n, gs);
-        return;
-    }
-    const __m256 sign = _mm256_set1_ps(-0.0f), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
-    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    for (int g = 0; g < n / gs; g++) {
-        const float *xg = x + (size_t)g * gs;
-        int8_t *qg = q + (size_t)g * gs;
-        __m256 amax = _mm256_setzero_ps();
-        for (int j = 0; j < gs; j += 8) /* max_ps returns its 2nd operand for a NaN 1st: skipped */
-            amax = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(xg + j)), amax);
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        float scale = _mm_cvtss_f32(m4) / 127.0f;
-        s[g] = scale;
-        if (!(scale > 0.0f)) {
-            memset(qg, 0, (size_t)gs);
-            continue;
-        }
-        __m256 vs = _mm256_set1_ps(scale);
-        for (int j = 0; j < gs; j += 32) {
-            __m256i i32[4];
-            for (int k = 0; k < 4; k++) {
-                __m256 v = _mm256_div_ps(_mm256_loadu_ps(xg + j + 8 * k), vs);
-                v = _mm256_and_ps(v, _mm256_cmp_ps(v, v, _CMP_ORD_Q)); /* NaN -> 0 */
-                v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
-                i32[k] = _mm256_cvtps_epi32(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-            }
-            /* the packs work per 128-bit lane; the permute restores element order */
-            __m256i i16a = _mm256_packs_epi32(i32[0], i32[1]), i16b = _mm256_packs_epi32(i32[2], i32[3]);
-            __m256i i8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(i16a, i16b), order);
-            _mm256_storeu_si256((__m256i *)(qg + j), i8);
-        }
-    }
-}
-
-static const ac_kernels avx2_kernels = {"avx2", gemm_f32_avx2, gemm_q8_avx2, weighted_sum_avx2,
-                                        quantize_q8_avx2};
-
-#endif /* __x86_64__ */
 
 /* ======================================================================== dispatch */
 
-static const ac_kernels *g_kernels = &scalar_kernels;
+/* The CPU features the sets need (x86-64), as read by cpu_features(). */
+enum {
+    CPU_AVX2 = 1 << 0, /* with FMA */
+    CPU_AVXVNNI = 1 << 1,
+    CPU_AVX512 = 1 << 2, /* F, BW and VL, with the OS saving the zmm and mask registers */
+    CPU_AVX512VNNI = 1 << 3,
+};
+
+typedef struct {
+    const char *name;
+    const ac_kernels *set; /* NULL where this build has no such set (not x86-64) */
+    unsigned needs;        /* CPU_* bits */
+    const char *needs_text;
+} kernel_choice;
+
+/* Every set, best first: the automatic choice is the first one the CPU has. */
+static const kernel_choice choices[] = {
+#if defined(__x86_64__)
+    {"avx512-vnni", &ac_kernels_avx512_vnni, CPU_AVX2 | CPU_AVX512 | CPU_AVX512VNNI, "AVX-512F/BW/VL and AVX-512 VNNI"},
+    {"avx512", &ac_kernels_avx512, CPU_AVX2 | CPU_AVX512, "AVX-512F/BW/VL"},
+    {"avx2-vnni", &ac_kernels_avx2_vnni, CPU_AVX2 | CPU_AVXVNNI, "AVX2, FMA and AVX-VNNI"},
+    {"avx2", &ac_kernels_avx2, CPU_AVX2, "AVX2 and FMA"},
+#else
+    {"avx512-vnni", NULL, 0, "an x86-64 CPU"},
+    {"avx512", NULL, 0, "an x86-64 CPU"},
+    {"avx2-vnni", NULL, 0, "an x86-64 CPU"},
+    {"avx2", NULL, 0, "an x86-64 CPU"},
+#endif
+    {"scalar", &ac_kernels_scalar, 0, "nothing"},
+};
+#define N_CHOICES (int)(sizeof choices / sizeof choices[0])
+
+#if defined(__x86_64__)
+/* The extended control register XCR0: which register states the OS saves on a switch. */
+static unsigned long long xgetbv0(void) {
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((unsigned long long)hi << 32) | lo;
+}
+
+/* CPUID feature bits, each counted only when the OS also saves the registers it uses. */
+static unsigned cpu_features(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_OSXSAVE) || !(c & bit_AVX)) return 0;
+    int fma = (c & bit_FMA) != 0;
+    unsigned long long xcr0 = xgetbv0();
+    if ((xcr0 & 0x6) != 0x6 || __get_cpuid_max(0, NULL) < 7) return 0; /* xmm, ymm state */
+    int zmm = (xcr0 & 0xE0) == 0xE0;                                   /* opmask, zmm 0-15 high, zmm 16-31 */
+    __cpuid_count(7, 0, a, b, c, d);
+    unsigned max_subleaf = a, f = 0;
+    if ((b & bit_AVX2) && fma) f |= CPU_AVX2;
+    if (zmm && (b & bit_AVX512F) && (b & bit_AVX512BW) && (b & bit_AVX512VL)) f |= CPU_AVX512;
+    if (zmm && (c & bit_AVX512VNNI)) f |= CPU_AVX512VNNI;
+    if (max_subleaf >= 1) {
+        __cpuid_count(7, 1, a, b, c, d);
+        if (a & (1u << 4)) f |= CPU_AVXVNNI; /* CPUID.(7,1):EAX bit 4 */
+    }
+    return f;
+}
+#else
+static unsigned cpu_features(void) { return 0; }
+#endif
+
+static int available(const kernel_choice *k, unsigned have) { return k->set && (k->needs & have) == k->needs; }
+
+static unsigned g_features;
+static pthread_once_t g_features_once = PTHREAD_ONCE_INIT;
+
+static void read_features(void) { g_features = cpu_features(); }
+
+/* The choice named name, or NULL. */
+static const kernel_choice *choice_named(const char *name) {
+    for (int i = 0; i < N_CHOICES; i++)
+        if (strcmp(name, choices[i].name) == 0) return &choices[i];
+    return NULL;
+}
+
+const ac_kernels *ac_kernels_named(const char *name) {
+    pthread_once(&g_features_once, read_features);
+    const kernel_choice *k = choice_named(name);
+    return k && available(k, g_features) ? k->set : NULL;
+}
+
+static const ac_kernels *g_kernels = &ac_kernels_scalar;
 static pthread_once_t g_kernels_once = PTHREAD_ONCE_INIT;
 
+/* The first set the CPU has; then AC_KERNEL, when set, names the one to use instead.  A name
+ * this CPU cannot run, or no set's name, is not fatal (an environment variable is no API):
+ * the automatic choice stays, and one line on stderr says so and why. */
 static void choose_kernels(void) {
+    pthread_once(&g_features_once, read_features);
+    int best = 0;
+    while (!available(&choices[best], g_features)) best++; /* scalar is always available */
+    g_kernels = choices[best].set;
     const char *forced = getenv("AC_KERNEL");
-    if (forced && strcmp(forced, "scalar") == 0) return;
-#if defined(__x86_64__)
-    __builtin_cpu_init(); /* we may run before libgcc's own constructor has */
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) g_kernels = &avx2_kernels;
-#endif
+    if (!forced || !*forced) return;
+    const kernel_choice *k = choice_named(forced);
+    if (k && available(k, g_features)) {
+        g_kernels = k->set;
+    } else if (k) {
+        fprintf(stderr, "arianna_c: AC_KERNEL=%s needs %s, which this CPU lacks; using %s\n", forced, k->needs_text,
+                g_kernels->name);
+    } else {
+        fprintf(stderr, "arianna_c: AC_KERNEL=%s is not a kernel set (", forced);
+        for (int i = 0; i < N_CHOICES; i++) fprintf(stderr, "%s%s", i ? ", " : "", choices[i].name);
+        fprintf(stderr, "); using %s\n", g_kernels->name);
+    }
 }
 
 const ac_kernels *ac_kernels_get(void) {

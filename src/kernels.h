@@ -17,11 +17,22 @@
  * together.  Prefill, batched decode and single-token decode therefore give bitwise equal
  * results with a given kernel set.
  *
- * Kernel sets: "scalar" (portable C, any CPU) and, on x86-64, "avx2" (AVX2 + FMA, compiled
- * with per-function target attributes so the library itself needs no -mavx2).  The best set
- * the CPU supports is picked once, on first use; AC_KERNEL=scalar in the environment forces
- * the portable set (tests compare the two).  There is no AVX-512 set: it could not be tested
- * on the machines this was written on.
+ * Kernel sets (one per x86-64 generation, each a file of its own, compiled with per-function
+ * target attributes so the library itself needs no -mavx2 or -march):
+ *
+ *   scalar       portable C, any CPU (kernels.c)
+ *   avx2         AVX2 + FMA: 8-lane float32 sums, int8 through maddubs (kernels_avx2.c)
+ *   avx2-vnni    the avx2 set with its int8 dot products in AVX-VNNI vpdpbusd (kernels_avx2.c)
+ *   avx512       AVX-512F: 16-lane float32 sums; int8 as in avx2 (kernels_avx512.c)
+ *   avx512-vnni  the avx512 set with 512-bit AVX-512 VNNI int8 products (kernels_avx512.c)
+ *
+ * The best set the CPU supports is picked once, on first use (ac_kernels_get); AC_KERNEL=NAME
+ * in the environment forces a set (kernels.c says what happens to a name the CPU lacks).
+ * Float32 products are the same within a set, not between sets of different lane counts (the
+ * partial sums differ).  int8 products are exact int32 sums, and every x86-64 set scales and
+ * adds them in the avx2 set's order, so int8 GEMM results are bitwise equal across the x86-64
+ * sets, and two sets with the same float32 lanes (avx2 and avx2-vnni, avx512 and avx512-vnni)
+ * give bitwise equal logits for int8 models as well as float32 ones.
  *
  * int8 ("Q8_0"): a tensor of n values in groups of gs is stored as n int8 values q and n/gs
  * float scales s, with value[j] ~= q[j] * s[j / gs].  Activations are quantized the same way
@@ -33,7 +44,7 @@
 #include <stdint.h>
 
 typedef struct {
-    const char *name; /* "scalar" or "avx2" */
+    const char *name; /* one of the names above */
 
     /* float32 GEMM as above; out must not overlap W or X. */
     void (*gemm_f32)(float *out, int ldo, const float *W, int ldw, const float *X, int ldx, int T,
@@ -49,10 +60,39 @@ typedef struct {
 
     /* ac_quantize_q8 (below), bitwise the same result, faster (activations on the fly). */
     void (*quantize_q8)(int8_t *q, float *s, const float *x, int n, int gs);
+
+    /* The SwiGLU gate: h[i] = silu(h[i]) * g[i], silu(v) = v * (1 / (1 + e^-v)), i in [0, n). */
+    void (*swiglu)(float *h, const float *g, int n);
+
+    /* x = softmax(x) over [0, n) (n >= 1); returns the sum of the exponentials: in [1, n]
+     * unless x held an infinity or a NaN (then it is NaN and so is every x[i]).  The SIMD sets'
+     * e^x is within 2 ulp of expf's. */
+    float (*softmax)(float *x, int n);
 } ac_kernels;
 
 /* The kernel set in use (chosen once, thread-safe). */
 const ac_kernels *ac_kernels_get(void);
+
+/* The set called name if this CPU can run it, else NULL (for tools that compare sets). */
+const ac_kernels *ac_kernels_named(const char *name);
+
+/* The sets themselves, for kernels.c's choice; use ac_kernels_get() everywhere else. */
+extern const ac_kernels ac_kernels_scalar;
+#if defined(__x86_64__)
+extern const ac_kernels ac_kernels_avx2, ac_kernels_avx2_vnni, ac_kernels_avx512, ac_kernels_avx512_vnni;
+#endif
+
+/* Members one set lends another: the portable int8 GEMM (for group sizes that are not
+ * multiples of 32) and softmax (with libm's expf, for callers that want it on every CPU), and
+ * the avx2 set's int8 GEMM and quantizer (the avx512 set's). */
+void ac_gemm_q8_scalar(float *out, int ldo, const int8_t *Wq, const float *Ws, const int8_t *Xq,
+                       const float *Xs, int T, int n, int gs, int r0, int r1);
+float ac_softmax_scalar(float *x, int n);
+#if defined(__x86_64__)
+void ac_gemm_q8_avx2(float *out, int ldo, const int8_t *Wq, const float *Ws, const int8_t *Xq,
+                     const float *Xs, int T, int n, int gs, int r0, int r1);
+void ac_quantize_q8_avx2(int8_t *q, float *s, const float *x, int n, int gs);
+#endif
 
 /* Symmetric per-group quantization of x[0..n) (gs divides n): s[g] = max|x| / 127 over group
  * g, q[j] = round-half-even(x[j] / s[g]) (0 for an all-zero group).  Portable C with a fixed

@@ -4,10 +4,12 @@
  * arianna_c runs tiny Llama-architecture models (float32, llama2.c file layouts) on the CPU.
  *
  * Objects (all opaque, each with a create/free pair):
- *   ac_model      an immutable loaded model: config + weights (memory-mapped, never copied).
+ *   ac_model      an immutable loaded model: config + weights (read into private memory, or
+ *                 memory-mapped when asked).
  *   ac_tokenizer  an immutable SentencePiece-style BPE tokenizer (llama2.c tokenizer layout).
  *   ac_state      the mutable working memory of one forward pass: KV cache + activations.
- *   ac_sampler    the mutable sampler: temperature / top-k / top-p and a seeded PRNG.
+ *   ac_sampler    the mutable sampler: temperature / top-k / top-p / min-p, penalties over
+ *                 recent tokens, logit bias, and a seeded PRNG.
  *   ac_session    one generation in progress: owns an ac_state and an ac_sampler, borrows a
  *                 model and a tokenizer.
  *   ac_batch      N independent generations advanced together (batched decode): each weight
@@ -47,7 +49,9 @@ enum {
     AC_ERR_MISMATCH = 3,  /* two valid inputs disagree (tokenizer pieces vs model vocab_size) */
     AC_ERR_ARG = 4,       /* a bad argument: NULL pointer, NaN temperature, top_p out of (0,1] */
     AC_ERR_NOMEM = 5,     /* an allocation failed */
-    AC_ERR_RANGE = 6      /* a value out of range: token id, position, sequence too long */
+    AC_ERR_RANGE = 6,     /* a value out of range: token id, position, sequence too long */
+    AC_ERR_NUMERIC = 7    /* a forward pass gave NaN or infinite logits (finite weights so
+                             large that float32 overflows); nothing is sampled from them */
 };
 
 /* Special token ids of every tokenizer arianna_c reads. */
@@ -94,10 +98,30 @@ typedef struct {
     int group_size;        /* int8 weights (v2): values per scale group; 0 = float32 weights */
 } ac_config;
 
-/* Memory-maps the file at path read-only, validates it, and returns a model in *out.  A path
- * that is not a regular file (directory, FIFO, device) is AC_ERR_IO, refused without blocking.
+/* How ac_model_load_file brings the file into memory. */
+typedef struct {
+    int use_mmap; /* 0 (default): read the whole file into private memory, so the model never
+                     changes and never faults when the file is truncated or rewritten while it
+                     is loaded.  1: map it read-only instead (pages are loaded on first use and
+                     shared with other processes mapping the file); the file must then not be
+                     changed or truncated until ac_model_free: a truncated file kills the
+                     process with SIGBUS, rewritten bytes show up in the running model. */
+} ac_model_load_params;
+
+/* use_mmap 0. */
+AC_API ac_model_load_params ac_model_default_load_params(void);
+
+/* Loads the model file at path (params may be NULL for the defaults), validates it, and
+ * returns a model in *out.  A path that is not a regular file (directory, FIFO, device) is
+ * AC_ERR_IO, refused without blocking.  The header is checked before the file is read.
  * Layout detected by the first four bytes: "ak42" (0x616b3432) = v1 or v2 (the version field
  * that follows), anything else = v0.
+ *
+ * Weights are checked too: a NaN or infinite value in any tensor, or an int8 scale that is
+ * NaN, infinite or negative (or zero for a group with non-zero values) is AC_ERR_FORMAT
+ * naming the tensor ("layers.3.wq") and the index of the first bad value; so is an
+ * all-zero token_embedding, rms_final or separate wcls (every token would get the same
+ * logits).  Header bytes after the last field (37..255 in v1, 41..255 in v2) must be zero.
  *
  * v2 (llama2.c's int8 "version 2" layout): the 256-byte header holds the magic, int32 2, the
  * seven int32 params, uint8 shared_classifier and int32 group_size (at byte 37), then zeros;
@@ -105,8 +129,10 @@ typedef struct {
  * its int8 values followed by its float32 group scales (scale = max|w| / 127 over a group
  * of group_size values along a row): token_embedding, then wq, wk, wv, wo, w1, w2, w3 for
  * every layer in turn (all layers of one before the next), then wcls when not shared. */
+AC_API int ac_model_load_file(const char *path, const ac_model_load_params *params, ac_model **out);
+/* ac_model_load_file with the default params (the file is read, not mapped). */
 AC_API int ac_model_load(const char *path, ac_model **out);
-/* Same, from a caller's buffer (not copied: it must stay valid and unchanged until
+/* Same checks, from a caller's buffer (not copied: it must stay valid and unchanged until
  * ac_model_free).  data must be 4-byte aligned.  name (may be NULL) is used in messages. */
 AC_API int ac_model_load_memory(const void *data, size_t size, const char *name, ac_model **out);
 AC_API void ac_model_free(ac_model *model);
@@ -115,7 +141,9 @@ AC_API int ac_model_config(const ac_model *model, ac_config *out);
 /* A new int8 model (v2 layout, in memory) quantized from the float32 model src, with
  * group_size values per scale (0 = AC_DEFAULT_GROUP_SIZE; it must divide dim and hidden_dim
  * and be a multiple of 4).  src may be freed afterwards.  Matrix products then run in int8
- * with the activations quantized per group on the fly.  AC_ERR_ARG if src is already int8. */
+ * with the activations quantized per group on the fly.  AC_ERR_ARG if src is already int8;
+ * AC_ERR_FORMAT if src's weights are no longer all finite (a changed ac_model_load_memory
+ * buffer): quantizing would silently turn NaN into 0. */
 AC_API int ac_model_quantize(const ac_model *src, int group_size, ac_model **out);
 /* Writes the model's file (its own layout: a quantized model is written as v2) to path,
  * through a temporary path + ".tmp" renamed over path. */
@@ -123,8 +151,11 @@ AC_API int ac_model_save(const ac_model *model, const char *path);
 
 /* ------------------------------------------------------------------------ performance */
 
-/* The compute kernels in use: "avx2" (x86-64 with AVX2 + FMA) or "scalar" (portable C).
- * Chosen once from the CPU; AC_KERNEL=scalar in the environment forces the portable set. */
+/* The compute kernels in use, the best set this CPU runs, chosen once: "avx512-vnni"
+ * (AVX-512F/BW/VL + AVX-512 VNNI), "avx512" (AVX-512F/BW/VL), "avx2-vnni" (AVX2 + FMA +
+ * AVX-VNNI), "avx2" (AVX2 + FMA) or "scalar" (portable C, any CPU).  AC_KERNEL=NAME in the
+ * environment forces one of them; a set this CPU lacks (or an unknown name) keeps the
+ * automatic choice and prints one line on stderr saying so. */
 AC_API const char *ac_kernel_name(void);
 /* The default thread count: the CPUs this process may run on (capped at AC_MAX_THREADS). */
 AC_API int ac_default_threads(void);
@@ -144,7 +175,10 @@ AC_API int ac_state_set_threads(ac_state *state, int n_threads);
 /* One decoding step: runs token at position pos (0 <= pos < seq_len) through the model,
  * storing its keys/values in the cache, and points *logits (may be NULL) at the vocab_size
  * logits inside the state (valid until the next call on this state).  Positions 0..pos-1
- * must have been run before on this state; that is the caller's contract. */
+ * must have been run before on this state; that is the caller's contract.  AC_ERR_NUMERIC
+ * (naming the position and the first bad logit; *logits not set) when a logit is NaN or
+ * infinite; so do ac_logits, the session and batch calls that run the model, and
+ * ac_generate, which then stops without sampling. */
 AC_API int ac_forward(ac_state *state, int token, int pos, const float **logits);
 
 /* Logits for every position of tokens[0..n_tokens-1], run from position 0 through the KV
@@ -197,15 +231,48 @@ typedef struct {
     float top_p;       /* nucleus threshold in (0, 1]; 1 = off */
     int top_k;         /* keep the k most likely tokens (applied before top_p); 0 = off */
     uint64_t seed;     /* PRNG seed; 0 selects a fixed default seed */
+    /* The fields below are neutral when zero, so a zeroed struct samples as before they
+     * existed; llama.cpp's names and meanings. */
+    float min_p;             /* after top-k/top-p, keep the tokens whose probability (before
+                                temperature) is >= min_p * the best one's; 0 = off */
+    float repeat_penalty;    /* tokens among the last repeat_last_n recorded (ac_sampler_accept):
+                                a positive logit divided by it, a negative one multiplied;
+                                1 = off (0, a zeroed struct's value, is off too) */
+    int repeat_last_n;       /* the window of recent tokens the penalties look at; 0 = none */
+    float presence_penalty;  /* subtracted once from the logit of every token in the window */
+    float frequency_penalty; /* subtracted from a token's logit per occurrence in the window */
 } ac_sampler_params;
 
-/* temperature 1.0, top_p 0.9, top_k 0, seed 0. */
+/* temperature 1.0, top_p 0.9, top_k 0, seed 0, min_p 0, repeat_penalty 1.0 (off),
+ * repeat_last_n 64, presence_penalty 0, frequency_penalty 0. */
 AC_API ac_sampler_params ac_sampler_default_params(void);
-/* Fails with AC_ERR_ARG for temperature < 0 or NaN, top_p outside (0, 1], top_k < 0. */
+/* AC_ERR_ARG for temperature < 0 or NaN, top_p outside (0, 1], top_k < 0, min_p outside
+ * [0, 1], repeat_penalty < 0 or not finite, repeat_last_n outside 0..AC_MAX_SEQ_LEN,
+ * presence or frequency penalty not finite; AC_OK otherwise.  ac_sampler_create checks the
+ * same. */
+AC_API int ac_sampler_check_params(const ac_sampler_params *params);
 AC_API int ac_sampler_create(const ac_sampler_params *params, int vocab_size, ac_sampler **out);
 AC_API void ac_sampler_free(ac_sampler *sampler);
-/* Picks a token from vocab_size logits (not modified).  Deterministic for a given seed. */
+/* Picks a token from vocab_size logits (not modified): logit bias and penalties first, then
+ * temperature, top-k, top-p, min-p.  Deterministic for a given seed and history. */
 AC_API int ac_sample(ac_sampler *sampler, const float *logits, int *token);
+/* Records token as the latest of the context the penalties look at (its last repeat_last_n
+ * tokens): prompt tokens and sampled ones alike.  A no-op when repeat_last_n is 0. */
+AC_API int ac_sampler_accept(ac_sampler *sampler, int token);
+/* Forgets the recorded tokens (e.g. before recording a rewound context again); the PRNG
+ * goes on where it was. */
+AC_API void ac_sampler_reset_history(ac_sampler *sampler);
+/* Adds biases[i] to the logit of token ids[i] at every draw (OpenAI's logit_bias; -INFINITY
+ * bans a token; repeated ids add up); replaces the previous set, n = 0 clears it.
+ * AC_ERR_RANGE for an id outside the vocabulary, AC_ERR_ARG for a NaN or +inf bias. */
+AC_API int ac_sampler_set_logit_bias(ac_sampler *sampler, const int *ids, const float *biases, int n);
+
+/* Log-probabilities of the model's distribution softmax(logits) (no temperature, bias or
+ * penalty): *token_logprob (may be NULL) that of token, and the top_n (0..n_vocab) most
+ * likely tokens' ids and log-probabilities in top_ids / top_logprobs, most likely first,
+ * equal ones in increasing id order.  AC_ERR_RANGE if a logit is NaN or +inf. */
+AC_API int ac_logprobs(const float *logits, int n_vocab, int token, int top_n, float *token_logprob,
+                       int *top_ids, float *top_logprobs);
 
 /* ------------------------------------------------------------------------ generation */
 
@@ -271,6 +338,65 @@ AC_API int ac_batch_set_ignore_eos(ac_batch *batch, int ignore);
  * them with ac_decode_piece, the first after the prompt's last token. */
 AC_API int ac_batch_generate(ac_batch *batch, const char *const *prompts, const size_t *lens,
                              int max_new_tokens, int *tokens, int *n_generated);
+
+/* Step by step (continuous batching): the caller decides what each sequence runs and samples
+ * from the returned logits itself (ac_sample with a sampler of its own), so sequences may
+ * start, stop and be reused at any step.  A sequence's output equals a lone session's on the
+ * same tokens, bit for bit, whatever else runs in the same step.
+ *
+ * ac_batch_prefill runs tokens[0..n_tokens) of sequence seq at positions pos..pos+n-1
+ * (positions before pos must hold that sequence's earlier tokens; anything after is
+ * forgotten, so a smaller pos rewinds) and writes the last token's logits to logits
+ * (vocab_size floats; may be NULL).  AC_ERR_RANGE past seq_len. */
+AC_API int ac_batch_prefill(ac_batch *batch, int seq, const int *tokens, int n_tokens, int pos,
+                            float *logits);
+/* One decode step: row r runs tokens[r] at position pos[r] of sequence seqs[r] (distinct
+ * sequences, 1 <= n_rows <= the batch's n_seqs), all rows in one forward pass, and writes
+ * that row's logits to logits + r * vocab_size. */
+AC_API int ac_batch_decode(ac_batch *batch, int n_rows, const int *seqs, const int *tokens,
+                           const int *pos, float *logits);
+
+/* ------------------------------------------------------------------------ knowledge modules */
+
+/* A module is a low-rank adapter for some matrices (wq wk wv wo w1 w2 w3) of some layers of one
+ * base model: applied at scale s, W becomes W + s * (alpha / rank) * B A.  It records the base's
+ * shape and fingerprint (BLAKE2b-256 of the base model file) and applies to that base only.
+ * Applying never changes the base: the result is a new model with its own copy of the weights.
+ * The file layout is described in module.c and README "File formats". */
+typedef struct ac_module ac_module;
+
+#define AC_FINGERPRINT_BYTES 32
+#define AC_MAX_MODULE_RANK 4096
+/* Most modules one ac_model_apply_modules call may merge. */
+#define AC_MAX_MODULES 64
+
+typedef struct {
+    int rank;
+    float alpha;
+    int n_targets;     /* adapted matrices, over all layers */
+    uint64_t n_params; /* floats in A and B, over all targets */
+    ac_config base;    /* the base's shape (version, shared_classifier, group_size: 0) */
+    unsigned char base_fingerprint[AC_FINGERPRINT_BYTES];
+} ac_module_info;
+
+/* Reads and validates a module file: AC_ERR_FORMAT naming the field for a bad magic, version,
+ * rank, alpha, base shape, target table, size, or a non-finite value in A or B. */
+AC_API int ac_module_load(const char *path, ac_module **out);
+/* Same from memory (the bytes are copied).  name (may be NULL) is used in messages. */
+AC_API int ac_module_load_memory(const void *data, size_t size, const char *name, ac_module **out);
+AC_API void ac_module_free(ac_module *module);
+AC_API int ac_module_get_info(const ac_module *module, ac_module_info *out);
+/* The fingerprint modules record: BLAKE2b-256 of the model's file bytes. */
+AC_API int ac_model_fingerprint(const ac_model *model, unsigned char out[AC_FINGERPRINT_BYTES]);
+
+/* A new float32 model: base with modules[i] merged at scales[i] (finite; 0 leaves the weights
+ * bit for bit as they are), all in one rounding per weight.  n_modules may be 0 (a plain copy).
+ * The base and the modules may be freed afterwards.  AC_ERR_MISMATCH when a module was trained
+ * on another base (shape or fingerprint; so a model that already has modules merged takes no
+ * more: merge them all in one call), AC_ERR_ARG for an int8 base (apply modules, then
+ * quantize) or a non-finite scale, AC_ERR_RANGE when a merged weight overflows. */
+AC_API int ac_model_apply_modules(const ac_model *base, const ac_module *const *modules,
+                                  const float *scales, int n_modules, ac_model **out);
 
 #ifdef __cplusplus
 }

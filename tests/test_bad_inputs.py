@@ -13,12 +13,15 @@ from __future__ import annotations
 import math
 import os
 import re
+import select
 import struct
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import pytest
 
 from conftest import REPO, TINY, byte_id, piece_id, synthetic_tokenizer, tiny_config
@@ -141,6 +144,10 @@ BAD_MODELS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
     "dim-not-divisible": (lambda d: patched_header(d, n_heads=5), "dim 48 is not divisible by n_heads 5"),
     "heads-not-divisible": (lambda d: patched_header(d, n_kv_heads=4), "n_heads 6 is not divisible by n_kv_heads 4"),
     "odd-head-size": (lambda d: patched_header(d, n_heads=16, n_kv_heads=16), "head size 3 (dim / n_heads) is odd"),
+    "padding-byte-37": (lambda d: d[:37] + b"\1" + d[38:],
+                        "header byte 37 is 0x01; bytes 37..255 of a v1 header must be zero"),
+    "padding-byte-255": (lambda d: d[:255] + b"\xff" + d[256:],
+                         "header byte 255 is 0xff; bytes 37..255 of a v1 header must be zero"),
 }
 for _field in HEADER_FIELDS:
     BAD_MODELS[f"zero-{_field}"] = (lambda d, f=_field: patched_header(d, **{f: 0}),
@@ -336,7 +343,7 @@ def test_empty_prompt_starts_from_bos(run_binary, good):
     with Model(good.model, good.tokenizer) as m:
         text = m.generate("", max_new_tokens=10, seed=4)
         assert text == m.generate(b"", max_new_tokens=10, seed=4)
-    r = cli(run_binary, good.model, "-z", good.tokenizer, "-n", "10", "-s", "4", "-t", "0.8", "-i", "")
+    r = cli(run_binary, good.model, "-z", good.tokenizer, "-n", "10", "-s", "4", "-i", "")  # default settings
     assert r.returncode == 0
     assert r.stdout.decode("utf-8", "replace") == text + "\n"
 
@@ -408,7 +415,8 @@ def test_bad_sampler_settings(lib, ffi, run_binary, good, kwargs, flags, needle)
     assert lib.ac_sampler_create(ffi.new("ac_sampler_params *", params), V, out) == lib.AC_ERR_ARG
     assert needle in last_error(lib, ffi) and out[0] == ffi.NULL
     r = cli(run_binary, good.model, "-z", good.tokenizer, *flags, "-n", "4")
-    assert r.returncode == 1 and needle.encode() in r.stderr
+    # the CLI refuses the option itself, naming it with the value as typed (tests/test_cli.py)
+    assert r.returncode == 1 and f"error: {flags[0]} {flags[1]}: ".encode() in r.stderr and r.stdout == b""
     with Model(good.model, good.tokenizer) as m:
         with pytest.raises(AriannaError, match=re.escape(needle)) as info:
             m.stream("hi", **kwargs)  # checked by the call, before the first piece
@@ -506,25 +514,31 @@ BAD_INT8_MODELS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
     "group-size-not-dividing-dim": (lambda d: with_group_size(d, 32), "group_size 32 does not divide dim 48"),
     "group-size-not-dividing-hidden": (lambda d: patched_header(with_group_size(d, 4), hidden_dim=98),
                                        "group_size 4 does not divide hidden_dim 98"),
+    "padding-byte-41": (lambda d: d[:41] + b"\7" + d[42:],
+                        "header byte 41 is 0x07; bytes 41..255 of a v2 header must be zero"),
 }
+
+
+def int8_copy(model: Path, out: Path) -> Path:
+    """model quantized to int8 by the library (group size 16) and saved as a v2 file at out."""
+    from arianna_c._lib import ffi, load
+
+    lib = load()
+    src, q = ffi.new("ac_model **"), ffi.new("ac_model **")
+    assert lib.ac_model_load(os.fsencode(model), src) == 0
+    try:
+        assert lib.ac_model_quantize(src[0], 16, q) == 0
+        assert lib.ac_model_save(q[0], os.fsencode(out)) == 0
+    finally:
+        lib.ac_model_free(q[0])
+        lib.ac_model_free(src[0])
+    return out
 
 
 @pytest.fixture
 def good_int8(good, tmp_path) -> Path:
     """good's model quantized to int8 and saved as a v2 file (group size 16)."""
-    lib_path = tmp_path / "int8.bin"
-    from arianna_c._lib import ffi, load
-
-    lib = load()
-    src, q = ffi.new("ac_model **"), ffi.new("ac_model **")
-    assert lib.ac_model_load(os.fsencode(good.model), src) == 0
-    try:
-        assert lib.ac_model_quantize(src[0], 16, q) == 0
-        assert lib.ac_model_save(q[0], os.fsencode(lib_path)) == 0
-    finally:
-        lib.ac_model_free(q[0])
-        lib.ac_model_free(src[0])
-    return lib_path
+    return int8_copy(good.model, tmp_path / "int8.bin")
 
 
 @pytest.mark.parametrize("case", list(BAD_INT8_MODELS))
@@ -584,3 +598,359 @@ def test_fuzz_regression_models_through_python(good):
                 m.logits([0])
         except AriannaError as e:
             assert str(e).startswith("<memory>: ") and e.name in ("AC_ERR_FORMAT", "AC_ERR_MISMATCH")
+
+
+# ---------------------------------------------------------------------------- a model file that changes while loaded
+
+
+def overwrite_in_place(path: Path, data: bytes) -> None:
+    with open(path, "r+b") as f:  # the same inode: a mapping of it would see the new bytes
+        f.write(data)
+
+
+def other_weights_same_size(files) -> bytes:
+    return formats.model_bytes(files.cfg, formats.random_weights(files.cfg, seed=99))
+
+
+# name -> what happens to the loaded model's file
+FILE_CHANGES: dict[str, Callable[[Path, bytes], None]] = {
+    "truncated-to-0": lambda path, other: os.truncate(path, 0),
+    "truncated-to-half": lambda path, other: os.truncate(path, path.stat().st_size // 2),
+    "overwritten-in-place": overwrite_in_place,
+}
+
+
+@pytest.mark.parametrize("change", list(FILE_CHANGES))
+def test_python_model_survives_its_file_changing(good, change):
+    """The file is read into private memory at load: truncating it (SIGBUS with a mapping) or
+    rewriting it in place (new weights showing up with a mapping) leaves the model as loaded."""
+    other = other_weights_same_size(good)
+    kwargs = dict(max_new_tokens=16, seed=5)
+    with Model(good.model, good.tokenizer) as m:
+        text, logits = m.generate("the", **kwargs), m.logits([1, 40, 50])
+        FILE_CHANGES[change](good.model, other)
+        assert m.generate("the", **kwargs) == text
+        assert (m.logits([1, 40, 50]) == logits).all()
+    if change == "overwritten-in-place":  # the new file is a different model: the check can fail
+        with Model(good.model, good.tokenizer) as fresh:
+            assert not (fresh.logits([1, 40, 50]) == logits).all()
+    else:
+        with pytest.raises(AriannaError, match="header"):
+            Model(good.model, good.tokenizer)
+
+
+def read_stdout_until(proc: subprocess.Popen, marker: bytes, seconds: float = 30) -> bytes:
+    """Reads proc's stdout until it ends with marker (the CLI flushes its questions)."""
+    out, deadline = b"", time.monotonic() + seconds
+    while not out.endswith(marker):
+        left = deadline - time.monotonic()
+        assert left > 0, f"./run printed no {marker!r} within {seconds} s: {out!r}"
+        ready, _, _ = select.select([proc.stdout], [], [], left)
+        if ready:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            assert chunk, f"./run ended early: {out!r}"
+            out += chunk
+    return out
+
+
+def chat_after(run_binary: Path, files, change: Optional[Callable[[], None]]) -> tuple[int, bytes]:
+    """./run in chat mode: once it asks for the first turn (the model is loaded), change() runs,
+    then a turn is answered greedily and stdin ends.  Returns the exit status and stdout."""
+    proc = subprocess.Popen([str(run_binary), str(files.model), "-z", str(files.tokenizer), "-m", "chat",
+                             "-y", "", "-t", "0", "-n", "12"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out = read_stdout_until(proc, b"User: ")
+        if change:
+            change()
+        rest, err = proc.communicate(b"the thing\n", timeout=30)  # then the end of input ends the chat
+        assert proc.returncode == 0, err
+        return proc.returncode, out + rest
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("change", list(FILE_CHANGES))
+def test_cli_survives_its_model_file_changing(run_binary, good, change):
+    _, want = chat_after(run_binary, good, None)
+    assert b"Assistant: " in want
+    other = other_weights_same_size(good)
+    rc, got = chat_after(run_binary, good, lambda: FILE_CHANGES[change](good.model, other))
+    assert rc == 0 and got == want
+
+
+# ---------------------------------------------------------------------------- load params: read or map
+
+LOAD_CDEF = """
+typedef struct ac_model ac_model;
+typedef struct ac_state ac_state;
+typedef struct { int use_mmap; } ac_model_load_params;
+ac_model_load_params ac_model_default_load_params(void);
+int ac_model_load_file(const char *path, const ac_model_load_params *params, ac_model **out);
+int ac_model_load_memory(const void *data, size_t size, const char *name, ac_model **out);
+int ac_model_quantize(const ac_model *src, int group_size, ac_model **out);
+void ac_model_free(ac_model *model);
+int ac_state_create(const ac_model *model, ac_state **out);
+void ac_state_free(ac_state *state);
+int ac_logits(ac_state *state, const int *tokens, int n_tokens, float *out);
+const char *ac_last_error(void);
+const char *ac_strerror(int code);
+"""
+
+
+@pytest.fixture(scope="module")
+def load_api(lib):
+    """The library's loading calls that the Python binding does not declare
+    (ac_model_load_file and its params), through a cffi handle of their own."""
+    import cffi
+
+    from arianna_c import _lib
+
+    api_ffi = cffi.FFI()
+    api_ffi.cdef(LOAD_CDEF)
+    path = next(p for p in _lib.library_candidates() if p.is_file())
+    return api_ffi, api_ffi.dlopen(str(path))
+
+
+def file_logits(load_api, path: Path, use_mmap: int, tokens: list[int], vocab: int = V):
+    """Loads path with use_mmap and returns (model handle, logits of tokens); the caller frees."""
+    api_ffi, api = load_api
+    params = api.ac_model_default_load_params()
+    assert params.use_mmap == 0  # reading is the default
+    params.use_mmap = use_mmap
+    model = api_ffi.new("ac_model **")
+    assert api.ac_model_load_file(os.fsencode(path), api_ffi.new("ac_model_load_params *", params), model) == 0
+    return model[0], state_logits(load_api, model[0], tokens, vocab)
+
+
+def state_logits(load_api, model, tokens: list[int], vocab: int = V) -> list[float]:
+    api_ffi, api = load_api
+    state, out = api_ffi.new("ac_state **"), api_ffi.new("float[]", len(tokens) * vocab)
+    assert api.ac_state_create(model, state) == 0
+    try:
+        rc = api.ac_logits(state[0], api_ffi.new("int[]", tokens), len(tokens), out)
+        assert rc == 0, api_ffi.string(api.ac_last_error())
+        return list(out)
+    finally:
+        api.ac_state_free(state[0])
+
+
+def test_mapping_the_file_gives_the_same_model_and_shows_rewrites(load_api, good):
+    """use_mmap=1 maps the file instead of reading it: the same logits, and (as run.h warns)
+    bytes rewritten in place show up in the mapped model, never in the read one."""
+    api = load_api[1]
+    tokens = [1, 40, 50]
+    read_model, read_logits = file_logits(load_api, good.model, 0, tokens)
+    mapped_model, mapped_logits = file_logits(load_api, good.model, 1, tokens)
+    try:
+        assert mapped_logits == read_logits
+        overwrite_in_place(good.model, other_weights_same_size(good))
+        assert state_logits(load_api, read_model, tokens) == read_logits
+        assert state_logits(load_api, mapped_model, tokens) != read_logits
+    finally:
+        api.ac_model_free(read_model)
+        api.ac_model_free(mapped_model)
+
+
+def test_a_huge_file_is_refused_from_its_header_before_it_is_read(load_api, good, tmp_path):
+    """A 16 GiB sparse file with a model header: its size contradicts the header, which is read
+    first, so it is refused in both modes without reading (or allocating) 16 GiB."""
+    api_ffi, api = load_api
+    big = write(tmp_path, "big.bin", good.model.read_bytes()[:256])
+    os.truncate(big, 16 << 30)
+    for use_mmap in (0, 1):
+        params = api_ffi.new("ac_model_load_params *", {"use_mmap": use_mmap})
+        model = api_ffi.new("ac_model **")
+        started = time.monotonic()
+        assert api.ac_model_load_file(os.fsencode(big), params, model) == 2  # AC_ERR_FORMAT
+        assert time.monotonic() - started < 5 and model[0] == api_ffi.NULL
+        assert f"file is {16 << 30} bytes, header implies" in api_ffi.string(api.ac_last_error()).decode()
+
+
+# ---------------------------------------------------------------------------- weights that are not numbers
+
+PER_LAYER = {"rms_att", "rms_ffn", "wq", "wk", "wv", "wo", "w1", "w2", "w3"}
+ALL_TENSORS = ["token_embedding", "rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3",
+               "rms_final", "wcls"]
+
+
+def poison(weights: dict, tensor: str, value: float) -> str:
+    """Puts value into tensor (layer 1 of a per-layer one) at row 1, column 5 (index 5 of a
+    norm); returns the fragment of the message naming it."""
+    layer = weights[tensor][1] if tensor in PER_LAYER else weights[tensor]
+    name = f"layers.1.{tensor}" if tensor in PER_LAYER else tensor
+    shown = "nan" if math.isnan(value) else "inf" if value > 0 else "-inf"
+    if layer.ndim == 1:
+        layer[5] = value
+        return f": {name}[5] is {shown}, not a finite number"
+    cols = layer.shape[1]
+    layer[1, 5] = value
+    return f": {name}[{cols + 5}] (row 1, column 5) is {shown}, not a finite number"
+
+
+NON_FINITE_CASES = [(t, math.nan, 1) for t in ALL_TENSORS] + [
+    ("token_embedding", math.inf, 1), ("w2", -math.inf, 1), ("rms_final", math.inf, 1),
+    ("rms_ffn", math.nan, 0), ("wcls", -math.inf, 0), ("token_embedding", math.nan, 0),
+]
+
+
+@pytest.mark.parametrize("tensor, value, version", NON_FINITE_CASES,
+                         ids=[f"{t}-{v}-v{ver}" for t, v, ver in NON_FINITE_CASES])
+def test_non_finite_weights_are_refused(lib, ffi, run_binary, make_model, tensor, value, version):
+    base = make_model(seed=3, version=version, shared_classifier=False)
+    weights = {k: np.array(v) for k, v in base.weights.items()}
+    needle = poison(weights, tensor, value)
+    bad = make_model(weights=weights, version=version, shared_classifier=False)
+    assert_rejected(lib, ffi, run_binary, bad.model, bad.tokenizer, lib.AC_ERR_FORMAT, needle)
+
+
+@pytest.fixture
+def int8_weights(good_int8):
+    """good_int8's config and its weights as stored (int8 matrices as Q8Tensor, copies)."""
+    cfg, weights = formats.read_model(good_int8, dequantize=False)
+    copies = {}
+    for name, value in weights.items():
+        is_q8 = isinstance(value, formats.Q8Tensor)
+        copies[name] = formats.Q8Tensor(value.values.copy(), value.scales.copy()) if is_q8 else value.copy()
+    return cfg, copies
+
+
+def first_nonzero_in_group(values, group: int, group_size: int) -> int:
+    flat = values.reshape(-1)
+    return next(j for j in range(group * group_size, (group + 1) * group_size) if flat[j])
+
+
+BAD_SCALES = {"nan": math.nan, "inf": math.inf, "negative": -0.5, "zero-over-values": 0.0}
+
+
+@pytest.mark.parametrize("case", list(BAD_SCALES))
+def test_bad_int8_scales_are_refused(lib, ffi, run_binary, good, int8_weights, tmp_path, case):
+    cfg, weights = int8_weights
+    tensor, label = ("token_embedding", "token_embedding") if case == "inf" else ("w1", "layers.1.w1")
+    q8 = weights[tensor]
+    scales = q8.scales[1] if tensor in PER_LAYER else q8.scales
+    values = q8.values[1] if tensor in PER_LAYER else q8.values
+    scales.reshape(-1)[3] = BAD_SCALES[case]
+    if case == "zero-over-values":
+        j = first_nonzero_in_group(values, 3, cfg.group_size)
+        needle = (f": {label} scale[3] is 0 but {label}[{j}] is {values.reshape(-1)[j]}; a zero scale is "
+                  "only written for an all-zero group")
+    else:
+        needle = f": {label} scale[3] is {BAD_SCALES[case]:g}; int8 scales must be finite and >= 0"
+    bad = write(tmp_path, f"scale-{case}.bin", formats.model_bytes(cfg, weights))
+    assert_rejected(lib, ffi, run_binary, bad, good.tokenizer, lib.AC_ERR_FORMAT, needle)
+
+
+def test_a_zero_scale_over_an_all_zero_group_loads(good, int8_weights, tmp_path):
+    cfg, weights = int8_weights
+    gs = cfg.group_size
+    weights["wq"].scales[0].reshape(-1)[2] = 0.0
+    weights["wq"].values[0].reshape(-1)[2 * gs : 3 * gs] = 0  # what the quantizer writes for zeros
+    path = write(tmp_path, "zero-group.bin", formats.model_bytes(cfg, weights))
+    with Model(path, good.tokenizer) as m:
+        assert m.generate("the", max_new_tokens=4, seed=1) is not None
+
+
+DEGENERATE = ["token_embedding", "rms_final", "wcls"]
+
+
+@pytest.mark.parametrize("tensor", DEGENERATE)
+def test_all_zero_tensors_that_make_every_logit_equal_are_refused(lib, ffi, run_binary, make_model, tensor):
+    base = make_model(seed=3, shared_classifier=False)
+    weights = {k: np.array(v) for k, v in base.weights.items()}
+    weights[tensor][...] = 0.0
+    bad = make_model(weights=weights, shared_classifier=False)
+    assert_rejected(lib, ffi, run_binary, bad.model, bad.tokenizer, lib.AC_ERR_FORMAT,
+                    f": {tensor} is all zeros: every token would get the same logits")
+
+
+def test_all_zero_int8_embedding_is_refused(lib, ffi, run_binary, good, int8_weights, tmp_path):
+    cfg, weights = int8_weights
+    emb = weights["token_embedding"]
+    emb.values[...] = 0
+    emb.scales[...] = 0.0
+    bad = write(tmp_path, "zero-embedding.bin", formats.model_bytes(cfg, weights))
+    assert_rejected(lib, ffi, run_binary, bad, good.tokenizer, lib.AC_ERR_FORMAT,
+                    ": token_embedding is all zeros")
+
+
+def test_all_zero_layer_tensors_load(make_model):
+    """A layer whose matrices or norms are all zero adds nothing to the residual stream: a
+    working (pruned) model, not a degenerate one."""
+    base = make_model(seed=3)
+    weights = {k: np.array(v) for k, v in base.weights.items()}
+    for name in ("rms_att", "wq", "wk", "wv", "wo", "w2"):
+        weights[name][...] = 0.0
+    files = make_model(weights=weights)
+    with Model(files.model, files.tokenizer) as m:
+        assert len(m.generate("the", max_new_tokens=6, seed=2)) > 0
+
+
+def test_quantize_refuses_a_borrowed_buffer_that_became_non_finite(load_api, good):
+    """ac_model_load_memory borrows the buffer; if the caller breaks its promise and writes a NaN
+    into it, quantizing refuses instead of turning the NaN into 0."""
+    api_ffi, api = load_api
+    data = bytearray(good.model.read_bytes())
+    buf = api_ffi.from_buffer("char[]", data)
+    model, quantized = api_ffi.new("ac_model **"), api_ffi.new("ac_model **")
+    assert api.ac_model_load_memory(buf, len(data), b"borrowed.bin", model) == 0
+    try:
+        rms_att_7 = 256 + 4 * 7  # v1: rms_att comes first, right after the header
+        data[rms_att_7 : rms_att_7 + 4] = struct.pack("<f", math.nan)
+        assert api.ac_model_quantize(model[0], 16, quantized) == 2  # AC_ERR_FORMAT
+        assert quantized[0] == api_ffi.NULL
+        assert api_ffi.string(api.ac_last_error()).decode() == (
+            "int8 quantization of the source model: layers.0.rms_att[7] is nan, not a finite number")
+    finally:
+        api.ac_model_free(model[0])
+
+
+# ---------------------------------------------------------------------------- logits that are not numbers
+
+
+@pytest.fixture
+def overflowing(make_model):
+    """A model whose weights are finite but overflow float32: rms_final of 3e38 (a norm, float32
+    in int8 files too) scales the normalized residual stream past FLT_MAX, so the logits are
+    infinite or NaN."""
+    weights = formats.random_weights(tiny_config(), seed=3)
+    weights["rms_final"][...] = 3e38
+    return make_model(weights=weights)
+
+
+NUMERIC_MESSAGE = r"the logits after the token at position \d+ are not numbers \(logit \d+ is (-?inf|nan)\): " \
+                  "the model's values overflow float32"
+
+
+def test_non_finite_logits_are_an_error_in_c(lib, ffi, overflowing, load_api):
+    rc, _ = c_load(lib, ffi, overflowing.model, overflowing.tokenizer)
+    assert rc == 0  # finite weights load
+    api_ffi, api = load_api
+    model, logits = api_ffi.new("ac_model **"), api_ffi.new("float[]", 2 * V)
+    assert api.ac_model_load_file(os.fsencode(overflowing.model), api_ffi.NULL, model) == 0
+    state = api_ffi.new("ac_state **")
+    assert api.ac_state_create(model[0], state) == 0
+    try:
+        rc = api.ac_logits(state[0], api_ffi.new("int[]", [1, 40]), 2, logits)
+        assert rc == 7 and api_ffi.string(api.ac_strerror(rc)) == b"AC_ERR_NUMERIC"
+        message = api_ffi.string(api.ac_last_error()).decode()
+        assert re.fullmatch(NUMERIC_MESSAGE, message) and "position 0 " in message
+    finally:
+        api.ac_state_free(state[0])
+        api.ac_model_free(model[0])
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
+def test_non_finite_logits_stop_generation_everywhere(run_binary, overflowing, tmp_path, int8):
+    path = int8_copy(overflowing.model, tmp_path / "int8.bin") if int8 else overflowing.model
+    with Model(path, overflowing.tokenizer) as m:
+        for call in (lambda: m.generate("the", max_new_tokens=4, seed=1),
+                     lambda: m.generate("the", max_new_tokens=4, temperature=0),
+                     lambda: m.logits([1, 40]),
+                     lambda: m.generate_batch(["a", "the"], max_new_tokens=4, seed=1)):
+            with pytest.raises(AriannaError, match=NUMERIC_MESSAGE) as info:
+                call()
+            assert info.value.name == "AC_ERR_NUMERIC"
+    r = cli(run_binary, path, "-z", overflowing.tokenizer, "-n", "4", "-s", "1", "-i", "the")
+    assert r.returncode == 1 and re.search(NUMERIC_MESSAGE, r.stderr.decode())

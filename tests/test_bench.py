@@ -50,7 +50,7 @@ ROW_KEYS = {"id", "group", "impl", "dtype", "threads", "metric", "status", "samp
 def test_quick_run_writes_results_json(built, tiny_files, tmp_path):
     model, tok = tiny_files
     out = tmp_path / "results.json"
-    only = r"roofline|decode/(cli|python|numpy)/f32/T1|batch16/cli/f32|startup/python"
+    only = r"roofline|decode/(cli|python|numpy)/f32/T1|batch16/cli/f32/T2|startup/python"
     r = _bench(["--quick", "--only", only, "--model", str(model), "--tokenizer", str(tok),
                 "--json", str(out), "--roofline-ms", "5", "--quiet"])
     assert r.returncode == 0, r.stderr
@@ -70,6 +70,8 @@ def test_quick_run_writes_results_json(built, tiny_files, tmp_path):
     assert set(roof["cold_bandwidth_gbs"]) == {"f32", "int8"}
     assert roof["cold_bandwidth_gbs"]["f32"]["T1"] > 0  # reads after evicting the caches
     assert roof["fma_gflops"]["T1"] > 0
+    assert roof["isa"] in ("avx512", "avx2", "portable")
+    assert set(roof["bandwidth_gbs"]["f32"]) == {"T1", "T2"}  # the 2-thread probe runs without OpenMP
     assert roof["bytes_per_token"]["f32"] > roof["bytes_per_token"]["int8"] > 0
 
     rows = {row["id"]: row for row in res["rows"]}
@@ -123,3 +125,60 @@ def test_torch_kv_decoder_matches_full_forward(tiny_files):
         assert torch.allclose(step, full[pos], atol=1e-4, rtol=1e-4), pos
     new, times = torch_kv.decode(net, tokens[:3], 5)
     assert len(new) == len(times) <= 5
+
+
+# Stand-ins for the peer programs: each prints what the real one prints (the rate as its own
+# format has it), so the peer rows, their parsing and the ratios run without building the peers.
+FAKE_PEERS = {
+    "llama2.c/run_noeos": 'echo "achieved tok/s: 500.0" >&2',
+    "llama2.c/runq_noeos": 'echo "achieved tok/s: 800.0" >&2',
+    "llama.cpp/build/bin/llama-bench":
+        'case "$*" in *"-n 0"*) r=3000;; *q8_0*) r=1500;; *) r=600;; esac; echo "[{\\"avg_ts\\": $r}]"',
+    "llama.cpp/build/bin/llama-batched-bench": 'echo "noise"; echo "{\\"speed_tg\\": 2000.5, \\"speed\\": 1}" >&2',
+    "ct2venv/bin/python": 'echo "achieved tok/s: 700.0"',
+}
+
+
+def _fake_peers(root: Path) -> Path:
+    for name, body in FAKE_PEERS.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("#!/bin/sh\n" + body + "\n")
+        path.chmod(0o755)
+    for name in ("persona_q8.bin", "gguf/persona-f32.gguf", "gguf/persona-q8_0.gguf", "ct2_run.py"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"")
+    (root / "ct2-float32").mkdir()  # no ct2-int8: its rows are left out with a note
+    return root
+
+
+def test_peer_rows_and_ratios(built, tiny_files, tmp_path):
+    if not (REPO / "persona" / "tok4096.model").is_file():
+        pytest.skip("the CTranslate2 rows need persona/tok4096.model")
+    model, tok = tiny_files
+    out = tmp_path / "results.json"
+    only = r"(decode|prefill|batch16)/(cli|llama2c|llamacpp|ct2)/(f32|int8)/T1"
+    r = _bench(["--quick", "--only", only, "--model", str(model), "--tokenizer", str(tok), "--json", str(out),
+                "--quiet", "--peers", str(_fake_peers(tmp_path / "peers"))])
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    rows = {row["id"]: row for row in res["rows"]}
+    want = {"decode/llama2c/f32/T1": 500.0, "decode/llama2c/int8/T1": 800.0, "decode/llamacpp/f32/T1": 600.0,
+            "decode/llamacpp/int8/T1": 1500.0, "prefill/llamacpp/f32/T1": 3000.0, "prefill/llamacpp/int8/T1": 3000.0,
+            "batch16/llamacpp/f32/T1": 2000.5, "batch16/llamacpp/int8/T1": 2000.5, "decode/ct2/f32/T1": 700.0,
+            "batch16/ct2/f32/T1": 700.0}
+    for rid, value in want.items():
+        assert rows[rid]["status"] == "ok", (rid, rows[rid]["samples"])
+        assert rows[rid]["median"] == value, rid
+    assert "decode/ct2/int8/T1" not in rows
+    assert any("ct2/int8 left out: missing" in note for note in res["notes"])
+    best = {"decode/cli/f32/T1": ("decode/ct2/f32/T1", 700.0), "decode/cli/int8/T1": ("decode/llamacpp/int8/T1", 1500.0),
+            "prefill/cli/f32/T1": ("prefill/llamacpp/f32/T1", 3000.0),
+            "batch16/cli/f32/T1": ("batch16/llamacpp/f32/T1", 2000.5)}
+    for rid, (peer, value) in best.items():
+        ours = rows[rid]
+        assert ours["status"] == "ok", (rid, ours["samples"])
+        assert ours["vs_best_peer"]["peer"] == peer
+        assert ours["vs_best_peer"]["ratio"] == pytest.approx(ours["median"] / value)
+    assert "vs best peer" in r.stdout and "x llamacpp" in r.stdout
+    assert res["machine"]["kernels"] in r.stdout

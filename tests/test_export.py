@@ -7,6 +7,7 @@ refused and removed.
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 from pathlib import Path
@@ -99,7 +100,7 @@ def test_npz_and_torch_from_bin(torch_model, tmp_path, record_property):
 
 
 def test_checkpoint_cli(built, tmp_path, capsys):
-    """A checkpoint as train.py saves it -> CLI -> v0 (default), v1 and .npz."""
+    """A one-file .pt checkpoint (the layout of earlier versions) -> CLI -> v0 (default), v1, .npz."""
     torch = hp.need_torch()
     from arianna_c.export import main
 
@@ -205,3 +206,107 @@ def test_tokenizer_from_sentencepiece(tmp_path):
     assert (tmp_path / "cli.bin").read_bytes() == out.read_bytes()
     ref = Tokenizer(out, sp_model=model)
     assert ref.encode("Resonance is") == [1] + sp.encode("Resonance is")
+
+
+# ---------------------------------------------------------------------------- sources and errors
+
+
+def test_export_reads_a_checkpoint_folder_and_a_legacy_pt(built, tmp_path):
+    """The checkpoint folder training writes, and the one-file .pt of earlier versions (read
+    with weights_only=True), export to the same file."""
+    torch = hp.need_torch()
+    pytest.importorskip("safetensors", reason="checkpoint folders need the torch extra")
+    from arianna_c import checkpoint
+    from arianna_c.export import export_bin, load_checkpoint, torch_logits
+
+    model = random_torch_model(True, 2, seed=8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.tensor([[1, 2, 3]]))[0].sum().backward()
+    optimizer.step()
+    checkpoint.save(tmp_path / "best", model.state_dict(), {"model_args": model.args.to_dict()},
+                    optimizer.state_dict())
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "model_args": model.args.to_dict(), "config": {"lr": 1e-3, "data": "d"}, "step": 7,
+                "tokens_seen": 99, "elapsed": 1.5, "best_val": 3.9, "history": {"train": [[7, 99, 4.0]]},
+                "guard_baseline": None}, tmp_path / "best.pt")
+    export_bin(tmp_path / "best", tmp_path / "a.bin")
+    export_bin(tmp_path / "best.pt", tmp_path / "b.bin")
+    assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes()
+    loaded = checkpoint.load(tmp_path / "best")
+    assert loaded.optimizer_state["state"][0]["exp_avg"].shape == model.tok_embeddings.weight.shape
+    assert "output.weight" not in loaded.model_state  # the tied classifier is stored once
+    back = load_checkpoint(tmp_path / "best")
+    assert back.output.weight is back.tok_embeddings.weight
+    tokens = [1, 5, 9, 200]
+    np.testing.assert_array_equal(torch_logits(back, tokens), torch_logits(model, tokens))
+
+
+class NotPlainData:
+    """An object torch.load(weights_only=True) must refuse to rebuild."""
+
+
+def test_legacy_pt_holding_pickled_code_is_refused(tmp_path, capsys):
+    torch = hp.need_torch()
+    from arianna_c.export import main
+
+    torch.save({"model": {}, "model_args": {}, "extra": NotPlainData()}, tmp_path / "odd.pt")
+    assert main(["model", str(tmp_path / "odd.pt"), str(tmp_path / "m.bin")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "loads without running pickled code" in err
+    assert not (tmp_path / "m.bin").exists()
+
+
+def export_error(capsys, *args) -> str:
+    from arianna_c.export import main
+
+    assert main(list(map(str, args))) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def test_export_names_what_a_wrong_file_is(tmp_path, capsys):
+    hp.need_torch()
+    spm_model = hp.PERSONA_TOKENIZER_MODEL
+    err = export_error(capsys, "model", spm_model, tmp_path / "m.bin")
+    assert "not a training checkpoint (it is a SentencePiece .model: `export tokenizer` converts it)" in err
+    tok_bin = tmp_path / "tok.bin"
+    tok_bin.write_bytes(hp.placeholder_tokenizer(300))
+    assert "not a training checkpoint (it is a runtime tokenizer .bin)" in export_error(
+        capsys, "model", tok_bin, tmp_path / "m.bin")
+    (tmp_path / "run" / "best").mkdir(parents=True)
+    (tmp_path / "run" / "best" / "checkpoint.json").write_text("{}")
+    assert "not an arianna_c training checkpoint" in export_error(capsys, "model", tmp_path / "run" / "best",
+                                                                 tmp_path / "m.bin")
+    assert "not a checkpoint folder (no checkpoint.json); it holds best: name one of them" in export_error(
+        capsys, "model", tmp_path / "run", tmp_path / "m.bin")
+    assert "no such checkpoint file or folder" in export_error(capsys, "model", tmp_path / "nope", tmp_path / "m.bin")
+    assert not (tmp_path / "m.bin").exists()
+
+
+def test_export_tokenizer_names_what_a_wrong_file_is(tmp_path, capsys):
+    hp.need_sentencepiece()
+    tok_bin = tmp_path / "tok.bin"
+    tok_bin.write_bytes(hp.placeholder_tokenizer(300))
+    assert "not a SentencePiece .model file (it is a runtime tokenizer .bin)" in export_error(
+        capsys, "tokenizer", tok_bin, tmp_path / "out.bin")
+    model_bin = tmp_path / "m.bin"
+    cfg = formats.ModelConfig(dim=16, hidden_dim=32, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=300,
+                              seq_len=8, shared_classifier=True, version=1)
+    formats.write_model(model_bin, cfg, formats.random_weights(cfg, seed=1))
+    assert "not a SentencePiece .model file (it is a model .bin)" in export_error(
+        capsys, "tokenizer", model_bin, tmp_path / "out.bin")
+    assert not (tmp_path / "out.bin").exists()
+
+
+def test_export_model_without_torch_says_how_to_install_it(tmp_path):
+    import subprocess
+
+    code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['export'] + sys.argv[1:]; "
+            "runpy.run_module('arianna_c.export', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code, "model", "ckpt", str(tmp_path / "m.bin")],
+                            capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, PYTHONPATH=str(hp.REPO)))
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("error: `export model` needs PyTorch: pip install torch==2.13.0 "
+                                     "(or pip install 'arianna_c[train]')")

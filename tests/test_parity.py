@@ -17,6 +17,7 @@ SentencePiece on the real persona tokenizer.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -148,6 +149,64 @@ def test_c_logits_of_a_prefix_match(case):
     c = case.c_model()
     n = 17
     np.testing.assert_array_equal(c.logits(case.tokens[:n]), case.c_logits()[:n])
+
+
+# ---------------------------------------------------------------------------- int8 (v2) files and RoPE
+
+
+INT8_CASES = ["llisa-tied-mha-v4096-v0", "untied-gqa2-v517-v1", "untied-mha-v4096-v0"]  # 32 | dim, hidden
+
+
+def edge_case_weights(case: ShapeCase) -> dict:
+    """The case's weights, the embedding's first groups being the ones rounding can get wrong:
+    halves (scale exactly 1, so w / scale lands on .5), an all-zero group, subnormals."""
+    weights = {name: array.copy() for name, array in case.weights.items()}
+    halves = np.arange(-16, 16, dtype=np.float32) + np.float32(0.5)
+    halves[0] = np.float32(-127.0)
+    rows = weights["token_embedding"].reshape(-1, 32)
+    rows[0], rows[1], rows[2] = halves, 0.0, halves * np.float32(1e-42)
+    return weights
+
+
+@pytest.mark.parametrize("edge_cases", [False, True], ids=["random", "edge-cases"])
+@pytest.mark.parametrize("name", INT8_CASES)
+def test_int8_file_written_by_numpy_is_the_c_quantizers(cases, tmp_path, name, edge_cases):
+    """formats writes the v2 layout byte for byte as the C quantizer + ac_model_save do, and
+    reads back what C wrote; both files load in C and give the same logits."""
+    import arianna_c
+
+    case = cases[name]
+    weights = edge_case_weights(case) if edge_cases else case.weights
+    source = tmp_path / "f32.bin"
+    formats.write_model(source, case.cfg, weights)
+    tok = hp.placeholder_tokenizer(case.cfg.vocab_size)
+    c_file, py_file = tmp_path / "c_q8.bin", tmp_path / "py_q8.bin"
+    with arianna_c.Model(source, tok, quantize="int8") as m:
+        m.save(c_file)
+        c_logits = m.logits(case.tokens[:20])
+    int8_cfg = dataclasses.replace(case.cfg, version=2, group_size=32)
+    formats.write_model(py_file, int8_cfg, weights)
+    assert py_file.read_bytes() == c_file.read_bytes()
+    read_cfg, stored = formats.read_model(c_file, dequantize=False)
+    assert read_cfg == int8_cfg
+    q = formats.quantize_q8(weights["token_embedding"], 32)
+    np.testing.assert_array_equal(stored["token_embedding"].values, q.values)
+    with arianna_c.Model(py_file, tok) as m:
+        assert m.config == int8_cfg
+        np.testing.assert_array_equal(m.logits(case.tokens[:20]), c_logits)
+
+
+def test_one_rope_table_for_numpy_and_torch():
+    hp.need_torch()
+    from arianna_c import model as torch_model
+    from arianna_c.reference import rope_tables
+
+    for head_size, seq_len in ((48, 256), (8, 70), (16, 80)):
+        cos, sin = formats.rope_tables(head_size, seq_len)
+        t_cos, t_sin = torch_model.rope_tables(head_size, seq_len)
+        np.testing.assert_array_equal(t_cos.numpy(), cos)
+        np.testing.assert_array_equal(t_sin.numpy(), sin)
+        assert rope_tables is formats.rope_tables
 
 
 # ---------------------------------------------------------------------------- generation

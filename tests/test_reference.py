@@ -3,6 +3,7 @@ decode/encode, generation semantics, CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -137,6 +138,61 @@ def test_reads_v0_v1_and_npz_identically(tmp_path, version, shared):
     base = Reference((cfg, w)).logits(tokens)
     np.testing.assert_array_equal(Reference(tmp_path / "m.bin").logits(tokens), base)
     np.testing.assert_array_equal(Reference(tmp_path / "m.npz").logits(tokens), base)
+
+
+INT8_CFG = ModelConfig(64, 128, 2, 4, 2, 100, 16, shared_classifier=False, version=2, group_size=32)
+INT8_MATRICES = ["token_embedding", "wq", "wk", "wv", "wo", "w1", "w2", "w3", "wcls"]
+
+
+def test_int8_layout_round_trip(tmp_path):
+    cfg, path = INT8_CFG, tmp_path / "q8.bin"
+    w = formats.random_weights(cfg, 5)
+    formats.write_model(path, cfg, w)
+    data = path.read_bytes()
+    assert len(data) == formats.expected_file_size(cfg)
+    assert data[:8] == formats.MAGIC_V1.to_bytes(4, "little") + (2).to_bytes(4, "little")
+    assert data[37:41] == (32).to_bytes(4, "little") and data[41:256] == bytes(215)
+    read_cfg, stored = formats.read_model(path, dequantize=False)
+    assert read_cfg == cfg
+    for name in formats.NORMS:
+        np.testing.assert_array_equal(stored[name], w[name])
+    for name in INT8_MATRICES:
+        want = formats.quantize_q8(w[name], 32)
+        assert stored[name].values.dtype == np.int8 and stored[name].group_size == 32
+        np.testing.assert_array_equal(stored[name].values, want.values)
+        np.testing.assert_array_equal(stored[name].scales, want.scales)
+    _, floats = formats.read_model(path)
+    for name in INT8_MATRICES:
+        np.testing.assert_array_equal(floats[name], stored[name].dequantize())
+        # within half a step of the original, per group
+        groups = (floats[name] - w[name]).reshape(*stored[name].scales.shape, 32)
+        assert (np.abs(groups) <= stored[name].scales[..., None] / 2 * (1 + 1e-6)).all()
+    assert formats.model_bytes(cfg, stored) == data  # stored tensors are written as they are
+    assert Reference(path).config == cfg
+
+
+def test_quantize_q8_rounds_halves_to_even_and_keeps_zero_groups():
+    w = np.array([[-127.0, 0.5, 1.5, 2.5, 0.0, 0.0, 0.0, 0.0, 1e-42, -2e-42, 0.0, 3e-42]], dtype=np.float32)
+    q8 = formats.quantize_q8(w, 4)
+    np.testing.assert_array_equal(q8.scales, np.array([[1.0, 0.0, np.float32(3e-42) / np.float32(127)]],
+                                                      dtype=np.float32))
+    assert q8.values[0, :8].tolist() == [-127, 0, 2, 2, 0, 0, 0, 0]
+    with pytest.raises(FormatError, match="group_size 5 does not divide rows of 12 values"):
+        formats.quantize_q8(w, 5)
+
+
+@pytest.mark.parametrize("group_size, needle", [(0, "group_size is 0, must be a positive multiple of 4"),
+                                                (6, "group_size is 6"),
+                                                (48, "group_size 48 does not divide dim 64")])
+def test_int8_header_errors(tmp_path, group_size, needle):
+    good = formats.model_bytes(INT8_CFG, formats.random_weights(INT8_CFG, 1))
+    bad = good[:37] + group_size.to_bytes(4, "little") + good[41:]
+    with pytest.raises(FormatError, match=needle):
+        formats.read_model(bad)
+    with pytest.raises(FormatError, match=needle):
+        formats.model_bytes(dataclasses.replace(INT8_CFG, group_size=group_size), {})
+    with pytest.raises(FormatError, match="header implies"):
+        formats.read_model(good[:-4])
 
 
 def test_bad_npz_and_tokens(tmp_path, ref):

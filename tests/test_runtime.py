@@ -238,6 +238,7 @@ def test_tokenizer_extra_piece_is_a_mismatch(lib, ffi):
 
 def test_strerror_and_version(lib, ffi):
     assert ffi.string(lib.ac_strerror(lib.AC_ERR_FORMAT)) == b"AC_ERR_FORMAT"
+    assert ffi.string(lib.ac_strerror(7)) == b"AC_ERR_NUMERIC"  # run.h: logits that are not numbers
     assert ffi.string(lib.ac_strerror(99)) == b"AC_ERR_UNKNOWN"
     assert ffi.string(lib.ac_version()).count(b".") == 2
 

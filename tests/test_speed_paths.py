@@ -5,6 +5,7 @@ batched decode vs single sequences, and the CLI flags -T / -q / -o / -b."""
 from __future__ import annotations
 
 import os
+import platform
 import struct
 import subprocess
 import sys
@@ -72,41 +73,186 @@ def wide_model(make_model):
 
 # ---------------------------------------------------------------------------- kernels
 
+# Every kernel set with the /proc/cpuinfo flags it needs, best first: the library picks the first
+# one the CPU has (src/kernels.c keeps the same order).
+KERNEL_SETS = {
+    "avx512-vnni": ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
+    "avx512": ("avx2", "fma", "avx512f", "avx512bw", "avx512vl"),
+    "avx2-vnni": ("avx2", "fma", "avx_vnni"),
+    "avx2": ("avx2", "fma"),
+    "scalar": (),
+}
+# Sets with the same float32 lanes, promised to give bitwise equal logits (int8 sums are exact).
+SAME_LANES = [("avx2", "avx2-vnni"), ("avx512", "avx512-vnni")]
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def cpu_flags() -> set[str]:
+    info = Path("/proc/cpuinfo")
+    for line in info.read_text().splitlines() if info.exists() else []:
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def missing_features(name: str) -> list[str]:
+    """What this CPU lacks for kernel set name (empty: it can run it)."""
+    if name != "scalar" and not X86:
+        return ["an x86-64 CPU"]
+    return [f for f in KERNEL_SETS[name] if f not in cpu_flags()]
+
+
+def need_kernels(*names: str) -> None:
+    for name in names:
+        missing = missing_features(name)
+        if missing:
+            pytest.skip(f"this CPU cannot run the {name} kernels (lacks {', '.join(missing)})")
+
 
 def test_kernel_choice(lib, ffi):
     name = ffi.string(lib.ac_kernel_name()).decode()
-    assert name in ("avx2", "scalar")
-    cpu_flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    if os.environ.get("AC_KERNEL") != "scalar" and " avx2" in cpu_flags and " fma" in cpu_flags:
-        assert name == "avx2"
+    assert name in KERNEL_SETS
+    forced = os.environ.get("AC_KERNEL")
+    if forced in KERNEL_SETS and not missing_features(forced):
+        assert name == forced
+    elif not forced:
+        assert name == next(k for k in KERNEL_SETS if not missing_features(k))
     assert lib.ac_default_threads() >= 1
 
 
-SCALAR_SCRIPT = r"""
+# Runs under AC_KERNEL=<set> in a child process (the set is chosen once per process) and saves
+# the logits of one prompt, float32 and int8, after checking the set's own bitwise promises:
+# prefill = token-by-token decode, 1 thread = 2 threads, batched greedy decode = one by one.
+KERNEL_SCRIPT = r"""
 import sys, numpy as np
 sys.path.insert(0, sys.argv[1])
-from arianna_c import _lib
-lib, ffi = _lib.load(), _lib.ffi
-assert ffi.string(lib.ac_kernel_name()) == b"scalar", ffi.string(lib.ac_kernel_name())
-out = ffi.new("ac_model **")
-assert lib.ac_model_load(sys.argv[2].encode(), out) == 0
-model = out[0]
-if sys.argv[4] == "int8":
-    q = ffi.new("ac_model **")
-    assert lib.ac_model_quantize(model, 0, q) == 0
-    model = q[0]
-tokens = np.array([int(t) for t in sys.argv[5].split(",")], dtype=np.int32)
-cfg = ffi.new("ac_config *"); lib.ac_model_config(model, cfg)
-logits = np.empty((len(tokens), cfg.vocab_size), np.float32)
-state = ffi.new("ac_state **"); assert lib.ac_state_create(model, state) == 0
-assert lib.ac_logits(state[0], ffi.from_buffer("int[]", tokens), len(tokens),
-                     ffi.from_buffer("float[]", logits, require_writable=True)) == 0
-np.save(sys.argv[3], logits)
-lib.ac_state_free(state[0])
-if model != out[0]:
-    lib.ac_model_free(model)
-lib.ac_model_free(out[0])
+import arianna_c
+from arianna_c import Model
+assert arianna_c.kernel_name() == sys.argv[2], arianna_c.kernel_name()
+model, tokenizer, out = sys.argv[3], sys.argv[4], sys.argv[5]
+tokens = [int(t) for t in sys.argv[6].split(",")]
+saved = {}
+for quantize in (None, "int8"):
+    with Model(model, tokenizer, threads=1, quantize=quantize) as m, \
+         Model(model, tokenizer, threads=2, quantize=quantize) as m2:
+        prefill = m.logits(tokens)
+        assert np.array_equal(prefill, m.logits(tokens, stepwise=True)), "prefill != stepwise"
+        assert np.array_equal(prefill, m2.logits(tokens)), "1 thread != 2 threads"
+        prompts = ["the", "it is a", "once upon a time there was"]
+        batch = m2.generate_batch(prompts, max_new_tokens=24, temperature=0.0)
+        assert batch == [m.generate(p, max_new_tokens=24, temperature=0.0) for p in prompts], "batch != single"
+    saved[quantize or "float32"] = prefill
+np.savez(out, **saved)
 """
+
+
+def library_path() -> str:
+    """The library the tests run on ($ARIANNA_C_LIB, e.g. a sanitizer build, else make's)."""
+    return os.environ.get("ARIANNA_C_LIB") or str(REPO / "libarianna.so")
+
+
+def kernel_logits(name: str, files, tmp_path: Path, tokens: list[int]) -> dict:
+    """{"float32": ..., "int8": ...} logits of tokens under kernel set name."""
+    out = tmp_path / f"{name}.npz"
+    env = dict(os.environ, AC_KERNEL=name, ARIANNA_C_LIB=library_path())
+    r = subprocess.run([sys.executable, "-c", KERNEL_SCRIPT, str(REPO), name, str(files.model),
+                        str(files.tokenizer), str(out), ",".join(map(str, tokens))],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "AC_KERNEL" not in r.stderr, r.stderr  # no fallback message: the set really ran
+    with np.load(out) as data:
+        return {k: data[k] for k in data.files}
+
+
+@pytest.fixture(scope="module")
+def kernel_results(built, tmp_path_factory):
+    """Each kernel set's logits on one model, computed once for the tests below (None for a
+    set this CPU lacks).  dim 64 with 8 heads: head_size 8 is below 16 lanes, so attention
+    sums the same terms in the same order in every x86-64 set and only the matrix kernels
+    differ."""
+    from conftest import ModelFiles, write_synthetic_tokenizer
+    from arianna_c import formats
+
+    folder = tmp_path_factory.mktemp("kernels")
+    cfg = tiny_config(dim=64, hidden_dim=128, n_heads=8, n_kv_heads=4)
+    weights = formats.random_weights(cfg, seed=21)
+    formats.write_model(folder / "model.bin", cfg, weights)
+    files = ModelFiles(folder / "model.bin", write_synthetic_tokenizer(folder / "tokenizer.bin", cfg.vocab_size),
+                       cfg, weights)
+    tokens = tokens_for(cfg.vocab_size, 40, seed=3)
+    return {name: None if missing_features(name) else kernel_logits(name, files, folder, tokens)
+            for name in KERNEL_SETS}
+
+
+@pytest.mark.parametrize("name", [k for k in KERNEL_SETS if k != "scalar"])
+@pytest.mark.parametrize("weights", ["float32", "int8"])
+def test_kernel_set_agrees_with_scalar(kernel_results, name, weights):
+    need_kernels(name)
+    diff = np.abs(kernel_results[name][weights] - kernel_results["scalar"][weights]).max()
+    print(f"{weights}: max |{name} - scalar| = {diff:.3g}")
+    assert diff < 1e-4
+
+
+@pytest.mark.parametrize("a, b", SAME_LANES, ids=["-".join(p) for p in SAME_LANES])
+@pytest.mark.parametrize("weights", ["float32", "int8"])
+def test_kernel_sets_with_the_same_lanes_agree_bitwise(kernel_results, a, b, weights):
+    need_kernels(a, b)
+    assert np.array_equal(kernel_results[a][weights], kernel_results[b][weights])
+
+
+@pytest.mark.parametrize("name", [k for k in KERNEL_SETS if k not in ("scalar", "avx2")])
+def test_int8_products_equal_avx2_bitwise(kernel_results, name):
+    """int8 sums are exact and every x86-64 set scales and adds them in avx2's order; with
+    attention summing alike (head_size 8), int8 logits are bitwise avx2's."""
+    need_kernels("avx2", name)
+    assert np.array_equal(kernel_results[name]["int8"], kernel_results["avx2"]["int8"])
+
+
+@pytest.fixture(scope="module")
+def kernel_check(tmp_path_factory) -> Path:
+    """tests/kernel_check.c built against the kernel sources (every set's promises, at the
+    level of the kernels themselves)."""
+    import shutil
+
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        pytest.skip("no C compiler")
+    binary = tmp_path_factory.mktemp("kernel_check") / "kernel_check"
+    sources = sorted(str(p) for p in (REPO / "src").glob("kernels*.c"))
+    r = subprocess.run([cc, "-O2", "-std=gnu11", "-pthread", "-I", str(REPO / "src"), "-o", str(binary),
+                        str(REPO / "tests" / "kernel_check.c"), *sources, "-lm"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    return binary
+
+
+@pytest.mark.parametrize("name", list(KERNEL_SETS))
+def test_kernels_keep_their_promises(kernel_check, name):
+    """Bitwise: T=1 = T=all = any row split, int8 = avx2's int8; close to float64: GEMMs,
+    weighted sum, SwiGLU, softmax (NaN/inf give NaN); the quantizer's bytes."""
+    need_kernels(name)
+    r = subprocess.run([str(kernel_check), name], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == f"ok {name}", r.stdout[-4000:] + r.stderr
+
+
+def test_forced_kernel_set_the_cpu_lacks_or_unknown(lib, ffi):
+    """AC_KERNEL with a name that is not a set, or a set the CPU lacks: the automatic choice,
+    and one line on stderr saying why."""
+    auto = next(k for k in KERNEL_SETS if not missing_features(k))
+    lacking = [k for k in KERNEL_SETS if missing_features(k)]
+    script = "import sys; sys.path.insert(0, sys.argv[1]); import arianna_c; print(arianna_c.kernel_name())"
+    for forced in ["avx9000"] + lacking[:1]:
+        env = dict(os.environ, AC_KERNEL=forced, ARIANNA_C_LIB=library_path())
+        r = subprocess.run([sys.executable, "-c", script, str(REPO)], capture_output=True, text=True, env=env,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == auto
+        assert f"AC_KERNEL={forced}" in r.stderr and f"using {auto}" in r.stderr, r.stderr
+        if forced == "avx9000":
+            assert "is not a kernel set (avx512-vnni, avx512, avx2-vnni, avx2, scalar)" in r.stderr
+        else:
+            assert "which this CPU lacks" in r.stderr
+
 
 # Unloads the library while a state with two threads is alive, then gives the pool's workers
 # time to wake: they must not find their code unmapped (the library is linked -z nodelete).
@@ -131,29 +277,6 @@ def test_library_survives_unload_with_live_state(wide_model):
                             str(wide_model.model), str(wide_model.cfg.vocab_size)],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, (r.returncode, r.stderr)
-
-
-@pytest.mark.parametrize("weights", ["float32", "int8"])
-def test_scalar_and_simd_kernels_agree(lib, ffi, wide_model, tmp_path, weights):
-    if ffi.string(lib.ac_kernel_name()) == b"scalar":
-        pytest.skip("no SIMD kernels on this CPU")
-    tokens = tokens_for(wide_model.cfg.vocab_size, 40, seed=3)
-    out_file = tmp_path / "scalar.npy"
-    env = dict(os.environ, AC_KERNEL="scalar", ARIANNA_C_LIB=str(REPO / "libarianna.so"))
-    r = subprocess.run([sys.executable, "-c", SCALAR_SCRIPT, str(REPO), str(wide_model.model),
-                        str(out_file), weights, ",".join(map(str, tokens))],
-                       capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode == 0, r.stderr
-    scalar = np.load(out_file)
-    rc, model = load(lib, ffi, wide_model.model)
-    assert rc == 0
-    if weights == "int8":
-        rc, model = quantize(lib, ffi, model)
-        assert rc == 0
-    simd = c_logits(lib, ffi, model, tokens)
-    diff = np.abs(simd - scalar).max()
-    print(f"{weights}: max |avx2 - scalar| = {diff:.3g}")
-    assert diff < 1e-4
 
 
 # ---------------------------------------------------------------------------- threads, prefill

@@ -1,0 +1,308 @@
+"""The ``arianna-c`` command: one entry point for generating, chatting, serving, evaluating and
+converting models.  ``arianna-c COMMAND --help`` lists each command's options with units and
+defaults.  (``./run``, built by ``make``, stays the llama2.c-compatible CLI.)
+
+    arianna-c generate [MODEL] -i "Once upon a time" -n 64
+    arianna-c chat [MODEL] --chat-template qa
+    arianna-c serve [MODEL] --host 127.0.0.1 --port 8080
+    arianna-c perplexity MODEL FILE -c 256
+    arianna-c convert from-gguf MODEL.gguf OUT.bin
+    arianna-c quantize MODEL OUT.bin
+    arianna-c bench --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+from . import chat as chat_templates
+from .errors import AriannaError
+
+PROG = "arianna-c"
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8080
+
+
+# ---------------------------------------------------------------------------- shared options
+
+
+def _library_defaults() -> dict[str, Any]:
+    """The C sampler's defaults, shown by --help (the library is their one home)."""
+    try:
+        from ._lib import load
+
+        p = load().ac_sampler_default_params()
+        return {name: getattr(p, name) for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty",
+                                                       "repeat_last_n", "presence_penalty", "frequency_penalty")}
+    except ImportError:  # no library built: --help still works
+        return {}
+
+
+def _default(defaults: dict, name: str) -> str:
+    value = defaults.get(name)
+    return "the library's" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _add_model(p: argparse.ArgumentParser, optional: bool = True) -> None:
+    if optional:
+        p.add_argument("model", nargs="?", help="model file (.bin, v0/v1/v2 layouts); default: the bundled persona")
+    else:
+        p.add_argument("model", help="model file (.bin, v0/v1/v2 layouts)")
+    p.add_argument("-z", "--tokenizer", help="tokenizer file; default: tok4096.bin, then tokenizer.bin next to the model")
+    p.add_argument("-T", "--threads", type=int, help="threads per forward pass; default: all available cores")
+    p.add_argument("-q", "--quantize", choices=["int8"], help="quantize a float32 model at load (Q8_0); default: off")
+
+
+def _add_sampling(p: argparse.ArgumentParser, defaults: dict, max_tokens_default: str) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("-n", "--n-predict", "--max-tokens", dest="max_new_tokens", type=int,
+                   help=f"tokens to generate at most; default: {max_tokens_default}")
+    g.add_argument("-t", "--temp", dest="temperature", type=float,
+                   help=f"temperature, 0 = greedy; default: {_default(defaults, 'temperature')}")
+    g.add_argument("-p", "--top-p", dest="top_p", type=float,
+                   help=f"nucleus threshold in (0, 1], 1 = off; default: {_default(defaults, 'top_p')}")
+    g.add_argument("-k", "--top-k", dest="top_k", type=int,
+                   help=f"keep the k most likely tokens, 0 = off; default: {_default(defaults, 'top_k')}")
+    g.add_argument("--min-p", dest="min_p", type=float,
+                   help=f"drop tokens below min_p x the best one's probability, 0 = off; default: {_default(defaults, 'min_p')}")
+    g.add_argument("--repeat-penalty", dest="repeat_penalty", type=float,
+                   help=f"penalty for tokens of the last --repeat-last-n, 1 = off; default: {_default(defaults, 'repeat_penalty')}")
+    g.add_argument("--repeat-last-n", dest="repeat_last_n", type=int,
+                   help=f"recent tokens the penalties look at, 0 = none; default: {_default(defaults, 'repeat_last_n')}")
+    g.add_argument("--presence-penalty", dest="presence_penalty", type=float,
+                   help=f"subtracted from the logit of a token seen in the window; default: {_default(defaults, 'presence_penalty')}")
+    g.add_argument("--frequency-penalty", dest="frequency_penalty", type=float,
+                   help=f"subtracted per occurrence in the window; default: {_default(defaults, 'frequency_penalty')}")
+    g.add_argument("-s", "--seed", type=int, help="sampler seed (0 .. 2^64-1); default: random")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when the text contains TEXT (not printed; repeatable); default: none")
+    g.add_argument("--ignore-eos", action="store_true", help="go on past the model's end of text; default: off")
+
+
+_SAMPLING = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n",
+             "presence_penalty", "frequency_penalty", "seed")
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    out = {name: getattr(args, name) for name in _SAMPLING if getattr(args, name) is not None}
+    out["stop"] = tuple(args.stop)
+    out["ignore_eos"] = args.ignore_eos
+    return out
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from . import Model
+
+    return Model(args.model, tokenizer=args.tokenizer, threads=args.threads, quantize=args.quantize)
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    model = _load(args)
+    with model.session() as session:
+        session.feed(args.prompt)
+        out = sys.stdout
+        out.write(args.prompt)
+        start = time.perf_counter()
+        for text in session.stream(**_settings(args)):
+            out.write(text)
+            out.flush()
+        seconds = time.perf_counter() - start
+        out.write("\n")
+        result = session.last
+    print(f"[{result.completion_tokens} tokens in {seconds:.2f} s, finish_reason {result.finish_reason}]",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .session import Chat
+
+    model = _load(args)
+    interactive = sys.stdin.isatty()
+    with Chat(model, template=args.chat_template, system=args.system) as conversation:
+        if interactive:
+            print(f"chat template {conversation.template.name}; an empty line or Ctrl-D ends", file=sys.stderr)
+        while True:
+            if interactive:
+                print("> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            if not line or not line.strip():
+                return 0
+            try:
+                for text in conversation.stream(line.rstrip("\n"), **_settings(args)):
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
+            except AriannaError as e:  # e.g. a turn too long for the context: say so, go on
+                print(f"error: {e}", file=sys.stderr)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    model = _load(args)
+    name = args.model_name or (_model_name(args.model) if args.model else "arianna_v1_base")
+    serve(model, host=args.host, port=args.port, model_name=name, api_key=args.api_key,
+          parallel=args.parallel, queue_size=args.queue, chat_template=args.chat_template)
+    return 0
+
+
+def _model_name(path: str) -> str:
+    from pathlib import Path
+
+    return Path(path).stem
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from . import perplexity
+
+    model = _load(args)
+    with open(args.file, encoding="utf-8", errors="surrogateescape") as f:
+        text = f.read()
+    bar = _progress_bar()
+    result = perplexity.evaluate(model, text, context=args.ctx_size, stride=args.stride, progress=bar)
+    bar.close()
+    print(result)
+    print(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.ppl_error:.5f}")
+    print(f"bits per byte: {result.bits_per_byte:.4f}")
+    return 0
+
+
+class _progress_bar:
+    """tqdm's bar on stderr with the running PPL, or one line per window without tqdm."""
+
+    def __init__(self) -> None:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+        self._tqdm, self._bar = tqdm, None
+
+    def __call__(self, done: int, total: int, ppl: float) -> None:
+        if self._tqdm is None:
+            print(f"[{done}/{total}] PPL {ppl:.4f}", file=sys.stderr, flush=True)
+            return
+        if self._bar is None:
+            self._bar = self._tqdm(total=total, unit="window", file=sys.stderr)
+        self._bar.set_postfix_str(f"PPL {ppl:.4f}", refresh=False)
+        self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from . import Model
+
+    model = Model(args.model, tokenizer=args.tokenizer, quantize="int8")
+    model.save(args.out)
+    print(f"wrote {args.out} (int8, v2 layout)", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(argv: list[str]) -> int:
+    """python -m bench of the source checkout this package runs from (or the current folder)."""
+    from pathlib import Path
+
+    roots = [Path(__file__).resolve().parent.parent, Path.cwd()]
+    root = next((r for r in roots if (r / "bench" / "__main__.py").is_file()), None)
+    if root is None:
+        print("error: bench needs a source checkout (its bench/ folder); tried: "
+              + ", ".join(str(r / "bench") for r in roots), file=sys.stderr)
+        return 1
+    sys.path.insert(0, str(root))
+    from bench.__main__ import main as bench_main  # type: ignore[import-not-found]
+
+    return int(bench_main(argv) or 0)
+
+
+def cmd_convert(argv: list[str]) -> int:
+    from .convert import main as convert_main
+
+    return int(convert_main(argv, prog=f"{PROG} convert") or 0)
+
+
+# Commands whose arguments all go to another tool's own parser (its --help included).
+PASS_THROUGH = {"convert": cmd_convert, "bench": cmd_bench}
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = _library_defaults()
+    parser = argparse.ArgumentParser(prog=PROG, description="Run, serve and evaluate tiny Llama-architecture models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("generate", cmd_generate, "continue a prompt, streaming the text to stdout")
+    _add_model(p)
+    p.add_argument("-i", "--prompt", default="", help="the prompt; default: empty (start from BOS)")
+    _add_sampling(p, defaults, "256")
+
+    p = command("chat", cmd_chat, "chat on stdin/stdout, keeping the context between turns")
+    _add_model(p)
+    p.add_argument("-y", "--system", help="system prompt; default: none")
+    p.add_argument("--chat-template", choices=list(chat_templates.TEMPLATES),
+                   help="chat template; default: chosen from the vocabulary (ChatML if it has <|im_start|>, else qa)")
+    _add_sampling(p, defaults, "256")
+
+    p = command("serve", cmd_serve, "serve the OpenAI API (completions, chat) and a chat page over HTTP")
+    _add_model(p)
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on; default: {DEFAULT_HOST}")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port; default: {DEFAULT_PORT}")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests; default: none")
+    p.add_argument("--model-name", help="the model's id in the API; default: the model file's name")
+    p.add_argument("--parallel", type=int, default=16,
+                   help="sequences generated at once (KV caches, each seq_len positions); default: 16")
+    p.add_argument("--queue", type=int, default=64,
+                   help="requests that may wait for a free sequence; more get 503; default: 64")
+    p.add_argument("--chat-template", choices=list(chat_templates.TEMPLATES),
+                   help="chat template; default: chosen from the vocabulary")
+
+    p = command("perplexity", cmd_perplexity, "perplexity of a model on a text file (llama-perplexity's method)")
+    _add_model(p, optional=False)
+    p.add_argument("file", help="UTF-8 text file")
+    p.add_argument("-c", "--ctx-size", type=int, help="tokens per chunk/window; default: the model's seq_len")
+    p.add_argument("--stride", type=int,
+                   help="sliding window: step in tokens (every token scored once); default: off "
+                        "(non-overlapping chunks, second half of each scored)")
+
+    p = command("quantize", cmd_quantize, "write an int8 (Q8_0, v2 layout) copy of a float32 model")
+    p.add_argument("model", help="float32 model file")
+    p.add_argument("out", help="output model file")
+    p.add_argument("-z", "--tokenizer", help="tokenizer file (only checked); default: next to the model")
+
+    sub.add_parser("convert", help="convert models from/to Hugging Face and GGUF (arianna-c convert --help)")
+    sub.add_parser("bench", help="the speed benchmark of a source checkout (arianna-c bench --help)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASS_THROUGH:
+        return PASS_THROUGH[argv[0]](argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (AriannaError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

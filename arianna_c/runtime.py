@@ -1,0 +1,585 @@
+"""Model: a loaded model and its tokenizer, and everything run on them (encode, decode, logits,
+generate, stream, generate_batch, save); the bundled persona behind the module functions.
+
+Every call goes into libarianna.so through cffi and releases the GIL while it runs.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import random
+import struct
+import threading
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
+
+from . import paths
+from ._lib import _error_check, ffi, load
+from .errors import AriannaError, ErrorCode
+from .formats import ModelConfig
+from .sampling import SamplingParams, _count, sampling_params
+
+if TYPE_CHECKING:  # numpy is imported by the calls that use it: it is most of the import time
+    import numpy as np
+
+Text = Union[str, bytes, bytearray, memoryview]
+Source = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
+_BUFFERS = (bytes, bytearray, memoryview)
+
+INT_MAX = 2**31 - 1
+# Tokens to generate when max_new_tokens is not given.
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+def _text_bytes(text: Text, what: str = "text") -> bytes:
+    """The bytes the tokenizer sees.  A str is encoded as UTF-8 (lone surrogates pass as their
+    3-byte forms); bytes are used as they are.  Invalid UTF-8 and NUL are ordinary bytes: each
+    becomes a byte-fallback token (<0xNN>), and decodes to nothing for control bytes."""
+    if isinstance(text, str):
+        return text.encode("utf-8", "surrogatepass")
+    if isinstance(text, _BUFFERS):
+        return bytes(text)
+    raise TypeError(f"{what} must be str or bytes, not {type(text).__name__}")
+
+
+def _token_list(tokens: Any) -> list[int]:
+    """Token ids as C ints; TypeError for anything but ints (bool and float are not token
+    ids).  Which ids exist is the library's to check."""
+    if isinstance(tokens, (str, *_BUFFERS)):
+        raise TypeError(f"tokens must be a sequence of ints, not {type(tokens).__name__}")
+    ids = [_count(f"tokens[{i}]", t) for i, t in enumerate(tokens)]
+    for i, t in enumerate(ids):
+        if not -INT_MAX - 1 <= t <= INT_MAX:
+            raise AriannaError(f"token {t} (at index {i}) is outside the vocabulary", ErrorCode.RANGE)
+    return ids
+
+
+class _Handles:
+    """The C objects of one Model: model, tokenizer, and the state logits() reuses.  Freed
+    when the Model is closed and the last call or stream using them has finished (so close()
+    never pulls memory from under a running generation)."""
+
+    def __init__(self) -> None:
+        self.model: Any = ffi.NULL
+        self.tokenizer: Any = ffi.NULL
+        self.buffers: list[Any] = []  # memory the C model views (load from bytes), kept alive
+        self.state: Any = ffi.NULL    # logits(): one KV cache and thread pool, under state_lock
+        self.state_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._users = 0
+        self._closed = False
+
+    def acquire(self) -> "_Handles":
+        with self._lock:
+            if self._closed:
+                raise ValueError("the model is closed")
+            self._users += 1
+        return self
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            free_now = self._closed and self._users == 0
+        if free_now:
+            self._free()
+
+    @contextmanager
+    def use(self) -> Iterator["_Handles"]:
+        self.acquire()
+        try:
+            yield self
+        finally:
+            self.release()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            free_now = self._users == 0
+        if free_now:
+            self._free()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _free(self) -> None:
+        if self.model == ffi.NULL:  # nothing was loaded (a tokenizer is only loaded after it)
+            return
+        lib = load()
+        lib.ac_state_free(self.state)
+        lib.ac_tokenizer_free(self.tokenizer)
+        lib.ac_model_free(self.model)
+        self.state = self.tokenizer = self.model = ffi.NULL
+        self.buffers.clear()
+
+
+class Model:
+    """A loaded model and its tokenizer.
+
+    ``path``: a model file (v0, v1 or int8 v2 layout), or the file's bytes; default: the
+    bundled persona.  ``tokenizer``: a tokenizer file (resolved like the CLI's ``-z``), or its
+    bytes; default: ``tok4096.bin`` then ``tokenizer.bin`` next to the model.
+
+    ``threads``: threads per call (its matrix products and attention); default: all available
+    cores.  Results do not depend on it.
+    ``quantize``: ``"int8"`` quantizes a float32 model at load (Q8_0: groups of 32 weights
+    sharing a float scale; activations are quantized on the fly); an int8 (v2) file is used
+    as it is, with or without it.
+    ``modules``: knowledge modules ``[(path or bytes, scale), ...]`` merged into a private copy
+    of the weights at load (before ``quantize``); the base file is only read.
+
+    One Model may serve several threads at once: generations run on C objects of their own;
+    logits() calls take turns on the Model's one state.
+    """
+
+    config: ModelConfig
+
+    def __init__(self, path: Optional[Source] = None, tokenizer: Optional[Source] = None, *,
+                 threads: Optional[int] = None, quantize: Optional[str] = None,
+                 modules: Sequence[tuple[Source, float]] = ()) -> None:
+        self._h = _Handles()  # first: close() and __del__ need it whatever fails below
+        self._lib = load()
+        self._threads = _thread_count(threads)
+        if quantize not in (None, "int8"):
+            self._h.close()
+            raise AriannaError(f"quantize {quantize!r} is invalid: it must be None or 'int8'", ErrorCode.ARG)
+        try:
+            model_path = self._load_model(path, quantize, modules)
+            self._load_tokenizer(model_path, tokenizer)
+        except BaseException:
+            self._h.close()
+            raise
+
+    # ---------------------------------------------------------------- loading
+
+    def _load_model(self, source: Optional[Source], quantize: Optional[str],
+                    modules: Sequence[tuple[Source, float]]) -> Optional[str]:
+        lib, out = self._lib, ffi.new("ac_model **")
+        if isinstance(source, _BUFFERS):
+            buf = ffi.from_buffer("char[]", source)
+            self._h.buffers.append(buf)  # the model views these bytes: keep them alive
+            _error_check(lib.ac_model_load_memory(buf, len(buf), b"<memory>", out))
+            model_path = None
+        else:
+            model_path = paths.default_model_path() if source is None else paths.path_argument(source, "model")
+            paths.check_file(model_path, "model")
+            _error_check(lib.ac_model_load(os.fsencode(model_path), out), model_path)
+        self._h.model = out[0]
+        if modules:
+            self._merge_modules(modules)
+        cfg = ffi.new("ac_config *")
+        _error_check(lib.ac_model_config(self._h.model, cfg))
+        if quantize == "int8" and cfg.group_size == 0:
+            _error_check(lib.ac_model_quantize(self._h.model, 0, out))
+            lib.ac_model_free(self._h.model)
+            self._h.model = out[0]
+            self._h.buffers.clear()  # the int8 model owns its weights
+            _error_check(lib.ac_model_config(self._h.model, cfg))
+        self.quantization: Optional[str] = "int8" if cfg.group_size else None
+        self.config = ModelConfig(
+            dim=cfg.dim, hidden_dim=cfg.hidden_dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+            n_kv_heads=cfg.n_kv_heads, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,
+            shared_classifier=bool(cfg.shared_classifier), version=cfg.version, group_size=cfg.group_size,
+        )
+        return model_path
+
+    def _merge_modules(self, modules: Sequence[tuple[Source, float]]) -> None:
+        """Replaces the model with a copy that has the modules merged in (C checks each was
+        trained on this base, and the scales)."""
+        lib = self._lib
+        if isinstance(modules, (str, bytes)) or not isinstance(modules, Sequence):
+            raise TypeError(f"modules must be a list of (path, scale) pairs, not {type(modules).__name__}")
+        loaded = []
+        try:
+            for item in modules:
+                if not (isinstance(item, tuple) and len(item) == 2) or isinstance(item[1], bool) \
+                        or not isinstance(item[1], (int, float)):
+                    raise TypeError(f"modules: each entry must be a (path, scale) pair, not {item!r}")
+                source, out = item[0], ffi.new("ac_module **")
+                if isinstance(source, _BUFFERS):
+                    buf = ffi.from_buffer("char[]", source)
+                    _error_check(lib.ac_module_load_memory(buf, len(buf), b"<memory>", out))
+                else:
+                    path = paths.path_argument(source, "module")
+                    paths.check_file(path, "module")
+                    _error_check(lib.ac_module_load(os.fsencode(path), out), path)
+                loaded.append(out[0])
+            merged = ffi.new("ac_model **")
+            scales = ffi.new("float[]", [float(scale) for _, scale in modules])
+            _error_check(lib.ac_model_apply_modules(self._h.model, ffi.new("ac_module *[]", loaded), scales,
+                                                    len(loaded), merged))
+        finally:
+            for module in loaded:
+                lib.ac_module_free(module)
+        lib.ac_model_free(self._h.model)
+        self._h.model = merged[0]
+        self._h.buffers.clear()  # the merged model owns its weights
+
+    def _load_tokenizer(self, model_path: Optional[str], source: Optional[Source]) -> None:
+        lib, out = self._lib, ffi.new("ac_tokenizer **")
+        vocab = self.config.vocab_size
+        if isinstance(source, _BUFFERS):
+            buf = ffi.from_buffer("char[]", source)
+            _error_check(lib.ac_tokenizer_load_memory(buf, len(buf), vocab, b"<memory>", out))
+        else:
+            name = None if source is None else paths.path_argument(source, "tokenizer")
+            path = paths.find_tokenizer(model_path, name)
+            _error_check(lib.ac_tokenizer_load(os.fsencode(path), vocab, out), path)
+        self._h.tokenizer = out[0]
+
+    # ---------------------------------------------------------------- lifetime
+
+    def close(self) -> None:
+        """Frees the C model and tokenizer (once running streams finish).  Idempotent; every
+        method but close() then raises ValueError."""
+        h = getattr(self, "_h", None)
+        if h is not None:
+            h.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._h.closed
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<arianna_c.Model {state} {getattr(self, 'config', None)}>"
+
+    # ---------------------------------------------------------------- tokenizer
+
+    def encode(self, text: Text, bos: bool = True, eos: bool = False) -> list[int]:
+        """Token ids of text (str, or bytes that need not be valid UTF-8), exactly as
+        SentencePiece encodes it (plus BOS/EOS if asked)."""
+        data = _text_bytes(text)
+        cap = len(data) + 3
+        tokens, count = ffi.new("int[]", cap), ffi.new("int *")
+        with self._h.use() as h:
+            _error_check(self._lib.ac_encode(h.tokenizer, data, len(data), int(bool(bos)), int(bool(eos)),
+                                             tokens, cap, count))
+        return list(tokens[0 : count[0]])
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        """The text of a token sequence, decoded as a whole so characters split over byte
+        pieces come out intact.  A leading dummy-prefix space is dropped as after BOS."""
+        ids = _token_list(tokens)
+        with self._h.use():
+            return self._decode(ids, self._lib.AC_TOKEN_BOS)
+
+    def _decode(self, tokens: Sequence[int], prev: int) -> str:
+        """decode() of tokens that follow token prev (the caller holds the handles)."""
+        lib, piece, size = self._lib, ffi.new("const char **"), ffi.new("size_t *")
+        parts = []
+        for token in tokens:
+            _error_check(lib.ac_decode_piece(self._h.tokenizer, prev, token, piece, size))
+            parts.append(ffi.buffer(piece[0], size[0])[:])
+            prev = token
+        return b"".join(parts).decode("utf-8", "replace")
+
+    # ---------------------------------------------------------------- forward
+
+    def logits(self, tokens: Sequence[int], stepwise: bool = False) -> "np.ndarray":
+        """float32 logits of shape (len(tokens), vocab_size): row t follows tokens[0..t],
+        run from position 0 (len(tokens) <= seq_len).  The tokens go through the layers
+        together (prefill); stepwise=True runs them one at a time as decoding does."""
+        import numpy as np
+
+        ids = np.array(_token_list(tokens), dtype=np.int32)
+        with self._h.use() as h:
+            out = np.empty((len(ids), self.config.vocab_size), dtype=np.float32)
+            if len(ids) == 0:
+                return out
+            run = self._lib.ac_logits_stepwise if stepwise else self._lib.ac_logits
+            with h.state_lock:
+                state = self._logits_state()
+                rc = run(state, ffi.from_buffer("int[]", ids), len(ids),
+                         ffi.from_buffer("float[]", out, require_writable=True))
+            _error_check(rc)
+        return out
+
+    def _logits_state(self) -> Any:
+        """The state logits() runs on, created on first use (the caller holds state_lock)."""
+        h = self._h
+        if h.state == ffi.NULL:
+            out = ffi.new("ac_state **")
+            _error_check(self._lib.ac_state_create(h.model, out))
+            rc = self._lib.ac_state_set_threads(out[0], self._threads)
+            if rc:
+                self._lib.ac_state_free(out[0])
+                _error_check(rc)
+            h.state = out[0]
+        return h.state
+
+    # ---------------------------------------------------------------- generation
+
+    def generate(self, prompt: Text = "", max_new_tokens: Optional[int] = None, *,
+                 params: Optional[SamplingParams] = None, **settings: Any) -> str:
+        """The continuation of prompt (without the prompt).  Stops after max_new_tokens, at
+        the model's end of text (BOS/EOS, unless ignore_eos), or when prompt + continuation
+        fill seq_len (so max_new_tokens beyond it is clamped).  A prompt longer than seq_len
+        tokens (BOS included) raises AriannaError (AC_ERR_RANGE); it is never truncated.
+        prompt may be bytes (invalid UTF-8 and NUL become byte tokens).
+
+        The settings (keywords or params=SamplingParams(...); keywords win) are those of
+        :class:`SamplingParams`: max_new_tokens (alias max_tokens), temperature, top_p,
+        top_k, seed (None = random), ignore_eos."""
+        return "".join(self.stream(prompt, max_new_tokens, params=params, **settings))
+
+    def stream(self, prompt: Text = "", max_new_tokens: Optional[int] = None, *,
+               params: Optional[SamplingParams] = None, **settings: Any) -> Iterator[str]:
+        """Like generate(), yielding text as it is produced, complete characters only.
+        Bad settings and a too-long prompt raise here, before the first piece.  Breaking out
+        of the loop (or dropping the iterator) ends the generation and leaves the Model
+        usable."""
+        p = _settings(params, max_new_tokens, settings)
+        return _TextStream(self, _text_bytes(prompt, "prompt"), p)
+
+    def generate_batch(self, prompts: Sequence[Text], max_new_tokens: Optional[int] = None, *,
+                       params: Optional[SamplingParams] = None, **settings: Any) -> list[str]:
+        """generate() for several prompts at once: the sequences advance together (each
+        weight read serves all of them), sequence i sampling with seed + i, so
+        generate_batch(ps, seed=s)[i] == generate(ps[i], seed=s + i) with the same other
+        settings.  seed=None picks a random base seed."""
+        if isinstance(prompts, (str, *_BUFFERS)):
+            raise TypeError(f"prompts must be a sequence of str or bytes, not {type(prompts).__name__}")
+        texts = [_text_bytes(t, f"prompts[{i}]") for i, t in enumerate(prompts)]
+        p = _settings(params, max_new_tokens, settings)
+        with self._h.use() as h:
+            if not texts:
+                return []
+            lib, n = self._lib, len(texts)
+            steps = _step_count(p, self.config.seq_len)
+            last_prompt_tokens = [self._last_prompt_token(t) for t in texts]
+            c_texts = [ffi.new("char[]", t) for t in texts]  # kept alive for the call
+            c_prompts = ffi.new("const char *[]", c_texts)
+            lens = ffi.new("size_t[]", [len(t) for t in texts])
+            tokens = ffi.new("int[]", max(1, n * steps))
+            counts = ffi.new("int[]", n)
+            batch = ffi.new("ac_batch **")
+            _error_check(lib.ac_batch_create(h.model, h.tokenizer, n, _c_sampler_params(lib, p), batch))
+            try:
+                _error_check(lib.ac_batch_set_threads(batch[0], self._threads))
+                _error_check(lib.ac_batch_set_ignore_eos(batch[0], int(p.ignore_eos)))
+                _error_check(lib.ac_batch_generate(batch[0], c_prompts, lens, steps, tokens, counts))
+            finally:
+                lib.ac_batch_free(batch[0])
+            return [self._decode(tokens[i * steps : i * steps + counts[i]], last_prompt_tokens[i])
+                    for i in range(n)]
+
+    def _last_prompt_token(self, text: bytes) -> int:
+        ids = self.encode(text, bos=True)
+        return ids[-1]
+
+    def session(self) -> Any:
+        """A Session: a context kept in a KV cache of its own between calls (feed, generate,
+        rewind; see arianna_c.session)."""
+        from .session import Session
+
+        return Session(self)
+
+    def chat(self, messages: Sequence[Any], template: Optional[str] = None, *,
+             params: Optional[SamplingParams] = None, **settings: Any) -> Any:
+        """The assistant's reply to messages ([{"role": ..., "content": ...}, ...]) in a chat
+        template (by name; default: chosen from the vocabulary): a Completion whose text is
+        the reply.  Settings as generate(), plus stop and logprobs."""
+        from .session import chat_completion
+
+        return chat_completion(self, messages, template, params, **settings)
+
+    # ---------------------------------------------------------------- saving
+
+    def save(self, path: paths.PathLike) -> None:
+        """Writes the model file: an int8 model (quantize="int8" or a v2 file) as a v2 file
+        that loads without quantizing again, a float32 model in its own layout."""
+        target = paths.path_argument(path, "output")
+        with self._h.use() as h:
+            _error_check(self._lib.ac_model_save(h.model, os.fsencode(target)), target)
+
+
+class _Lease:
+    """One C session and the Model handles it needs, held together and freed together (once)."""
+
+    def __init__(self, handles: _Handles) -> None:
+        self.session: Any = ffi.NULL
+        self._handles: Optional[_Handles] = handles.acquire()
+
+    def free(self) -> None:
+        handles, self._handles = self._handles, None
+        if handles is None:
+            return
+        if self.session != ffi.NULL:
+            load().ac_session_free(self.session)
+            self.session = ffi.NULL
+        handles.release()
+
+
+class _TextStream(Iterator[str]):
+    """The iterator Model.stream returns.  It holds one C session (and the Model's handles, so
+    a close() of the Model waits for it) from the call until the text ends, the loop breaks
+    (close()) or the iterator is dropped.  The generator that samples references the lease,
+    not this object, so dropping the iterator frees the session at once."""
+
+    def __init__(self, model: Model, prompt: bytes, params: SamplingParams) -> None:
+        self._lease = _Lease(model._h)
+        try:
+            self._pieces = _start(model, self._lease, prompt, params)
+        except BaseException:
+            self._lease.free()
+            raise
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        """Ends the generation and frees its session.  Idempotent."""
+        pieces = getattr(self, "_pieces", None)
+        if pieces is not None:
+            pieces.close()  # runs its finally (if it ever started)
+        self._lease.free()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _start(model: Model, lease: _Lease, prompt: bytes, params: SamplingParams) -> Iterator[str]:
+    """Creates and feeds the session now (bad settings and prompts raise here) and returns
+    the generator that samples from it."""
+    lib, h = model._lib, model._h
+    prompt_ids = model.encode(prompt, bos=True)
+    if len(prompt_ids) > model.config.seq_len:
+        raise AriannaError(f"the prompt is {len(prompt_ids)} tokens (BOS included) but the model's "
+                           f"seq_len is {model.config.seq_len}", ErrorCode.RANGE)
+    steps = _step_count(params, model.config.seq_len)
+    out = ffi.new("ac_session **")
+    _error_check(lib.ac_session_create(h.model, h.tokenizer, _c_sampler_params(lib, params), out))
+    lease.session = out[0]
+    _error_check(lib.ac_session_set_threads(lease.session, model._threads))
+    _error_check(lib.ac_session_feed_tokens(lease.session, ffi.new("int[]", prompt_ids), len(prompt_ids)))
+    stops = () if params.ignore_eos else (lib.AC_TOKEN_BOS, lib.AC_TOKEN_EOS)
+    return _pieces(lib, lease, steps, stops)
+
+
+def _pieces(lib: Any, lease: _Lease, steps: int, stops: tuple) -> Iterator[str]:
+    session, token, piece, size = lease.session, ffi.new("int *"), ffi.new("const char **"), ffi.new("size_t *")
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    # looked up once: this loop's own cost is per token (~10 us, 1-3% of a token)
+    next_token, decode, unpack = lib.ac_session_next, decoder.decode, ffi.unpack
+    try:
+        for _ in range(steps):
+            _error_check(next_token(session, token, piece, size))
+            t = token[0]
+            if t < 0 or t in stops:
+                break
+            text = decode(unpack(piece[0], size[0]))
+            if text:
+                yield text
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield tail
+    finally:
+        lease.free()
+
+
+def _settings(params: Optional[SamplingParams], max_new_tokens: Optional[int], settings: dict) -> SamplingParams:
+    if max_new_tokens is not None:
+        settings = {"max_new_tokens": max_new_tokens, **settings}
+    return sampling_params(params, settings)
+
+
+def _step_count(p: SamplingParams, seq_len: int) -> int:
+    """max_new_tokens as a C int: negative is the library's error to report, anything beyond
+    seq_len generates no more than seq_len does."""
+    n = DEFAULT_MAX_NEW_TOKENS if p.max_new_tokens is None else p.max_new_tokens
+    if n < 0:
+        raise AriannaError(f"max_new_tokens {n} is invalid: it must be >= 0", ErrorCode.ARG)
+    return min(n, seq_len)
+
+
+def _c_sampler_params(lib: Any, p: SamplingParams) -> Any:
+    """The C ac_sampler_params for p: the library's defaults, with p's settings over them."""
+    c = ffi.new("ac_sampler_params *", lib.ac_sampler_default_params())
+    for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n",
+                 "presence_penalty", "frequency_penalty"):
+        value = getattr(p, name)
+        if value is None:
+            continue
+        try:
+            setattr(c, name, value)
+        except OverflowError:
+            raise AriannaError(f"{name} {value} is invalid: it is outside the range of a C int",
+                               ErrorCode.ARG) from None
+    c.seed = p.seed if p.seed is not None else random.SystemRandom().getrandbits(64) or 1
+    return c
+
+
+def _thread_count(threads: Optional[int]) -> int:
+    """The C thread count of Model(threads=...): 0 (the library's default) for None."""
+    if threads is None:
+        return 0
+    n = _count("threads", threads)
+    if not 1 <= n <= 256:
+        raise AriannaError(f"n_threads {n} is invalid: it must be an int in 1..256 (None = all available cores)",
+                           ErrorCode.ARG)
+    return n
+
+
+# -------------------------------------------------------------------- module-level helpers
+
+_default: Optional[Model] = None
+_default_lock = threading.Lock()
+
+
+def default_model() -> Model:
+    """The bundled persona, loaded on first use and shared by generate() and stream()."""
+    global _default
+    with _default_lock:
+        if _default is None or _default.closed:
+            _default = Model()
+        return _default
+
+
+def default_sampling() -> SamplingParams:
+    """The settings a generation uses when none are given, as the library defines them
+    (seed None: a random seed for each call)."""
+    lib = load()
+    c = lib.ac_sampler_default_params()
+    return SamplingParams(max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=_shortest_float32(c.temperature),
+                          top_p=_shortest_float32(c.top_p), top_k=c.top_k)
+
+
+def _shortest_float32(value: float) -> float:
+    """The shortest decimal that is the same C float (0.9f reads back as 0.9, not 0.89999997)."""
+    f32 = struct.pack("<f", value)
+    for digits in range(1, 10):
+        shorter = float(f"{value:.{digits}g}")
+        if struct.pack("<f", shorter) == f32:
+            return shorter
+    return value
+
+
+def generate(prompt: Text = "", max_new_tokens: Optional[int] = None, *,
+             params: Optional[SamplingParams] = None, **settings: Any) -> str:
+    """Model.generate on the bundled persona."""
+    return default_model().generate(prompt, params=_settings(params, max_new_tokens, settings))
+
+
+def stream(prompt: Text = "", max_new_tokens: Optional[int] = None, *,
+           params: Optional[SamplingParams] = None, **settings: Any) -> Iterator[str]:
+    """Model.stream on the bundled persona."""
+    return default_model().stream(prompt, params=_settings(params, max_new_tokens, settings))

@@ -1,0 +1,45 @@
+/*
+ * errors.c - how the library reports failure: every failing call returns an AC_ERR_* code
+ * and leaves a message for the calling thread (ac_last_error); ac_strerror names the codes.
+ * The version string lives here too, as the one other fact about the library as a whole.
+ */
+#include "internal.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+
+#define AC_VERSION "0.1.0"
+
+/* One message buffer per thread: no global mutable state shared between threads. */
+static _Thread_local char g_error[1024];
+
+int ac_fail(int code, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(g_error, sizeof g_error, fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+void ac_append_error(const char *text) {
+    size_t used = strlen(g_error);
+    snprintf(g_error + used, sizeof g_error - used, "%s", text);
+}
+
+AC_API const char *ac_last_error(void) { return g_error; }
+
+AC_API const char *ac_strerror(int code) {
+    switch (code) {
+    case AC_OK: return "AC_OK";
+    case AC_ERR_IO: return "AC_ERR_IO";
+    case AC_ERR_FORMAT: return "AC_ERR_FORMAT";
+    case AC_ERR_MISMATCH: return "AC_ERR_MISMATCH";
+    case AC_ERR_ARG: return "AC_ERR_ARG";
+    case AC_ERR_NOMEM: return "AC_ERR_NOMEM";
+    case AC_ERR_RANGE: return "AC_ERR_RANGE";
+    case AC_ERR_NUMERIC: return "AC_ERR_NUMERIC";
+    default: return "AC_ERR_UNKNOWN";
+    }
+}
+
+AC_API const char *ac_version(void) { return AC_VERSION; }

@@ -1,0 +1,537 @@
+/*
+ * forward.c - the transformer forward pass and the state it works in.
+ *
+ * The state holds the KV caches (one per sequence), the activation buffers and the thread
+ * pool.  The forward pass runs rows of tokens through the layers together: one row for
+ * decode, a block of rows for prefill and one row per sequence for batched decode, with
+ * rmsnorm, RoPE, attention, SwiGLU and the classifier as in llama2.c.
+ *
+ * Numerics: float32 with no fast-math; the matrix products (kernels.c) keep 8 partial sums
+ * per dot product, so results match a NumPy/PyTorch float32 reference to ~1e-5 relative.
+ * A row's result never depends on the thread count or on how many rows are computed
+ * together, so prefill, stepwise and batched decode agree bitwise.
+ */
+#include "internal.h"
+
+#include "kernels.h"
+#include "pool.h"
+
+#include <math.h>
+#include <stdlib.h>
+
+/* ======================================================================== state */
+
+/* Prompt tokens run through the layers together, as matrix-matrix products (prefill). */
+#define PREFILL_ROWS 64
+/* Rows of one sequence at consecutive positions (a prompt block) attend together, up to
+ * this many: their scores against the cached keys are one small GEMM. */
+#define ATTENTION_ROWS 16
+
+struct ac_state {
+    const ac_model *model;
+    const ac_kernels *kern;
+    int n_seqs;         /* independent sequences, each with its own KV cache (batched decode) */
+    int max_rows;       /* tokens one forward pass can take */
+    int n_threads;
+    ac_pool *pool;
+    /* activations, one row per token of the pass */
+    float *x;           /* (rows, D) the residual stream */
+    float *xb, *xb2;    /* (rows, D) scratch */
+    float *qkv;         /* (rows, D + 2 KV) queries, keys, values */
+    float *hb, *hb2;    /* (rows, H) FFN scratch */
+    int8_t *xq;         /* (rows, max(D, H)) int8 copy of a matrix product's input (int8 models) */
+    float *xs;          /* its group scales */
+    int *row_pos;       /* (rows) each row's position */
+    int *row_seq;       /* (rows) each row's sequence */
+    int *group_start;   /* (rows + 1) attention groups of rows, see attention_groups() */
+    float *att;         /* (n_threads, ATTENTION_ROWS, seq_len) attention scores per thread */
+    float *logits;      /* (n_seqs, V) */
+    float *key_cache;   /* (n_seqs, L, n_kv_heads, seq_len, head_size), see cache_offset() */
+    float *value_cache; /* the same layout */
+    float *rope_cos;    /* (seq_len, head_size / 2) RoPE rotation of each position */
+    float *rope_sin;
+};
+
+/* calloc of count elements of size bytes, with an overflow check. */
+static void *alloc_array(uint64_t count, size_t size) {
+    if (count == 0 || count > SIZE_MAX / size) return NULL;
+    return calloc((size_t)count, size);
+}
+
+static float *alloc_floats(uint64_t count) { return alloc_array(count, sizeof(float)); }
+
+AC_API void ac_state_free(ac_state *s) {
+    if (!s) return;
+    ac_pool_free(s->pool);
+    free(s->x);
+    free(s->xb);
+    free(s->xb2);
+    free(s->qkv);
+    free(s->hb);
+    free(s->hb2);
+    free(s->xq);
+    free(s->xs);
+    free(s->row_pos);
+    free(s->row_seq);
+    free(s->group_start);
+    free(s->att);
+    free(s->logits);
+    free(s->key_cache);
+    free(s->value_cache);
+    free(s->rope_cos);
+    free(s->rope_sin);
+    free(s);
+}
+
+AC_API int ac_default_threads(void) {
+    int n = ac_available_cpus();
+    return n < AC_MAX_THREADS ? n : AC_MAX_THREADS;
+}
+
+AC_API const char *ac_kernel_name(void) { return ac_kernels_get()->name; }
+
+AC_API int ac_state_set_threads(ac_state *s, int n_threads) {
+    if (!s) return ac_fail(AC_ERR_ARG, "ac_state_set_threads: state is NULL");
+    if (n_threads < 0 || n_threads > AC_MAX_THREADS)
+        return ac_fail(AC_ERR_ARG, "n_threads %d is invalid: it must be in 1..%d (0 = all available cores)",
+                       n_threads, AC_MAX_THREADS);
+    if (n_threads == 0) n_threads = ac_default_threads();
+    if (n_threads == s->n_threads) return AC_OK;
+    float *att = alloc_floats((uint64_t)n_threads * ATTENTION_ROWS * (uint64_t)s->model->config.seq_len);
+    ac_pool *pool = att ? ac_pool_create(n_threads) : NULL;
+    if (!pool) {
+        free(att);
+        return ac_fail(AC_ERR_NOMEM, "cannot start %d threads (out of memory or thread limit)", n_threads);
+    }
+    ac_pool_free(s->pool);
+    free(s->att);
+    s->pool = pool;
+    s->att = att;
+    s->n_threads = n_threads;
+    return AC_OK;
+}
+
+int ac_state_create_seqs(const ac_model *m, int n_seqs, ac_state **out) {
+    const ac_config *c = &m->config;
+    ac_state *s = calloc(1, sizeof *s);
+    if (!s) return ac_fail(AC_ERR_NOMEM, "out of memory for the state");
+    int head_size = c->dim / c->n_heads;
+    int half = head_size / 2;
+    uint64_t kv_dim = (uint64_t)head_size * (uint64_t)c->n_kv_heads;
+    uint64_t D = (uint64_t)c->dim, H = (uint64_t)c->hidden_dim, S = (uint64_t)c->seq_len;
+    uint64_t widest = D > H ? D : H;
+    /* < 2^63 by the header bounds */
+    uint64_t cache = (uint64_t)n_seqs * (uint64_t)c->n_layers * S * kv_dim;
+    int rows = c->seq_len < PREFILL_ROWS ? c->seq_len : PREFILL_ROWS;
+    if (rows < n_seqs) rows = n_seqs;
+    s->model = m;
+    s->kern = ac_kernels_get();
+    s->n_seqs = n_seqs;
+    s->max_rows = rows;
+    s->x = alloc_floats(rows * D);
+    s->xb = alloc_floats(rows * D);
+    s->xb2 = alloc_floats(rows * D);
+    s->qkv = alloc_floats(rows * (D + 2 * kv_dim));
+    s->hb = alloc_floats(rows * H);
+    s->hb2 = alloc_floats(rows * H);
+    int quantized = c->group_size > 0;
+    if (quantized) {
+        s->xq = alloc_array(rows * widest, sizeof(int8_t));
+        s->xs = alloc_floats(rows * widest / (uint64_t)c->group_size);
+    }
+    s->row_pos = alloc_array((uint64_t)rows, sizeof(int));
+    s->row_seq = alloc_array((uint64_t)rows, sizeof(int));
+    s->group_start = alloc_array((uint64_t)rows + 1, sizeof(int));
+    s->logits = alloc_floats((uint64_t)n_seqs * (uint64_t)c->vocab_size);
+    s->key_cache = alloc_floats(cache);
+    s->value_cache = alloc_floats(cache);
+    s->rope_cos = alloc_floats(S * (uint64_t)half);
+    s->rope_sin = alloc_floats(S * (uint64_t)half);
+    if (!s->x || !s->xb || !s->xb2 || !s->qkv || !s->hb || !s->hb2 ||
+        (quantized && (!s->xq || !s->xs)) || !s->row_pos || !s->row_seq || !s->group_start || !s->logits ||
+        !s->key_cache || !s->value_cache || !s->rope_cos || !s->rope_sin) {
+        ac_state_free(s);
+        return ac_fail(AC_ERR_NOMEM, "out of memory for the state (KV cache of %llu floats)",
+                       (unsigned long long)(2 * cache));
+    }
+    /* angle = pos * freq_i with freq_i = 1 / 10000^(2i / head_size), in float32 like the
+     * reference; tabulated once instead of two trig calls per pair per layer per token */
+    for (int i = 0; i < half; i++) {
+        float freq = 1.0f / powf(10000.0f, (float)(2 * i) / (float)head_size);
+        for (int pos = 0; pos < c->seq_len; pos++) {
+            float angle = (float)pos * freq;
+            s->rope_cos[(size_t)pos * half + i] = cosf(angle);
+            s->rope_sin[(size_t)pos * half + i] = sinf(angle);
+        }
+    }
+    int rc = ac_state_set_threads(s, 0);
+    if (rc) {
+        ac_state_free(s);
+        return rc;
+    }
+    *out = s;
+    return AC_OK;
+}
+
+float *ac_state_logits(ac_state *s) { return s->logits; }
+
+AC_API int ac_state_create(const ac_model *m, ac_state **out) {
+    if (!out) return ac_fail(AC_ERR_ARG, "ac_state_create: out is NULL");
+    *out = NULL;
+    if (!m) return ac_fail(AC_ERR_ARG, "ac_state_create: model is NULL");
+    return ac_state_create_seqs(m, 1, out);
+}
+
+/* ======================================================================== forward */
+
+/* o = x * (1 / sqrt(mean(x^2) + 1e-5)) * w;  o may alias x. */
+static void rmsnorm(float *o, const float *x, const float *w, int n) {
+    float ss = 0.0f;
+    for (int j = 0; j < n; j++) ss += x[j] * x[j];
+    ss = ss / (float)n + 1e-5f;
+    float scale = 1.0f / sqrtf(ss);
+    for (int j = 0; j < n; j++) o[j] = (x[j] * scale) * w[j];
+}
+
+float ac_softmax(float *x, int n) {
+    float max = x[0];
+    for (int i = 1; i < n; i++)
+        if (x[i] > max) max = x[i];
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) {
+        x[i] = expf(x[i] - max);
+        sum += x[i];
+    }
+    for (int i = 0; i < n; i++) x[i] /= sum;
+    return sum;
+}
+
+/* Rotates the interleaved pairs (v[2i], v[2i+1]) of each of the n_heads heads of v by the
+ * angle whose cosine and sine are cos_t[i], sin_t[i]. */
+static void rope(float *v, int n_heads, int head_size, const float *cos_t, const float *sin_t) {
+    for (int h = 0; h < n_heads; h++) {
+        float *hv = v + (size_t)h * head_size;
+        for (int i = 0; i < head_size / 2; i++) {
+            float c = cos_t[i], s = sin_t[i];
+            float a = hv[2 * i], b = hv[2 * i + 1];
+            hv[2 * i] = a * c - b * s;
+            hv[2 * i + 1] = a * s + b * c;
+        }
+    }
+}
+
+/* Runs job over n_units units of work on the state's threads, in a few blocks per thread
+ * (claimed dynamically, so a slow thread delays a job by one block at most). */
+static void run_job(ac_state *s, ac_pool_fn job, void *arg, int n_units) {
+    int blocks = s->n_threads == 1 ? 1 : 4 * s->n_threads;
+    if (blocks > n_units) blocks = n_units;
+    if (blocks > 0) ac_pool_run(s->pool, job, arg, blocks);
+}
+
+/* Matrix rows [r0, r1) times the T input rows x (T, n) into out (row t at out + t * ldo).
+ * int8 matrices read the quantized copy of x that quantize_input() left in s->xq / s->xs. */
+static void matmul_rows(const ac_state *s, const ac_matrix *W, float *out, int ldo,
+                        const float *x, int T, int n, int r0, int r1) {
+    if (W->f) s->kern->gemm_f32(out, ldo, W->f, n, x, n, T, n, r0, r1);
+    else s->kern->gemm_q8(out, ldo, W->q, W->s, s->xq, s->xs, T, n, s->model->config.group_size, r0, r1);
+}
+
+/* For int8 models: quantizes the T rows of x (T, n) into s->xq / s->xs. */
+static void quantize_input(ac_state *s, const float *x, int T, int n) {
+    int gs = s->model->config.group_size;
+    if (gs == 0) return;
+    for (int t = 0; t < T; t++)
+        s->kern->quantize_q8(s->xq + (size_t)t * n, s->xs + (size_t)t * (n / gs), x + (size_t)t * n, n, gs);
+}
+
+/* Rows are split between threads in units of this many (a multiple of the kernels' tiles). */
+#define ROW_UNIT 8
+
+/* Up to three matrices with the same input x (T, n), stacked by rows (wq, wk, wv): one
+ * parallel job for all of them.  Matrix m's outputs go to columns col[m].. of out. */
+typedef struct {
+    const ac_state *s;
+    int n_mats;
+    const ac_matrix *mats[3];
+    int rows[3], col[3];
+    const float *x;
+    int T, n;
+    float *out;
+    int ldo;
+} matmul_job;
+
+static int matmul_rows_total(const matmul_job *j) {
+    int total = 0;
+    for (int m = 0; m < j->n_mats; m++) total += j->rows[m];
+    return total;
+}
+
+static void matmul_task(void *arg, int block, int n_blocks, int thread) {
+    (void)thread;
+    const matmul_job *j = arg;
+    int begin, end;
+    ac_split(matmul_rows_total(j), ROW_UNIT, block, n_blocks, &begin, &end);
+    for (int m = 0, first = 0; m < j->n_mats; first += j->rows[m], m++) {
+        int r0 = begin > first ? begin - first : 0;
+        int r1 = end - first < j->rows[m] ? end - first : j->rows[m];
+        if (r0 < r1) matmul_rows(j->s, j->mats[m], j->out + j->col[m], j->ldo, j->x, j->T, j->n, r0, r1);
+    }
+}
+
+static void matmul(ac_state *s, matmul_job *job) {
+    quantize_input(s, job->x, job->T, job->n);
+    run_job(s, matmul_task, job, (matmul_rows_total(job) + ROW_UNIT - 1) / ROW_UNIT);
+}
+
+/* out (T, d) = W (d, n) @ x (T, n) for a single matrix. */
+static void matmul1(ac_state *s, const ac_matrix *W, float *out, const float *x, int T, int n, int d) {
+    matmul_job job = {s, 1, {W}, {d}, {0}, x, T, n, out, d};
+    matmul(s, &job);
+}
+
+/* FFN up-projection of layer l: hb = silu(W1 @ xb) * (W3 @ xb).  Each block takes the same
+ * rows of W1 and W3, so it can apply the gate to its own outputs (no second pass). */
+typedef struct {
+    const ac_state *s;
+    const ac_layer *layer;
+    int T;
+} ffn_job;
+
+static void ffn_up_task(void *arg, int block, int n_blocks, int thread) {
+    (void)thread;
+    const ffn_job *j = arg;
+    const ac_state *s = j->s;
+    int D = s->model->config.dim, H = s->model->config.hidden_dim;
+    int r0, r1;
+    ac_split(H, ROW_UNIT, block, n_blocks, &r0, &r1);
+    if (r0 == r1) return;
+    matmul_rows(s, &j->layer->w1, s->hb, H, s->xb, j->T, D, r0, r1);
+    matmul_rows(s, &j->layer->w3, s->hb2, H, s->xb, j->T, D, r0, r1);
+    for (int t = 0; t < j->T; t++) {
+        float *h1 = s->hb + (size_t)t * H, *h3 = s->hb2 + (size_t)t * H;
+        for (int i = r0; i < r1; i++) {
+            float v = h1[i];
+            v = v * (1.0f / (1.0f + expf(-v))); /* silu */
+            h1[i] = v * h3[i];
+        }
+    }
+}
+
+/* Where the cached keys (or values) of kv head kv_head of layer l of sequence seq begin: each
+ * head's positions are contiguous, so attention reads one sequential stream per head. */
+static size_t cache_offset(const ac_state *s, int seq, int l, int kv_head) {
+    const ac_config *c = &s->model->config;
+    size_t head_size = (size_t)(c->dim / c->n_heads);
+    return (((size_t)seq * c->n_layers + (size_t)l) * c->n_kv_heads + (size_t)kv_head) * c->seq_len * head_size;
+}
+
+/* Causal self-attention of head h for rows [r0, r1) (one sequence, consecutive positions)
+ * over positions 0..pos of the sequence's layer-l cache, into the rows of s->xb2.  scores
+ * is this thread's (ATTENTION_ROWS, seq_len) scratch.  Each score is a dot product computed
+ * by the same kernel sequence whatever the group, so grouping does not change results. */
+static void attend(const ac_state *s, int l, int r0, int r1, int h, float *scores) {
+    const ac_config *c = &s->model->config;
+    int D = c->dim, head_size = D / c->n_heads;
+    int kv_dim = head_size * c->n_kv_heads, qkv_width = D + 2 * kv_dim;
+    int kv_mul = c->n_heads / c->n_kv_heads; /* GQA: query heads per kv head */
+    int n_pos = s->row_pos[r1 - 1] + 1;      /* positions the last row sees */
+    size_t off = cache_offset(s, s->row_seq[r0], l, h / kv_mul);
+    const float *q = s->qkv + (size_t)r0 * qkv_width + (size_t)h * head_size;
+    s->kern->gemm_f32(scores, n_pos, s->key_cache + off, head_size, q, qkv_width, r1 - r0, head_size, 0, n_pos);
+    float inv_scale = sqrtf((float)head_size);
+    for (int r = r0; r < r1; r++) {
+        float *att = scores + (size_t)(r - r0) * n_pos;
+        int pos = s->row_pos[r];
+        for (int t = 0; t <= pos; t++) att[t] /= inv_scale;
+        ac_softmax(att, pos + 1);
+        float *o = s->xb2 + (size_t)r * D + (size_t)h * head_size;
+        s->kern->weighted_sum(o, att, s->value_cache + off, head_size, pos + 1, head_size);
+    }
+}
+
+/* Splits rows [0, n) into attention groups: runs of one sequence at consecutive positions,
+ * at most ATTENTION_ROWS long.  Returns the count; group g is [start[g], start[g + 1]). */
+static int attention_groups(const ac_state *s, int n, int *start) {
+    int groups = 0;
+    for (int r = 0; r < n; r++)
+        if (r == 0 || r - start[groups - 1] == ATTENTION_ROWS || s->row_seq[r] != s->row_seq[r - 1] ||
+            s->row_pos[r] != s->row_pos[r - 1] + 1)
+            start[groups++] = r;
+    start[groups] = n;
+    return groups;
+}
+
+typedef struct {
+    const ac_state *s;
+    int l, n_groups;
+} attention_job;
+
+/* Blocks of (group, head) pairs. */
+static void attention_task(void *arg, int block, int n_blocks, int thread) {
+    const attention_job *j = arg;
+    const ac_state *s = j->s;
+    int n_heads = s->model->config.n_heads;
+    float *scores = s->att + (size_t)thread * ATTENTION_ROWS * s->model->config.seq_len;
+    int begin, end;
+    ac_split(j->n_groups * n_heads, 1, block, n_blocks, &begin, &end);
+    for (int item = begin; item < end; item++) {
+        int g = item / n_heads;
+        attend(s, j->l, s->group_start[g], s->group_start[g + 1], item % n_heads, scores);
+    }
+}
+
+/* Row x (D) = the embedding of token (dequantized for int8 models). */
+static void embed(const ac_state *s, int token, float *x) {
+    const ac_config *c = &s->model->config;
+    const ac_matrix *e = &s->model->w.token_embedding;
+    size_t D = (size_t)c->dim;
+    if (e->f) memcpy(x, e->f + (size_t)token * D, D * sizeof(float));
+    else ac_dequantize_q8(x, e->q + (size_t)token * D, e->s + (size_t)token * D / c->group_size,
+                          c->dim, c->group_size);
+}
+
+/* Logits rows [first, n) of a pass, at out, must be numbers: finite weights can still
+ * overflow float32 somewhere in the layers (then the residual stream, and every logit after
+ * it, is NaN or infinite), and a token sampled from those would be arbitrary. */
+static int check_logits(const ac_state *s, const float *out, int first, int n) {
+    size_t V = (size_t)s->model->config.vocab_size;
+    for (int r = first; r < n; r++) {
+        const float *row = out + (size_t)(r - first) * V;
+        size_t i = first_non_finite(row, V);
+        if (i < V)
+            return ac_fail(AC_ERR_NUMERIC, "the logits after the token at position %d are not numbers "
+                           "(logit %zu is %g): the model's values overflow float32", s->row_pos[r], i,
+                           shown_value(row[i]));
+    }
+    return AC_OK;
+}
+
+/* The transformer over rows [0, n) (n <= max_rows): row r is token tokens[r] at position
+ * s->row_pos[r] of sequence s->row_seq[r], and its keys/values go into that sequence's
+ * cache.  Rows of one sequence must be consecutive positions in increasing order (a prompt
+ * block): every row's keys/values are cached before any row attends, so each row sees the
+ * earlier ones.  Logits of rows [first, n) go to out, row r at out + (r - first) * V;
+ * AC_ERR_NUMERIC if one is not a number. */
+static int forward_rows(ac_state *s, const int *tokens, int n, int first, float *out) {
+    const ac_config *c = &s->model->config;
+    const ac_weights *w = &s->model->w;
+    int D = c->dim, H = c->hidden_dim, head_size = D / c->n_heads, half = head_size / 2;
+    int kv_dim = head_size * c->n_kv_heads, qkv_width = D + 2 * kv_dim;
+    for (int r = 0; r < n; r++) embed(s, tokens[r], s->x + (size_t)r * D);
+    int n_groups = attention_groups(s, n, s->group_start);
+    for (int l = 0; l < c->n_layers; l++) {
+        const ac_layer *layer = &w->layers[l];
+        for (int r = 0; r < n; r++)
+            rmsnorm(s->xb + (size_t)r * D, s->x + (size_t)r * D, w->rms_att + (size_t)l * D, D);
+        matmul_job qkv = {s, 3, {&layer->wq, &layer->wk, &layer->wv}, {D, kv_dim, kv_dim},
+                          {0, D, D + kv_dim}, s->xb, n, D, s->qkv, qkv_width};
+        matmul(s, &qkv);
+        for (int r = 0; r < n; r++) {
+            float *q = s->qkv + (size_t)r * qkv_width, *k = q + D, *v = k + kv_dim;
+            size_t rot = (size_t)s->row_pos[r] * half;
+            rope(q, c->n_heads, head_size, s->rope_cos + rot, s->rope_sin + rot);
+            rope(k, c->n_kv_heads, head_size, s->rope_cos + rot, s->rope_sin + rot);
+            for (int kh = 0; kh < c->n_kv_heads; kh++) {
+                size_t row = cache_offset(s, s->row_seq[r], l, kh) + (size_t)s->row_pos[r] * head_size;
+                memcpy(s->key_cache + row, k + (size_t)kh * head_size, (size_t)head_size * sizeof(float));
+                memcpy(s->value_cache + row, v + (size_t)kh * head_size, (size_t)head_size * sizeof(float));
+            }
+        }
+        attention_job att = {s, l, n_groups};
+        run_job(s, attention_task, &att, n_groups * c->n_heads);
+        matmul1(s, &layer->wo, s->xb, s->xb2, n, D, D);
+        for (size_t i = 0; i < (size_t)n * D; i++) s->x[i] += s->xb[i];
+        for (int r = 0; r < n; r++)
+            rmsnorm(s->xb + (size_t)r * D, s->x + (size_t)r * D, w->rms_ffn + (size_t)l * D, D);
+        quantize_input(s, s->xb, n, D);
+        ffn_job ffn = {s, layer, n};
+        run_job(s, ffn_up_task, &ffn, (H + ROW_UNIT - 1) / ROW_UNIT);
+        matmul1(s, &layer->w2, s->xb, s->hb, n, H, D);
+        for (size_t i = 0; i < (size_t)n * D; i++) s->x[i] += s->xb[i];
+    }
+    if (first >= n) return AC_OK;
+    float *xf = s->x + (size_t)first * D;
+    for (int r = 0; r < n - first; r++) rmsnorm(xf + (size_t)r * D, xf + (size_t)r * D, w->rms_final, D);
+    matmul1(s, &w->wcls, out, xf, n - first, D, c->vocab_size);
+    return check_logits(s, out, first, n);
+}
+
+/* One token of sequence seq at pos; its logits go to out (V floats). */
+static int forward_one(ac_state *s, int seq, int token, int pos, float *out) {
+    s->row_pos[0] = pos;
+    s->row_seq[0] = seq;
+    return forward_rows(s, &token, 1, 0, out);
+}
+
+/* Prefill in blocks of max_rows tokens (a block is one pass of matrix-matrix products). */
+int ac_prefill(ac_state *s, int seq, const int *tokens, int n, int pos0, float *out, int all_logits) {
+    size_t V = (size_t)s->model->config.vocab_size;
+    int rc = AC_OK;
+    for (int b = 0; b < n && !rc; b += s->max_rows) {
+        int m = n - b < s->max_rows ? n - b : s->max_rows;
+        for (int r = 0; r < m; r++) {
+            s->row_pos[r] = pos0 + b + r;
+            s->row_seq[r] = seq;
+        }
+        if (all_logits) rc = forward_rows(s, tokens + b, m, 0, out + (size_t)b * V);
+        else rc = forward_rows(s, tokens + b, m, b + m == n ? m - 1 : m, out);
+    }
+    return rc;
+}
+
+/* A decode step: one row per sequence, all rows in one pass (each weight read serves all). */
+int ac_forward_step(ac_state *s, const int *seqs, const int *tokens, const int *positions, int n) {
+    for (int r = 0; r < n; r++) {
+        s->row_seq[r] = seqs[r];
+        s->row_pos[r] = positions[r];
+    }
+    return forward_rows(s, tokens, n, 0, s->logits);
+}
+
+AC_API int ac_forward(ac_state *s, int token, int pos, const float **logits) {
+    if (!s) return ac_fail(AC_ERR_ARG, "ac_forward: state is NULL");
+    const ac_config *c = &s->model->config;
+    if (token < 0 || token >= c->vocab_size)
+        return ac_fail(AC_ERR_RANGE, "token %d is outside the vocabulary [0, %d)", token, c->vocab_size);
+    if (pos < 0 || pos >= c->seq_len)
+        return ac_fail(AC_ERR_RANGE, "position %d is outside the context [0, %d)", pos, c->seq_len);
+    int rc = forward_one(s, 0, token, pos, s->logits);
+    if (!rc && logits) *logits = s->logits;
+    return rc;
+}
+
+int ac_check_tokens(const int *tokens, int n, int vocab_size) {
+    for (int i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= vocab_size)
+            return ac_fail(AC_ERR_RANGE, "token %d (at index %d) is outside the vocabulary [0, %d)",
+                           tokens[i], i, vocab_size);
+    return AC_OK;
+}
+
+/* The argument checks of ac_logits and ac_logits_stepwise. */
+static int check_logits_args(const ac_state *s, const int *tokens, int n_tokens, const float *out,
+                             const char *fn) {
+    if (!s) return ac_fail(AC_ERR_ARG, "%s: state is NULL", fn);
+    if (n_tokens < 0 || (n_tokens > 0 && (!tokens || !out)))
+        return ac_fail(AC_ERR_ARG, "%s: bad arguments (n_tokens=%d)", fn, n_tokens);
+    const ac_config *c = &s->model->config;
+    if (n_tokens > c->seq_len)
+        return ac_fail(AC_ERR_RANGE, "%d tokens exceed the model's seq_len %d", n_tokens, c->seq_len);
+    return ac_check_tokens(tokens, n_tokens, c->vocab_size);
+}
+
+AC_API int ac_logits(ac_state *s, const int *tokens, int n_tokens, float *out) {
+    int rc = check_logits_args(s, tokens, n_tokens, out, "ac_logits");
+    if (rc) return rc;
+    return ac_prefill(s, 0, tokens, n_tokens, 0, out, 1);
+}
+
+AC_API int ac_logits_stepwise(ac_state *s, const int *tokens, int n_tokens, float *out) {
+    int rc = check_logits_args(s, tokens, n_tokens, out, "ac_logits_stepwise");
+    if (rc) return rc;
+    size_t V = (size_t)s->model->config.vocab_size;
+    for (int t = 0; t < n_tokens; t++)
+        if ((rc = forward_one(s, 0, tokens[t], t, out + (size_t)t * V))) return rc;
+    return AC_OK;
+}
+

@@ -1,0 +1,335 @@
+/*
+ * kernels_avx512.c - the avx512 kernel set (AVX-512F: 16-lane float32 sums; int8 and the int8
+ * quantizer from the avx2 set) and avx512-vnni, the same with 512-bit AVX-512 VNNI int8
+ * products.
+ *
+ * Float sums: each dot product keeps 16 partial sums (lane k takes the terms j = k mod 16;
+ * the last n mod 16 terms enter through a masked load, as zeros elsewhere), reduced in one
+ * fixed order (hsum_avx512).  Every path (one token, several, any tile) computes an output
+ * element with that one sequence, so the set's own bitwise promises hold; its float32 results
+ * differ from avx2's by rounding (different partial sums).
+ *
+ * int8 products keep the avx2 set's order exactly (8 int32 lane sums per 32-value chunk,
+ * converted and added to 8 float lanes with w_scale * x_scale, chunk after chunk) so their
+ * results equal avx2's bit for bit; a 512-bit register carries two such 8-lane accumulators.
+ */
+#include "kernels.h"
+#include "kernels_x86.h"
+
+#if defined(__x86_64__)
+
+#define AVX512_FN __attribute__((target("avx512f,avx2,fma")))
+#define AVX512_TILE static inline __attribute__((target("avx512f,avx2,fma"), always_inline))
+#define VNNI512_FN __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma")))
+#define VNNI512_TILE static inline __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma"), always_inline))
+
+/* The low and high 8 lanes. */
+AVX512_TILE __m256 low8(__m512 v) { return _mm512_castps512_ps256(v); }
+AVX512_TILE __m256 high8(__m512 v) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)); }
+
+/* 16 lanes to 8 (lane k + lane k + 8), then hsum_avx2's order. */
+AVX512_TILE float hsum_avx512(__m512 v) { return hsum_avx2(_mm256_add_ps(low8(v), high8(v))); }
+
+/* The first n (< 16) lanes. */
+AVX512_TILE __mmask16 first_lanes(int n) { return (__mmask16)((1u << n) - 1); }
+
+/* ---------------------------------------------------------------- weighted sum */
+
+/* Columns [0, 16B) of the weighted sum in B registers over all T rows; the last block takes
+ * only the lanes of mask. */
+AVX512_TILE void weighted_block(int B, __mmask16 mask, float *out, const float *a, const float *V, int ldv,
+                                int T) {
+    __m512 acc[4];
+    for (int b = 0; b < B; b++) acc[b] = _mm512_setzero_ps();
+    for (int t = 0; t < T; t++) {
+        __m512 at = _mm512_set1_ps(a[t]);
+        const float *v = V + (size_t)t * ldv;
+        for (int b = 0; b < B; b++) {
+            __m512 vb = b + 1 < B ? _mm512_loadu_ps(v + 16 * b) : _mm512_maskz_loadu_ps(mask, v + 16 * b);
+            acc[b] = _mm512_fmadd_ps(at, vb, acc[b]);
+        }
+    }
+    for (int b = 0; b + 1 < B; b++) _mm512_storeu_ps(out + 16 * b, acc[b]);
+    _mm512_mask_storeu_ps(out + 16 * (B - 1), mask, acc[B - 1]);
+}
+
+AVX512_FN static void weighted_sum_avx512(float *out, const float *a, const float *V, int ldv, int T, int n) {
+    int j = 0;
+    for (; j + 64 <= n; j += 64) weighted_block(4, 0xFFFF, out + j, a, V + j, ldv, T);
+    for (; j + 16 <= n; j += 16) weighted_block(1, 0xFFFF, out + j, a, V + j, ldv, T);
+    if (j < n) weighted_block(1, first_lanes(n - j), out + j, a, V + j, ldv, T);
+}
+
+/* ---------------------------------------------------------------- float32 GEMM */
+
+/* Products over several tokens go in tiles of TILE_ROWS weight rows x TILE_TOKENS tokens:
+ * 8 x 3 keeps 24 accumulators, 3 token vectors and a weight vector in the 32 zmm registers,
+ * 24 FMAs per 11 loads, and its 8 weight rows stay in L1 while the tokens stream from L2.
+ * Measured (bench/kernel_bench.c, persona shapes, T = 16 and 64): 8 x 3 47-53 GFLOP/s, 9 x 3
+ * and 10 x 2 about the same, 4 x 6 33-39, 4 x 4 and 5 x 5 27-33. */
+#define TILE_ROWS 8
+#define TILE_TOKENS 3
+
+/* R weight rows x C tokens, each accumulator one dot product updated once per 16-float chunk
+ * of n (the tail chunk masked).  ahead > 0 prefetches rows ahead.. ahead+R-1 further on, one
+ * cache line per row per chunk. */
+AVX512_TILE void tile_f32(int R, int C, float *out, int ldo, const float *W, int ldw, const float *X,
+                          int ldx, int n, int ahead) {
+    __m512 acc[TILE_ROWS][TILE_TOKENS];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int j = 0; j < n; j += 16) {
+        __mmask16 mask = n - j >= 16 ? 0xFFFF : first_lanes(n - j);
+        __m512 x[TILE_TOKENS];
+        if (ahead)
+            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(W + (size_t)(ahead + r) * ldw + j), _MM_HINT_T0);
+        for (int c = 0; c < C; c++) x[c] = _mm512_maskz_loadu_ps(mask, X + (size_t)c * ldx + j);
+        for (int r = 0; r < R; r++) {
+            __m512 w = _mm512_maskz_loadu_ps(mask, W + (size_t)r * ldw + j);
+            for (int c = 0; c < C; c++) acc[r][c] = _mm512_fmadd_ps(w, x[c], acc[r][c]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) out[(size_t)c * ldo + r] = hsum_avx512(acc[r][c]);
+}
+
+
+/* R rows against all T tokens, TILE_TOKENS at a time (the R rows stay in L1 while X
+ * streams); each tile prefetches its share of the R rows 2R on (kernels_x86.h). */
+AVX512_TILE void rows_f32(int R, float *out, int ldo, const float *W, int ldw, const float *X, int ldx,
+                          int T, int n) {
+    int ntiles = (T + TILE_TOKENS - 1) / TILE_TOKENS;
+    for (int t = 0, k = 0; t < T; k++, t += TILE_TOKENS) {
+        int lo, hi;
+        tile_share(n * (int)sizeof(float), k, ntiles, &lo, &hi);
+        prefetch_share(R, W + (size_t)(2 * R) * ldw, (size_t)ldw * sizeof(float), lo, hi);
+        float *o = out + (size_t)t * ldo;
+        const float *x = X + (size_t)t * ldx;
+        if (T - t >= TILE_TOKENS) tile_f32(R, TILE_TOKENS, o, ldo, W, ldw, x, ldx, n, 0);
+        else if (T - t == 2) tile_f32(R, 2, o, ldo, W, ldw, x, ldx, n, 0);
+        else tile_f32(R, 1, o, ldo, W, ldw, x, ldx, n, 0);
+    }
+}
+
+AVX512_FN static void gemm_f32_avx512(float *out, int ldo, const float *W, int ldw, const float *X, int ldx,
+                                      int T, int n, int r0, int r1) {
+    int i = r0;
+    if (T == 1) { /* one row at a time with the prefetch (kernels_x86.h); 16 rows at a time with
+                   * their sums reduced together measured 0.7-1.0x of this (kernel_bench) */
+        int ahead = prefetch_rows(n * (int)sizeof(float));
+        for (; i < r1; i++) tile_f32(1, 1, out + i, ldo, W + (size_t)i * ldw, ldw, X, ldx, n, ahead);
+        return;
+    }
+    for (; i + TILE_ROWS <= r1; i += TILE_ROWS)
+        rows_f32(TILE_ROWS, out + i, ldo, W + (size_t)i * ldw, ldw, X, ldx, T, n);
+    for (; i < r1; i++) rows_f32(1, out + i, ldo, W + (size_t)i * ldw, ldw, X, ldx, T, n);
+}
+
+/* ---------------------------------------------------------------- int8 GEMM (AVX-512 VNNI) */
+
+/* The int32 lane sums of int8 products, 64 bytes at a time: lane l sums bytes 4l .. 4l+3, so
+ * lanes 0-7 hold a 32-byte chunk's 8 sums exactly as avx2's dot32_q8 gives them, and lanes 8-15
+ * another chunk's.  vpdpbusd multiplies unsigned by signed bytes: the activations go in offset
+ * by 128 (x ^ 0x80 = x + 128 as an unsigned byte) and 128 * (the lane's sum of w) comes back off,
+ * which one more vpdpbusd per weight vector gives (shared by all the tokens).  All exact. */
+VNNI512_TILE __m512i offset_x(__m512i x) { return _mm512_xor_si512(x, _mm512_set1_epi8((char)0x80)); }
+VNNI512_TILE __m512i weight_offset(__m512i w) { return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8((char)0x80), w); }
+VNNI512_TILE __m512i dot_q8(__m512i x_offset, __m512i w, __m512i w_offset) {
+    return _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), x_offset, w), w_offset);
+}
+
+/* Two 32-byte chunks side by side. */
+VNNI512_TILE __m512i pair_bytes(const int8_t *lo, const int8_t *hi) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)lo)),
+                              _mm256_loadu_si256((const __m256i *)hi), 1);
+}
+/* *lo in the low 8 lanes, *hi in the high 8. */
+VNNI512_TILE __m512 pair_floats(const float *lo, const float *hi) {
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(*lo)),
+                                               _mm256_castps_pd(_mm256_set1_ps(*hi)), 1));
+}
+
+/* Stores the two 8-lane sums of acc: the low one to *lo, the high one to *hi unless hi is NULL. */
+VNNI512_TILE void store_pair(float *lo, float *hi, __m512 acc) {
+    *lo = hsum_avx2(low8(acc));
+    if (hi) *hi = hsum_avx2(high8(acc));
+}
+
+/* One token, P pairs of weight rows: pair p holds rows 2p (low lanes) and 2p + 1 (high lanes),
+ * rows ≥ R repeat row R - 1 (and are not stored).  ahead > 0 prefetches as tile_q8 in avx2. */
+VNNI512_TILE void rows_tile_q8(int P, int R, float *out, const int8_t *Wq, const float *Ws, const int8_t *Xq,
+                               const float *Xs, int n, int gs, int ahead) {
+    int ng = n / gs;
+    const int8_t *w_row[8];
+    const float *ws_row[8];
+    for (int r = 0; r < 2 * P; r++) {
+        int row = r < R ? r : R - 1;
+        w_row[r] = Wq + (size_t)row * n;
+        ws_row[r] = Ws + (size_t)row * ng;
+        if (ahead) _mm_prefetch((const char *)(Ws + (size_t)(ahead + row) * ng), _MM_HINT_T0);
+    }
+    __m512 acc[4];
+    for (int p = 0; p < P; p++) acc[p] = _mm512_setzero_ps();
+    for (int k = 0; k < n; k += 32) {
+        int g = k / gs;
+        if (ahead && (k & 63) == 0)
+            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(Wq + (size_t)(ahead + r) * n + k), _MM_HINT_T0);
+        __m512i x = offset_x(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(Xq + k))));
+        __m512 xs = _mm512_set1_ps(Xs[g]);
+        for (int p = 0; p < P; p++) {
+            __m512i w = pair_bytes(w_row[2 * p] + k, w_row[2 * p + 1] + k);
+            __m512 d = _mm512_cvtepi32_ps(dot_q8(x, w, weight_offset(w)));
+            __m512 scale = _mm512_mul_ps(pair_floats(ws_row[2 * p] + g, ws_row[2 * p + 1] + g), xs);
+            acc[p] = _mm512_fmadd_ps(d, scale, acc[p]);
+        }
+    }
+    for (int p = 0; p < P; p++) store_pair(out + 2 * p, 2 * p + 1 < R ? out + 2 * p + 1 : NULL, acc[p]);
+}
+
+/* R weight rows, Q pairs of tokens: pair q holds tokens 2q (low lanes) and 2q + 1 (high),
+ * tokens ≥ C repeat token C - 1 (and are not stored). */
+#ifndef Q8_ROWS
+#define Q8_ROWS 4
+#define Q8_PAIRS 2
+#endif
+VNNI512_TILE void tokens_tile_q8(int R, int Q, int C, float *out, int ldo, const int8_t *Wq, const float *Ws,
+                                 const int8_t *Xq, const float *Xs, int n, int gs, int ahead) {
+    int ng = n / gs;
+    if (ahead)
+        for (int r = 0; r < R; r++) _mm_prefetch((const char *)(Ws + (size_t)(ahead + r) * ng), _MM_HINT_T0);
+    const int8_t *x_tok[2 * Q8_PAIRS];
+    const float *xs_tok[2 * Q8_PAIRS];
+    for (int c = 0; c < 2 * Q; c++) {
+        int tok = c < C ? c : C - 1;
+        x_tok[c] = Xq + (size_t)tok * n;
+        xs_tok[c] = Xs + (size_t)tok * ng;
+    }
+    __m512 acc[Q8_ROWS][Q8_PAIRS];
+    for (int r = 0; r < R; r++)
+        for (int q = 0; q < Q; q++) acc[r][q] = _mm512_setzero_ps();
+    for (int k = 0; k < n; k += 32) {
+        int g = k / gs;
+        if (ahead && (k & 63) == 0)
+            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(Wq + (size_t)(ahead + r) * n + k), _MM_HINT_T0);
+        __m512i x[Q8_PAIRS];
+        __m512 xs[Q8_PAIRS];
+        for (int q = 0; q < Q; q++) {
+            x[q] = offset_x(pair_bytes(x_tok[2 * q] + k, x_tok[2 * q + 1] + k));
+            xs[q] = pair_floats(xs_tok[2 * q] + g, xs_tok[2 * q + 1] + g);
+        }
+        for (int r = 0; r < R; r++) {
+            __m512i w = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(Wq + (size_t)r * n + k)));
+            __m512i w_offset = weight_offset(w);
+            __m512 ws = _mm512_set1_ps(Ws[(size_t)r * ng + g]);
+            for (int q = 0; q < Q; q++) {
+                __m512 d = _mm512_cvtepi32_ps(dot_q8(x[q], w, w_offset));
+                acc[r][q] = _mm512_fmadd_ps(d, _mm512_mul_ps(ws, xs[q]), acc[r][q]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int q = 0; q < Q; q++)
+            store_pair(out + (size_t)(2 * q) * ldo + r, 2 * q + 1 < C ? out + (size_t)(2 * q + 1) * ldo + r : NULL,
+                       acc[r][q]);
+}
+
+/* Decode (T = 1): rows in tiles of 4 pairs, prefetching about PREFETCH_BYTES ahead.  More
+ * tokens: tiles of 4 rows x 2 token pairs, prefetching 8 rows on (as avx2's int8 kernel). */
+VNNI512_TILE void gemm_q8_pairs(float *out, int ldo, const int8_t *Wq, const float *Ws, const int8_t *Xq,
+                                const float *Xs, int T, int n, int gs, int r0, int r1) {
+    int ng = n / gs;
+    if (T == 1) {
+        int ahead = prefetch_rows(n);
+        int i = r0;
+        for (; i + 8 <= r1; i += 8) rows_tile_q8(4, 8, out + i, Wq + (size_t)i * n, Ws + (size_t)i * ng, Xq, Xs, n, gs, ahead);
+        for (; i < r1; i += 2)
+            rows_tile_q8(1, r1 - i >= 2 ? 2 : 1, out + i, Wq + (size_t)i * n, Ws + (size_t)i * ng, Xq, Xs, n, gs, ahead);
+        return;
+    }
+    for (int i = r0; i < r1;) {
+        int R = r1 - i >= Q8_ROWS ? Q8_ROWS : 1;
+        const int8_t *w = Wq + (size_t)i * n;
+        const float *ws = Ws + (size_t)i * ng;
+        for (int t = 0; t < T; t += 2 * Q8_PAIRS) {
+            float *o = out + (size_t)t * ldo + i;
+            const int8_t *x = Xq + (size_t)t * n;
+            const float *xs = Xs + (size_t)t * ng;
+            int C = T - t >= 2 * Q8_PAIRS ? 2 * Q8_PAIRS : T - t, pf = t == 0 ? 8 : 0, Q = (C + 1) / 2;
+            if (R == Q8_ROWS && Q == Q8_PAIRS) tokens_tile_q8(Q8_ROWS, Q8_PAIRS, C, o, ldo, w, ws, x, xs, n, gs, pf);
+            else if (R == Q8_ROWS) tokens_tile_q8(Q8_ROWS, Q, C, o, ldo, w, ws, x, xs, n, gs, pf);
+            else tokens_tile_q8(1, Q, C, o, ldo, w, ws, x, xs, n, gs, pf);
+        }
+        i += R;
+    }
+}
+
+VNNI512_FN static void gemm_q8_avx512_vnni(float *out, int ldo, const int8_t *Wq, const float *Ws,
+                                           const int8_t *Xq, const float *Xs, int T, int n, int gs, int r0,
+                                           int r1) {
+    if (gs % 32) ac_gemm_q8_scalar(out, ldo, Wq, Ws, Xq, Xs, T, n, gs, r0, r1);
+    else if (gs == 32) gemm_q8_pairs(out, ldo, Wq, Ws, Xq, Xs, T, n, 32, r0, r1);
+    else gemm_q8_pairs(out, ldo, Wq, Ws, Xq, Xs, T, n, gs, r0, r1);
+}
+
+/* ---------------------------------------------------------------- SwiGLU, softmax */
+
+/* e^x in 16 lanes: exp_avx2's steps (kernels_x86.h), lane for lane the same results. */
+AVX512_TILE __m512 exp_avx512(__m512 x) {
+    __m512 xc = _mm512_min_ps(_mm512_set1_ps(EXP_MAX_IN), _mm512_max_ps(_mm512_set1_ps(EXP_UNDERFLOW), x));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(EXP_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_HI), xc);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_LO), r);
+    __m512 p = _mm512_set1_ps(exp_poly[0]);
+    for (int k = 1; k < 6; k++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(exp_poly[k]));
+    __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+    __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    y = _mm512_mul_ps(y, _mm512_castsi512_ps(bits));
+    y = _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_OVERFLOW), _CMP_GT_OQ),
+                           _mm512_set1_ps(__builtin_inff()));
+    return _mm512_maskz_mov_ps(~_mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_UNDERFLOW), _CMP_LT_OQ), y);
+}
+
+AVX512_TILE __m512 swiglu16(__m512 v, __m512 g) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    __m512 e = exp_avx512(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32((int)0x80000000))));
+    return _mm512_mul_ps(_mm512_mul_ps(v, _mm512_div_ps(one, _mm512_add_ps(one, e))), g);
+}
+
+AVX512_FN static void swiglu_avx512(float *h, const float *g, int n) {
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? 0xFFFF : first_lanes(n - i);
+        _mm512_mask_storeu_ps(h + i, m, swiglu16(_mm512_maskz_loadu_ps(m, h + i), _mm512_maskz_loadu_ps(m, g + i)));
+    }
+}
+
+/* The maximum, the exponentials and their sum 16 lanes at a time (the sum's lanes reduced by
+ * hsum_avx512; the last vector's missing lanes add 0), then the division. */
+AVX512_FN static float softmax_avx512(float *x, int n) {
+    __m512 vmax = _mm512_set1_ps(x[0]);
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? 0xFFFF : first_lanes(n - i);
+        vmax = _mm512_mask_max_ps(vmax, m, _mm512_maskz_loadu_ps(m, x + i), vmax);
+    }
+    __m512 vm = _mm512_set1_ps(_mm512_reduce_max_ps(vmax)), vsum = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? 0xFFFF : first_lanes(n - i);
+        __m512 e = _mm512_maskz_mov_ps(m, exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vm)));
+        _mm512_mask_storeu_ps(x + i, m, e);
+        vsum = _mm512_add_ps(vsum, e);
+    }
+    float sum = hsum_avx512(vsum);
+    __m512 vs = _mm512_set1_ps(sum);
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? 0xFFFF : first_lanes(n - i);
+        _mm512_mask_storeu_ps(x + i, m, _mm512_div_ps(_mm512_maskz_loadu_ps(m, x + i), vs));
+    }
+    return sum;
+}
+
+const ac_kernels ac_kernels_avx512 = {"avx512", gemm_f32_avx512, ac_gemm_q8_avx2, weighted_sum_avx512,
+                                      ac_quantize_q8_avx2, swiglu_avx512, softmax_avx512};
+const ac_kernels ac_kernels_avx512_vnni = {"avx512-vnni", gemm_f32_avx512, gemm_q8_avx512_vnni,
+                                           weighted_sum_avx512, ac_quantize_q8_avx2, swiglu_avx512,
+                                           softmax_avx512};
+
+#endif /* __x86_64__ */

@@ -1,0 +1,472 @@
+"""Sessions that keep their KV cache (feed / generate / rewind / sync / shift), stop strings,
+log-probabilities, and the C sampler's min-p, penalties and logit bias (ac_sample directly)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from arianna_c import AriannaError, Model
+from arianna_c.session import Session, StopMatcher
+from conftest import piece_id
+
+SEEDS = (1, 7, 123456789)
+
+
+@pytest.fixture
+def model(make_model):
+    with Model(make_model(seed=3, seq_len=96).model) as m:
+        yield m
+
+
+# ---------------------------------------------------------------------------- sessions
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_session_generates_what_model_generate_does(model, seed):
+    settings = dict(max_new_tokens=40, temperature=0.9, top_p=0.9, top_k=0, seed=seed)
+    with model.session() as s:
+        s.feed("the river and the stone")
+        result = s.generate(**settings)
+    assert result.text == model.generate("the river and the stone", **settings)
+    assert result.prompt_tokens == len(model.encode("the river and the stone"))
+
+
+def test_greedy_and_ignore_eos_match_model_generate(model):
+    with model.session() as s:
+        s.feed("once")
+        result = s.generate(max_new_tokens=30, temperature=0.0, ignore_eos=True)
+    assert result.completion_tokens == 30 and result.finish_reason == "length"
+    assert result.text == model.generate("once", max_new_tokens=30, temperature=0.0, ignore_eos=True)
+
+
+def test_context_kept_between_calls_equals_one_prompt(model):
+    """feed, generate, feed more, generate: the second reply equals a fresh session given the
+    whole context at once (the cache kept in between holds exactly what a prefill makes)."""
+    with model.session() as s:
+        s.feed("the river")
+        first = s.generate(max_new_tokens=8, seed=5, ignore_eos=True)
+        s.feed(" and the stone", bos=False)
+        second = s.generate(max_new_tokens=12, seed=6, ignore_eos=True)
+        context = s.tokens[: len(s.tokens) - len(second.tokens)]
+    assert s.tokens[: first.prompt_tokens] == model.encode("the river")
+    with model.session() as fresh:
+        fresh.feed_tokens(context)
+        again = fresh.generate(max_new_tokens=12, seed=6, ignore_eos=True)
+    assert again.tokens == second.tokens and again.text == second.text
+
+
+def test_rewind_then_generate_repeats_the_reply(model):
+    with model.session() as s:
+        s.feed("a quiet")
+        start = s.position
+        first = s.generate(max_new_tokens=20, seed=9, ignore_eos=True)
+        assert s.position == start + 20
+        s.rewind(len(first.tokens))
+        assert s.position == start
+        second = s.generate(max_new_tokens=20, seed=9, ignore_eos=True)
+    assert second.tokens == first.tokens
+
+
+def test_rewind_to_any_point_equals_a_fresh_session(model):
+    with model.session() as s:
+        s.feed("the stone remembers")
+        s.generate(max_new_tokens=15, seed=2, ignore_eos=True)
+        s.rewind(9)
+        kept = list(s.tokens)
+        after = s.generate(max_new_tokens=10, seed=4, ignore_eos=True)
+    with model.session() as fresh:
+        fresh.feed_tokens(kept)
+        assert fresh.generate(max_new_tokens=10, seed=4, ignore_eos=True).tokens == after.tokens
+
+
+def test_rewind_and_feed_bounds(model):
+    seq_len = model.config.seq_len
+    with model.session() as s:
+        s.feed("abc")
+        with pytest.raises(AriannaError, match="rewind"):
+            s.rewind(s.position + 1)
+        with pytest.raises(AriannaError, match="rewind"):
+            s.rewind(-1)
+        with pytest.raises(AriannaError) as e:
+            s.feed_tokens([5] * seq_len)
+        assert e.value.name == "AC_ERR_RANGE" and "do not fit" in str(e.value)
+        with pytest.raises(AriannaError) as e:
+            s.feed_tokens([model.config.vocab_size])
+        assert e.value.name == "AC_ERR_RANGE"
+        with pytest.raises(TypeError):
+            s.feed_tokens([1.5])
+
+
+def test_generation_stops_when_the_context_is_full(model):
+    seq_len = model.config.seq_len
+    with model.session() as s:
+        s.feed("the")
+        result = s.generate(max_new_tokens=10**6, ignore_eos=True, seed=1)
+        assert result.finish_reason == "length"
+        assert s.position == seq_len
+        assert result.completion_tokens == seq_len - result.prompt_tokens
+        assert s.generate(max_new_tokens=5).completion_tokens == 0  # nothing fits any more
+    # the same clamp as Model.generate
+    assert result.text == model.generate("the", max_new_tokens=10**6, ignore_eos=True, seed=1)
+
+
+def test_sync_keeps_the_shared_prefix(model):
+    with model.session() as s:
+        s.feed("the river and the stone")
+        s.generate(max_new_tokens=5, seed=1, ignore_eos=True)
+        old = list(s.tokens)
+        new = old[:6] + model.encode(" moon", bos=False)
+        assert s.sync(new) == 6
+        assert s.tokens == new
+        result = s.generate(max_new_tokens=8, seed=3, ignore_eos=True)
+    with model.session() as fresh:
+        fresh.feed_tokens(new)
+        assert fresh.generate(max_new_tokens=8, seed=3, ignore_eos=True).tokens == result.tokens
+
+
+def test_shift_drops_the_middle_and_refeeds(model):
+    with model.session() as s:
+        s.feed("the river and the stone remember")
+        s.generate(max_new_tokens=20, seed=1, ignore_eos=True)
+        before = list(s.tokens)
+        s.shift(keep=3, drop=10)
+        assert s.tokens == before[:3] + before[13:]
+        result = s.generate(max_new_tokens=6, seed=8, ignore_eos=True)
+    with model.session() as fresh:
+        fresh.feed_tokens(before[:3] + before[13:])
+        assert fresh.generate(max_new_tokens=6, seed=8, ignore_eos=True).tokens == result.tokens
+    with model.session() as s, pytest.raises(AriannaError, match="shift"):
+        s.shift(keep=1, drop=5)
+
+
+def test_empty_session_starts_from_bos(model):
+    with model.session() as s:
+        result = s.generate(max_new_tokens=12, seed=4)
+    assert result.text == model.generate("", max_new_tokens=12, seed=4)
+
+
+def test_closed_session_returns_its_sequence_and_model_closes(make_model):
+    m = Model(make_model(seed=1).model)
+    s = m.session()
+    s.feed("abc")
+    s.close()
+    s.close()  # idempotent
+    m.close()
+    with pytest.raises(ValueError, match="closed"):
+        m.session()
+
+
+def test_stream_yields_the_text_of_generate(model):
+    with model.session() as s:
+        s.feed("the")
+        pieces = list(s.stream(max_new_tokens=25, seed=11))
+        streamed = s.last
+    assert "".join(pieces) == streamed.text
+    assert streamed.text == model.generate("the", max_new_tokens=25, seed=11)
+
+
+def test_a_stream_left_early_keeps_its_tokens(model):
+    with model.session() as s:
+        s.feed("the")
+        it = s.stream(max_new_tokens=40, seed=11, ignore_eos=True)
+        next(it)
+        it.close()
+        assert s.last.finish_reason == "cancelled"
+        assert s.position == s.last.prompt_tokens + s.last.completion_tokens
+
+
+def test_bad_settings_raise_before_generating(model):
+    with model.session() as s:
+        with pytest.raises(AriannaError, match="min_p"):
+            s.generate(min_p=1.5)
+        with pytest.raises(AriannaError, match="repeat_last_n"):
+            s.generate(repeat_last_n=-1)
+        with pytest.raises(TypeError, match="temperature"):
+            s.generate(temperature="0.5")
+        with pytest.raises(TypeError, match="stop"):
+            s.generate(stop=[1])
+        with pytest.raises(TypeError, match="unknown setting"):
+            s.generate(nucleus=0.5)
+        with pytest.raises(AriannaError, match="outside the vocabulary"):
+            s.generate(logit_bias={10**6: 1.0})
+        assert s.position == 0
+
+
+# ---------------------------------------------------------------------------- stop strings
+
+
+def test_stop_matcher_holds_back_a_possible_stop_string():
+    m = StopMatcher(["\nQ:", "END"])
+    assert m.push("Hello") == "Hello"
+    assert m.push(" wor") == " wor"
+    assert m.push("ld\n") == "ld"  # "\n" may start "\nQ:"
+    assert m.push("A") == "\nA"    # it did not
+    assert m.push("EN") == ""
+    assert m.push("D and more") == ""
+    assert m.stopped and m.flush() == ""
+
+
+def test_stop_matcher_earliest_stop_wins_and_flush_releases_a_tail():
+    m = StopMatcher(["cd", "bcde"])
+    assert m.push("abcde") == "a"  # "bcde" starts before "cd" does
+    n = StopMatcher(["xyz"])
+    assert n.push("abxy") == "ab"
+    assert n.flush() == "xy" and not n.stopped
+    assert StopMatcher([""]).push("abc") == "abc"  # empty stop strings are ignored
+
+
+@pytest.fixture
+def scripted(scripted_model):
+    """A model that greedily spells " the river is a sea" (each piece once, in turn)."""
+    words = [b" the", b" ", b"r", b"i", b"v", b"er", b" i", b"s", b" a", b" s", b"e", b"a"]
+    script = [1] + [piece_id(w) for w in words]
+    with Model(scripted_model(script).model) as m:
+        yield m
+
+
+def test_stop_string_ends_the_text_and_is_never_shown(scripted):
+    with scripted.session() as s:
+        full = s.generate(max_new_tokens=12, temperature=0.0)
+    assert full.text == "the river is a sea"
+    with scripted.session() as s:
+        pieces = list(s.stream(max_new_tokens=12, temperature=0.0, stop=["is a", "zzz"]))
+        result = s.last
+    assert result.text == "the river " and result.finish_reason == "stop"
+    assert "".join(pieces) == "the river "
+    assert "is" not in "".join(pieces)  # not even the part of the stop string seen first
+    # the tokens of the stop string were sampled (and count), the text stops before it
+    assert result.completion_tokens == 9
+
+
+def test_stop_string_split_over_pieces_and_no_match(scripted):
+    with scripted.session() as s:
+        result = s.generate(max_new_tokens=12, temperature=0.0, stop=["iver"])  # "i" + "v" + "er"
+    assert result.text == "the r" and result.finish_reason == "stop" and result.completion_tokens == 6
+    with scripted.session() as s:
+        result = s.generate(max_new_tokens=12, temperature=0.0, stop=["river iz"])
+    assert result.text == "the river is a sea" and result.finish_reason == "length"
+
+
+# ---------------------------------------------------------------------------- log-probabilities
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    return x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+
+
+def test_logprobs_are_the_models_log_softmax(model):
+    with model.session() as s:
+        s.feed("the river")
+        result = s.generate(max_new_tokens=12, seed=3, temperature=1.0, logprobs=4, ignore_eos=True)
+        context = list(s.tokens)
+    logits = model.logits(context[:-1])
+    assert len(result.logprobs) == 12
+    for i, entry in enumerate(result.logprobs):
+        pos = result.prompt_tokens - 1 + i
+        expected = _log_softmax(logits[pos])
+        assert entry.token == context[pos + 1]
+        assert math.isclose(entry.logprob, expected[entry.token], abs_tol=1e-4)
+        order = sorted(range(len(expected)), key=lambda t: (-expected[t], t))[:4]
+        assert [a[0] for a in entry.top] == order
+        for alt in entry.top:
+            assert math.isclose(alt[3], expected[alt[0]], abs_tol=1e-4)
+        assert entry.top[0][3] >= entry.logprob - 1e-6
+
+
+def test_no_logprobs_unless_asked(model):
+    with model.session() as s:
+        assert s.generate(max_new_tokens=3, seed=1).logprobs is None
+        assert s.generate(max_new_tokens=3, seed=1, logprobs=0).logprobs is not None
+
+
+# ---------------------------------------------------------------------------- the C sampler
+
+
+@pytest.fixture
+def sampler(lib, ffi):
+    """sampler(vocab, **params) -> a C sampler from the library's defaults with params set."""
+    made = []
+
+    def make(vocab: int, **params):
+        p = ffi.new("ac_sampler_params *", lib.ac_sampler_default_params())
+        for k, v in params.items():
+            setattr(p, k, v)
+        out = ffi.new("ac_sampler **")
+        rc = lib.ac_sampler_create(p, vocab, out)
+        assert rc == 0, ffi.string(lib.ac_last_error()).decode()
+        made.append(out[0])
+        return out[0]
+
+    yield make
+    for s in made:
+        lib.ac_sampler_free(s)
+
+
+def _draw(lib, ffi, s, logits, n=1):
+    buf = ffi.new("float[]", [float(x) for x in logits])
+    out = ffi.new("int *")
+    tokens = []
+    for _ in range(n):
+        assert lib.ac_sample(s, buf, out) == 0
+        tokens.append(out[0])
+    return tokens
+
+
+def test_defaults_and_a_zeroed_struct_sample_alike(lib, ffi):
+    """The new fields are neutral both at their defaults and at zero: same draws."""
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal(300) * 3).astype(np.float32)
+    draws = []
+    for params in (lib.ac_sampler_default_params(), {"temperature": 1.0, "top_p": 0.9, "top_k": 0, "seed": 0}):
+        p = ffi.new("ac_sampler_params *", params)
+        p.seed = 42
+        out = ffi.new("ac_sampler **")
+        assert lib.ac_sampler_create(p, 300, out) == 0
+        for t in rng.integers(0, 300, 20):  # recorded history: no effect while neutral
+            lib.ac_sampler_accept(out[0], int(t))
+        draws.append(_draw(lib, ffi, out[0], logits, 200))
+        lib.ac_sampler_free(out[0])
+    assert draws[0] == draws[1]
+
+
+def test_min_p_keeps_tokens_near_the_best(lib, ffi, sampler):
+    logits = np.log(np.array([0.4, 0.3, 0.15, 0.1, 0.05]))
+    s = sampler(5, temperature=1.0, top_p=1.0, min_p=0.3, seed=3)
+    seen = set(_draw(lib, ffi, s, logits, 500))
+    assert seen == {0, 1, 2}  # p >= 0.3 * 0.4 = 0.12
+    s = sampler(5, temperature=1.0, top_p=1.0, min_p=0.0, seed=3)
+    assert set(_draw(lib, ffi, s, logits, 500)) == {0, 1, 2, 3, 4}
+
+
+def test_repeat_penalty_divides_positive_and_multiplies_negative_logits(lib, ffi, sampler):
+    s = sampler(4, temperature=0.0, repeat_penalty=2.0, repeat_last_n=8)
+    assert _draw(lib, ffi, s, [3.0, 2.0, -1.0, -1.5]) == [0]
+    lib.ac_sampler_accept(s, 0)
+    assert _draw(lib, ffi, s, [3.0, 2.0, -1.0, -1.5]) == [1]  # 3 / 2 = 1.5 < 2
+    # a negative logit is multiplied: -1 * 2 = -2 < -1.5
+    t = sampler(4, temperature=0.0, repeat_penalty=2.0, repeat_last_n=8)
+    lib.ac_sampler_accept(t, 2)
+    assert _draw(lib, ffi, t, [-5.0, -5.0, -1.0, -1.5]) == [3]
+
+
+def test_presence_and_frequency_penalties(lib, ffi, sampler):
+    logits = [5.0, 4.5, 0.0]
+    for kind, value, expected in (("frequency_penalty", 0.3, 1), ("frequency_penalty", 0.2, 0),
+                                  ("presence_penalty", 0.6, 1), ("presence_penalty", 0.4, 0)):
+        s = sampler(3, temperature=0.0, repeat_last_n=4, **{kind: value})
+        lib.ac_sampler_accept(s, 0)
+        lib.ac_sampler_accept(s, 0)
+        assert _draw(lib, ffi, s, logits) == [expected], (kind, value)
+
+
+def test_penalty_window_forgets_old_tokens(lib, ffi, sampler):
+    s = sampler(4, temperature=0.0, repeat_penalty=10.0, repeat_last_n=3)
+    lib.ac_sampler_accept(s, 0)
+    assert _draw(lib, ffi, s, [3.0, 2.0, 0.0, 0.0]) == [1]
+    for t in (2, 3, 2):  # 0 leaves the window of 3
+        lib.ac_sampler_accept(s, t)
+    assert _draw(lib, ffi, s, [3.0, 2.0, 0.0, 0.0]) == [0]
+    lib.ac_sampler_accept(s, 0)
+    lib.ac_sampler_reset_history(s)
+    assert _draw(lib, ffi, s, [3.0, 2.0, 0.0, 0.0]) == [0]
+
+
+def test_logit_bias_bans_and_boosts(lib, ffi, sampler):
+    s = sampler(4, temperature=1.0, top_p=1.0, seed=5)
+    ids, biases = ffi.new("int[]", [0, 3]), ffi.new("float[]", [-math.inf, 2.0])
+    assert lib.ac_sampler_set_logit_bias(s, ids, biases, 2) == 0
+    draws = _draw(lib, ffi, s, [4.0, 1.0, 1.0, 1.0], 400)
+    assert 0 not in draws and draws.count(3) > draws.count(1) + draws.count(2)
+    g = sampler(4, temperature=0.0)
+    assert lib.ac_sampler_set_logit_bias(g, ids, biases, 2) == 0
+    assert _draw(lib, ffi, g, [4.0, 1.0, 1.0, 2.5]) == [3]
+    assert lib.ac_sampler_set_logit_bias(g, ids, biases, 0) == 0  # cleared
+    assert _draw(lib, ffi, g, [4.0, 1.0, 1.0, 2.5]) == [0]
+
+
+def test_logit_bias_and_param_errors(lib, ffi, sampler):
+    s = sampler(4)
+    bad = [([7], [1.0], "AC_ERR_RANGE"), ([1], [math.nan], "AC_ERR_ARG"), ([1], [math.inf], "AC_ERR_ARG")]
+    for ids, biases, name in bad:
+        rc = lib.ac_sampler_set_logit_bias(s, ffi.new("int[]", ids), ffi.new("float[]", biases), 1)
+        assert ffi.string(lib.ac_strerror(rc)).decode() == name
+    for field, value, word in (("min_p", -0.1, "min_p"), ("min_p", math.nan, "min_p"),
+                               ("repeat_penalty", -1.0, "repeat_penalty"), ("repeat_penalty", math.inf, "repeat_penalty"),
+                               ("repeat_last_n", -2, "repeat_last_n"), ("presence_penalty", math.nan, "presence_penalty"),
+                               ("frequency_penalty", math.inf, "frequency_penalty")):
+        p = ffi.new("ac_sampler_params *", lib.ac_sampler_default_params())
+        setattr(p, field, value)
+        assert lib.ac_sampler_check_params(p) == lib.AC_ERR_ARG
+        assert word in ffi.string(lib.ac_last_error()).decode()
+        out = ffi.new("ac_sampler **")
+        assert lib.ac_sampler_create(p, 4, out) == lib.AC_ERR_ARG
+    assert lib.ac_sampler_accept(s, 4) == lib.AC_ERR_RANGE
+
+
+def test_ac_logprobs_matches_numpy_with_ties(lib, ffi):
+    logits = np.array([1.0, 3.0, 3.0, -2.0, 0.5, 3.0, -np.inf], dtype=np.float32)
+    lp, ids, lps = ffi.new("float *"), ffi.new("int[]", 7), ffi.new("float[]", 7)
+    buf = ffi.new("float[]", logits.tolist())
+    assert lib.ac_logprobs(buf, 7, 4, 7, lp, ids, lps) == 0
+    expected = _log_softmax(logits[:6])
+    assert math.isclose(lp[0], expected[4], abs_tol=1e-6)
+    assert list(ids) == [1, 2, 5, 0, 4, 3, 6]  # ties in increasing id order, -inf last
+    assert lps[6] == -math.inf
+    buf[2] = math.nan
+    assert lib.ac_logprobs(buf, 7, 0, 2, lp, ids, lps) == lib.AC_ERR_RANGE
+    assert lib.ac_logprobs(buf, 7, 0, 8, lp, ids, lps) == lib.AC_ERR_ARG
+
+
+def test_penalties_reach_generation(model):
+    """Greedy with a heavy repetition penalty over a window never repeats a token inside it;
+    the same seed and settings give the same text twice."""
+    settings = dict(max_new_tokens=40, temperature=0.0, repeat_penalty=1e6, repeat_last_n=6, ignore_eos=True)
+    with model.session() as s:
+        s.feed("the")
+        result = s.generate(**settings)
+        context = s.tokens
+    for i in range(result.prompt_tokens, len(context)):
+        window = context[max(0, i - 6):i]
+        assert context[i] not in window
+    with model.session() as s:
+        s.feed("the")
+        assert s.generate(**settings).tokens == result.tokens
+    with model.session() as s:
+        s.feed("the")
+        plain = s.generate(max_new_tokens=40, temperature=0.0, ignore_eos=True)
+    assert plain.tokens != result.tokens
+
+
+def test_penalties_and_min_p_agree_between_model_generate_and_sessions(model):
+    """The C session behind Model.generate and generate_batch records its context for the
+    penalties as a Session does: the same settings give the same text."""
+    settings = dict(max_new_tokens=30, temperature=0.9, seed=21, repeat_penalty=1.5, repeat_last_n=10,
+                    presence_penalty=0.3, frequency_penalty=0.2, min_p=0.05, ignore_eos=True)
+    with model.session() as s:
+        s.feed("the river")
+        text = s.generate(**settings).text
+    assert model.generate("the river", **settings) == text
+    assert model.generate_batch(["the river", "a stone"], **settings)[0] == text
+    assert model.generate("the river", **dict(settings, repeat_penalty=1.0, presence_penalty=0.0,
+                                              frequency_penalty=0.0, min_p=0.0)) != text
+
+
+def test_sampler_fuzz_regressions_replay_cleanly(built):
+    """fuzz/fuzz_sampler.c (min-p, penalties, logit bias, logprobs against their rules) over
+    the saved inputs in tests/fuzz_regressions/fuzz_sampler/, built as a plain program."""
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    r = subprocess.run(["make", "-s", "build-fuzz/replay_fuzz_sampler"], cwd=repo, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    files = sorted(str(p) for p in (repo / "tests" / "fuzz_regressions" / "fuzz_sampler").iterdir())
+    assert files
+    r = subprocess.run([str(repo / "build-fuzz" / "replay_fuzz_sampler"), *files], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("ok ") == len(files)
