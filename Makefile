@@ -20,9 +20,9 @@ LDFLAGS += -pthread
 # instead would need a registry of every pool and would hang if a state were still in use.
 LIB_LDFLAGS = -Wl,-z,nodelete
 
-SRC = src/errors.c src/file.c src/model.c src/forward.c src/tokenizer.c src/sampler.c src/session.c \
+SRC = src/errors.c src/file.c src/model.c src/forward.c src/tokenizer.c src/sampler.c src/session.c src/paths.c \
       src/module.c src/blake2b.c src/kernels.c src/kernels_avx2.c src/kernels_avx512.c src/pool.c
-HDR = src/run.h src/internal.h src/kernels.h src/kernels_x86.h src/pool.h src/blake2b.h
+HDR = src/run.h src/testing.h src/internal.h src/kernels.h src/kernels_x86.h src/pool.h src/blake2b.h
 
 .PHONY: all test clean bench
 
@@ -81,7 +81,7 @@ $(TINY_DIR)/model.bin: tests/make_tiny_model.py
 
 sanitize-check: all sanitize $(TINY_DIR)/model.bin
 	$(SAN_ENV) $(SAN_DIR)/run $(TINY_DIR)/model.bin -z $(TINY_DIR)/tokenizer.bin -n 24 -s 7 -i "the thing"
-	$(SAN_ENV) $(SAN_DIR)/run $(TINY_DIR)/model.bin -z $(TINY_DIR)/tokenizer.bin -n 0 -s 7 -t 0 -i "$$(printf 'caf\303\251 \377\376')"
+	$(SAN_ENV) $(SAN_DIR)/run $(TINY_DIR)/model.bin -z $(TINY_DIR)/tokenizer.bin -n 0 -s 7 -t 0 --mmap -i "$$(printf 'caf\303\251 \377\376')"
 	$(SAN_ENV) $(SAN_DIR)/run $(TINY_DIR)/tokenizer.bin -z $(TINY_DIR)/tokenizer.bin; test $$? -eq 1
 	ARIANNA_C_LIB=$(SAN_DIR)/libarianna.so ARIANNA_C_RUN=$(SAN_DIR)/run LD_PRELOAD=$(SAN_RUNTIME) \
 	  ASAN_OPTIONS=abort_on_error=1:detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \

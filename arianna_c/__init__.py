@@ -18,6 +18,7 @@ Modules: ``runtime`` (Model and the module functions), ``sampling`` (SamplingPar
 from __future__ import annotations
 
 from ._lib import kernel_name, library_version
+from ._version import __version__
 from .errors import AriannaError, ErrorCode
 from .formats import ModelConfig
 from .runtime import Model, default_model, default_sampling, generate, stream
@@ -25,4 +26,3 @@ from .sampling import SamplingParams
 
 __all__ = ["AriannaError", "ErrorCode", "Model", "ModelConfig", "SamplingParams", "default_model",
            "default_sampling", "generate", "kernel_name", "library_version", "stream", "__version__"]
-__version__ = "0.1.0"

@@ -1,4 +1,5 @@
-"""The cffi declarations of libarianna's C API, and the generator of arianna_c/_ffi.py.
+"""The cffi declarations of libarianna's C API (and of its test aids), and the generator of
+arianna_c/_ffi.py.
 
 cffi's in-line ABI mode (``FFI().cdef(CDEF)``) parses the declarations with pycparser on every
 import, which costs tens of milliseconds of start-up.  Out-of-line ABI mode does that parsing
@@ -32,15 +33,20 @@ HEADER = ("# Generated from CDEF in arianna_c/_ffi_build.py: `python -m arianna_
 
 # Mirrors src/run.h (the part cffi needs; keep the two in step).
 CDEF = """
+#define AC_ABI_VERSION 2
+#define AC_SEED_RANDOM 0xFFFFFFFFFFFFFFFF
+
 enum {
     AC_OK = 0, AC_ERR_IO = 1, AC_ERR_FORMAT = 2, AC_ERR_MISMATCH = 3, AC_ERR_ARG = 4,
-    AC_ERR_NOMEM = 5, AC_ERR_RANGE = 6
+    AC_ERR_NOMEM = 5, AC_ERR_RANGE = 6, AC_ERR_NUMERIC = 7
 };
 enum { AC_TOKEN_UNK = 0, AC_TOKEN_BOS = 1, AC_TOKEN_EOS = 2 };
 
 const char *ac_last_error(void);
 const char *ac_strerror(int code);
 const char *ac_version(void);
+int ac_version_number(void);
+int ac_abi_version(void);
 
 typedef struct ac_model ac_model;
 typedef struct {
@@ -77,7 +83,6 @@ void ac_state_free(ac_state *state);
 int ac_state_set_threads(ac_state *state, int n_threads);
 int ac_forward(ac_state *state, int token, int pos, const float **logits);
 int ac_logits(ac_state *state, const int *tokens, int n_tokens, float *out);
-int ac_logits_stepwise(ac_state *state, const int *tokens, int n_tokens, float *out);
 
 typedef struct ac_tokenizer ac_tokenizer;
 int ac_tokenizer_load(const char *path, int vocab_size, ac_tokenizer **out);
@@ -90,6 +95,7 @@ int ac_encode(const ac_tokenizer *tok, const char *text, size_t len, int bos, in
 int ac_decode_piece(const ac_tokenizer *tok, int prev, int token, const char **piece, size_t *len);
 int ac_tokenizer_piece(const ac_tokenizer *tok, int id, const char **piece, size_t *len,
                        float *score);
+int ac_tokenizer_path(const char *model_path, const char *name, char *buf, size_t cap);
 
 typedef struct ac_sampler ac_sampler;
 typedef struct {
@@ -109,40 +115,56 @@ int ac_logprobs(const float *logits, int n_vocab, int token, int top_n, float *t
                 int *top_ids, float *top_logprobs);
 
 typedef struct ac_session ac_session;
+typedef struct {
+    ac_sampler_params sampler; int max_new_tokens; int n_threads; int ignore_eos;
+} ac_session_params;
+ac_session_params ac_session_default_params(void);
+int ac_session_check_params(const ac_session_params *params);
+typedef enum {
+    AC_STOP_NONE = 0, AC_STOP_END = 1, AC_STOP_LENGTH = 2, AC_STOP_CONTEXT = 3, AC_STOP_CALLER = 4
+} ac_stop_reason;
 int ac_session_create(const ac_model *model, const ac_tokenizer *tok,
-                      const ac_sampler_params *params, ac_session **out);
+                      const ac_session_params *params, ac_session **out);
 void ac_session_free(ac_session *session);
-int ac_session_set_threads(ac_session *session, int n_threads);
-int ac_session_set_ignore_eos(ac_session *session, int ignore);
+int ac_session_set_params(ac_session *session, const ac_session_params *params);
 void ac_session_reset(ac_session *session);
 int ac_session_position(const ac_session *session);
 int ac_session_feed(ac_session *session, const char *text, size_t len, int bos);
 int ac_session_feed_tokens(ac_session *session, const int *tokens, int n_tokens);
 int ac_session_next(ac_session *session, int *token, const char **piece, size_t *len);
+ac_stop_reason ac_session_stop_reason(const ac_session *session);
 
 typedef int (*ac_piece_fn)(void *user, int token, const char *piece, size_t len);
-int ac_generate(ac_session *session, const char *prompt, size_t len, int max_new_tokens,
-                ac_piece_fn on_piece, void *user, int *n_generated);
+int ac_generate(ac_session *session, const char *prompt, size_t len, ac_piece_fn on_piece,
+                void *user, int *n_generated);
 
 typedef struct ac_batch ac_batch;
 int ac_batch_create(const ac_model *model, const ac_tokenizer *tok, int n_seqs,
-                    const ac_sampler_params *params, ac_batch **out);
+                    const ac_session_params *params, ac_batch **out);
 void ac_batch_free(ac_batch *batch);
-int ac_batch_set_threads(ac_batch *batch, int n_threads);
-int ac_batch_set_ignore_eos(ac_batch *batch, int ignore);
+int ac_batch_max_tokens(const ac_batch *batch);
+typedef struct {
+    int n_generated; int last_prompt_token; ac_stop_reason stop;
+} ac_batch_result;
 int ac_batch_generate(ac_batch *batch, const char *const *prompts, const size_t *lens,
-                      int max_new_tokens, int *tokens, int *n_generated);
+                      int *tokens, ac_batch_result *results);
 int ac_batch_prefill(ac_batch *batch, int seq, const int *tokens, int n_tokens, int pos,
                      float *logits);
 int ac_batch_decode(ac_batch *batch, int n_rows, const int *seqs, const int *tokens,
                     const int *pos, float *logits);
 """
 
+# Mirrors src/testing.h: what the library exports for the test suite only (comparing two
+# code paths).  Not part of the API; nothing in the package calls these.
+TESTING_CDEF = """
+int ac_logits_stepwise(ac_state *state, const int *tokens, int n_tokens, float *out);
+"""
+
 
 def python_source() -> str:
     """The text of arianna_c/_ffi.py for the current CDEF (cffi writes it to a file only)."""
     builder = FFI()
-    builder.cdef(CDEF)
+    builder.cdef(CDEF + TESTING_CDEF)
     builder.set_source(MODULE, None, compiler_verbose=False)  # None: ABI mode, no C compiler
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "_ffi.py"
@@ -151,7 +173,7 @@ def python_source() -> str:
 
 
 def cdef_digest() -> str:
-    return hashlib.sha256(CDEF.encode()).hexdigest()
+    return hashlib.sha256((CDEF + TESTING_CDEF).encode()).hexdigest()
 
 
 def header() -> str:

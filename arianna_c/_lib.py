@@ -57,7 +57,7 @@ def load() -> Any:
             tried = library_candidates()
             for path in tried:
                 if path.is_file():
-                    _lib = ffi.dlopen(str(path))
+                    _lib = _checked(ffi.dlopen(str(path)), path)
                     break
             else:
                 raise ImportError(
@@ -66,6 +66,25 @@ def load() -> Any:
                     + ". Run `make` in the source checkout or `pip install .`."
                 )
     return _lib
+
+
+def _checked(lib: Any, path: Path) -> Any:
+    """lib, if it is the library this package was written for: the same ABI and version (a
+    library left from an older build, or from another install, is an ImportError naming it)."""
+    from ._version import __version__
+
+    want_abi = ffi.integer_const("AC_ABI_VERSION")
+    try:
+        abi = lib.ac_abi_version()
+    except (AttributeError, ffi.error):  # a library older than ac_abi_version
+        abi = None
+    version = ffi.string(lib.ac_version()).decode()
+    if abi != want_abi or version != __version__:
+        raise ImportError(
+            f"arianna_c: {path} is a stale libarianna.so: it is version {version} (ABI {abi}), but this "
+            f"arianna_c is {__version__} (ABI {want_abi}).  Rebuild it (`make`) or reinstall (`pip install .`)."
+        )
+    return lib
 
 
 def error_message() -> str:

@@ -297,7 +297,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (AriannaError, OSError, ValueError) as e:
+    except (AriannaError, OSError, ValueError, ImportError) as e:  # ImportError: an extra not installed
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -2,7 +2,7 @@
 
 The parameter names follow llama2.c's ``model.py`` (``tok_embeddings``, ``layers.N.attention.wq``,
 ``feed_forward.w1`` ...), so the exporters and the C runtime agree on one layout. RoPE rotates
-*interleaved* pairs (x[2i], x[2i+1]) exactly as ``src/run.c`` does. Importing this module needs
+*interleaved* pairs (x[2i], x[2i+1]) exactly as ``src/forward.c`` does. Importing this module needs
 torch (the ``train`` extra).
 """
 

@@ -1,5 +1,6 @@
-"""Where the files a Model loads are found: the bundled persona and the tokenizer next to a
-model, and the checks that turn an unusable path into the OSError that names it.
+"""Where the files a Model loads are found: the bundled persona, the tokenizer that goes with
+a model (the library's lookup, the same as the CLI's), and the checks that turn an unusable
+path into the OSError that names it.
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ import stat
 from pathlib import Path
 from typing import Optional, Union
 
+from .errors import AriannaError, ErrorCode
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 DEFAULT_MODEL = "arianna_v1_base.bin"
-# Looked up next to the model when no tokenizer is named.
-DEFAULT_TOKENIZERS = ("tok4096.bin", "tokenizer.bin")
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -42,8 +43,6 @@ def path_argument(value: PathLike, what: str) -> str:
     if path == "":
         raise ValueError(f"the {what} path is empty")
     if "\0" in path:
-        from .errors import AriannaError, ErrorCode
-
         raise AriannaError(f"{what} path {path!r} contains a NUL byte", ErrorCode.ARG)
     return path
 
@@ -63,25 +62,17 @@ def check_file(path: str, what: str) -> None:
         raise IsADirectoryError(errno.EISDIR, f"{path}: is a directory, not a {what} file", path)
 
 
-def tokenizer_candidates(model_path: Optional[str], name: Optional[str]) -> list[str]:
-    """A named tokenizer resolves like the CLI's -z: NAME, NAME.bin, then both in the model's
-    folder.  Without a name: tok4096.bin, then tokenizer.bin in the model's folder."""
-    folder = None if model_path is None else os.path.dirname(model_path)
-    if name is None:
-        return [os.path.join(folder, n) for n in DEFAULT_TOKENIZERS] if folder is not None else []
-    found = [name, name + ".bin"]
-    if folder is not None and not os.path.isabs(name):
-        found += [os.path.join(folder, name), os.path.join(folder, name + ".bin")]
-    return found
-
-
 def find_tokenizer(model_path: Optional[str], name: Optional[str]) -> str:
-    """The first candidate that exists (whatever it is: a directory found first is an
-    IsADirectoryError, not skipped); FileNotFoundError listing every path tried."""
-    tried = tokenizer_candidates(model_path, name)
-    for path in tried:
-        if os.path.lexists(path):
-            check_file(path, "tokenizer")
-            return path
-    shown = ", ".join(tried) or "(nothing: name a tokenizer for a model loaded from memory)"
-    raise FileNotFoundError(errno.ENOENT, f"no tokenizer file found; tried: {shown}", tried[0] if tried else None)
+    """The tokenizer file for a model (model_path None: loaded from memory) and a tokenizer
+    name (None: the default names), found by the library's ac_tokenizer_path; a
+    FileNotFoundError listing every path tried when none exists."""
+    from ._lib import _error_check, error_message, ffi, load
+
+    cap = 4096  # PATH_MAX
+    buf = ffi.new("char[]", cap)
+    rc = load().ac_tokenizer_path(ffi.NULL if model_path is None else os.fsencode(model_path),
+                                  ffi.NULL if name is None else os.fsencode(name), buf, cap)
+    if rc == ErrorCode.IO:  # no candidate exists
+        raise FileNotFoundError(errno.ENOENT, error_message(), name or model_path)
+    _error_check(rc)
+    return os.fsdecode(ffi.string(buf))

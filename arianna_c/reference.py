@@ -1,6 +1,7 @@
 """The NumPy reference implementation of arianna_c: forward pass, tokenizer, sampler, generation.
 
-Everything here follows the C runtime (``src/run.c``) operation for operation, in plain NumPy:
+Everything here follows the C runtime (``src/forward.c``, ``src/sampler.c``, ``src/tokenizer.c``)
+operation for operation, in plain NumPy:
 
 * RMSNorm ``x * (1 / sqrt(mean(x^2) + 1e-5)) * w``; RoPE on interleaved pairs ``(x[2i], x[2i+1])``
   of each head with ``freq_i = 1 / 10000^(2i / head_size)`` and ``angle = pos * freq_i`` in
@@ -24,16 +25,20 @@ SentencePiece-style BPE over the tokenizer ``.bin`` does (identity normalization
 spaces as U+2581, highest-score merge first with ties to the left, byte fallback), which gives
 the same ids for byte-fallback BPE models like the persona tokenizer.
 
-Command line: ``python -m arianna_c.reference MODEL -z TOKENIZER -i "Resonance is"``.
+Command line: ``python -m arianna_c.reference MODEL -i "Resonance is"`` (the tokenizer is
+looked up as ./run does, and the settings default to the C library's, so the same seed gives
+./run's text).
 """
 
 from __future__ import annotations
 
 import argparse
 import codecs
+import dataclasses
 import heapq
 import json
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -613,18 +618,23 @@ def _utf8_len(data: bytes, i: int) -> int:
 # ============================================================================ convenience
 
 
-def generate_text(model: Reference, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 128,
-                  temperature: float = 0.0, top_p: float = 0.9, top_k: int = 0, seed: int = 0,
-                  on_text=None) -> str:
-    """Generated text (without the prompt); on_text(str) receives it piece by piece."""
+def generate_text(model: Reference, tokenizer: Tokenizer, prompt: str, max_new_tokens: Optional[int] = None,
+                  temperature: Optional[float] = None, top_p: Optional[float] = None, top_k: Optional[int] = None,
+                  seed: Optional[int] = None, on_text=None) -> str:
+    """Generated text (without the prompt); on_text(str) receives it piece by piece.  A
+    setting left as None takes the C library's default (arianna_c.default_sampling(), which
+    loads the library), so by default this gives ./run's and Model.generate's text for the
+    same seed; seed None (the default) draws a random one, as they do."""
     if tokenizer.vocab_size != model.config.vocab_size:
         raise FormatError(f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size "
                           f"is {model.config.vocab_size}")
+    given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    settings = library_defaults(**{k: v for k, v in given.items() if v is not None})
     tokens = tokenizer.encode(prompt, bos=True)
-    sampler = Sampler(temperature, top_p, top_k, seed)
+    sampler = Sampler(settings.temperature, settings.top_p, settings.top_k, _seed(settings.seed))
     stream = tokenizer.stream(prev=tokens[-1])
     parts = []
-    for tok in model.generate_tokens(tokens, max_new_tokens, sampler):
+    for tok in model.generate_tokens(tokens, settings.max_new_tokens, sampler):
         text = stream.feed(tok)
         if text:
             parts.append(text)
@@ -638,41 +648,67 @@ def generate_text(model: Reference, tokenizer: Tokenizer, prompt: str, max_new_t
     return "".join(parts)
 
 
+def library_defaults(**given):
+    """arianna_c.SamplingParams: the C library's default generation settings with the given
+    ones over them."""
+    from . import default_sampling
+
+    return dataclasses.replace(default_sampling(), **given)
+
+
+def _seed(seed: Optional[int]) -> int:
+    """The sampler seed of a setting: a random one for None or the library's AC_SEED_RANDOM."""
+    from ._ffi import ffi
+
+    if seed is None or seed == ffi.integer_const("AC_SEED_RANDOM"):
+        return random.SystemRandom().getrandbits(64)
+    return seed
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        defaults = library_defaults()
+    except ImportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     parser = argparse.ArgumentParser(prog="python -m arianna_c.reference",
-                                     description="Generate text with the NumPy reference implementation.")
-    parser.add_argument("model", help="model .bin (v0 or v1) or .npz")
-    parser.add_argument("-z", "--tokenizer", required=True, help="tokenizer .bin")
-    parser.add_argument("-i", "--prompt", default="", help="prompt text")
-    parser.add_argument("-n", "--steps", type=int, default=128, help="max new tokens")
-    parser.add_argument("-t", "--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("-p", "--top-p", type=float, default=0.9)
-    parser.add_argument("-k", "--top-k", type=int, default=0)
-    parser.add_argument("-s", "--seed", type=int, default=0)
-    parser.add_argument("--sp-model", help="SentencePiece .model to encode with (default: next to -z)")
-    parser.add_argument("--float64", action="store_true", help="compute in float64")
+                                     description="Generate text with the NumPy reference implementation "
+                                                 "(the defaults are the C library's, as ./run's).")
+    parser.add_argument("model", help="model .bin (v0, v1 or int8 v2, dequantized) or .npz")
+    parser.add_argument("-z", "--tokenizer", help="tokenizer .bin, looked up as ./run -z does; default: "
+                                                  "tokenizer.bin, then tok4096.bin next to the model")
+    parser.add_argument("-i", "--prompt", default="", help="prompt text; default: empty (from BOS)")
+    parser.add_argument("-n", "--steps", type=int, default=defaults.max_new_tokens,
+                        help="tokens to generate at most (prompt + generated <= seq_len); default %(default)s")
+    parser.add_argument("-t", "--temperature", type=float, default=defaults.temperature,
+                        help="temperature, 0 = greedy; default %(default)s")
+    parser.add_argument("-p", "--top-p", type=float, default=defaults.top_p,
+                        help="top-p (nucleus) in (0, 1], 1 = off; default %(default)s")
+    parser.add_argument("-k", "--top-k", type=int, default=defaults.top_k,
+                        help="top-k, 0 = off; default %(default)s")
+    parser.add_argument("-s", "--seed", type=int, default=None, help="seed; default: a random one")
+    parser.add_argument("--sp-model", help="SentencePiece .model to encode with (default: next to the tokenizer)")
+    parser.add_argument("--float64", action="store_true", help="compute in float64 (default float32)")
     args = parser.parse_args(argv)
     try:
+        from .paths import find_tokenizer
+
         model = Reference(args.model, dtype=np.float64 if args.float64 else np.float32)
-        tok = Tokenizer(args.tokenizer, sp_model=args.sp_model)
-        if tok.vocab_size != model.config.vocab_size:
-            raise FormatError(f"{args.tokenizer} has {tok.vocab_size} pieces but the model's "
-                              f"vocab_size is {model.config.vocab_size}")
-        tokens = tok.encode(args.prompt, bos=True)
-        sampler = Sampler(args.temperature, args.top_p, args.top_k, args.seed)
-        stream = tok.stream(prev=tokens[-1])
+        tok = Tokenizer(find_tokenizer(args.model, args.tokenizer), sp_model=args.sp_model)
         sys.stdout.write(args.prompt)
         sys.stdout.flush()
-        start, count = time.perf_counter(), 0
-        for token in model.generate_tokens(tokens, args.steps, sampler):
-            count += 1
-            sys.stdout.write(stream.feed(token))
+        start = time.perf_counter()
+
+        def write(text: str) -> None:
+            sys.stdout.write(text)
             sys.stdout.flush()
-        sys.stdout.write(stream.flush() + "\n")
+
+        generate_text(model, tok, args.prompt, args.steps, args.temperature, args.top_p, args.top_k, args.seed,
+                      on_text=write)
+        sys.stdout.write("\n")
         sys.stdout.flush()
         elapsed = time.perf_counter() - start
-        rate = count / elapsed if elapsed > 0 else 0.0
-        print(f"[{count} tokens in {elapsed:.2f} s: {rate:.1f} tok/s, prompt included]", file=sys.stderr)
+        print(f"[{elapsed:.2f} s, prompt included]", file=sys.stderr)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -28,8 +28,8 @@ Source = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
 _BUFFERS = (bytes, bytearray, memoryview)
 
 INT_MAX = 2**31 - 1
-# Tokens to generate when max_new_tokens is not given.
-DEFAULT_MAX_NEW_TOKENS = 256
+# Sessions a Model keeps for reuse once their streams end: each holds a KV cache and threads.
+IDLE_SESSIONS = 4
 
 
 def _text_bytes(text: Text, what: str = "text") -> bytes:
@@ -56,9 +56,9 @@ def _token_list(tokens: Any) -> list[int]:
 
 
 class _Handles:
-    """The C objects of one Model: model, tokenizer, and the state logits() reuses.  Freed
-    when the Model is closed and the last call or stream using them has finished (so close()
-    never pulls memory from under a running generation)."""
+    """The C objects of one Model: model, tokenizer, the state logits() reuses and the
+    sessions streams reuse.  Freed when the Model is closed and the last call or stream using
+    them has finished (so close() never pulls memory from under a running generation)."""
 
     def __init__(self) -> None:
         self.model: Any = ffi.NULL
@@ -66,9 +66,24 @@ class _Handles:
         self.buffers: list[Any] = []  # memory the C model views (load from bytes), kept alive
         self.state: Any = ffi.NULL    # logits(): one KV cache and thread pool, under state_lock
         self.state_lock = threading.Lock()
+        self._idle: list[Any] = []    # sessions of finished streams, at most IDLE_SESSIONS
         self._lock = threading.Lock()
         self._users = 0
         self._closed = False
+
+    def take_session(self) -> Any:
+        """An idle session (ffi.NULL if none): its settings and context are the last user's."""
+        with self._lock:
+            return self._idle.pop() if self._idle else ffi.NULL
+
+    def give_session(self, session: Any) -> None:
+        """Keeps a session whose stream ended for the next one, or frees it."""
+        with self._lock:
+            keep = not self._closed and len(self._idle) < IDLE_SESSIONS
+            if keep:
+                self._idle.append(session)
+        if not keep:
+            load().ac_session_free(session)
 
     def acquire(self) -> "_Handles":
         with self._lock:
@@ -109,6 +124,9 @@ class _Handles:
         if self.model == ffi.NULL:  # nothing was loaded (a tokenizer is only loaded after it)
             return
         lib = load()
+        for session in self._idle:
+            lib.ac_session_free(session)
+        self._idle.clear()
         lib.ac_state_free(self.state)
         lib.ac_tokenizer_free(self.tokenizer)
         lib.ac_model_free(self.model)
@@ -142,7 +160,7 @@ class Model:
                  modules: Sequence[tuple[Source, float]] = ()) -> None:
         self._h = _Handles()  # first: close() and __del__ need it whatever fails below
         self._lib = load()
-        self._threads = _thread_count(threads)
+        self._threads = _thread_count(self._lib, threads)
         if quantize not in (None, "int8"):
             self._h.close()
             raise AriannaError(f"quantize {quantize!r} is invalid: it must be None or 'int8'", ErrorCode.ARG)
@@ -227,6 +245,7 @@ class Model:
         else:
             name = None if source is None else paths.path_argument(source, "tokenizer")
             path = paths.find_tokenizer(model_path, name)
+            paths.check_file(path, "tokenizer")
             _error_check(lib.ac_tokenizer_load(os.fsencode(path), vocab, out), path)
         self._h.tokenizer = out[0]
 
@@ -294,7 +313,8 @@ class Model:
     def logits(self, tokens: Sequence[int], stepwise: bool = False) -> "np.ndarray":
         """float32 logits of shape (len(tokens), vocab_size): row t follows tokens[0..t],
         run from position 0 (len(tokens) <= seq_len).  The tokens go through the layers
-        together (prefill); stepwise=True runs them one at a time as decoding does."""
+        together (prefill); stepwise=True runs them one at a time as decoding does (the
+        library's test aid ac_logits_stepwise, for comparing the two paths)."""
         import numpy as np
 
         ids = np.array(_token_list(tokens), dtype=np.int32)
@@ -361,27 +381,20 @@ class Model:
             if not texts:
                 return []
             lib, n = self._lib, len(texts)
-            steps = _step_count(p, self.config.seq_len)
-            last_prompt_tokens = [self._last_prompt_token(t) for t in texts]
             c_texts = [ffi.new("char[]", t) for t in texts]  # kept alive for the call
             c_prompts = ffi.new("const char *[]", c_texts)
             lens = ffi.new("size_t[]", [len(t) for t in texts])
-            tokens = ffi.new("int[]", max(1, n * steps))
-            counts = ffi.new("int[]", n)
+            results = ffi.new("ac_batch_result[]", n)
             batch = ffi.new("ac_batch **")
-            _error_check(lib.ac_batch_create(h.model, h.tokenizer, n, _c_sampler_params(lib, p), batch))
+            _error_check(lib.ac_batch_create(h.model, h.tokenizer, n, _c_params(lib, p, self._threads), batch))
             try:
-                _error_check(lib.ac_batch_set_threads(batch[0], self._threads))
-                _error_check(lib.ac_batch_set_ignore_eos(batch[0], int(p.ignore_eos)))
-                _error_check(lib.ac_batch_generate(batch[0], c_prompts, lens, steps, tokens, counts))
+                stride = lib.ac_batch_max_tokens(batch[0])
+                tokens = ffi.new("int[]", max(1, n * stride))
+                _error_check(lib.ac_batch_generate(batch[0], c_prompts, lens, tokens, results))
             finally:
                 lib.ac_batch_free(batch[0])
-            return [self._decode(tokens[i * steps : i * steps + counts[i]], last_prompt_tokens[i])
-                    for i in range(n)]
-
-    def _last_prompt_token(self, text: bytes) -> int:
-        ids = self.encode(text, bos=True)
-        return ids[-1]
+            return [self._decode(tokens[i * stride : i * stride + results[i].n_generated],
+                                 results[i].last_prompt_token) for i in range(n)]
 
     def session(self) -> Any:
         """A Session: a context kept in a KV cache of its own between calls (feed, generate,
@@ -410,7 +423,8 @@ class Model:
 
 
 class _Lease:
-    """One C session and the Model handles it needs, held together and freed together (once)."""
+    """One C session and the Model handles it needs, held together: the session goes back to
+    the Model for the next stream (or is freed), the handles are released, both once."""
 
     def __init__(self, handles: _Handles) -> None:
         self.session: Any = ffi.NULL
@@ -421,7 +435,7 @@ class _Lease:
         if handles is None:
             return
         if self.session != ffi.NULL:
-            load().ac_session_free(self.session)
+            handles.give_session(self.session)
             self.session = ffi.NULL
         handles.release()
 
@@ -430,7 +444,7 @@ class _TextStream(Iterator[str]):
     """The iterator Model.stream returns.  It holds one C session (and the Model's handles, so
     a close() of the Model waits for it) from the call until the text ends, the loop breaks
     (close()) or the iterator is dropped.  The generator that samples references the lease,
-    not this object, so dropping the iterator frees the session at once."""
+    not this object, so dropping the iterator gives the session back at once."""
 
     def __init__(self, model: Model, prompt: bytes, params: SamplingParams) -> None:
         self._lease = _Lease(model._h)
@@ -444,7 +458,7 @@ class _TextStream(Iterator[str]):
         return next(self._pieces)
 
     def close(self) -> None:
-        """Ends the generation and frees its session.  Idempotent."""
+        """Ends the generation and gives its session back.  Idempotent."""
         pieces = getattr(self, "_pieces", None)
         if pieces is not None:
             pieces.close()  # runs its finally (if it ever started)
@@ -458,33 +472,33 @@ class _TextStream(Iterator[str]):
 
 
 def _start(model: Model, lease: _Lease, prompt: bytes, params: SamplingParams) -> Iterator[str]:
-    """Creates and feeds the session now (bad settings and prompts raise here) and returns
-    the generator that samples from it."""
+    """Sets up a session with params and feeds it the prompt now (bad settings and a prompt
+    longer than the context raise here, from the library) and returns the generator that
+    samples from it."""
     lib, h = model._lib, model._h
-    prompt_ids = model.encode(prompt, bos=True)
-    if len(prompt_ids) > model.config.seq_len:
-        raise AriannaError(f"the prompt is {len(prompt_ids)} tokens (BOS included) but the model's "
-                           f"seq_len is {model.config.seq_len}", ErrorCode.RANGE)
-    steps = _step_count(params, model.config.seq_len)
-    out = ffi.new("ac_session **")
-    _error_check(lib.ac_session_create(h.model, h.tokenizer, _c_sampler_params(lib, params), out))
-    lease.session = out[0]
-    _error_check(lib.ac_session_set_threads(lease.session, model._threads))
-    _error_check(lib.ac_session_feed_tokens(lease.session, ffi.new("int[]", prompt_ids), len(prompt_ids)))
-    stops = () if params.ignore_eos else (lib.AC_TOKEN_BOS, lib.AC_TOKEN_EOS)
-    return _pieces(lib, lease, steps, stops)
+    c_params = _c_params(lib, params, model._threads)
+    lease.session = h.take_session()
+    if lease.session == ffi.NULL:
+        out = ffi.new("ac_session **")
+        _error_check(lib.ac_session_create(h.model, h.tokenizer, c_params, out))
+        lease.session = out[0]
+    else:
+        _error_check(lib.ac_session_set_params(lease.session, c_params))
+        lib.ac_session_reset(lease.session)
+    _error_check(lib.ac_session_feed(lease.session, prompt, len(prompt), 1))
+    return _pieces(lib, lease)
 
 
-def _pieces(lib: Any, lease: _Lease, steps: int, stops: tuple) -> Iterator[str]:
+def _pieces(lib: Any, lease: _Lease) -> Iterator[str]:
+    """The text of the session's tokens until the library ends the generation."""
     session, token, piece, size = lease.session, ffi.new("int *"), ffi.new("const char **"), ffi.new("size_t *")
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     # looked up once: this loop's own cost is per token (~10 us, 1-3% of a token)
     next_token, decode, unpack = lib.ac_session_next, decoder.decode, ffi.unpack
     try:
-        for _ in range(steps):
+        while True:
             _error_check(next_token(session, token, piece, size))
-            t = token[0]
-            if t < 0 or t in stops:
+            if token[0] < 0:
                 break
             text = decode(unpack(piece[0], size[0]))
             if text:
@@ -502,40 +516,56 @@ def _settings(params: Optional[SamplingParams], max_new_tokens: Optional[int], s
     return sampling_params(params, settings)
 
 
-def _step_count(p: SamplingParams, seq_len: int) -> int:
-    """max_new_tokens as a C int: negative is the library's error to report, anything beyond
-    seq_len generates no more than seq_len does."""
-    n = DEFAULT_MAX_NEW_TOKENS if p.max_new_tokens is None else p.max_new_tokens
-    if n < 0:
-        raise AriannaError(f"max_new_tokens {n} is invalid: it must be >= 0", ErrorCode.ARG)
-    return min(n, seq_len)
+def _c_int(name: str, value: int) -> int:
+    """A count as a C int: more than a C int holds is the same as INT_MAX (the library
+    clamps counts to what fits); less is out of range."""
+    if value > INT_MAX:
+        return INT_MAX
+    if value < -INT_MAX - 1:
+        raise AriannaError(f"{name} {value} is invalid: it is outside the range of a C int", ErrorCode.ARG)
+    return value
 
 
-def _c_sampler_params(lib: Any, p: SamplingParams) -> Any:
-    """The C ac_sampler_params for p: the library's defaults, with p's settings over them."""
-    c = ffi.new("ac_sampler_params *", lib.ac_sampler_default_params())
-    for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n",
-                 "presence_penalty", "frequency_penalty"):
+def _c_params(lib: Any, p: SamplingParams, threads: int) -> Any:
+    """The C ac_session_params for p: the library's defaults, with p's settings over them
+    (the sampler's own settings are the fields of SamplingParams that ac_sampler_params has)."""
+    c = ffi.new("ac_session_params *", lib.ac_session_default_params())
+    for name, c_type in SAMPLER_FIELDS.items():
         value = getattr(p, name)
-        if value is None:
-            continue
-        try:
-            setattr(c, name, value)
-        except OverflowError:
-            raise AriannaError(f"{name} {value} is invalid: it is outside the range of a C int",
-                               ErrorCode.ARG) from None
-    c.seed = p.seed if p.seed is not None else random.SystemRandom().getrandbits(64) or 1
+        if value is not None:
+            setattr(c.sampler, name, _c_int(name, value) if c_type == "int" else value)
+    if p.max_new_tokens is not None:
+        c.max_new_tokens = _c_int("max_new_tokens", p.max_new_tokens)
+    if p.ignore_eos is not None:
+        c.ignore_eos = int(p.ignore_eos)
+    c.n_threads = threads
     return c
 
 
-def _thread_count(threads: Optional[int]) -> int:
-    """The C thread count of Model(threads=...): 0 (the library's default) for None."""
+# The settings SamplingParams shares with the C sampler, and their C types.
+SAMPLER_FIELDS = {name: field.type.cname for name, field in ffi.typeof("ac_sampler_params").fields
+                  if name in SamplingParams.__dataclass_fields__}
+
+
+def _c_sampler_params(lib: Any, p: SamplingParams) -> Any:
+    """The C ac_sampler_params of p, for code that creates its own ac_sampler: a sampler takes
+    its seed as it is, so the random seed that sessions draw for AC_SEED_RANDOM is drawn here."""
+    session_params = _c_params(lib, p, 0)  # owns the memory .sampler views while it is copied
+    c = ffi.new("ac_sampler_params *", session_params.sampler)
+    if c.seed == lib.AC_SEED_RANDOM:
+        c.seed = random.SystemRandom().getrandbits(64)
+    return c
+
+
+def _thread_count(lib: Any, threads: Optional[int]) -> int:
+    """The C thread count of Model(threads=...), checked by the library: 0 (the library's
+    default) for None."""
     if threads is None:
         return 0
-    n = _count("threads", threads)
-    if not 1 <= n <= 256:
-        raise AriannaError(f"n_threads {n} is invalid: it must be an int in 1..256 (None = all available cores)",
-                           ErrorCode.ARG)
+    n = _c_int("threads", _count("threads", threads))
+    c = ffi.new("ac_session_params *", lib.ac_session_default_params())
+    c.n_threads = n
+    _error_check(lib.ac_session_check_params(c))
     return n
 
 
@@ -556,11 +586,13 @@ def default_model() -> Model:
 
 def default_sampling() -> SamplingParams:
     """The settings a generation uses when none are given, as the library defines them
-    (seed None: a random seed for each call)."""
+    (ac_session_default_params; seed None: a fresh random seed for each call)."""
     lib = load()
-    c = lib.ac_sampler_default_params()
-    return SamplingParams(max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=_shortest_float32(c.temperature),
-                          top_p=_shortest_float32(c.top_p), top_k=c.top_k)
+    c = lib.ac_session_default_params()
+    sampler = {name: getattr(c.sampler, name) for name in SAMPLER_FIELDS}
+    sampler = {k: _shortest_float32(v) if isinstance(v, float) else v for k, v in sampler.items()}
+    sampler["seed"] = None if c.sampler.seed == lib.AC_SEED_RANDOM else int(c.sampler.seed)
+    return SamplingParams(max_new_tokens=c.max_new_tokens, ignore_eos=bool(c.ignore_eos), **sampler)
 
 
 def _shortest_float32(value: float) -> float:

@@ -37,14 +37,17 @@ def _real(name: str, value: Any) -> Optional[float]:
     return float(value)
 
 
-def _flag(name: str, value: Any) -> bool:
+def _flag(name: str, value: Any) -> Optional[bool]:
+    if value is None:
+        return None
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, not {type(value).__name__}")
     return value
 
 
 def _seed(name: str, value: Any) -> Optional[int]:
-    """None (a fresh random seed for each call) or the PRNG seed, a C uint64."""
+    """None (a fresh random seed for each call) or the PRNG seed, a C uint64 (the library reads
+    its largest value, AC_SEED_RANDOM, as None)."""
     seed = _count(name, value)
     if seed is not None and not 0 <= seed < 2**64:
         raise AriannaError(f"seed {seed} is invalid: it must be an int in [0, 2**64) (None = random)",
@@ -77,7 +80,7 @@ class SamplingParams:
     top_p: Optional[float] = None
     top_k: Optional[int] = None
     seed: Optional[int] = None
-    ignore_eos: bool = False
+    ignore_eos: Optional[bool] = None
     min_p: Optional[float] = None
     repeat_penalty: Optional[float] = None
     repeat_last_n: Optional[int] = None

@@ -16,6 +16,7 @@ client that disconnects is cancelled before the next step.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import queue
 import secrets
@@ -27,7 +28,7 @@ from importlib import resources
 from typing import Any, AsyncIterator, Literal, Optional, Union
 
 from . import chat as chat_templates
-from .errors import AriannaError, ErrorCode
+from .errors import AriannaError
 from .sampling import SamplingParams
 from .session import (Completion, Generation, Options, ReplyText, Session, Slots, TokenLogprob, c_sampler_params,
                       chat_prompt)
@@ -399,10 +400,7 @@ def _check_settings(model: Any, choice: Choice) -> None:
     params, options = choice
     try:
         c_sampler_params(model._lib, params)
-        bad = [t for t in (options.logit_bias or ()) if not 0 <= t < model.config.vocab_size]
-        if bad:
-            raise AriannaError(f"logit_bias token {bad[0]} is outside the vocabulary [0, {model.config.vocab_size})",
-                               ErrorCode.RANGE)
+        options.bias_arrays(model.config.vocab_size)
     except AriannaError as e:
         raise APIError(400, str(e), param="logit_bias" if "logit_bias" in str(e) else None) from None
 
@@ -439,14 +437,13 @@ def create_app(model: Any, model_name: str = "arianna_c", api_key: Optional[str]
     async def internal_error(request: Request, e: Exception) -> JSONResponse:
         return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").response()
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next: Any) -> Any:
-        if api_key is not None and request.url.path.startswith("/v1/"):
+    def check_key(request: Request) -> None:
+        """Every /v1/ endpoint starts here.  (Not an HTTP middleware: Starlette's hides a
+        client's disconnect from the endpoint, which must see it to cancel.)"""
+        if api_key is not None:
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
-                                code="invalid_api_key").response()
-        return await call_next(request)
+                raise APIError(401, "invalid or missing API key (Authorization: Bearer <key>)", code="invalid_api_key")
 
     async def read_body(request: Request, kind: type) -> Any:
         chunks, size = [], 0
@@ -512,8 +509,13 @@ def create_app(model: Any, model_name: str = "arianna_c", api_key: Optional[str]
                     yield _event(first(index))
             ended: list[Completion] = []
             failed = False
+            waiting: collections.deque[tuple] = collections.deque()
             while len(ended) < len(job.choices):
-                event = await job.events.get()
+                if not waiting:
+                    waiting.append(await job.events.get())
+                while not job.events.empty():
+                    waiting.append(job.events.get_nowait())
+                event = _merge_text(waiting)
                 if event[0] == "text":
                     _, index, text, logprobs = event
                     yield _event(chunk(index, text, logprobs, None))
@@ -541,7 +543,8 @@ def create_app(model: Any, model_name: str = "arianna_c", api_key: Optional[str]
                 "queued": b.queue.qsize() if b else 0, "steps": b.steps if b else 0, "widest_step": b.widest if b else 0}
 
     @app.get("/v1/models")
-    async def models() -> dict:
+    async def models(request: Request) -> dict:
+        check_key(request)
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "arianna_c", "context_length": seq_len}]}
 
@@ -551,6 +554,7 @@ def create_app(model: Any, model_name: str = "arianna_c", api_key: Optional[str]
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
+        check_key(request)
         body: CompletionBody = await read_body(request, CompletionBody)
         check_n(body)
         if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str):
@@ -614,6 +618,7 @@ def create_app(model: Any, model_name: str = "arianna_c", api_key: Optional[str]
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
+        check_key(request)
         body: ChatBody = await read_body(request, ChatBody)
         check_n(body)
         try:
@@ -673,6 +678,17 @@ def create_app(model: Any, model_name: str = "arianna_c", api_key: Optional[str]
                 "usage": usage(job, results)}
 
     return app
+
+
+def _merge_text(waiting: "collections.deque[tuple]") -> tuple:
+    """The next event, joined with the text events of the same choice right behind it: when
+    the client (or the event loop) falls behind, one chunk carries several tokens instead of
+    one chunk each."""
+    event = waiting.popleft()
+    while event[0] == "text" and waiting and waiting[0][0] == "text" and waiting[0][1] == event[1]:
+        after = waiting.popleft()
+        event = ("text", event[1], event[2] + after[2], event[3] + after[3])
+    return event
 
 
 def _event(obj: Any) -> bytes:

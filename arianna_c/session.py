@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence, Un
 from . import chat
 from ._lib import _error_check, ffi
 from .errors import AriannaError, ErrorCode
-from .runtime import DEFAULT_MAX_NEW_TOKENS, _c_sampler_params
+from .runtime import _c_params, _c_sampler_params
 from .sampling import SamplingParams, _count, _real, sampling_params
 
 if TYPE_CHECKING:
@@ -63,9 +63,9 @@ class Slots:
         handles = self._use.__enter__()
         try:
             out = ffi.new("ac_batch **")
-            _error_check(self.lib.ac_batch_create(handles.model, handles.tokenizer, n, ffi.NULL, out))
+            params = _c_params(self.lib, SamplingParams(), model._threads)
+            _error_check(self.lib.ac_batch_create(handles.model, handles.tokenizer, n, params, out))
             self._batch = out[0]
-            _error_check(self.lib.ac_batch_set_threads(self._batch, model._threads))
         except BaseException:
             self.close()
             raise
@@ -219,6 +219,16 @@ class Options:
             bias = {_count("logit_bias key", k): _real(f"logit_bias[{k!r}]", v) for k, v in self.logit_bias.items()}
             object.__setattr__(self, "logit_bias", bias)
 
+    def bias_arrays(self, vocab_size: int) -> tuple[list[int], list[float]]:
+        """The logit bias as ids and values for the library; AriannaError (AC_ERR_RANGE) for
+        an id outside the vocabulary (the library checks the values)."""
+        bias = self.logit_bias or {}
+        bad = [t for t in bias if not 0 <= t < vocab_size]
+        if bad:
+            raise AriannaError(f"logit_bias token {bad[0]} is outside the vocabulary [0, {vocab_size})",
+                               ErrorCode.RANGE)
+        return list(bias), list(bias.values())
+
     def with_stops(self, extra: Sequence[str]) -> "Options":
         """These options with the stop strings in extra added."""
         more = tuple(s for s in extra if s not in self.stop)
@@ -274,18 +284,14 @@ class Generation:
         _error_check(lib.ac_sampler_create(c_params, session.vocab_size, out))
         self._sampler = ffi.gc(out[0], lib.ac_sampler_free)
         if options.logit_bias:
-            ids, biases = list(options.logit_bias), list(options.logit_bias.values())
-            if any(not 0 <= i < session.vocab_size for i in ids):  # before C sees them as int
-                bad = next(i for i in ids if not 0 <= i < session.vocab_size)
-                raise AriannaError(f"logit bias token {bad} is outside the vocabulary [0, {session.vocab_size})",
-                                   ErrorCode.RANGE)
+            ids, biases = options.bias_arrays(session.vocab_size)
             _error_check(lib.ac_sampler_set_logit_bias(self._sampler, ffi.new("int[]", ids),
                                                        ffi.new("float[]", biases), len(ids)))
         window = c_params.repeat_last_n
         for token in session.tokens[max(0, len(session.tokens) - window):] if window else ():
             _error_check(lib.ac_sampler_accept(self._sampler, token))  # what the penalties see
         self.end_tokens = () if params.ignore_eos else (lib.AC_TOKEN_BOS, lib.AC_TOKEN_EOS)
-        self.max_new_tokens = DEFAULT_MAX_NEW_TOKENS if params.max_new_tokens is None else params.max_new_tokens
+        self.max_new_tokens = _c_params(lib, params, 0).max_new_tokens  # the library's default for None
         if self.max_new_tokens < 0:
             raise AriannaError(f"max_new_tokens {self.max_new_tokens} is invalid: it must be >= 0", ErrorCode.ARG)
         self.prompt_tokens = session.position

@@ -8,11 +8,13 @@
  * each side's median rate and the median of the per-round ratios B / A (each pair ran back to
  * back), with their spread.
  *
- *   cc -O2 -o ab bench/ab.c -ldl
- *   ab [-r ROUNDS] [-T THREADS] [-q] [-n TOKENS] [-b BATCH] [-w decode|prefill|batch]
+ *   cc -O2 -Isrc -o ab bench/ab.c -ldl
+ *   ab [-r ROUNDS] [-T THREADS] [-c] [-q] [-n TOKENS] [-b BATCH] [-w decode|prefill|batch]
  *      [-z TOKENIZER] MODEL LIB_A[:KERNEL] LIB_B[:KERNEL]
  *
  *   -r  rounds (default 11)            -T  threads (default 1)
+ *   -c  time in this process's CPU time, not wall time (with -T 1 only): the time a busy
+ *       machine gives to other processes does not count
  *   -q  quantize to int8 at load       -n  tokens per measurement (default 250)
  *   -b  sequences for -w batch (16)    -z  tokenizer (needed by -w batch)
  *   -w  decode: TOKENS ac_forward calls from position 0; prefill: one ac_logits over TOKENS
@@ -30,42 +32,46 @@
 #include <string.h>
 #include <time.h>
 
-typedef struct {
-    float temperature, top_p;
-    int top_k;
-    uint64_t seed;
-} sampler_params; /* ac_sampler_params */
+#include "run.h"
 
+/* The library's functions, typed by the public header (so build ab against the same run.h). */
+#define FN(name) __typeof__(&name) name
 typedef struct {
     const char *path, *kernel;
     void *handle;
-    const char *(*kernel_name)(void);
-    const char *(*last_error)(void);
-    int (*model_load)(const char *, void **);
-    int (*model_quantize)(const void *, int, void **);
-    int (*state_create)(const void *, void **);
-    int (*state_set_threads)(void *, int);
-    int (*forward)(void *, int, int, const float **);
-    int (*logits)(void *, const int *, int, float *);
-    int (*tokenizer_load)(const char *, int, void **);
-    int (*batch_create)(const void *, const void *, int, const sampler_params *, void **);
-    int (*batch_set_threads)(void *, int);
-    int (*batch_set_ignore_eos)(void *, int);
-    int (*batch_generate)(void *, const char *const *, const size_t *, int, int *, int *);
-    void *model, *state, *tok, *batch;
+    FN(ac_kernel_name);
+    FN(ac_last_error);
+    FN(ac_model_load);
+    FN(ac_model_quantize);
+    FN(ac_state_create);
+    FN(ac_state_set_threads);
+    FN(ac_forward);
+    FN(ac_logits);
+    FN(ac_tokenizer_load);
+    FN(ac_session_default_params);
+    FN(ac_batch_create);
+    FN(ac_batch_generate);
+    ac_model *model;
+    ac_state *state;
+    ac_tokenizer *tok;
+    ac_batch *batch;
 } side;
+#undef FN
 
 typedef struct {
     const char *what, *model, *tokenizer;
     int rounds, threads, int8, tokens, n_seqs, vocab;
     int *ids;
     float *out;
-    int *gen_tokens, *gen_counts;
+    int *gen_tokens;
+    ac_batch_result *gen_results;
 } settings;
+
+static clockid_t g_clock = CLOCK_MONOTONIC;
 
 static double now(void) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(g_clock, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
@@ -79,10 +85,11 @@ static void *sym(side *s, const char *name) {
     if (!p) die(name, dlerror());
     return p;
 }
+#define LOOKUP(s, name) (*(void **)&(s)->name = sym((s), #name))
 
 static void check(side *s, int rc, const char *call) {
     if (rc != 0) {
-        fprintf(stderr, "ab: %s: %s failed (%d): %s\n", s->path, call, rc, s->last_error());
+        fprintf(stderr, "ab: %s: %s failed (%d): %s\n", s->path, call, rc, s->ac_last_error());
         exit(1);
     }
 }
@@ -91,38 +98,39 @@ static void check(side *s, int rc, const char *call) {
 static void open_side(side *s, const settings *cfg) {
     s->handle = dlopen(s->path, RTLD_NOW | RTLD_LOCAL);
     if (!s->handle) die("dlopen", dlerror());
-    *(void **)&s->kernel_name = sym(s, "ac_kernel_name");
-    *(void **)&s->last_error = sym(s, "ac_last_error");
-    *(void **)&s->model_load = sym(s, "ac_model_load");
-    *(void **)&s->model_quantize = sym(s, "ac_model_quantize");
-    *(void **)&s->state_create = sym(s, "ac_state_create");
-    *(void **)&s->state_set_threads = sym(s, "ac_state_set_threads");
-    *(void **)&s->forward = sym(s, "ac_forward");
-    *(void **)&s->logits = sym(s, "ac_logits");
-    *(void **)&s->tokenizer_load = sym(s, "ac_tokenizer_load");
-    *(void **)&s->batch_create = sym(s, "ac_batch_create");
-    *(void **)&s->batch_set_threads = sym(s, "ac_batch_set_threads");
-    *(void **)&s->batch_set_ignore_eos = sym(s, "ac_batch_set_ignore_eos");
-    *(void **)&s->batch_generate = sym(s, "ac_batch_generate");
+    LOOKUP(s, ac_kernel_name);
+    LOOKUP(s, ac_last_error);
+    LOOKUP(s, ac_model_load);
+    LOOKUP(s, ac_model_quantize);
+    LOOKUP(s, ac_state_create);
+    LOOKUP(s, ac_state_set_threads);
+    LOOKUP(s, ac_forward);
+    LOOKUP(s, ac_logits);
     if (s->kernel) setenv("AC_KERNEL", s->kernel, 1);
     else unsetenv("AC_KERNEL");
-    const char *name = s->kernel_name();
+    const char *name = s->ac_kernel_name();
     unsetenv("AC_KERNEL");
-    check(s, s->model_load(cfg->model, &s->model), "ac_model_load");
+    check(s, s->ac_model_load(cfg->model, &s->model), "ac_model_load");
     if (cfg->int8) {
-        void *q;
-        check(s, s->model_quantize(s->model, 0, &q), "ac_model_quantize");
+        ac_model *q;
+        check(s, s->ac_model_quantize(s->model, 0, &q), "ac_model_quantize");
         s->model = q; /* the float32 model stays loaded until exit */
     }
-    check(s, s->state_create(s->model, &s->state), "ac_state_create");
-    check(s, s->state_set_threads(s->state, cfg->threads), "ac_state_set_threads");
+    check(s, s->ac_state_create(s->model, &s->state), "ac_state_create");
+    check(s, s->ac_state_set_threads(s->state, cfg->threads), "ac_state_set_threads");
     if (!strcmp(cfg->what, "batch")) {
         if (!cfg->tokenizer) die("-w batch needs -z TOKENIZER", NULL);
-        check(s, s->tokenizer_load(cfg->tokenizer, cfg->vocab, &s->tok), "ac_tokenizer_load");
-        sampler_params greedy = {0.0f, 1.0f, 0, 1};
-        check(s, s->batch_create(s->model, s->tok, cfg->n_seqs, &greedy, &s->batch), "ac_batch_create");
-        check(s, s->batch_set_threads(s->batch, cfg->threads), "ac_batch_set_threads");
-        check(s, s->batch_set_ignore_eos(s->batch, 1), "ac_batch_set_ignore_eos");
+        LOOKUP(s, ac_tokenizer_load);
+        LOOKUP(s, ac_session_default_params);
+        LOOKUP(s, ac_batch_create);
+        LOOKUP(s, ac_batch_generate);
+        check(s, s->ac_tokenizer_load(cfg->tokenizer, cfg->vocab, &s->tok), "ac_tokenizer_load");
+        ac_session_params p = s->ac_session_default_params();
+        p.sampler.temperature = 0.0f; /* greedy */
+        p.max_new_tokens = cfg->tokens;
+        p.n_threads = cfg->threads;
+        p.ignore_eos = 1;
+        check(s, s->ac_batch_create(s->model, s->tok, cfg->n_seqs, &p, &s->batch), "ac_batch_create");
     }
     fprintf(stderr, "%s: kernels %s\n", s->path, name);
 }
@@ -132,9 +140,10 @@ static double measure(side *s, const settings *cfg) {
     double t0 = now();
     long tokens = cfg->tokens;
     if (!strcmp(cfg->what, "decode")) {
-        for (int pos = 0; pos < cfg->tokens; pos++) check(s, s->forward(s->state, cfg->ids[pos], pos, NULL), "ac_forward");
+        for (int pos = 0; pos < cfg->tokens; pos++)
+            check(s, s->ac_forward(s->state, cfg->ids[pos], pos, NULL), "ac_forward");
     } else if (!strcmp(cfg->what, "prefill")) {
-        check(s, s->logits(s->state, cfg->ids, cfg->tokens, cfg->out), "ac_logits");
+        check(s, s->ac_logits(s->state, cfg->ids, cfg->tokens, cfg->out), "ac_logits");
     } else {
         const char *prompts[256];
         size_t lens[256];
@@ -142,10 +151,10 @@ static double measure(side *s, const settings *cfg) {
             prompts[i] = "Resonance is";
             lens[i] = strlen(prompts[i]);
         }
-        check(s, s->batch_generate(s->batch, prompts, lens, cfg->tokens, cfg->gen_tokens, cfg->gen_counts),
+        check(s, s->ac_batch_generate(s->batch, prompts, lens, cfg->gen_tokens, cfg->gen_results),
               "ac_batch_generate");
         tokens = 0;
-        for (int i = 0; i < cfg->n_seqs; i++) tokens += cfg->gen_counts[i];
+        for (int i = 0; i < cfg->n_seqs; i++) tokens += cfg->gen_results[i].n_generated;
     }
     return (double)tokens / (now() - t0);
 }
@@ -189,6 +198,7 @@ int main(int argc, char **argv) {
     for (; i < argc && argv[i][0] == '-'; i++) {
         const char *opt = argv[i];
         if (!strcmp(opt, "-q")) { cfg.int8 = 1; continue; }
+        if (!strcmp(opt, "-c")) { g_clock = CLOCK_PROCESS_CPUTIME_ID; continue; }
         if (i + 1 >= argc) die("missing value after", opt);
         const char *val = argv[++i];
         if (!strcmp(opt, "-r")) cfg.rounds = atoi(val);
@@ -199,9 +209,10 @@ int main(int argc, char **argv) {
         else if (!strcmp(opt, "-z")) cfg.tokenizer = val;
         else die("unknown option", opt);
     }
+    if (g_clock != CLOCK_MONOTONIC && cfg.threads != 1) die("-c needs -T 1 (the CPU time of several threads adds up)", NULL);
     if (argc - i != 3 || cfg.rounds < 1 || cfg.rounds > 999 || cfg.n_seqs < 1 || cfg.n_seqs > 256 ||
         (strcmp(cfg.what, "decode") && strcmp(cfg.what, "prefill") && strcmp(cfg.what, "batch"))) {
-        fprintf(stderr, "usage: ab [-r ROUNDS] [-T THREADS] [-q] [-n TOKENS] [-b BATCH] "
+        fprintf(stderr, "usage: ab [-r ROUNDS] [-T THREADS] [-c] [-q] [-n TOKENS] [-b BATCH] "
                         "[-w decode|prefill|batch] [-z TOKENIZER] MODEL LIB_A[:KERNEL] LIB_B[:KERNEL]\n");
         return 1;
     }
@@ -212,8 +223,8 @@ int main(int argc, char **argv) {
     cfg.ids = malloc((size_t)cfg.tokens * sizeof(int));
     cfg.out = malloc((size_t)cfg.tokens * (size_t)cfg.vocab * sizeof(float));
     cfg.gen_tokens = malloc((size_t)cfg.tokens * (size_t)cfg.n_seqs * sizeof(int));
-    cfg.gen_counts = malloc((size_t)cfg.n_seqs * sizeof(int));
-    if (!cfg.ids || !cfg.out || !cfg.gen_tokens || !cfg.gen_counts) die("out of memory", NULL);
+    cfg.gen_results = malloc((size_t)cfg.n_seqs * sizeof *cfg.gen_results);
+    if (!cfg.ids || !cfg.out || !cfg.gen_tokens || !cfg.gen_results) die("out of memory", NULL);
     cfg.ids[0] = 1; /* BOS, then a fixed spread of ordinary tokens */
     for (int t = 1; t < cfg.tokens; t++) cfg.ids[t] = 3 + (int)((7919u * (unsigned)t) % (unsigned)(cfg.vocab - 3));
 
@@ -237,7 +248,8 @@ int main(int argc, char **argv) {
         ratio[r] = b[r] / a[r];
     }
     double ma = median(a, cfg.rounds), mb = median(b, cfg.rounds), mr = median(ratio, cfg.rounds);
-    printf("%s %s T%d, %d rounds: A %.0f tok/s, B %.0f tok/s, B/A median %.3f (range %.3f-%.3f)\n", cfg.what,
-           cfg.int8 ? "int8" : "f32", cfg.threads, cfg.rounds, ma, mb, mr, ratio[0], ratio[cfg.rounds - 1]);
+    printf("%s %s T%d%s, %d rounds: A %.0f tok/s, B %.0f tok/s, B/A median %.3f (range %.3f-%.3f)\n", cfg.what,
+           cfg.int8 ? "int8" : "f32", cfg.threads, g_clock == CLOCK_MONOTONIC ? "" : " (CPU time)", cfg.rounds, ma,
+           mb, mr, ratio[0], ratio[cfg.rounds - 1]);
     return 0;
 }

@@ -4,11 +4,13 @@
  * can do; slower repetitions measure whatever else the machine was doing).
  *
  *   cc -O2 -pthread -Isrc -o kernel_bench bench/kernel_bench.c src/kernels*.c -lm
- *   kernel_bench [-T TOKENS]... [-s SET]... [-r REPEATS]
+ *   kernel_bench [-T TOKENS]... [-s SET]... [-r REPEATS] [-c COPIES]
  *
  * The weights of a shape are read once per repetition: T = 1 (decode) waits on the cache or
  * memory level they sit in (all five shapes together are the persona's 28.6 MB of float32
- * weights), T > 1 (prefill, batched decode) on arithmetic.  Times are the thread's CPU time,
+ * weights), T > 1 (prefill, batched decode) on arithmetic.  -c COPIES cycles through that many
+ * copies of each matrix, so that they come from the L3 (or memory) as in a forward pass
+ * rather than from L2.  Times are the thread's CPU time,
  * so that the time a busy machine gives to other processes does not count.
  */
 #define _GNU_SOURCE
@@ -30,9 +32,10 @@ typedef struct {
     int rows, n;
 } shape;
 
-/* LLiSA-7M: dim 288, hidden 768, vocab 4096 (q, k, v stacked as one product). */
+/* LLiSA-7M: dim 288, hidden 768, vocab 4096 (q, k, v stacked as one product), and one head's
+ * attention scores at the last position (256 cached keys of head_size 48). */
 static const shape shapes[] = {{"wqkv", 864, 288}, {"wo", 288, 288}, {"w1", 768, 288}, {"w2", 288, 768},
-                               {"wcls", 4096, 288}};
+                               {"wcls", 4096, 288}, {"keys", 256, 48}};
 #define N_SHAPES (int)(sizeof shapes / sizeof shapes[0])
 
 static float frand(unsigned *state) {
@@ -41,17 +44,22 @@ static float frand(unsigned *state) {
 }
 
 int main(int argc, char **argv) {
-    int tokens[8], n_tokens = 0, repeats = 50;
+    int tokens[8], n_tokens = 0, repeats = 50, copies = 1;
     const char *sets[8];
     int n_sets = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "-T") && i + 1 < argc && n_tokens < 8) tokens[n_tokens++] = atoi(argv[++i]);
         else if (!strcmp(argv[i], "-s") && i + 1 < argc && n_sets < 8) sets[n_sets++] = argv[++i];
         else if (!strcmp(argv[i], "-r") && i + 1 < argc) repeats = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "-c") && i + 1 < argc) copies = atoi(argv[++i]);
         else {
-            fprintf(stderr, "usage: kernel_bench [-T TOKENS]... [-s SET]... [-r REPEATS]\n");
+            fprintf(stderr, "usage: kernel_bench [-T TOKENS]... [-s SET]... [-r REPEATS] [-c COPIES]\n");
             return 1;
         }
+    }
+    if (copies < 1 || copies > 64) {
+        fprintf(stderr, "kernel_bench: -c must be in 1..64\n");
+        return 1;
     }
     if (!n_tokens) {
         tokens[n_tokens++] = 1;
@@ -64,6 +72,7 @@ int main(int argc, char **argv) {
     size_t max_w = 0;
     for (int s = 0; s < N_SHAPES; s++)
         if ((size_t)shapes[s].rows * shapes[s].n > max_w) max_w = (size_t)shapes[s].rows * shapes[s].n;
+    max_w *= (size_t)copies;
     float *W = malloc(max_w * sizeof(float)), *X = malloc((size_t)max_t * 768 * sizeof(float));
     float *out = malloc((size_t)max_t * 4096 * sizeof(float)), *Ws = malloc(max_w / 32 * sizeof(float));
     float *Xs = malloc((size_t)max_t * 768 / 32 * sizeof(float));
@@ -87,9 +96,10 @@ int main(int argc, char **argv) {
                     if (q) ac_quantize_q8(Xq, Xs, X, T * n, 32);
                     double best = 1e30;
                     for (int r = 0; r < repeats; r++) {
+                        size_t copy = (size_t)(r % copies) * rows * n; /* the copy for this repetition */
                         double t0 = now();
-                        if (q) k->gemm_q8(out, rows, Wq, Ws, Xq, Xs, T, n, 32, 0, rows);
-                        else k->gemm_f32(out, rows, W, n, X, n, T, n, 0, rows);
+                        if (q) k->gemm_q8(out, rows, Wq + copy, Ws + copy / 32, Xq, Xs, T, n, 32, 0, rows);
+                        else k->gemm_f32(out, rows, W + copy, n, X, n, T, n, 0, rows);
                         double dt = now() - t0;
                         if (dt < best) best = dt;
                     }

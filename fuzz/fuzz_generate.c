@@ -26,20 +26,23 @@
  *   byte 3   top_p (table of 16, some invalid)
  *   byte 4-5 top_k: mode in byte 4 bits 5-7 (off, small, any 0..V+3, around V, huge,
  *            negative = invalid), value from the rest
- *   byte 6-9 seed (little-endian uint32); byte 9 = 0xFF: UINT64_MAX - (byte 6 & 3), so that
- *            seed + i wraps to 0 (the default seed) in the batch
+ *   byte 6-9 seed (little-endian uint32); byte 9 = 0xFF: UINT64_MAX - 1 - (byte 6 & 3), so
+ *            that seed + i wraps to 0 (the default seed) in the batch, or is AC_SEED_RANDOM
+ *            (a session then draws a random seed: that sequence is not compared)
  *   byte 10  prompt separator
  *   byte 11  bits 0-5 how many prompt bytes the direct ac_sample check reads as logits
  *
  * Checked (abort on violation): result codes are AC_OK or the documented error (AC_ERR_ARG
- * for bad sampler settings and a negative max_new_tokens, AC_ERR_RANGE for a prompt longer
- * than seq_len) with a message; every token is in [0, vocab); every reported piece is the
+ * for bad sampler settings and a negative max_new_tokens, from every entry that takes
+ * settings, AC_ERR_RANGE for a prompt longer than seq_len) with a message; every token is in [0, vocab); every reported piece is the
  * ac_decode_piece() of its token after the previous one; counts never exceed max_new_tokens
  * nor the room left in seq_len, and equal min(max_new_tokens, room) with ignore_eos; BOS/EOS
- * are never reported without ignore_eos; the hand-driven session reports the same tokens as
- * ac_generate (with the other thread count) and keeps ac_session_position() consistent;
- * batch sequence i reports the same tokens as ac_generate with seed + i (all temperatures:
- * run.h promises the same tokens); a direct ac_sample on odd logits (NaN, inf, huge) returns a
+ * are never reported without ignore_eos; the stop reason fits the count (AC_STOP_LENGTH at
+ * max_new_tokens, AC_STOP_CONTEXT at the end of the room, AC_STOP_CALLER when the callback
+ * stopped it); the hand-driven session reports the same tokens and stop as ac_generate (with
+ * the other thread count) and keeps ac_session_position() consistent; batch sequence i
+ * reports the same tokens and stop as ac_generate with seed + i (all temperatures: run.h
+ * promises the same tokens); a direct ac_sample on odd logits (NaN, inf, huge) returns a
  * token in range, deterministically, without modifying the logits, and the first maximum
  * (never a NaN) when greedy.  Everything is freed (leak detection is on).
  */
@@ -217,7 +220,8 @@ typedef struct {
     int n_seqs, threads, ignore_eos, model, by_hand, null_tokens;
     int max_new, stop_after, n_logit_bytes;
     ac_sampler_params params;
-    int valid; /* the sampler settings are valid */
+    int sampler_valid; /* the sampler settings are valid */
+    int valid;         /* ... and max_new_tokens too */
 } settings;
 
 static settings parse_settings(const uint8_t h[HEADER_BYTES], int V) {
@@ -243,11 +247,23 @@ static settings parse_settings(const uint8_t h[HEADER_BYTES], int V) {
     default: s.params.top_k = h[5] == 0 ? INT_MIN : -(int)h[5]; break;
     }
     uint32_t seed = (uint32_t)h[6] | (uint32_t)h[7] << 8 | (uint32_t)h[8] << 16 | (uint32_t)h[9] << 24;
-    s.params.seed = h[9] == 0xFF ? UINT64_MAX - (h[6] & 3) : seed;
+    s.params.seed = h[9] == 0xFF ? UINT64_MAX - 1 - (h[6] & 3) : seed;
     s.n_logit_bytes = h[11] & 63;
     float t = s.params.temperature, p = s.params.top_p;
-    s.valid = !isnan(t) && t >= 0.0f && !isnan(p) && p > 0.0f && p <= 1.0f && s.params.top_k >= 0;
+    s.sampler_valid = !isnan(t) && t >= 0.0f && !isnan(p) && p > 0.0f && p <= 1.0f && s.params.top_k >= 0;
+    s.valid = s.sampler_valid && s.max_new >= 0;
     return s;
+}
+
+/* The session (or batch) settings of an input, with seed and thread count. */
+static ac_session_params session_params(const settings *s, uint64_t seed, int threads) {
+    ac_session_params p = ac_session_default_params();
+    p.sampler = s->params;
+    p.sampler.seed = seed;
+    p.max_new_tokens = s->max_new;
+    p.n_threads = threads;
+    p.ignore_eos = s->ignore_eos;
+    return p;
 }
 
 /* ------------------------------------------------------------------ generation checks */
@@ -286,13 +302,14 @@ static int full_count(int max_new, int room) { return max_new < room ? max_new :
  * (gen, n_gen of them, not cut short by the callback) and a consistent position. */
 static void by_hand(const ac_model *m, int seq_len, const settings *s, int threads, const char *prompt,
                     size_t len, int n_prompt, int last_prompt_token, const int *gen, int n_gen,
-                    int gen_complete) {
+                    int gen_complete, ac_stop_reason gen_stop) {
     ac_session *ses = NULL;
-    expect_rc(ac_session_create(m, g_tok, &s->params, &ses), AC_OK, "ac_session_create (by hand)");
-    expect_rc(ac_session_set_threads(ses, threads), AC_OK, "ac_session_set_threads");
+    ac_session_params params = session_params(s, s->params.seed, threads);
+    expect_rc(ac_session_create(m, g_tok, &params, &ses), AC_OK, "ac_session_create (by hand)");
     int token = 0;
     expect_rc(ac_session_next(ses, &token, NULL, NULL), AC_OK, "ac_session_next before any feed");
-    fuzz_assert(token == -1 && ac_session_position(ses) == 0, "nothing fed: no token");
+    fuzz_assert(token == -1 && ac_session_position(ses) == 0 && ac_session_stop_reason(ses) == AC_STOP_NONE,
+                "nothing fed: no token");
     int rc = ac_session_feed(ses, prompt, len, 1);
     if (n_prompt > seq_len) {
         expect_rc(rc, AC_ERR_RANGE, "ac_session_feed of a prompt longer than seq_len");
@@ -302,27 +319,29 @@ static void by_hand(const ac_model *m, int seq_len, const settings *s, int threa
     }
     expect_rc(rc, AC_OK, "ac_session_feed");
     fuzz_assert(ac_session_position(ses) == n_prompt, "position after the prompt");
-    int limit = s->max_new < 0 ? 0 : s->max_new, count = 0, prev = last_prompt_token, pending = 0;
-    while (count < limit && (gen_complete || count < n_gen)) {
+    int count = 0, prev = last_prompt_token;
+    while (gen_complete || count < n_gen) {
         const char *piece = NULL;
         size_t plen = 0;
         expect_rc(ac_session_next(ses, &token, &piece, &plen), AC_OK, "ac_session_next");
-        if (token < 0) {
-            fuzz_assert(ac_session_position(ses) == seq_len && count == seq_len - n_prompt,
-                        "no token only when the context is full");
-            pending = 0;
-            break;
-        }
-        pending = 1;
+        if (token < 0) break;
         fuzz_assert(ac_session_position(ses) == n_prompt + count, "position while sampling");
         check_piece(prev, token, piece, plen);
         prev = token;
-        if (!s->ignore_eos && (token == AC_TOKEN_BOS || token == AC_TOKEN_EOS)) break;
+        fuzz_assert(s->ignore_eos || (token != AC_TOKEN_BOS && token != AC_TOKEN_EOS),
+                    "by hand: BOS/EOS are not reported without ignore_eos");
         fuzz_assert(count < n_gen, "by hand: no more tokens than ac_generate");
         fuzz_assert(token == gen[count], "by hand: the tokens of ac_generate");
         count++;
     }
-    if (gen_complete) fuzz_assert(count == n_gen, "by hand: as many tokens as ac_generate");
+    ac_stop_reason why = ac_session_stop_reason(ses);
+    /* the last reported token is not run yet, unless the model ended the text after it */
+    int pending = count > 0 && why != AC_STOP_END;
+    if (gen_complete) {
+        fuzz_assert(count == n_gen && why == gen_stop, "by hand: the tokens and the stop of ac_generate");
+        fuzz_assert(why != AC_STOP_CONTEXT || count == seq_len - n_prompt, "context full only at seq_len");
+        fuzz_assert(why != AC_STOP_LENGTH || count == s->max_new, "length only at max_new_tokens");
+    }
     /* continue the text without BOS: it fits or is refused whole */
     int pos = ac_session_position(ses), n_more = 0;
     int *more = malloc((len + 3) * sizeof *more);
@@ -337,8 +356,12 @@ static void by_hand(const ac_model *m, int seq_len, const settings *s, int threa
         expect_rc(rc, AC_OK, "ac_session_feed (continuation)");
         fuzz_assert(ac_session_position(ses) == pos + pending + n_more, "position after the continuation");
         expect_rc(ac_session_next(ses, &token, NULL, NULL), AC_OK, "ac_session_next after the continuation");
-        fuzz_assert((token >= 0) == (ac_session_position(ses) < seq_len) && token < g_vocab,
-                    "a token exactly when there is room");
+        ac_stop_reason after = ac_session_stop_reason(ses);
+        int room = ac_session_position(ses) < seq_len;
+        fuzz_assert(token < g_vocab && (token >= 0 ? room && s->max_new > 0 && after == AC_STOP_NONE
+                                                   : after == AC_STOP_END || (after == AC_STOP_LENGTH && s->max_new == 0) ||
+                                                         (after == AC_STOP_CONTEXT && !room)),
+                    "a token exactly when there is room, else the reason why not");
     }
     ac_session_reset(ses);
     fuzz_assert(ac_session_position(ses) == 0, "reset forgets the context");
@@ -462,15 +485,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         any_too_long |= n_prompt[i] > seq_len;
     }
 
-    if (!s.valid) { /* bad sampler settings are refused everywhere, with a message */
+    if (!s.valid) { /* bad settings are refused everywhere, with a message */
         ac_session *ses = (ac_session *)1;
         ac_batch *bat = (ac_batch *)1;
         ac_sampler *smp = (ac_sampler *)1;
-        expect_rc(ac_session_create(m, g_tok, &s.params, &ses), AC_ERR_ARG, "ac_session_create, bad settings");
-        expect_rc(ac_batch_create(m, g_tok, s.n_seqs, &s.params, &bat), AC_ERR_ARG,
-                  "ac_batch_create, bad settings");
-        expect_rc(ac_sampler_create(&s.params, V, &smp), AC_ERR_ARG, "ac_sampler_create, bad settings");
-        fuzz_assert(ses == NULL && bat == NULL && smp == NULL, "no object on failure");
+        ac_session_params p = session_params(&s, s.params.seed, s.threads);
+        expect_rc(ac_session_check_params(&p), AC_ERR_ARG, "ac_session_check_params, bad settings");
+        expect_rc(ac_session_create(m, g_tok, &p, &ses), AC_ERR_ARG, "ac_session_create, bad settings");
+        expect_rc(ac_batch_create(m, g_tok, s.n_seqs, &p, &bat), AC_ERR_ARG, "ac_batch_create, bad settings");
+        fuzz_assert(ses == NULL && bat == NULL, "no object on failure");
+        expect_rc(ac_sampler_create(&s.params, V, &smp), s.sampler_valid ? AC_OK : AC_ERR_ARG, "ac_sampler_create");
+        fuzz_assert((smp != NULL) == s.sampler_valid, "a sampler exactly for valid sampler settings");
+        ac_sampler_free(smp);
         return 0;
     }
     sample_odd_logits(&s, text, text_len < (size_t)s.n_logit_bytes ? text_len : (size_t)s.n_logit_bytes);
@@ -478,20 +504,20 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     /* ac_generate, sequence i with seed + i */
     int cap = s.max_new > 0 ? s.max_new : 1;
     int *gen = malloc((size_t)MAX_SEQS * cap * sizeof *gen);
-    int n_gen[MAX_SEQS], gen_complete[MAX_SEQS];
+    int n_gen[MAX_SEQS], gen_complete[MAX_SEQS], comparable[MAX_SEQS];
+    ac_stop_reason gen_stop[MAX_SEQS];
     fuzz_assert(gen != NULL, "out of memory");
     for (int i = 0; i < s.n_seqs; i++) {
-        ac_sampler_params p = s.params;
-        p.seed = s.params.seed + (uint64_t)i;
+        uint64_t seed = s.params.seed + (uint64_t)i;
+        comparable[i] = seed != AC_SEED_RANDOM;
+        ac_session_params p = session_params(&s, seed, s.threads);
         ac_session *ses = NULL;
         expect_rc(ac_session_create(m, g_tok, &p, &ses), AC_OK, "ac_session_create");
-        expect_rc(ac_session_set_threads(ses, s.threads), AC_OK, "ac_session_set_threads");
-        expect_rc(ac_session_set_ignore_eos(ses, s.ignore_eos), AC_OK, "ac_session_set_ignore_eos");
         gen_ctx g = {last_token[i], 0, s.max_new > 0 ? s.max_new : 0, s.stop_after, s.ignore_eos,
                      gen + (size_t)i * cap};
         int n = -1;
-        int rc = ac_generate(ses, prompts[i], lens[i], s.max_new, on_piece, &g, &n);
-        int expected = s.max_new < 0 ? AC_ERR_ARG : n_prompt[i] > seq_len ? AC_ERR_RANGE : AC_OK;
+        int rc = ac_generate(ses, prompts[i], lens[i], on_piece, &g, &n);
+        int expected = n_prompt[i] > seq_len ? AC_ERR_RANGE : AC_OK;
         expect_rc(rc, expected, "ac_generate");
         fuzz_assert(n == g.count, "n_generated counts the callbacks");
         int room = seq_len - n_prompt[i];
@@ -502,35 +528,44 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             if (s.stop_after && s.stop_after < full) full = s.stop_after;
             if (s.ignore_eos) fuzz_assert(n == full, "with ignore_eos: min(max_new_tokens, room) tokens");
             fuzz_assert(!s.stop_after || n <= s.stop_after, "the callback stops generation");
+            ac_stop_reason why = ac_session_stop_reason(ses);
+            fuzz_assert(why == AC_STOP_CALLER ? n == s.stop_after
+                        : why == AC_STOP_LENGTH ? n == s.max_new
+                        : why == AC_STOP_CONTEXT ? n == room
+                        : why == AC_STOP_END && !s.ignore_eos && n < s.max_new && n < room,
+                        "the stop reason fits the count");
         }
         n_gen[i] = n;
-        gen_complete[i] = !s.stop_after || n < s.stop_after;
+        gen_stop[i] = ac_session_stop_reason(ses);
+        gen_complete[i] = gen_stop[i] != AC_STOP_CALLER;
         ac_session_free(ses);
     }
 
-    if (s.by_hand && s.max_new >= 0)
+    if (s.by_hand)
         by_hand(m, seq_len, &s, 3 - s.threads, prompts[0], lens[0], n_prompt[0], last_token[0], gen,
-                n_gen[0], gen_complete[0]);
+                n_gen[0], gen_complete[0], gen_stop[0]);
 
     /* the batch: sequence i as ac_generate with seed + i */
     ac_batch *bat = NULL;
-    expect_rc(ac_batch_create(m, g_tok, s.n_seqs, &s.params, &bat), AC_OK, "ac_batch_create");
-    expect_rc(ac_batch_set_threads(bat, s.threads), AC_OK, "ac_batch_set_threads");
-    expect_rc(ac_batch_set_ignore_eos(bat, s.ignore_eos), AC_OK, "ac_batch_set_ignore_eos");
-    int n_out[MAX_SEQS];
+    ac_session_params bp = session_params(&s, s.params.seed, s.threads);
+    expect_rc(ac_batch_create(m, g_tok, s.n_seqs, &bp, &bat), AC_OK, "ac_batch_create");
+    int stride = ac_batch_max_tokens(bat);
+    fuzz_assert(stride == full_count(s.max_new, seq_len - 1), "tokens per sequence: min(max_new_tokens, seq_len - 1)");
+    ac_batch_result res[MAX_SEQS];
     if (s.null_tokens && s.max_new > 0)
-        expect_rc(ac_batch_generate(bat, prompts, lens, s.max_new, NULL, n_out), AC_ERR_ARG,
+        expect_rc(ac_batch_generate(bat, prompts, lens, NULL, res), AC_ERR_ARG,
                   "ac_batch_generate without a token buffer");
     int *out = s.max_new > 0 || !s.null_tokens ? malloc((size_t)s.n_seqs * cap * sizeof *out) : NULL;
     fuzz_assert(out != NULL || (s.null_tokens && s.max_new <= 0), "out of memory");
-    int rc = ac_batch_generate(bat, prompts, lens, s.max_new, out, n_out);
-    expect_rc(rc, s.max_new < 0 ? AC_ERR_ARG : any_too_long ? AC_ERR_RANGE : AC_OK, "ac_batch_generate");
+    int rc = ac_batch_generate(bat, prompts, lens, out, res);
+    expect_rc(rc, any_too_long ? AC_ERR_RANGE : AC_OK, "ac_batch_generate");
     for (int i = 0; rc == AC_OK && i < s.n_seqs; i++) {
-        int n = n_out[i], room = seq_len - n_prompt[i];
+        int n = res[i].n_generated, room = seq_len - n_prompt[i];
+        fuzz_assert(res[i].last_prompt_token == last_token[i], "batch: the prompt's last token");
         fuzz_assert(n >= 0 && n <= s.max_new && n <= room, "batch count within max_new_tokens and seq_len");
         if (s.ignore_eos) fuzz_assert(n == full_count(s.max_new, room), "batch with ignore_eos: full count");
         if (s.max_new == 0) continue;
-        const int *t = out + (size_t)i * s.max_new;
+        const int *t = out + (size_t)i * stride;
         int prev = last_token[i];
         for (int j = 0; j < n; j++) {
             fuzz_assert(t[j] >= 0 && t[j] < V, "batch token in the vocabulary");
@@ -541,7 +576,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             prev = t[j];
         }
         /* the same tokens as ac_generate with seed + i (a prefix when its callback stopped it) */
-        if (gen_complete[i]) fuzz_assert(n == n_gen[i], "batch count == ac_generate count");
+        if (!comparable[i]) continue;
+        if (gen_complete[i]) fuzz_assert(n == n_gen[i] && res[i].stop == gen_stop[i], "batch count and stop == ac_generate's");
         else fuzz_assert(n >= n_gen[i], "batch count >= the stopped ac_generate count");
         for (int j = 0; j < n_gen[i]; j++)
             fuzz_assert(t[j] == gen[(size_t)i * cap + j], "batch tokens == ac_generate tokens");

@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "run.h"
+#include "testing.h" /* ac_logits_stepwise */
 
 /* Models above these bounds load but skip the forward pass (it would make fuzzing slow). */
 #define FORWARD_MAX_FLOATS (1u << 18) /* KV cache + activations */

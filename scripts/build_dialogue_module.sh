@@ -20,6 +20,7 @@ BASE=persona/arianna_v1_base.bin
 TOKENIZER=persona/tok4096.model
 MODULE=persona/modules/dialogue.bin
 
+rm -rf "$WORK/text" "$WORK/data/train" "$WORK/data/heldout" "$WORK/ckpt"
 "$PYTHON" scripts/make_dialogues.py "$CORPUS" "$WORK/text"
 for part in train heldout; do
     "$PYTHON" -m arianna_c.train pretokenize --corpus "$WORK/text/$part" --tokenizer "$TOKENIZER" \
@@ -29,7 +30,6 @@ done
 [ -f "$WORK/data/base/shards.json" ] ||
     "$PYTHON" -m arianna_c.train pretokenize --corpus "$CORPUS" --tokenizer "$TOKENIZER" --out "$WORK/data/base"
 
-rm -rf "$WORK/ckpt"
 mkdir -p persona/modules
 "$PYTHON" -m arianna_c.train module --base "$BASE" --data "$WORK/data/train" --guard-data "$WORK/data/base" \
     --out "$MODULE" --ckpt "$WORK/ckpt" --rank 8 --alpha 16 --lr 3e-4 --min-lr 3e-5 --warmup-steps 20 \

@@ -8,7 +8,8 @@
  * stdout is checked: a full disk, a closed stdout or a reader that went away ends the run with
  * "error: write to stdout failed: ..." and exit 1, never with a speed report.  A bad flag or
  * value is named with the value as typed and the reason, then the usage goes to stderr and the
- * exit status is 1; load errors print the library's message and exit 1.
+ * exit status is 1; load errors print the library's message and exit 1.  The model file is
+ * read into private memory, so changing it during a run changes nothing; --mmap maps it instead.
  */
 #define _GNU_SOURCE
 #include <ctype.h>
@@ -20,13 +21,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "run.h"
 
-#define DEFAULT_STEPS 256
 #define STRINGIFY(x) STRINGIFY_(x)
 #define STRINGIFY_(x) #x
 
@@ -79,16 +78,16 @@ static void keep_standard_descriptors(void) {
 /* ------------------------------------------------------------------------ usage */
 
 static void usage(FILE *f) {
-    ac_sampler_params d = ac_sampler_default_params();
+    ac_session_params d = ac_session_default_params();
     fprintf(f,
             "Usage:   run <model.bin> [options]\n"
             "         run -h | --help | --version\n"
             "Example: run persona/arianna_v1_base.bin -z tok4096 -n 256 -i \"Resonance is\"\n"
-            "Options (each takes a value):\n"
+            "Options (each -x takes a value):\n"
             "  -t <float>  temperature, >= 0 (0 = greedy); default %g\n"
             "  -p <float>  top-p (nucleus) in (0, 1] (1 = off); default %g\n"
             "  -k <int>    top-k: sample among the k likeliest tokens, >= 0 (0 = off); default %d\n"
-            "  -s <int>    random seed, 0..18446744073709551615; default: from the clock (also 0)\n"
+            "  -s <int>    random seed, 0..18446744073709551614; default: a random one (also 0)\n"
             "  -n <int>    tokens to generate (per answer in chat), >= 0 (0 = up to seq_len);\n"
             "              default %d; prompt plus generated tokens never exceed seq_len\n"
             "  -i <string> prompt (in chat: the first user turn); default: empty (from BOS)\n"
@@ -105,8 +104,10 @@ static void usage(FILE *f) {
             "              printed in turn, the total tok/s reported; default 1\n"
             "  -e <int>    generate: 1 = do not stop when the model ends the text (BOS/EOS):\n"
             "              always -n tokens (up to seq_len), e.g. for timing; default 0\n"
+            "  --mmap      map the model file instead of reading it into memory (default: read);\n"
+            "              the file must then not be changed or truncated until the run ends\n"
             "The text goes to stdout; tok/s (tokens per second) and errors go to stderr.\n",
-            (double)d.temperature, (double)d.top_p, d.top_k, DEFAULT_STEPS, AC_MAX_THREADS,
+            (double)d.sampler.temperature, (double)d.sampler.top_p, d.sampler.top_k, d.max_new_tokens, AC_MAX_THREADS,
             ac_default_threads(), AC_MAX_MODULES, AC_MAX_BATCH);
 }
 
@@ -164,6 +165,7 @@ typedef struct {
     int int8;              /* -q int8 */
     int batch;
     int ignore_eos;        /* -e 1 */
+    int use_mmap;          /* --mmap */
     const char *module[AC_MAX_MODULES]; /* -L MODULE[:SCALE] as typed */
     size_t module_path_len[AC_MAX_MODULES];
     float module_scale[AC_MAX_MODULES];
@@ -256,19 +258,26 @@ static int parse_args(int argc, char **argv, options *o) {
     o->model_path = argv[1];
     o->tokenizer = o->prompt = o->system = NULL;
     o->mode = "generate";
-    o->sampling = ac_sampler_default_params();
-    o->steps = DEFAULT_STEPS;
+    o->sampling = ac_session_default_params().sampler;
+    o->steps = ac_session_default_params().max_new_tokens;
     o->out_path = NULL;
     o->threads = 0;
     o->int8 = 0;
     o->batch = 1;
     o->ignore_eos = 0;
+    o->use_mmap = 0;
     o->n_modules = 0;
     unsigned long long seed = 0;
-    for (int i = 2; i < argc; i += 2) {
+    for (int i = 2, step; i < argc; i += step) {
         const char *flag = argv[i];
+        step = 2; /* a flag and its value */
         if (is_help(flag)) return ARGS_HELP;
         if (!strcmp(flag, "--version")) return ARGS_VERSION;
+        if (!strcmp(flag, "--mmap")) { /* the one option without a value */
+            o->use_mmap = 1;
+            step = 1;
+            continue;
+        }
         if (flag[0] != '-') {
             fprintf(stderr, "error: unexpected argument '%s': options come as -x VALUE\n", flag);
             return ARGS_BAD;
@@ -291,55 +300,21 @@ static int parse_args(int argc, char **argv, options *o) {
         fprintf(stderr, "error: -b applies to generate mode only\n");
         return ARGS_BAD;
     }
-    /* seed 0 means "not chosen": derive one from the clock so runs differ */
-    o->sampling.seed = seed ? seed : (unsigned long long)time(NULL) * 2654435761ull + 1;
+    /* seed 0 means "not chosen": the library's default, a fresh random seed */
+    if (seed) o->sampling.seed = seed;
     return ARGS_RUN;
 }
 
-/* ------------------------------------------------------------------------ tokenizer lookup */
+/* ------------------------------------------------------------------------ session settings */
 
-static int is_file(const char *path) {
-    struct stat st;
-    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
-}
-
-#define CANDIDATE_SIZE (PATH_MAX + 16) /* a folder, a slash and a name with ".bin" */
-
-/* Finds the tokenizer file: for -z NAME tries NAME, NAME.bin, then both inside the model's
- * folder; without -z tries tokenizer.bin then tok4096.bin in the model's folder.  Copies the
- * path found into found and returns 1; on failure returns 0 with the paths tried listed in
- * tried. */
-static int find_tokenizer(const char *model_path, const char *name, char found[CANDIDATE_SIZE],
-                          char *tried, size_t tried_size) {
-    char dir[PATH_MAX];
-    const char *slash = strrchr(model_path, '/');
-    if (slash) snprintf(dir, sizeof dir, "%.*s", (int)(slash - model_path), model_path);
-    else snprintf(dir, sizeof dir, ".");
-    if (slash == model_path) snprintf(dir, sizeof dir, "/");
-
-    char candidates[4][CANDIDATE_SIZE];
-    int n = 0;
-    if (name) {
-        snprintf(candidates[n++], sizeof candidates[0], "%s", name);
-        snprintf(candidates[n++], sizeof candidates[0], "%s.bin", name);
-        if (name[0] != '/') {
-            snprintf(candidates[n++], sizeof candidates[0], "%s/%s", dir, name);
-            snprintf(candidates[n++], sizeof candidates[0], "%s/%s.bin", dir, name);
-        }
-    } else {
-        snprintf(candidates[n++], sizeof candidates[0], "%s/tokenizer.bin", dir);
-        snprintf(candidates[n++], sizeof candidates[0], "%s/tok4096.bin", dir);
-    }
-    tried[0] = '\0';
-    for (int i = 0; i < n; i++) {
-        if (is_file(candidates[i])) {
-            memcpy(found, candidates[i], CANDIDATE_SIZE);
-            return 1;
-        }
-        size_t used = strlen(tried);
-        snprintf(tried + used, tried_size - used, "%s%s", i ? ", " : "", candidates[i]);
-    }
-    return 0;
+/* The settings of a session or batch: the options given, the library's defaults otherwise. */
+static ac_session_params session_params(const options *o, int steps) {
+    ac_session_params p = ac_session_default_params();
+    p.sampler = o->sampling;
+    p.max_new_tokens = steps;
+    p.n_threads = o->threads;
+    p.ignore_eos = o->ignore_eos;
+    return p;
 }
 
 /* ------------------------------------------------------------------------ generate mode */
@@ -384,8 +359,8 @@ static void report_speed(const progress *p) {
 static int generate(ac_session *s, const options *o, int steps) {
     progress p = {s, o->prompt ? o->prompt : "", 0, 0, 0, 0, 0};
     p.start = now_seconds();
-    int rc = ac_session_set_ignore_eos(s, o->ignore_eos);
-    if (!rc) rc = ac_generate(s, p.prompt, strlen(p.prompt), steps, print_piece, &p, NULL);
+    (void)steps; /* the session's max_new_tokens */
+    int rc = ac_generate(s, p.prompt, strlen(p.prompt), print_piece, &p, NULL);
     if (!rc && p.count == 0) out_text(p.prompt); /* the model ended the text at once */
     if (!rc || p.count > 0) out_text("\n");
     out_flush(); /* the text ends before the speed report on stderr */
@@ -404,24 +379,21 @@ static int generate(ac_session *s, const options *o, int steps) {
 static int generate_batch(const ac_model *model, const ac_tokenizer *tok, const options *o,
                           int steps) {
     const char *prompt = o->prompt ? o->prompt : "";
-    int n = o->batch, n_prompt = 0;
+    int n = o->batch;
     size_t len = strlen(prompt);
-    /* the prompt's tokens: its last one is the context of each sequence's first piece */
-    int *prompt_tokens = malloc((len + 3) * sizeof *prompt_tokens);
+    /* steps tokens per sequence: at least the library's ac_batch_max_tokens */
     int *tokens = malloc((size_t)n * (size_t)steps * sizeof *tokens);
-    int *counts = malloc((size_t)n * sizeof *counts);
+    ac_batch_result *results = malloc((size_t)n * sizeof *results);
     const char **prompts = malloc((size_t)n * sizeof *prompts);
     size_t *lens = malloc((size_t)n * sizeof *lens);
     ac_batch *b = NULL;
     int rc = AC_OK;
-    if (!prompt_tokens || !tokens || !counts || !prompts || !lens) {
+    ac_session_params params = session_params(o, steps);
+    if (!tokens || !results || !prompts || !lens) {
         fprintf(stderr, "error: out of memory for the tokens of %d sequences of up to %d tokens "
                 "(%.1f MiB)\n", n, steps, (double)n * steps * sizeof *tokens / (1 << 20));
         rc = AC_ERR_NOMEM;
-    } else if ((rc = ac_encode(tok, prompt, len, 1, 0, prompt_tokens, (int)len + 3, &n_prompt)) ||
-               (rc = ac_batch_create(model, tok, n, &o->sampling, &b)) ||
-               (rc = ac_batch_set_threads(b, o->threads)) ||
-               (rc = ac_batch_set_ignore_eos(b, o->ignore_eos))) {
+    } else if ((rc = ac_batch_create(model, tok, n, &params, &b))) {
         fprintf(stderr, "error: %s\n", ac_last_error());
     }
     double start = now_seconds(), end = start;
@@ -430,35 +402,37 @@ static int generate_batch(const ac_model *model, const ac_tokenizer *tok, const 
             prompts[i] = prompt;
             lens[i] = len;
         }
-        rc = ac_batch_generate(b, prompts, lens, steps, tokens, counts);
+        rc = ac_batch_generate(b, prompts, lens, tokens, results);
         end = now_seconds();
         if (rc) fprintf(stderr, "error: %s\n", ac_last_error());
     }
     long long total = 0;
     for (int i = 0; !rc && !stdout_error && i < n; i++) {
         char title[96];
-        snprintf(title, sizeof title, "=== sequence %d (seed %llu) ===\n", i,
-                 (unsigned long long)(o->sampling.seed + (uint64_t)i));
+        if (o->sampling.seed == AC_SEED_RANDOM)
+            snprintf(title, sizeof title, "=== sequence %d (random seed) ===\n", i);
+        else
+            snprintf(title, sizeof title, "=== sequence %d (seed %llu) ===\n", i,
+                     (unsigned long long)(o->sampling.seed + (uint64_t)i));
         out_text(title);
         out_text(prompt);
-        int prev = prompt_tokens[n_prompt - 1];
-        for (int k = 0; k < counts[i]; k++) {
-            int token = tokens[(size_t)i * steps + k];
+        int prev = results[i].last_prompt_token, stride = ac_batch_max_tokens(b);
+        for (int k = 0; k < results[i].n_generated; k++) {
+            int token = tokens[(size_t)i * (size_t)stride + (size_t)k];
             const char *piece;
             size_t piece_len;
             if (ac_decode_piece(tok, prev, token, &piece, &piece_len) == AC_OK) out_write(piece, piece_len);
             prev = token;
         }
         out_text("\n");
-        total += counts[i];
+        total += results[i].n_generated;
     }
     out_flush();
     if (!rc && !stdout_error && total > 0 && end > start)
         fprintf(stderr, "achieved tok/s: %f (total of %d sequences)\n", total / (end - start), n);
     ac_batch_free(b);
-    free(prompt_tokens);
     free(tokens);
-    free(counts);
+    free(results);
     free(prompts);
     free(lens);
     return rc || stdout_error ? 1 : 0;
@@ -515,18 +489,19 @@ static int chat_turn(ac_session *s, const char *system, const char *user, int st
         return -1;
     }
     if (out_text("Assistant: ")) return -1;
-    int token = -1;
-    for (int n = 0; n < steps; n++) {
+    (void)steps; /* the session's max_new_tokens */
+    for (;;) {
+        int token;
         const char *piece;
         size_t len;
         if ((rc = ac_session_next(s, &token, &piece, &len))) {
             fprintf(stderr, "error: %s\n", ac_last_error());
             return -1;
         }
-        if (token < 0 || token == AC_TOKEN_EOS || token == AC_TOKEN_BOS) break;
+        if (token < 0) break; /* the library ended the answer */
         if (out_write(piece, len) || out_flush()) return -1;
     }
-    *context_full = token < 0;
+    *context_full = ac_session_stop_reason(s) == AC_STOP_CONTEXT;
     return out_text("\n") || out_flush() ? -1 : 1;
 }
 
@@ -588,7 +563,9 @@ static ac_model *with_modules(ac_model *base, const options *o) {
  * used as it is). */
 static ac_model *load_model(const options *o) {
     ac_model *model = NULL, *quantized = NULL;
-    if (ac_model_load(o->model_path, &model)) {
+    ac_model_load_params params = ac_model_default_load_params();
+    params.use_mmap = o->use_mmap;
+    if (ac_model_load_file(o->model_path, &params, &model)) {
         fprintf(stderr, "error: %s\n", ac_last_error());
         return NULL;
     }
@@ -603,13 +580,11 @@ static ac_model *load_model(const options *o) {
 }
 
 static ac_tokenizer *load_tokenizer(const options *o, int vocab_size) {
-    char path[CANDIDATE_SIZE], tried[4 * CANDIDATE_SIZE + 8];
-    if (!find_tokenizer(o->model_path, o->tokenizer, path, tried, sizeof tried)) {
-        fprintf(stderr, "error: no tokenizer file found; tried: %s\n", tried);
-        return NULL;
-    }
+    char path[PATH_MAX + 16];
     ac_tokenizer *tok = NULL;
-    if (ac_tokenizer_load(path, vocab_size, &tok)) fprintf(stderr, "error: %s\n", ac_last_error());
+    if (ac_tokenizer_path(o->model_path, o->tokenizer, path, sizeof path) ||
+        ac_tokenizer_load(path, vocab_size, &tok))
+        fprintf(stderr, "error: %s\n", ac_last_error());
     return tok;
 }
 
@@ -618,8 +593,8 @@ static int run_model(const ac_model *model, const ac_tokenizer *tok, const optio
     if (o->batch > 1) return generate_batch(model, tok, o, steps);
     ac_session *session = NULL;
     int status;
-    if (ac_session_create(model, tok, &o->sampling, &session) ||
-        ac_session_set_threads(session, o->threads)) {
+    ac_session_params params = session_params(o, steps);
+    if (ac_session_create(model, tok, &params, &session)) {
         fprintf(stderr, "error: %s\n", ac_last_error());
         status = 1;
     } else {

@@ -8,7 +8,8 @@
 #include <stdarg.h>
 #include <stdio.h>
 
-#define AC_VERSION "0.1.0"
+#define AC_STRINGIFY(x) #x
+#define AC_VERSION_TEXT(major, minor, patch) AC_STRINGIFY(major) "." AC_STRINGIFY(minor) "." AC_STRINGIFY(patch)
 
 /* One message buffer per thread: no global mutable state shared between threads. */
 static _Thread_local char g_error[1024];
@@ -42,4 +43,11 @@ AC_API const char *ac_strerror(int code) {
     }
 }
 
-AC_API const char *ac_version(void) { return AC_VERSION; }
+/* The version macros are in run.h, the one place they are written. */
+AC_API const char *ac_version(void) {
+    return AC_VERSION_TEXT(AC_VERSION_MAJOR, AC_VERSION_MINOR, AC_VERSION_PATCH);
+}
+
+AC_API int ac_version_number(void) { return AC_VERSION_MAJOR * 10000 + AC_VERSION_MINOR * 100 + AC_VERSION_PATCH; }
+
+AC_API int ac_abi_version(void) { return AC_ABI_VERSION; }

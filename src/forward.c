@@ -6,8 +6,8 @@
  * decode, a block of rows for prefill and one row per sequence for batched decode, with
  * rmsnorm, RoPE, attention, SwiGLU and the classifier as in llama2.c.
  *
- * Numerics: float32 with no fast-math; the matrix products (kernels.c) keep 8 partial sums
- * per dot product, so results match a NumPy/PyTorch float32 reference to ~1e-5 relative.
+ * Numerics: float32 with no fast-math; the matrix products (kernels.h) keep 8 or 16 partial
+ * sums per dot product, so results match a NumPy/PyTorch float32 reference to ~1e-5 relative.
  * A row's result never depends on the thread count or on how many rows are computed
  * together, so prefill, stepwise and batched decode agree bitwise.
  */
@@ -90,11 +90,17 @@ AC_API int ac_default_threads(void) {
 
 AC_API const char *ac_kernel_name(void) { return ac_kernels_get()->name; }
 
-AC_API int ac_state_set_threads(ac_state *s, int n_threads) {
-    if (!s) return ac_fail(AC_ERR_ARG, "ac_state_set_threads: state is NULL");
+int ac_check_thread_count(int n_threads) {
     if (n_threads < 0 || n_threads > AC_MAX_THREADS)
         return ac_fail(AC_ERR_ARG, "n_threads %d is invalid: it must be in 1..%d (0 = all available cores)",
                        n_threads, AC_MAX_THREADS);
+    return AC_OK;
+}
+
+AC_API int ac_state_set_threads(ac_state *s, int n_threads) {
+    if (!s) return ac_fail(AC_ERR_ARG, "ac_state_set_threads: state is NULL");
+    int rc = ac_check_thread_count(n_threads);
+    if (rc) return rc;
     if (n_threads == 0) n_threads = ac_default_threads();
     if (n_threads == s->n_threads) return AC_OK;
     float *att = alloc_floats((uint64_t)n_threads * ATTENTION_ROWS * (uint64_t)s->model->config.seq_len);
@@ -111,7 +117,7 @@ AC_API int ac_state_set_threads(ac_state *s, int n_threads) {
     return AC_OK;
 }
 
-int ac_state_create_seqs(const ac_model *m, int n_seqs, ac_state **out) {
+int ac_state_create_seqs(const ac_model *m, int n_seqs, int n_threads, ac_state **out) {
     const ac_config *c = &m->config;
     ac_state *s = calloc(1, sizeof *s);
     if (!s) return ac_fail(AC_ERR_NOMEM, "out of memory for the state");
@@ -164,7 +170,7 @@ int ac_state_create_seqs(const ac_model *m, int n_seqs, ac_state **out) {
             s->rope_sin[(size_t)pos * half + i] = sinf(angle);
         }
     }
-    int rc = ac_state_set_threads(s, 0);
+    int rc = ac_state_set_threads(s, n_threads);
     if (rc) {
         ac_state_free(s);
         return rc;
@@ -179,7 +185,7 @@ AC_API int ac_state_create(const ac_model *m, ac_state **out) {
     if (!out) return ac_fail(AC_ERR_ARG, "ac_state_create: out is NULL");
     *out = NULL;
     if (!m) return ac_fail(AC_ERR_ARG, "ac_state_create: model is NULL");
-    return ac_state_create_seqs(m, 1, out);
+    return ac_state_create_seqs(m, 1, 0, out);
 }
 
 /* ======================================================================== forward */
@@ -193,18 +199,9 @@ static void rmsnorm(float *o, const float *x, const float *w, int n) {
     for (int j = 0; j < n; j++) o[j] = (x[j] * scale) * w[j];
 }
 
-float ac_softmax(float *x, int n) {
-    float max = x[0];
-    for (int i = 1; i < n; i++)
-        if (x[i] > max) max = x[i];
-    float sum = 0.0f;
-    for (int i = 0; i < n; i++) {
-        x[i] = expf(x[i] - max);
-        sum += x[i];
-    }
-    for (int i = 0; i < n; i++) x[i] /= sum;
-    return sum;
-}
+/* The sampler's softmax: libm's expf on every CPU, so a given set of logits samples the same
+ * tokens whatever the kernels (attention uses the kernel set's own softmax). */
+float ac_softmax(float *x, int n) { return ac_softmax_scalar(x, n); }
 
 /* Rotates the interleaved pairs (v[2i], v[2i+1]) of each of the n_heads heads of v by the
  * angle whose cosine and sine are cos_t[i], sin_t[i]. */
@@ -307,14 +304,7 @@ static void ffn_up_task(void *arg, int block, int n_blocks, int thread) {
     if (r0 == r1) return;
     matmul_rows(s, &j->layer->w1, s->hb, H, s->xb, j->T, D, r0, r1);
     matmul_rows(s, &j->layer->w3, s->hb2, H, s->xb, j->T, D, r0, r1);
-    for (int t = 0; t < j->T; t++) {
-        float *h1 = s->hb + (size_t)t * H, *h3 = s->hb2 + (size_t)t * H;
-        for (int i = r0; i < r1; i++) {
-            float v = h1[i];
-            v = v * (1.0f / (1.0f + expf(-v))); /* silu */
-            h1[i] = v * h3[i];
-        }
-    }
+    for (int t = 0; t < j->T; t++) s->kern->swiglu(s->hb + (size_t)t * H + r0, s->hb2 + (size_t)t * H + r0, r1 - r0);
 }
 
 /* Where the cached keys (or values) of kv head kv_head of layer l of sequence seq begin: each
@@ -343,7 +333,7 @@ static void attend(const ac_state *s, int l, int r0, int r1, int h, float *score
         float *att = scores + (size_t)(r - r0) * n_pos;
         int pos = s->row_pos[r];
         for (int t = 0; t <= pos; t++) att[t] /= inv_scale;
-        ac_softmax(att, pos + 1);
+        s->kern->softmax(att, pos + 1);
         float *o = s->xb2 + (size_t)r * D + (size_t)h * head_size;
         s->kern->weighted_sum(o, att, s->value_cache + off, head_size, pos + 1, head_size);
     }

@@ -18,6 +18,7 @@
 #define ARIANNA_INTERNAL_H
 
 #include "run.h"
+#include "testing.h"
 
 #include <float.h>
 #include <math.h>
@@ -152,9 +153,13 @@ int ac_model_from_bytes(const void *data, size_t size, const char *name, ac_mode
 
 /* ------------------------------------------------------------------------ forward (forward.c) */
 
-/* A state for n_seqs sequences, each with its own KV cache (1 for ac_state_create, the
- * batch size for ac_batch). */
-int ac_state_create_seqs(const ac_model *m, int n_seqs, ac_state **out);
+/* A state for n_seqs sequences, each with its own KV cache (1 for ac_state_create and
+ * sessions, the batch size for ac_batch), running n_threads threads (checked by the caller;
+ * 0 = the default), so no other pool is started first. */
+int ac_state_create_seqs(const ac_model *m, int n_seqs, int n_threads, ac_state **out);
+/* AC_ERR_ARG unless n_threads is a thread count a state accepts (0..AC_MAX_THREADS, 0 = all
+ * available cores). */
+int ac_check_thread_count(int n_threads);
 /* The state's logits buffer: (n_seqs, vocab_size) floats, row r for the r-th row of the
  * last ac_forward_step pass (row 0 for a single sequence). */
 float *ac_state_logits(ac_state *s);

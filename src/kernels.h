@@ -84,7 +84,7 @@ extern const ac_kernels ac_kernels_avx2, ac_kernels_avx2_vnni, ac_kernels_avx512
 
 /* Members one set lends another: the portable int8 GEMM (for group sizes that are not
  * multiples of 32) and softmax (with libm's expf, for callers that want it on every CPU), and
- * the avx2 set's int8 GEMM and quantizer (the avx512 set's). */
+ * the avx2 set's int8 GEMM, quantizer and softmax (the avx512 set's). */
 void ac_gemm_q8_scalar(float *out, int ldo, const int8_t *Wq, const float *Ws, const int8_t *Xq,
                        const float *Xs, int T, int n, int gs, int r0, int r1);
 float ac_softmax_scalar(float *x, int n);
@@ -92,6 +92,7 @@ float ac_softmax_scalar(float *x, int n);
 void ac_gemm_q8_avx2(float *out, int ldo, const int8_t *Wq, const float *Ws, const int8_t *Xq,
                      const float *Xs, int T, int n, int gs, int r0, int r1);
 void ac_quantize_q8_avx2(int8_t *q, float *s, const float *x, int n, int gs);
+float ac_softmax_avx2(float *x, int n);
 #endif
 
 /* Symmetric per-group quantization of x[0..n) (gs divides n): s[g] = max|x| / 127 over group

@@ -273,7 +273,7 @@ AVX2_FN static void swiglu_avx2(float *h, const float *g, int n) {
 
 /* The maximum, the exponentials and their sum 8 lanes at a time (the sum's lanes reduced by
  * hsum_avx2), then the division. */
-AVX2_FN static float softmax_avx2(float *x, int n) {
+AVX2_FN float ac_softmax_avx2(float *x, int n) {
     int full = n & ~7;
     __m256i tail = first_lanes(n - full);
     __m256 vmax = _mm256_set1_ps(x[0]);
@@ -300,8 +300,8 @@ AVX2_FN static float softmax_avx2(float *x, int n) {
 }
 
 const ac_kernels ac_kernels_avx2 = {"avx2", gemm_f32_avx2, ac_gemm_q8_avx2, weighted_sum_avx2,
-                                    ac_quantize_q8_avx2, swiglu_avx2, softmax_avx2};
+                                    ac_quantize_q8_avx2, swiglu_avx2, ac_softmax_avx2};
 const ac_kernels ac_kernels_avx2_vnni = {"avx2-vnni", gemm_f32_avx2, gemm_q8_avx2_vnni, weighted_sum_avx2,
-                                         ac_quantize_q8_avx2, swiglu_avx2, softmax_avx2};
+                                         ac_quantize_q8_avx2, swiglu_avx2, ac_softmax_avx2};
 
 #endif /* __x86_64__ */

@@ -1,7 +1,7 @@
 /*
- * kernels_avx512.c - the avx512 kernel set (AVX-512F: 16-lane float32 sums; int8 and the int8
- * quantizer from the avx2 set) and avx512-vnni, the same with 512-bit AVX-512 VNNI int8
- * products.
+ * kernels_avx512.c - the avx512 kernel set (AVX-512F: 16-lane float32 sums; int8, the int8
+ * quantizer and softmax from the avx2 set) and avx512-vnni, the same with 512-bit AVX-512 VNNI
+ * int8 products.
  *
  * Float sums: each dot product keeps 16 partial sums (lane k takes the terms j = k mod 16;
  * the last n mod 16 terms enter through a masked load, as zeros elsewhere), reduced in one
@@ -67,8 +67,10 @@ AVX512_FN static void weighted_sum_avx512(float *out, const float *a, const floa
  * 24 FMAs per 11 loads, and its 8 weight rows stay in L1 while the tokens stream from L2.
  * Measured (bench/kernel_bench.c, persona shapes, T = 16 and 64): 8 x 3 47-53 GFLOP/s, 9 x 3
  * and 10 x 2 about the same, 4 x 6 33-39, 4 x 4 and 5 x 5 27-33. */
+#ifndef TILE_ROWS
 #define TILE_ROWS 8
 #define TILE_TOKENS 3
+#endif
 
 /* R weight rows x C tokens, each accumulator one dot product updated once per 16-float chunk
  * of n (the tail chunk masked).  ahead > 0 prefetches rows ahead.. ahead+R-1 further on, one
@@ -188,10 +190,11 @@ VNNI512_TILE void rows_tile_q8(int P, int R, float *out, const int8_t *Wq, const
 
 /* R weight rows, Q pairs of tokens: pair q holds tokens 2q (low lanes) and 2q + 1 (high),
  * tokens ≥ C repeat token C - 1 (and are not stored). */
-#ifndef Q8_ROWS
+/* Tiles of Q8_ROWS rows x Q8_PAIRS token pairs: 4 x 2 measured 76-92 GOP/s on the persona's
+ * shapes at T = 16 and 64 (bench/kernel_bench.c), 8 x 1 and 6 x 2 about the same or less, 8 x 2
+ * 59-101 (uneven), 4 x 3 and 3 x 3 less. */
 #define Q8_ROWS 4
 #define Q8_PAIRS 2
-#endif
 VNNI512_TILE void tokens_tile_q8(int R, int Q, int C, float *out, int ldo, const int8_t *Wq, const float *Ws,
                                  const int8_t *Xq, const float *Xs, int n, int gs, int ahead) {
     int ng = n / gs;
@@ -234,7 +237,8 @@ VNNI512_TILE void tokens_tile_q8(int R, int Q, int C, float *out, int ldo, const
 }
 
 /* Decode (T = 1): rows in tiles of 4 pairs, prefetching about PREFETCH_BYTES ahead.  More
- * tokens: tiles of 4 rows x 2 token pairs, prefetching 8 rows on (as avx2's int8 kernel). */
+ * tokens: tiles of Q8_ROWS rows x Q8_PAIRS token pairs, prefetching 8 rows on (as avx2's int8
+ * kernel). */
 VNNI512_TILE void gemm_q8_pairs(float *out, int ldo, const int8_t *Wq, const float *Ws, const int8_t *Xq,
                                 const float *Xs, int T, int n, int gs, int r0, int r1) {
     int ng = n / gs;
@@ -271,7 +275,7 @@ VNNI512_FN static void gemm_q8_avx512_vnni(float *out, int ldo, const int8_t *Wq
     else gemm_q8_pairs(out, ldo, Wq, Ws, Xq, Xs, T, n, gs, r0, r1);
 }
 
-/* ---------------------------------------------------------------- SwiGLU, softmax */
+/* ---------------------------------------------------------------- SwiGLU */
 
 /* e^x in 16 lanes: exp_avx2's steps (kernels_x86.h), lane for lane the same results. */
 AVX512_TILE __m512 exp_avx512(__m512 x) {
@@ -289,6 +293,9 @@ AVX512_TILE __m512 exp_avx512(__m512 x) {
     return _mm512_maskz_mov_ps(~_mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_UNDERFLOW), _CMP_LT_OQ), y);
 }
 
+/* Element for element the avx2 set's SwiGLU (the same bits).  (Softmax is the avx2 set's: its
+ * sum of 8 lanes keeps attention, and so int8 results, bitwise equal to the avx2 set's where
+ * the float32 products agree.) */
 AVX512_TILE __m512 swiglu16(__m512 v, __m512 g) {
     const __m512 one = _mm512_set1_ps(1.0f);
     __m512 e = exp_avx512(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32((int)0x80000000))));
@@ -302,34 +309,10 @@ AVX512_FN static void swiglu_avx512(float *h, const float *g, int n) {
     }
 }
 
-/* The maximum, the exponentials and their sum 16 lanes at a time (the sum's lanes reduced by
- * hsum_avx512; the last vector's missing lanes add 0), then the division. */
-AVX512_FN static float softmax_avx512(float *x, int n) {
-    __m512 vmax = _mm512_set1_ps(x[0]);
-    for (int i = 0; i < n; i += 16) {
-        __mmask16 m = n - i >= 16 ? 0xFFFF : first_lanes(n - i);
-        vmax = _mm512_mask_max_ps(vmax, m, _mm512_maskz_loadu_ps(m, x + i), vmax);
-    }
-    __m512 vm = _mm512_set1_ps(_mm512_reduce_max_ps(vmax)), vsum = _mm512_setzero_ps();
-    for (int i = 0; i < n; i += 16) {
-        __mmask16 m = n - i >= 16 ? 0xFFFF : first_lanes(n - i);
-        __m512 e = _mm512_maskz_mov_ps(m, exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vm)));
-        _mm512_mask_storeu_ps(x + i, m, e);
-        vsum = _mm512_add_ps(vsum, e);
-    }
-    float sum = hsum_avx512(vsum);
-    __m512 vs = _mm512_set1_ps(sum);
-    for (int i = 0; i < n; i += 16) {
-        __mmask16 m = n - i >= 16 ? 0xFFFF : first_lanes(n - i);
-        _mm512_mask_storeu_ps(x + i, m, _mm512_div_ps(_mm512_maskz_loadu_ps(m, x + i), vs));
-    }
-    return sum;
-}
-
 const ac_kernels ac_kernels_avx512 = {"avx512", gemm_f32_avx512, ac_gemm_q8_avx2, weighted_sum_avx512,
-                                      ac_quantize_q8_avx2, swiglu_avx512, softmax_avx512};
+                                      ac_quantize_q8_avx2, swiglu_avx512, ac_softmax_avx2};
 const ac_kernels ac_kernels_avx512_vnni = {"avx512-vnni", gemm_f32_avx512, gemm_q8_avx512_vnni,
                                            weighted_sum_avx512, ac_quantize_q8_avx2, swiglu_avx512,
-                                           softmax_avx512};
+                                           ac_softmax_avx2};
 
 #endif /* __x86_64__ */

@@ -40,6 +40,13 @@ extern "C" {
 #define AC_API __attribute__((visibility("default")))
 #endif
 
+/* The library's version, and its ABI number: it changes whenever a declaration below changes
+ * incompatibly, and bindings compare it with ac_abi_version() when they load the library. */
+#define AC_VERSION_MAJOR 0
+#define AC_VERSION_MINOR 2
+#define AC_VERSION_PATCH 0
+#define AC_ABI_VERSION 2
+
 /* ------------------------------------------------------------------------ result codes */
 
 enum {
@@ -77,8 +84,12 @@ enum { AC_TOKEN_UNK = 0, AC_TOKEN_BOS = 1, AC_TOKEN_EOS = 2 };
 AC_API const char *ac_last_error(void);
 /* The symbolic name of a result code, e.g. "AC_ERR_FORMAT". */
 AC_API const char *ac_strerror(int code);
-/* The library version, e.g. "0.1.0". */
+/* The library's version as text, "MAJOR.MINOR.PATCH" (e.g. "0.2.0"). */
 AC_API const char *ac_version(void);
+/* The same as one number: MAJOR * 10000 + MINOR * 100 + PATCH (0.2.0 is 200). */
+AC_API int ac_version_number(void);
+/* AC_ABI_VERSION of the library as built (a binding written for another ABI must not use it). */
+AC_API int ac_abi_version(void);
 
 /* ------------------------------------------------------------------------ model */
 
@@ -186,8 +197,6 @@ AC_API int ac_forward(ac_state *state, int token, int pos, const float **logits)
  * floats, row t = logits after token t.  n_tokens must be <= seq_len.  The tokens go through
  * the layers together (prefill: matrix-matrix products, causal attention over the cache). */
 AC_API int ac_logits(ac_state *state, const int *tokens, int n_tokens, float *out);
-/* The same, one ac_forward per token (the decode path); for comparing the two paths. */
-AC_API int ac_logits_stepwise(ac_state *state, const int *tokens, int n_tokens, float *out);
 
 /* ------------------------------------------------------------------------ tokenizer */
 
@@ -222,6 +231,15 @@ AC_API int ac_decode_piece(const ac_tokenizer *tok, int prev, int token, const c
 AC_API int ac_tokenizer_piece(const ac_tokenizer *tok, int id, const char **piece, size_t *len,
                               float *score);
 
+/* The tokenizer file to load for a model, the one lookup order of every front end: a name
+ * tries NAME, NAME.bin, then (a relative NAME) both in model_path's folder; no name (NULL)
+ * tries tokenizer.bin, then tok4096.bin in model_path's folder.  The first candidate that
+ * exists (whatever it is: a directory is chosen and then refused by ac_tokenizer_load) is
+ * written to buf (cap bytes, NUL-terminated).  model_path may be NULL (a model loaded from
+ * memory): then only a name can be looked up.  AC_ERR_IO when no candidate exists (the
+ * message lists every path tried), AC_ERR_RANGE when buf is too small. */
+AC_API int ac_tokenizer_path(const char *model_path, const char *name, char *buf, size_t cap);
+
 /* ------------------------------------------------------------------------ sampler */
 
 typedef struct ac_sampler ac_sampler;
@@ -230,7 +248,8 @@ typedef struct {
     float temperature; /* 0 = greedy argmax; > 0 = sample softmax(logits / temperature) */
     float top_p;       /* nucleus threshold in (0, 1]; 1 = off */
     int top_k;         /* keep the k most likely tokens (applied before top_p); 0 = off */
-    uint64_t seed;     /* PRNG seed; 0 selects a fixed default seed */
+    uint64_t seed;     /* PRNG seed; 0 selects a fixed default seed (sessions and batches
+                          draw a fresh one for AC_SEED_RANDOM) */
     /* The fields below are neutral when zero, so a zeroed struct samples as before they
      * existed; llama.cpp's names and meanings. */
     float min_p;             /* after top-k/top-p, keep the tokens whose probability (before
@@ -278,66 +297,108 @@ AC_API int ac_logprobs(const float *logits, int n_vocab, int token, int top_n, f
 
 typedef struct ac_session ac_session;
 
+/* The seed that makes a session (or batch) draw a fresh random seed when it is created or
+ * its settings change, different for every session. */
+#define AC_SEED_RANDOM UINT64_MAX
+/* Tokens a generation reports at most unless told otherwise. */
+#define AC_DEFAULT_MAX_NEW_TOKENS 256
+
+/* Everything a generation is told: how to sample, when to stop, how many threads. */
+typedef struct {
+    ac_sampler_params sampler; /* temperature, top_p, top_k, seed (AC_SEED_RANDOM: a fresh one) */
+    int max_new_tokens;        /* tokens reported after each feed at most (>= 0); prompt +
+                                  generated never exceed seq_len, so more is the same as that */
+    int n_threads;             /* threads of the forward pass, 1..AC_MAX_THREADS; 0 = all
+                                  available cores.  Results do not depend on it. */
+    int ignore_eos;            /* nonzero: BOS/EOS do not end the text; they are reported
+                                  (empty pieces) and run like any token, e.g. to time a fixed
+                                  number of tokens */
+} ac_session_params;
+
+/* ac_sampler_default_params() with seed AC_SEED_RANDOM, max_new_tokens
+ * AC_DEFAULT_MAX_NEW_TOKENS, n_threads 0, ignore_eos 0: the defaults of the CLI, the Python
+ * package and the NumPy reference. */
+AC_API ac_session_params ac_session_default_params(void);
+/* AC_ERR_ARG naming the first bad setting (ac_sampler_check_params's, max_new_tokens < 0,
+ * n_threads outside 0..AC_MAX_THREADS): the checks of ac_session_create,
+ * ac_session_set_params and ac_batch_create, without creating anything. */
+AC_API int ac_session_check_params(const ac_session_params *params);
+
+/* Why a generation ended (ac_session_stop_reason, ac_batch_result.stop). */
+typedef enum {
+    AC_STOP_NONE = 0,    /* it has not ended (or nothing was fed yet) */
+    AC_STOP_END = 1,     /* the model ended the text: it sampled BOS or EOS (not with ignore_eos) */
+    AC_STOP_LENGTH = 2,  /* max_new_tokens tokens were reported */
+    AC_STOP_CONTEXT = 3, /* the context is full: prompt + generated tokens reached seq_len */
+    AC_STOP_CALLER = 4   /* the caller stopped it: an ac_generate callback returned nonzero */
+} ac_stop_reason;
+
 /* A session owns an ac_state and an ac_sampler; model and tokenizer are borrowed (they must
- * outlive it).  params may be NULL for ac_sampler_default_params(). */
+ * outlive it).  params may be NULL for ac_session_default_params(). */
 AC_API int ac_session_create(const ac_model *model, const ac_tokenizer *tok,
-                             const ac_sampler_params *params, ac_session **out);
+                             const ac_session_params *params, ac_session **out);
 AC_API void ac_session_free(ac_session *session);
-/* Threads of the session's state (see ac_state_set_threads). */
-AC_API int ac_session_set_threads(ac_session *session, int n_threads);
+/* New settings for the next ac_session_next: the sampler starts again from params' seed,
+ * the count towards max_new_tokens starts again, the context is kept. */
+AC_API int ac_session_set_params(ac_session *session, const ac_session_params *params);
 /* Forgets the context: the next feed starts at position 0. */
 AC_API void ac_session_reset(ac_session *session);
 /* Current number of positions in the KV cache. */
 AC_API int ac_session_position(const ac_session *session);
 /* Encodes text (with BOS when bos != 0) and runs its tokens at the current position (after
- * the last sampled token, if any).  AC_ERR_RANGE when they would not fit in seq_len. */
+ * the last sampled token, if any); a new generation starts (see ac_session_next).
+ * AC_ERR_RANGE when they would not fit in seq_len, and then nothing is run. */
 AC_API int ac_session_feed(ac_session *session, const char *text, size_t len, int bos);
 /* Runs the given token ids at the current position, like ac_session_feed. */
 AC_API int ac_session_feed_tokens(ac_session *session, const int *tokens, int n_tokens);
 /* Runs the last sampled token (if any), then samples the next one into *token and points
- * *piece and *len (either may be NULL) at its decoded bytes.  *token is AC_TOKEN_BOS or
- * AC_TOKEN_EOS (empty piece) when the model ended the text, and -1 when the context is full
- * (seq_len positions used) or nothing was fed yet; callers stop on any of those. */
+ * *piece and *len (either may be NULL) at its decoded bytes.  When the generation has ended
+ * *token is -1 (empty piece) and ac_session_stop_reason() says why; it stays ended until the
+ * next feed or ac_session_set_params.  *token is also -1 (AC_STOP_NONE) when nothing was fed. */
 AC_API int ac_session_next(ac_session *session, int *token, const char **piece, size_t *len);
-
-/* ignore != 0: ac_generate does not stop when the model emits BOS or EOS; it reports them
- * (empty pieces), runs them like any token and goes on to max_new_tokens or seq_len, e.g. to
- * time a fixed number of tokens.  Default 0. */
-AC_API int ac_session_set_ignore_eos(ac_session *session, int ignore);
+/* Why the session's generation ended, AC_STOP_NONE while it goes on. */
+AC_API ac_stop_reason ac_session_stop_reason(const ac_session *session);
 
 /* Called once per generated token with its decoded bytes (len may be 0).  Return nonzero to
  * stop generating. */
 typedef int (*ac_piece_fn)(void *user, int token, const char *piece, size_t len);
 
 /* Resets the session, feeds BOS + the encoded prompt (an empty prompt starts from BOS alone),
- * then samples up to max_new_tokens tokens, calling on_piece for each.  Stops early when the
- * model emits BOS or EOS (not reported; see ac_session_set_ignore_eos), when the context reaches seq_len (prompt + generated
- * tokens never exceed seq_len), or when on_piece returns nonzero.  A prompt whose tokens
- * (with BOS) exceed seq_len fails with AC_ERR_RANGE.  *n_generated (may be NULL) receives the
- * number of tokens reported. */
-AC_API int ac_generate(ac_session *session, const char *prompt, size_t len, int max_new_tokens,
-                       ac_piece_fn on_piece, void *user, int *n_generated);
+ * then calls on_piece (may be NULL) for each token ac_session_next reports until the
+ * generation ends (ac_session_stop_reason says why; AC_STOP_CALLER when on_piece returned
+ * nonzero).  A prompt whose tokens (with BOS) exceed seq_len fails with AC_ERR_RANGE.
+ * *n_generated (may be NULL) receives the number of tokens reported. */
+AC_API int ac_generate(ac_session *session, const char *prompt, size_t len, ac_piece_fn on_piece,
+                       void *user, int *n_generated);
 
 /* ------------------------------------------------------------------------ batched generation */
 
 typedef struct ac_batch ac_batch;
 
 /* n_seqs (1..AC_MAX_BATCH) sequences with their own KV caches and samplers; sequence i
- * samples with params->seed + i (params may be NULL for the defaults).  Each decode step
- * runs every unfinished sequence's token in one forward pass. */
+ * samples with seed + i, as a session with that seed would (an AC_SEED_RANDOM seed draws
+ * one random base first).  params (NULL for the defaults) also give max_new_tokens,
+ * n_threads and ignore_eos.  Each decode step runs every unfinished sequence's token in one
+ * forward pass. */
 AC_API int ac_batch_create(const ac_model *model, const ac_tokenizer *tok, int n_seqs,
-                           const ac_sampler_params *params, ac_batch **out);
+                           const ac_session_params *params, ac_batch **out);
 AC_API void ac_batch_free(ac_batch *batch);
-/* Threads of the batch's state (see ac_state_set_threads). */
-AC_API int ac_batch_set_threads(ac_batch *batch, int n_threads);
-/* ignore != 0: sequences do not stop at BOS/EOS (as ac_session_set_ignore_eos).  Default 0. */
-AC_API int ac_batch_set_ignore_eos(ac_batch *batch, int ignore);
-/* Sequence i continues prompts[i] (lens[i] bytes, BOS in front) exactly as ac_generate
- * would with seed + i: same stops (BOS/EOS unless ignored, max_new_tokens, seq_len), same tokens.  Its
- * tokens go to tokens[i * max_new_tokens ...] and their count to n_generated[i]; decode
- * them with ac_decode_piece, the first after the prompt's last token. */
+/* Tokens per sequence that ac_batch_generate's tokens buffer must hold: max_new_tokens, or
+ * fewer when seq_len leaves no room for that many (prompt + generated <= seq_len). */
+AC_API int ac_batch_max_tokens(const ac_batch *batch);
+
+/* What ac_batch_generate reports for each sequence. */
+typedef struct {
+    int n_generated;       /* tokens written */
+    int last_prompt_token; /* decode the first generated token after this one (ac_decode_piece) */
+    ac_stop_reason stop;   /* why the sequence ended */
+} ac_batch_result;
+
+/* Sequence i continues prompts[i] (lens[i] bytes, BOS in front) exactly as ac_generate would
+ * with seed + i: same tokens, same stop.  Its tokens go to tokens[i * ac_batch_max_tokens()
+ * ...] (tokens may be NULL when that is 0), what ended it to results[i]. */
 AC_API int ac_batch_generate(ac_batch *batch, const char *const *prompts, const size_t *lens,
-                             int max_new_tokens, int *tokens, int *n_generated);
+                             int *tokens, ac_batch_result *results);
 
 /* Step by step (continuous batching): the caller decides what each sequence runs and samples
  * from the returned logits itself (ac_sample with a sampler of its own), so sequences may

@@ -1,4 +1,4 @@
-"""Shared fixtures: build libarianna.so and ./run once per session with `make`, and make
+"""Shared fixtures: build libarianna.so and ./run once per test run with `make`, and make
 seeded random model + tokenizer files (both layouts, tied and untied, GQA) in temp dirs."""
 
 from __future__ import annotations
@@ -99,29 +99,6 @@ def write_synthetic_tokenizer(path: Path, vocab_size: int) -> Path:
     return path
 
 
-def sentencepiece_tokenizer_bytes(model_file: Path) -> bytes:
-    """A .bin tokenizer from a SentencePiece model: "▁" becomes a space, byte pieces stay
-    "<0xNN>", scores as SentencePiece holds them.  Prefers the project's exporter."""
-    try:
-        from arianna_c.export import tokenizer_from_sentencepiece  # type: ignore[attr-defined]
-    except Exception:  # the exporter is not there yet (or torch is missing): do it here
-        tokenizer_from_sentencepiece = None
-    if tokenizer_from_sentencepiece is not None:
-        result = tokenizer_from_sentencepiece(str(model_file))
-        if isinstance(result, (bytes, bytearray)):
-            return bytes(result)
-        if isinstance(result, tuple) and len(result) == 2:
-            return formats.tokenizer_bytes(*result)
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
-    pieces, scores = [], []
-    for i in range(sp.get_piece_size()):
-        pieces.append(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
-        scores.append(sp.get_score(i))
-    return formats.tokenizer_bytes(pieces, scores)
-
-
 TRAINING_TEXT = """Resonance is the quiet agreement of two things that vibrate together.
 The river remembers every stone it has ever touched, and the stones remember the river.
 In 1984 there were 12 lamps and 365 windows; on 2024-03-15 only 7 remained.
@@ -147,8 +124,11 @@ class SentencePieceTok:
 
 @pytest.fixture(scope="session")
 def sp_tok(tmp_path_factory: pytest.TempPathFactory) -> SentencePieceTok:
-    """A tiny SentencePiece BPE model trained here with the project's settings."""
+    """A tiny SentencePiece BPE model trained here with the project's settings, and its .bin
+    tokenizer written by arianna_c.export."""
     import sentencepiece as spm
+
+    from arianna_c.export import tokenizer_from_sentencepiece
 
     folder = tmp_path_factory.mktemp("spm")
     model_file = folder / "tiny.model"
@@ -164,7 +144,7 @@ def sp_tok(tmp_path_factory: pytest.TempPathFactory) -> SentencePieceTok:
     model_file.write_bytes(buf.getvalue())
     sp = spm.SentencePieceProcessor(model_file=str(model_file))
     bin_file = folder / "tiny.bin"
-    bin_file.write_bytes(sentencepiece_tokenizer_bytes(model_file))
+    tokenizer_from_sentencepiece(model_file, bin_file)  # the project's exporter
     return SentencePieceTok(sp, model_file, bin_file, sp.get_piece_size())
 
 

@@ -1,11 +1,13 @@
-"""Shared pieces of the parity tests (test_parity, test_export, test_persona_golden).
+"""Shared pieces of the parity tests (test_parity, test_export, test_persona_golden) and of the
+API tests (test_python_api, test_generation).
 
 * ``need_torch()`` / ``need_sentencepiece()``: the module, or a skip that says why -- except in CI
   (``CI`` set in the environment), where a missing dependency FAILS the test, so the parity
   checks can never silently disappear there.
 * ``PARITY_SHAPES``: the random-model shapes every golden-logits test runs on.
 * ``c_generate_tokens``: token ids of a C generation, through the session API (the Python
-  ``Model.generate`` returns text only).
+  ``Model.generate`` returns text only); the library decides where it stops.
+* ``CallCounter``: counts the C calls a Model makes (how often it creates states, sessions...).
 * ``report``: prints a measured maximum difference (visible with ``pytest -rA`` or ``-s``) and
   records it as a junit property.
 """
@@ -116,7 +118,7 @@ def c_generate_tokens(model_path: Path, tokenizer: bytes, prompt_tokens: Sequenc
                       temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                       seed: int = 0) -> list[int]:
     """Token ids the C library generates after prompt_tokens (session API: feed, then next
-    until max_new tokens, BOS/EOS or a full context)."""
+    until the library ends the generation)."""
     from arianna_c._lib import _error_check, ffi, load
 
     lib = load()
@@ -130,25 +132,44 @@ def c_generate_tokens(model_path: Path, tokenizer: bytes, prompt_tokens: Sequenc
         _error_check(lib.ac_model_config(model, cfg))
         _error_check(lib.ac_tokenizer_load_memory(tokenizer, len(tokenizer), cfg.vocab_size, b"tok", tok_pp))
         tok = tok_pp[0]
-        params = ffi.new("ac_sampler_params *")
-        params.temperature, params.top_p, params.top_k, params.seed = temperature, top_p, top_k, seed
+        params = ffi.new("ac_session_params *", lib.ac_session_default_params())
+        params.sampler.temperature, params.sampler.top_p, params.sampler.top_k = temperature, top_p, top_k
+        params.sampler.seed, params.max_new_tokens = seed, max_new
         _error_check(lib.ac_session_create(model, tok, params, sess_pp))
         session = sess_pp[0]
         ids = ffi.new("int[]", list(prompt_tokens))
         _error_check(lib.ac_session_feed_tokens(session, ids, len(prompt_tokens)))
         out, token = [], ffi.new("int *")
-        for _ in range(max_new):
+        while True:
             _error_check(lib.ac_session_next(session, token, ffi.NULL, ffi.NULL))
-            if token[0] < 0 or token[0] in (1, 2):
-                break
+            if token[0] < 0:
+                return out
             out.append(int(token[0]))
-        return out
     finally:
         if session != ffi.NULL:
             lib.ac_session_free(session)
         if tok != ffi.NULL:
             lib.ac_tokenizer_free(tok)
         lib.ac_model_free(model)
+
+
+class CallCounter:
+    """Stands in for a Model's cffi library object and counts the calls of some functions."""
+
+    def __init__(self, lib, names):
+        self._lib = lib
+        self.calls = {name: 0 for name in names}
+
+    def __getattr__(self, name):
+        attr = getattr(self._lib, name)
+        if name not in self.calls:
+            return attr
+
+        def counted(*args):
+            self.calls[name] += 1
+            return attr(*args)
+
+        return counted
 
 
 def c_sample(logits: np.ndarray, temperature: float, top_p: float, top_k: int, seed: int, n: int) -> list[int]:

@@ -9,7 +9,8 @@
  * and the tile it falls in (one token at a time = all tokens together = any split of the rows);
  * float32 GEMM and the weighted sum close to float64; int8 GEMM bitwise equal to the avx2 set's
  * (when this CPU has it; scalar: close to it); the quantizer bitwise equal to ac_quantize_q8;
- * SwiGLU and softmax close to float64 (a few ulp), and softmax's NaN for a NaN or +inf input.
+ * SwiGLU and softmax close to float64 (a few ulp), bitwise the avx2 set's on every x86-64 set,
+ * and softmax's NaN for a NaN or +inf input.
  */
 #include "kernels.h"
 
@@ -159,6 +160,23 @@ static void check_quantize(const ac_kernels *k, int n, int gs) {
     free(x), free(s1), free(s2), free(q1), free(q2);
 }
 
+/* The x86-64 sets' SwiGLU and softmax give the avx2 set's bits. */
+static void check_elementwise_like_avx2(const ac_kernels *k, const ac_kernels *avx2, int n) {
+    float *a = malloc(sizeof(float) * n), *b = malloc(sizeof(float) * n), *g = malloc(sizeof(float) * n);
+    fill(a, (size_t)n, 20.0f);
+    fill(g, (size_t)n, 1.0f);
+    memcpy(b, a, sizeof(float) * n);
+    k->swiglu(a, g, n);
+    avx2->swiglu(b, g, n);
+    CHECK(memcmp(a, b, sizeof(float) * n) == 0, "swiglu %s n %d: not avx2's bits", k->name, n);
+    fill(a, (size_t)n, 20.0f);
+    memcpy(b, a, sizeof(float) * n);
+    float sa = k->softmax(a, n), sb = avx2->softmax(b, n);
+    CHECK(memcmp(a, b, sizeof(float) * n) == 0 && memcmp(&sa, &sb, sizeof sa) == 0, "softmax %s n %d: not avx2's bits",
+          k->name, n);
+    free(a), free(b), free(g);
+}
+
 static void check_swiglu(const ac_kernels *k, int n) {
     float *h = malloc(sizeof(float) * n), *g = malloc(sizeof(float) * n), *h0 = malloc(sizeof(float) * n);
     fill(h, (size_t)n, 30.0f);
@@ -220,6 +238,7 @@ int main(int argc, char **argv) {
         check_weighted_sum(k, 1 + (int)s * 9, sizes[s]);
         check_swiglu(k, sizes[s]);
         check_softmax(k, sizes[s]);
+        if (avx2) check_elementwise_like_avx2(k, avx2, sizes[s]);
     }
     check_quantize(k, 96, 32);
     check_quantize(k, 128, 64);

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import select
 import struct
 import subprocess
 import threading
@@ -24,6 +23,9 @@ from typing import Callable, Optional
 import numpy as np
 import pytest
 
+from capi import (int8_copy, last_error, load_api, load_model, load_model_bytes, load_model_file,
+                  load_tokenizer, loaded_model, mappings_of, model_config, quantize, read_stdout_until,
+                  run_cli)
 from conftest import REPO, TINY, byte_id, piece_id, synthetic_tokenizer, tiny_config
 
 from arianna_c import AriannaError, Model, formats
@@ -33,44 +35,36 @@ V1_PARAMS = 8  # byte offset of the seven int32 in a v1 header (after magic and 
 INT32_MAX = 2**31 - 1
 
 
-# ---------------------------------------------------------------------------- helpers
-
-
-def last_error(lib, ffi) -> str:
-    return ffi.string(lib.ac_last_error()).decode("utf-8", "replace")
+# ---------------------------------------------------------------------------- one input at every layer
 
 
 def c_load(lib, ffi, model: Path, tokenizer: Path) -> tuple[int, str]:
     """Loads model then tokenizer (with the model's vocab_size) through the C API; returns the
     first failure's (code, message), or (AC_OK, "")."""
-    m, t = ffi.new("ac_model **"), ffi.new("ac_tokenizer **")
+    rc, m = load_model(lib, ffi, model)
+    if rc:
+        assert m == ffi.NULL
+        return rc, last_error(lib, ffi)
     try:
-        rc = lib.ac_model_load(os.fsencode(model), m)
+        rc, t = load_tokenizer(lib, ffi, tokenizer, model_config(lib, ffi, m).vocab_size)
         if rc:
-            assert m[0] == ffi.NULL
+            assert t == ffi.NULL
             return rc, last_error(lib, ffi)
-        cfg = ffi.new("ac_config *")
-        lib.ac_model_config(m[0], cfg)
-        rc = lib.ac_tokenizer_load(os.fsencode(tokenizer), cfg.vocab_size, t)
-        if rc:
-            assert t[0] == ffi.NULL
-            return rc, last_error(lib, ffi)
+        lib.ac_tokenizer_free(t)
         return 0, ""
     finally:
-        lib.ac_tokenizer_free(t[0])
-        lib.ac_model_free(m[0])
+        lib.ac_model_free(m)
 
 
 def cli(run_binary: Path, *args, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([str(run_binary), *map(str, args)], capture_output=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    """./run with args; stdout and stderr as bytes (a random model prints any bytes)."""
+    return run_cli(run_binary, *args, text=False, timeout=timeout)
 
 
 def model_loads(lib, ffi, path: Path) -> bool:
-    out = ffi.new("ac_model **")
-    ok = lib.ac_model_load(os.fsencode(path), out) == 0
-    lib.ac_model_free(out[0])
-    return ok
+    rc, model = load_model(lib, ffi, path)
+    lib.ac_model_free(model)
+    return rc == 0
 
 
 def assert_rejected(lib, ffi, run_binary, model: Path, tokenizer: Path, code: int, needle: str,
@@ -370,12 +364,12 @@ def count_generated(lib, ffi, files, prompt: bytes, steps: int) -> int:
     m, t, s = ffi.new("ac_model **"), ffi.new("ac_tokenizer **"), ffi.new("ac_session **")
     assert lib.ac_model_load(os.fsencode(files.model), m) == 0
     assert lib.ac_tokenizer_load(os.fsencode(files.tokenizer), files.cfg.vocab_size, t) == 0
-    params = lib.ac_sampler_default_params()
-    params.temperature = 0.0
-    assert lib.ac_session_create(m[0], t[0], ffi.new("ac_sampler_params *", params), s) == 0
+    params = lib.ac_session_default_params()
+    params.sampler.temperature, params.max_new_tokens = 0.0, steps
+    assert lib.ac_session_create(m[0], t[0], ffi.new("ac_session_params *", params), s) == 0
     n = ffi.new("int *")
     try:
-        assert lib.ac_generate(s[0], prompt, len(prompt), steps, ffi.NULL, ffi.NULL, n) == 0
+        assert lib.ac_generate(s[0], prompt, len(prompt), ffi.NULL, ffi.NULL, n) == 0
         assert lib.ac_session_position(s[0]) <= files.cfg.seq_len
         return n[0]
     finally:
@@ -418,10 +412,11 @@ def test_bad_sampler_settings(lib, ffi, run_binary, good, kwargs, flags, needle)
     # the CLI refuses the option itself, naming it with the value as typed (tests/test_cli.py)
     assert r.returncode == 1 and f"error: {flags[0]} {flags[1]}: ".encode() in r.stderr and r.stdout == b""
     with Model(good.model, good.tokenizer) as m:
+        want = m.generate("hi", max_new_tokens=3, seed=1)
         with pytest.raises(AriannaError, match=re.escape(needle)) as info:
             m.stream("hi", **kwargs)  # checked by the call, before the first piece
         assert info.value.name == "AC_ERR_ARG"
-        assert m.generate("hi", max_new_tokens=3, seed=1) is not None  # still usable
+        assert m.generate("hi", max_new_tokens=3, seed=1) == want  # still usable, unchanged
 
 
 def test_extreme_temperatures_and_non_finite_logits_sample_greedily(lib, ffi, good):
@@ -453,7 +448,8 @@ def test_nul_bytes_in_a_prompt_are_byte_tokens(good):
         assert ids == [1, piece_id(b" a"), byte_id(0), piece_id(b"b")]
         assert m.decode(ids) == "ab"  # control bytes decode to nothing
         assert m.encode(b"a\x00b") == ids
-        assert isinstance(m.generate("a\x00b", max_new_tokens=8, seed=2), str)
+        text = m.generate("a\x00b", max_new_tokens=8, seed=2)
+        assert m.generate(b"a\x00b", max_new_tokens=8, seed=2) == text  # the same prompt as bytes
 
 
 def test_invalid_utf8_prompts(run_binary, good):
@@ -519,26 +515,10 @@ BAD_INT8_MODELS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
 }
 
 
-def int8_copy(model: Path, out: Path) -> Path:
-    """model quantized to int8 by the library (group size 16) and saved as a v2 file at out."""
-    from arianna_c._lib import ffi, load
-
-    lib = load()
-    src, q = ffi.new("ac_model **"), ffi.new("ac_model **")
-    assert lib.ac_model_load(os.fsencode(model), src) == 0
-    try:
-        assert lib.ac_model_quantize(src[0], 16, q) == 0
-        assert lib.ac_model_save(q[0], os.fsencode(out)) == 0
-    finally:
-        lib.ac_model_free(q[0])
-        lib.ac_model_free(src[0])
-    return out
-
-
 @pytest.fixture
-def good_int8(good, tmp_path) -> Path:
+def good_int8(lib, ffi, good, tmp_path) -> Path:
     """good's model quantized to int8 and saved as a v2 file (group size 16)."""
-    return int8_copy(good.model, tmp_path / "int8.bin")
+    return int8_copy(lib, ffi, good.model, tmp_path / "int8.bin")
 
 
 @pytest.mark.parametrize("case", list(BAD_INT8_MODELS))
@@ -546,7 +526,7 @@ def test_bad_int8_model_file(lib, ffi, run_binary, good, good_int8, tmp_path, ca
     data = good_int8.read_bytes()
     assert struct.unpack_from("<i", data, 4)[0] == 2
     with Model(good_int8, good.tokenizer) as m:  # the unbroken file loads and runs
-        assert m.config.version == 2 and m.generate("the", max_new_tokens=3, seed=1) is not None
+        assert m.config.version == 2 and np.isfinite(m.logits([1, 40, 50])).all()
     build, needle = BAD_INT8_MODELS[case]
     bad = write(tmp_path, f"int8-{case}.bin", build(data))
     assert_rejected(lib, ffi, run_binary, bad, good.tokenizer, lib.AC_ERR_FORMAT, needle)
@@ -639,20 +619,6 @@ def test_python_model_survives_its_file_changing(good, change):
             Model(good.model, good.tokenizer)
 
 
-def read_stdout_until(proc: subprocess.Popen, marker: bytes, seconds: float = 30) -> bytes:
-    """Reads proc's stdout until it ends with marker (the CLI flushes its questions)."""
-    out, deadline = b"", time.monotonic() + seconds
-    while not out.endswith(marker):
-        left = deadline - time.monotonic()
-        assert left > 0, f"./run printed no {marker!r} within {seconds} s: {out!r}"
-        ready, _, _ = select.select([proc.stdout], [], [], left)
-        if ready:
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            assert chunk, f"./run ended early: {out!r}"
-            out += chunk
-    return out
-
-
 def chat_after(run_binary: Path, files, change: Optional[Callable[[], None]]) -> tuple[int, bytes]:
     """./run in chat mode: once it asks for the first turn (the model is loaded), change() runs,
     then a turn is answered greedily and stdin ends.  Returns the exit status and stdout."""
@@ -682,50 +648,15 @@ def test_cli_survives_its_model_file_changing(run_binary, good, change):
 
 # ---------------------------------------------------------------------------- load params: read or map
 
-LOAD_CDEF = """
-typedef struct ac_model ac_model;
-typedef struct ac_state ac_state;
-typedef struct { int use_mmap; } ac_model_load_params;
-ac_model_load_params ac_model_default_load_params(void);
-int ac_model_load_file(const char *path, const ac_model_load_params *params, ac_model **out);
-int ac_model_load_memory(const void *data, size_t size, const char *name, ac_model **out);
-int ac_model_quantize(const ac_model *src, int group_size, ac_model **out);
-void ac_model_free(ac_model *model);
-int ac_state_create(const ac_model *model, ac_state **out);
-void ac_state_free(ac_state *state);
-int ac_logits(ac_state *state, const int *tokens, int n_tokens, float *out);
-const char *ac_last_error(void);
-const char *ac_strerror(int code);
-"""
-
-
 @pytest.fixture(scope="module")
-def load_api(lib):
-    """The library's loading calls that the Python binding does not declare
-    (ac_model_load_file and its params), through a cffi handle of their own."""
-    import cffi
-
-    from arianna_c import _lib
-
-    api_ffi = cffi.FFI()
-    api_ffi.cdef(LOAD_CDEF)
-    path = next(p for p in _lib.library_candidates() if p.is_file())
-    return api_ffi, api_ffi.dlopen(str(path))
+def file_api(lib):
+    """ac_model_load_file and its params, which the package's binding does not declare."""
+    return load_api(lib)
 
 
-def file_logits(load_api, path: Path, use_mmap: int, tokens: list[int], vocab: int = V):
-    """Loads path with use_mmap and returns (model handle, logits of tokens); the caller frees."""
-    api_ffi, api = load_api
-    params = api.ac_model_default_load_params()
-    assert params.use_mmap == 0  # reading is the default
-    params.use_mmap = use_mmap
-    model = api_ffi.new("ac_model **")
-    assert api.ac_model_load_file(os.fsencode(path), api_ffi.new("ac_model_load_params *", params), model) == 0
-    return model[0], state_logits(load_api, model[0], tokens, vocab)
-
-
-def state_logits(load_api, model, tokens: list[int], vocab: int = V) -> list[float]:
-    api_ffi, api = load_api
+def api_logits(file_api, model, tokens: list[int], vocab: int = V) -> list[float]:
+    """Logits of tokens from a model loaded through file_api."""
+    api_ffi, api = file_api
     state, out = api_ffi.new("ac_state **"), api_ffi.new("float[]", len(tokens) * vocab)
     assert api.ac_state_create(model, state) == 0
     try:
@@ -736,27 +667,39 @@ def state_logits(load_api, model, tokens: list[int], vocab: int = V) -> list[flo
         api.ac_state_free(state[0])
 
 
-def test_mapping_the_file_gives_the_same_model_and_shows_rewrites(load_api, good):
+def test_mapping_the_file_gives_the_same_model_and_shows_rewrites(file_api, good):
     """use_mmap=1 maps the file instead of reading it: the same logits, and (as run.h warns)
-    bytes rewritten in place show up in the mapped model, never in the read one."""
-    api = load_api[1]
+    bytes rewritten in place show up in the mapped model, never in a read one (the default,
+    also what NULL params give)."""
+    api_ffi, api = file_api
+    assert api.ac_model_default_load_params().use_mmap == 0
     tokens = [1, 40, 50]
-    read_model, read_logits = file_logits(load_api, good.model, 0, tokens)
-    mapped_model, mapped_logits = file_logits(load_api, good.model, 1, tokens)
+    models = {}
     try:
-        assert mapped_logits == read_logits
+        for mode, use_mmap in (("read", 0), ("mapped", 1)):
+            rc, models[mode] = load_model_file(file_api, good.model, use_mmap)
+            assert rc == 0, api_ffi.string(api.ac_last_error())
+            assert (mappings_of(good.model) > 0) == (mode == "mapped")
+        out = api_ffi.new("ac_model **")
+        assert api.ac_model_load_file(os.fsencode(good.model), api_ffi.NULL, out) == 0
+        models["default"] = out[0]
+        want = api_logits(file_api, models["read"], tokens)
+        assert api_logits(file_api, models["mapped"], tokens) == want
+        assert api_logits(file_api, models["default"], tokens) == want
         overwrite_in_place(good.model, other_weights_same_size(good))
-        assert state_logits(load_api, read_model, tokens) == read_logits
-        assert state_logits(load_api, mapped_model, tokens) != read_logits
+        assert api_logits(file_api, models["read"], tokens) == want
+        assert api_logits(file_api, models["default"], tokens) == want
+        assert api_logits(file_api, models["mapped"], tokens) != want
     finally:
-        api.ac_model_free(read_model)
-        api.ac_model_free(mapped_model)
+        for model in models.values():
+            api.ac_model_free(model)
+    assert mappings_of(good.model) == 0  # freeing the model unmaps its file
 
 
-def test_a_huge_file_is_refused_from_its_header_before_it_is_read(load_api, good, tmp_path):
+def test_a_huge_file_is_refused_from_its_header_before_it_is_read(file_api, good, tmp_path):
     """A 16 GiB sparse file with a model header: its size contradicts the header, which is read
     first, so it is refused in both modes without reading (or allocating) 16 GiB."""
-    api_ffi, api = load_api
+    api_ffi, api = file_api
     big = write(tmp_path, "big.bin", good.model.read_bytes()[:256])
     os.truncate(big, 16 << 30)
     for use_mmap in (0, 1):
@@ -842,14 +785,21 @@ def test_bad_int8_scales_are_refused(lib, ffi, run_binary, good, int8_weights, t
     assert_rejected(lib, ffi, run_binary, bad, good.tokenizer, lib.AC_ERR_FORMAT, needle)
 
 
-def test_a_zero_scale_over_an_all_zero_group_loads(good, int8_weights, tmp_path):
+def test_a_zero_scale_over_an_all_zero_group_loads(lib, ffi, good, int8_weights, tmp_path):
+    """A zero scale over an all-zero group is what the quantizer writes for zeros: the file loads
+    and runs as the library's own quantization of the float weights with that group zeroed."""
     cfg, weights = int8_weights
     gs = cfg.group_size
     weights["wq"].scales[0].reshape(-1)[2] = 0.0
-    weights["wq"].values[0].reshape(-1)[2 * gs : 3 * gs] = 0  # what the quantizer writes for zeros
+    weights["wq"].values[0].reshape(-1)[2 * gs : 3 * gs] = 0
     path = write(tmp_path, "zero-group.bin", formats.model_bytes(cfg, weights))
-    with Model(path, good.tokenizer) as m:
-        assert m.generate("the", max_new_tokens=4, seed=1) is not None
+    floats = {k: np.array(v) for k, v in good.weights.items()}
+    floats["wq"][0].reshape(-1)[2 * gs : 3 * gs] = 0.0
+    zeroed = write(tmp_path, "zeroed-float.bin", formats.model_bytes(good.cfg, floats))
+    quantized = int8_copy(lib, ffi, zeroed, tmp_path / "zeroed-int8.bin")
+    tokens = [1, 40, 50, 7]
+    with Model(path, good.tokenizer) as m, Model(quantized, good.tokenizer) as want:
+        np.testing.assert_array_equal(m.logits(tokens), want.logits(tokens))
 
 
 DEGENERATE = ["token_embedding", "rms_final", "wcls"]
@@ -877,33 +827,36 @@ def test_all_zero_int8_embedding_is_refused(lib, ffi, run_binary, good, int8_wei
 
 def test_all_zero_layer_tensors_load(make_model):
     """A layer whose matrices or norms are all zero adds nothing to the residual stream: a
-    working (pruned) model, not a degenerate one."""
+    working (pruned) model, not a degenerate one.  With every layer zeroed the logits are the
+    classifier applied to the normalized token embedding."""
     base = make_model(seed=3)
     weights = {k: np.array(v) for k, v in base.weights.items()}
     for name in ("rms_att", "wq", "wk", "wv", "wo", "w2"):
         weights[name][...] = 0.0
     files = make_model(weights=weights)
+    tokens = [1, 40, 50, 7]
+    x = weights["token_embedding"][tokens].astype(np.float64)
+    x = x / np.sqrt(np.mean(x * x, axis=1, keepdims=True) + 1e-5) * weights["rms_final"]
+    want = x @ weights["token_embedding"].T.astype(np.float64)  # tied classifier
     with Model(files.model, files.tokenizer) as m:
-        assert len(m.generate("the", max_new_tokens=6, seed=2)) > 0
+        np.testing.assert_allclose(m.logits(tokens), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
-def test_quantize_refuses_a_borrowed_buffer_that_became_non_finite(load_api, good):
+def test_quantize_refuses_a_borrowed_buffer_that_became_non_finite(lib, ffi, good):
     """ac_model_load_memory borrows the buffer; if the caller breaks its promise and writes a NaN
     into it, quantizing refuses instead of turning the NaN into 0."""
-    api_ffi, api = load_api
     data = bytearray(good.model.read_bytes())
-    buf = api_ffi.from_buffer("char[]", data)
-    model, quantized = api_ffi.new("ac_model **"), api_ffi.new("ac_model **")
-    assert api.ac_model_load_memory(buf, len(data), b"borrowed.bin", model) == 0
+    rc, model, _buf = load_model_bytes(lib, ffi, data, b"borrowed.bin")
+    assert rc == 0, last_error(lib, ffi)
     try:
         rms_att_7 = 256 + 4 * 7  # v1: rms_att comes first, right after the header
         data[rms_att_7 : rms_att_7 + 4] = struct.pack("<f", math.nan)
-        assert api.ac_model_quantize(model[0], 16, quantized) == 2  # AC_ERR_FORMAT
-        assert quantized[0] == api_ffi.NULL
-        assert api_ffi.string(api.ac_last_error()).decode() == (
+        rc, quantized = quantize(lib, ffi, model, 16)
+        assert (rc, quantized) == (lib.AC_ERR_FORMAT, ffi.NULL)
+        assert last_error(lib, ffi) == (
             "int8 quantization of the source model: layers.0.rms_att[7] is nan, not a finite number")
     finally:
-        api.ac_model_free(model[0])
+        lib.ac_model_free(model)
 
 
 # ---------------------------------------------------------------------------- logits that are not numbers
@@ -923,27 +876,24 @@ NUMERIC_MESSAGE = r"the logits after the token at position \d+ are not numbers \
                   "the model's values overflow float32"
 
 
-def test_non_finite_logits_are_an_error_in_c(lib, ffi, overflowing, load_api):
+def test_non_finite_logits_are_an_error_in_c(lib, ffi, overflowing):
     rc, _ = c_load(lib, ffi, overflowing.model, overflowing.tokenizer)
     assert rc == 0  # finite weights load
-    api_ffi, api = load_api
-    model, logits = api_ffi.new("ac_model **"), api_ffi.new("float[]", 2 * V)
-    assert api.ac_model_load_file(os.fsencode(overflowing.model), api_ffi.NULL, model) == 0
-    state = api_ffi.new("ac_state **")
-    assert api.ac_state_create(model[0], state) == 0
-    try:
-        rc = api.ac_logits(state[0], api_ffi.new("int[]", [1, 40]), 2, logits)
-        assert rc == 7 and api_ffi.string(api.ac_strerror(rc)) == b"AC_ERR_NUMERIC"
-        message = api_ffi.string(api.ac_last_error()).decode()
-        assert re.fullmatch(NUMERIC_MESSAGE, message) and "position 0 " in message
-    finally:
-        api.ac_state_free(state[0])
-        api.ac_model_free(model[0])
+    logits, state = ffi.new("float[]", 2 * V), ffi.new("ac_state **")
+    with loaded_model(lib, ffi, overflowing.model) as model:
+        assert lib.ac_state_create(model, state) == 0
+        try:
+            rc = lib.ac_logits(state[0], ffi.new("int[]", [1, 40]), 2, logits)
+            assert rc == lib.AC_ERR_NUMERIC
+            message = last_error(lib, ffi)
+            assert re.fullmatch(NUMERIC_MESSAGE, message) and "position 0 " in message
+        finally:
+            lib.ac_state_free(state[0])
 
 
 @pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
-def test_non_finite_logits_stop_generation_everywhere(run_binary, overflowing, tmp_path, int8):
-    path = int8_copy(overflowing.model, tmp_path / "int8.bin") if int8 else overflowing.model
+def test_non_finite_logits_stop_generation_everywhere(lib, ffi, run_binary, overflowing, tmp_path, int8):
+    path = int8_copy(lib, ffi, overflowing.model, tmp_path / "int8.bin") if int8 else overflowing.model
     with Model(path, overflowing.tokenizer) as m:
         for call in (lambda: m.generate("the", max_new_tokens=4, seed=1),
                      lambda: m.generate("the", max_new_tokens=4, temperature=0),

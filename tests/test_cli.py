@@ -13,12 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_synthetic_tokenizer
-
-
-def run(binary: Path, *args: str, stdin: str = "", cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(binary), *map(str, args)], input=stdin, capture_output=True,
-                          text=True, errors="replace", cwd=cwd, timeout=60)
+from capi import error_lines, mappings_of, read_stdout_until, run_cli
+from conftest import byte_id, piece_id, write_synthetic_tokenizer
 
 
 def run_into(binary: Path, args: list, stdout, stdin: str = "", **kwargs) -> tuple[int, str]:
@@ -29,29 +25,29 @@ def run_into(binary: Path, args: list, stdout, stdin: str = "", **kwargs) -> tup
     return r.returncode, r.stderr.decode("utf-8", "replace")
 
 
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("error: ")]
-
-
 def test_generate_prints_prompt_then_continuation(run_binary, make_model):
+    from arianna_c import Model
+
     files = make_model(seed=1)
-    r = run(run_binary, files.model, "-n", "30", "-i", "the cat", "-s", "3")
+    r = run_cli(run_binary, files.model, "-n", "30", "-i", "the cat", "-s", "3", "-t", "1", "-p", "0.9")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("the cat")
-    assert r.stdout.endswith("\n")
+    with Model(files.model, files.tokenizer) as m:
+        want = m.generate("the cat", max_new_tokens=30, temperature=1.0, top_p=0.9, seed=3)
+    assert len(want) > 0
+    assert r.stdout == "the cat" + want + "\n"
 
 
 def test_same_seed_same_text_and_greedy_matches_python(run_binary, make_model):
     from arianna_c import Model
 
     files = make_model(seed=4)
-    a = run(run_binary, files.model, "-n", "40", "-i", "it is", "-s", "99", "-t", "0.9")
-    b = run(run_binary, files.model, "-n", "40", "-i", "it is", "-s", "99", "-t", "0.9")
-    c = run(run_binary, files.model, "-n", "40", "-i", "it is", "-s", "100", "-t", "0.9")
+    a = run_cli(run_binary, files.model, "-n", "40", "-i", "it is", "-s", "99", "-t", "0.9")
+    b = run_cli(run_binary, files.model, "-n", "40", "-i", "it is", "-s", "99", "-t", "0.9")
+    c = run_cli(run_binary, files.model, "-n", "40", "-i", "it is", "-s", "100", "-t", "0.9")
     assert a.returncode == b.returncode == c.returncode == 0
     assert a.stdout == b.stdout
     assert a.stdout != c.stdout
-    greedy = run(run_binary, files.model, "-n", "25", "-i", "it is", "-t", "0")
+    greedy = run_cli(run_binary, files.model, "-n", "25", "-i", "it is", "-t", "0")
     with Model(files.model, files.tokenizer) as m:
         want = m.generate("it is", max_new_tokens=25, temperature=0.0)
     assert greedy.stdout == "it is" + want + "\n"
@@ -60,7 +56,7 @@ def test_same_seed_same_text_and_greedy_matches_python(run_binary, make_model):
 def test_scripted_output_and_tok_per_second(run_binary, scripted_model):
     script = [1, 3 + 0xC3, 3 + 0xA9, 3 + ord("!"), 2]  # "é!" then EOS
     files = scripted_model(script)
-    r = run(run_binary, files.model, "-t", "0")
+    r = run_cli(run_binary, files.model, "-t", "0")
     assert r.returncode == 0, r.stderr
     assert r.stdout == "é!\n"
     assert "achieved tok/s: " in r.stderr
@@ -73,9 +69,9 @@ def test_ignore_eos_goes_on_past_the_end_of_the_text(run_binary, scripted_model)
 
     script = [1, 3 + ord("a"), 3 + ord("b"), 2, 3 + ord("c"), 3 + ord("d"), 3 + ord("e")]  # "ab" EOS "cde"
     files = scripted_model(script)
-    stops = run(run_binary, files.model, "-t", "0", "-n", "5")
-    goes_on = run(run_binary, files.model, "-t", "0", "-n", "5", "-e", "1")
-    batch = run(run_binary, files.model, "-t", "0", "-n", "5", "-e", "1", "-b", "2")
+    stops = run_cli(run_binary, files.model, "-t", "0", "-n", "5")
+    goes_on = run_cli(run_binary, files.model, "-t", "0", "-n", "5", "-e", "1")
+    batch = run_cli(run_binary, files.model, "-t", "0", "-n", "5", "-e", "1", "-b", "2")
     assert stops.returncode == goes_on.returncode == batch.returncode == 0, stops.stderr + goes_on.stderr
     assert stops.stdout == "ab\n"
     assert goes_on.stdout == "abcd\n"  # a b EOS c d: exactly -n 5 tokens, EOS printed as nothing
@@ -87,25 +83,30 @@ def test_ignore_eos_goes_on_past_the_end_of_the_text(run_binary, scripted_model)
         assert m.generate_batch([""], 5, temperature=0.0) == ["ab"]
 
 
-def test_steps_are_clamped_to_seq_len(run_binary, make_model):
-    files = make_model(seed=2, seq_len=16)
-    r = run(run_binary, files.model, "-n", "1000", "-t", "1", "-s", "1")
+def test_steps_are_clamped_to_seq_len(run_binary, scripted_model):
+    """-n 0, and any -n past the context, give what fits: BOS + generated tokens = seq_len."""
+    # greedily BOS -> a -> b -> ... -> z: longer than the context, so it never ends the text
+    files = scripted_model([1] + [byte_id(c) for c in b"abcdefghijklmnopqrstuvwxyz"], seq_len=12)
+    for steps, text in (("1000", "abcdefghijk"), ("0", "abcdefghijk"), ("11", "abcdefghijk"), ("5", "abcde")):
+        r = run_cli(run_binary, files.model, "-n", steps, "-t", "0")
+        assert (r.returncode, r.stdout) == (0, text + "\n"), r.stderr
+    r = run_cli(run_binary, files.model, "-n", "0", "-t", "0", "-b", "2", "-s", "7")
     assert r.returncode == 0, r.stderr
-    r = run(run_binary, files.model, "-n", "0", "-s", "1")
-    assert r.returncode == 0, r.stderr
+    assert r.stdout == ("=== sequence 0 (seed 7) ===\nabcdefghijk\n"
+                        "=== sequence 1 (seed 8) ===\nabcdefghijk\n")
 
 
 def test_prompt_longer_than_context_prints_only_the_error(run_binary, make_model):
     files = make_model(seq_len=8)
     for extra in ([], ["-b", "2"]):
-        r = run(run_binary, files.model, "-i", "x y z w v u t s r q", *extra)
+        r = run_cli(run_binary, files.model, "-i", "x y z w v u t s r q", *extra)
         assert r.returncode == 1
         assert r.stdout == ""
         (line,) = error_lines(r.stderr)
         assert line.endswith("is 18 tokens (BOS included) but the model's seq_len is 8")
         assert "tok/s" not in r.stderr
     # a prompt that fits exactly is printed, then the continuation (nothing: the context is full)
-    r = run(run_binary, files.model, "-i", "x y z w")  # BOS x ▁ y ▁ z ▁ w: 8 tokens
+    r = run_cli(run_binary, files.model, "-i", "x y z w")  # BOS x ▁ y ▁ z ▁ w: 8 tokens
     assert r.returncode == 0, r.stderr
     assert r.stdout == "x y z w\n"
 
@@ -147,13 +148,15 @@ BAD_ARGUMENTS = [
     (["--temperature", "1"], "error: unknown option --temperature"),
     (["extra"], "error: unexpected argument 'extra': options come as -x VALUE"),
     (["-m", "chat", "-b", "2"], "error: -b applies to generate mode only"),
+    (["--mmap=1"], "error: unknown option --mmap=1"),
+    (["--mmap", "1"], "error: unexpected argument '1': options come as -x VALUE"),
 ]
 
 
 @pytest.mark.parametrize("args, message", BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
 def test_bad_arguments_name_the_flag_and_value_then_print_usage(run_binary, make_model, args, message):
     files = make_model()
-    r = run(run_binary, files.model, *args)
+    r = run_cli(run_binary, files.model, *args)
     assert r.returncode == 1
     assert r.stdout == ""
     first, rest = r.stderr.split("\n", 1)
@@ -167,24 +170,27 @@ def test_bad_arguments_name_the_flag_and_value_then_print_usage(run_binary, make
                                   ["-s", "0"], ["-e", "0"]])
 def test_values_at_the_edges_are_accepted(run_binary, make_model, args):
     files = make_model()
-    r = run(run_binary, files.model, "-n", "4", *args)
+    r = run_cli(run_binary, files.model, "-n", "4", *args)
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("error") == 0
 
 
 def test_missing_model_names_the_problem(run_binary):
-    r = run(run_binary)
+    r = run_cli(run_binary)
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.startswith("error: no model file given\nUsage:")
-    r = run(run_binary, "-n", "5")
+    r = run_cli(run_binary, "-n", "5")
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.startswith("error: the model file comes first, before -n\nUsage:")
+    r = run_cli(run_binary, "--mmap", "model.bin")
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.startswith("error: the model file comes first, before --mmap\nUsage:")
 
 
 def test_help_goes_to_stdout_with_units_and_defaults(run_binary, make_model, lib, ffi):
     files = make_model()
     for args in (["-h"], ["--help"], [files.model, "-h"], [files.model, "-n", "5", "--help"]):
-        r = run(run_binary, *args)
+        r = run_cli(run_binary, *args)
         assert r.returncode == 0 and r.stderr == ""
         assert r.stdout.startswith("Usage:")
     usage = r.stdout
@@ -193,34 +199,36 @@ def test_help_goes_to_stdout_with_units_and_defaults(run_binary, make_model, lib
     assert f"top-p (nucleus) in (0, 1] (1 = off); default {defaults.top_p:g}" in usage
     assert f"(0 = off); default {defaults.top_k}" in usage
     assert "default 256" in usage
-    assert f"(0 = up to seq_len)" in usage
+    assert "(0 = up to seq_len)" in usage
     assert f"threads, 1..256; default: all available cores ({lib.ac_default_threads()} here)" in usage
     assert "tok/s (tokens per second)" in usage
+    assert "  --mmap      map the model file instead of reading it into memory (default: read);\n" \
+           "              the file must then not be changed or truncated until the run ends\n" in usage
     for flag in "tpksnizymTqobe":
         assert f"  -{flag} <" in usage
     # the usage printed after an error is the same text, on stderr
-    bad = run(run_binary, files.model, "-x", "1")
+    bad = run_cli(run_binary, files.model, "-x", "1")
     assert bad.stderr.split("\n", 1)[1] == usage
 
 
 def test_version_comes_from_the_library(run_binary, lib, ffi):
-    r = run(run_binary, "--version")
+    r = run_cli(run_binary, "--version")
     assert r.returncode == 0 and r.stderr == ""
     assert r.stdout == f"arianna_c {ffi.string(lib.ac_version()).decode()}\n"
 
 
 def test_load_errors_exit_1_with_message(run_binary, make_model, tmp_path):
-    r = run(run_binary, tmp_path / "missing.bin")
+    r = run_cli(run_binary, tmp_path / "missing.bin")
     assert r.returncode == 1 and "missing.bin: cannot open model file" in r.stderr
     files = make_model()
     short = tmp_path / "short.bin"
     short.write_bytes(files.model.read_bytes()[:1000])
     shutil.copy(files.tokenizer, tmp_path / "tokenizer.bin")
-    r = run(run_binary, short)
+    r = run_cli(run_binary, short)
     assert r.returncode == 1
     assert "short.bin: file is 1000 bytes, header implies" in r.stderr
     wrong = write_synthetic_tokenizer(tmp_path / "wrong.bin", 400)
-    r = run(run_binary, files.model, "-z", wrong)
+    r = run_cli(run_binary, files.model, "-z", wrong)
     assert r.returncode == 1
     assert "wrong.bin: tokenizer has 400 pieces but the model's vocab_size is 320" in r.stderr
 
@@ -229,50 +237,68 @@ def test_tokenizer_resolution(run_binary, make_model, tmp_path):
     files = make_model(tokenizer_name="tok4096.bin")
     folder = files.model.parent
     # default: tokenizer.bin (absent) then tok4096.bin in the model's folder
-    assert run(run_binary, files.model, "-n", "3").returncode == 0
+    assert run_cli(run_binary, files.model, "-n", "3").returncode == 0
     # -z NAME inside the model's folder, with and without .bin, from another cwd
-    assert run(run_binary, files.model, "-z", "tok4096", "-n", "3", cwd=tmp_path).returncode == 0
-    assert run(run_binary, files.model, "-z", "tok4096.bin", "-n", "3", cwd=tmp_path).returncode == 0
+    assert run_cli(run_binary, files.model, "-z", "tok4096", "-n", "3", cwd=tmp_path).returncode == 0
+    assert run_cli(run_binary, files.model, "-z", "tok4096.bin", "-n", "3", cwd=tmp_path).returncode == 0
     # -z NAME relative to the working directory first
     other = tmp_path / "elsewhere"
     other.mkdir()
     write_synthetic_tokenizer(other / "mytok.bin", files.cfg.vocab_size)
-    assert run(run_binary, files.model, "-z", "mytok", "-n", "3", cwd=other).returncode == 0
-    assert run(run_binary, files.model, "-z", str(other / "mytok"), "-n", "3").returncode == 0
+    assert run_cli(run_binary, files.model, "-z", "mytok", "-n", "3", cwd=other).returncode == 0
+    assert run_cli(run_binary, files.model, "-z", str(other / "mytok"), "-n", "3").returncode == 0
     # not found: every path tried is listed
-    r = run(run_binary, files.model, "-z", "nothere", cwd=tmp_path)
+    r = run_cli(run_binary, files.model, "-z", "nothere", cwd=tmp_path)
     assert r.returncode == 1
     for tried in ("nothere", "nothere.bin", f"{folder}/nothere", f"{folder}/nothere.bin"):
         assert tried in r.stderr
     (folder / "tok4096.bin").unlink()
-    r = run(run_binary, files.model)
+    r = run_cli(run_binary, files.model)
     assert r.returncode == 1
     assert f"{folder}/tokenizer.bin" in r.stderr and f"{folder}/tok4096.bin" in r.stderr
 
 
 def test_relative_model_path_finds_its_tokenizer(run_binary, make_model):
     files = make_model()
-    r = run(run_binary, "model.bin", "-n", "3", cwd=files.model.parent)
+    r = run_cli(run_binary, "model.bin", "-n", "3", cwd=files.model.parent)
     assert r.returncode == 0, r.stderr
 
 
-def test_chat_mode(run_binary, make_model):
+def test_chat_mode_answers_every_turn(run_binary, scripted_model):
+    """Each line of stdin is a turn, answered until the model ends the text; the end of stdin
+    ends the chat."""
+    # after the "]" of "[/INST]" the model says "ok", then ends the text
+    files = scripted_model([byte_id(ord("]")), piece_id(b"o"), piece_id(b"k"), 2], seq_len=128)
+    r = run_cli(run_binary, files.model, "-m", "chat", "-y", "be brief", "-n", "5", "-t", "0",
+                stdin="hello\nand again\n")
+    assert (r.returncode, r.stderr) == (0, "")
+    assert r.stdout == "User: Assistant: ok\nUser: Assistant: ok\nUser: "
+    # without -y the system prompt is asked first; no stdin at all ends the chat cleanly
+    r = run_cli(run_binary, files.model, "-m", "chat", "-n", "5")
+    assert (r.returncode, r.stderr, r.stdout) == (0, "", "Enter system prompt (optional): User: ")
+
+
+def test_chat_turn_uses_the_llama2_template(run_binary, make_model):
+    """The first turn is BOS + "[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST]": its greedy
+    answer is the greedy continuation of that text."""
+    from arianna_c import Model
+
     files = make_model(seed=6, seq_len=64)
-    r = run(run_binary, files.model, "-m", "chat", "-y", "be brief", "-n", "5", "-s", "1",
-            stdin="hello\nand again\n")
+    r = run_cli(run_binary, files.model, "-m", "chat", "-y", "be brief", "-n", "5", "-t", "0",
+                stdin="hello\n")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("Assistant: ") >= 1
-    # no stdin at all: reads EOF at once and exits cleanly
-    r = run(run_binary, files.model, "-m", "chat", "-n", "5")
-    assert r.returncode == 0, r.stderr
+    with Model(files.model, files.tokenizer) as m:
+        want = m.generate("[INST] <<SYS>>\nbe brief\n<</SYS>>\n\nhello [/INST]", max_new_tokens=5,
+                          temperature=0)
+    assert want and r.stdout == f"User: Assistant: {want}\nUser: "
 
 
 def test_chat_mode_stops_when_context_is_full(run_binary, make_model):
     files = make_model(seed=6, seq_len=32)
-    r = run(run_binary, files.model, "-m", "chat", "-y", "", "-n", "100", "-s", "1",
-            stdin="a\nb\nc\nd\ne\nf\ng\n")
+    r = run_cli(run_binary, files.model, "-m", "chat", "-y", "", "-n", "100", "-s", "1",
+                stdin="a\nb\nc\nd\ne\nf\ng\n")
     assert r.returncode == 0, r.stderr
-    assert "context is full" in r.stdout
+    assert r.stdout.endswith("\n(the context is full)\n") and r.stdout.count("context is full") == 1
 
 
 def test_chat_turn_too_long_says_so_and_the_conversation_goes_on(run_binary, make_model):
@@ -283,7 +309,7 @@ def test_chat_turn_too_long_says_so_and_the_conversation_goes_on(run_binary, mak
     with Model(files.model, files.tokenizer) as m:
         long_tokens = len(m.encode(f"[INST] {long_turn} [/INST]"))
     assert long_tokens > 64
-    r = run(run_binary, files.model, "-m", "chat", "-y", "", "-n", "2", "-s", "1", "-t", "0",
+    r = run_cli(run_binary, files.model, "-m", "chat", "-y", "", "-n", "2", "-s", "1", "-t", "0",
             stdin=f"hi\n{long_turn}\nok\n")
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""
@@ -304,8 +330,8 @@ def test_chat_first_turn_too_long_keeps_the_system_prompt_for_the_next(run_binar
     does not lose it (the answer equals a conversation that starts with the short turn)."""
     files = make_model(seed=6, seq_len=64)
     args = ["-m", "chat", "-y", "be", "-n", "4", "-t", "0"]
-    refused_first = run(run_binary, files.model, *args, stdin=" ".join(["word"] * 30) + "\nhi\n")
-    direct = run(run_binary, files.model, *args, stdin="hi\n")
+    refused_first = run_cli(run_binary, files.model, *args, stdin=" ".join(["word"] * 30) + "\nhi\n")
+    direct = run_cli(run_binary, files.model, *args, stdin="hi\n")
     assert refused_first.returncode == direct.returncode == 0
     assert "too long" in refused_first.stdout
     answer = lambda out: out.split("Assistant: ")[1].split("\n")[0]  # noqa: E731
@@ -315,10 +341,77 @@ def test_chat_first_turn_too_long_keeps_the_system_prompt_for_the_next(run_binar
 def test_chat_reads_lines_of_any_length(run_binary, make_model):
     """A line longer than any fixed buffer is one turn (refused as too long), not several."""
     files = make_model(seed=6, seq_len=64)
-    r = run(run_binary, files.model, "-m", "chat", "-y", "", "-n", "2", stdin="ab" * 5000 + "\n")
+    r = run_cli(run_binary, files.model, "-m", "chat", "-y", "", "-n", "2", stdin="ab" * 5000 + "\n")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("too long") == 1
     assert "Assistant: " not in r.stdout
+
+
+# ---------------------------------------------------------------------------- the model file: read or mapped
+
+
+def chat_until_asked(run_binary: Path, model: Path, *flags: str) -> subprocess.Popen:
+    """./run in chat mode (greedy, no system prompt), once it asks for the first turn: by then
+    the model is loaded and nothing has run through it yet."""
+    proc = subprocess.Popen([str(run_binary), str(model), "-m", "chat", "-y", "", "-t", "0", "-n", "12",
+                             *flags],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert read_stdout_until(proc, b"User: ") == b"User: "
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
+
+
+def answer_and_end(proc: subprocess.Popen, turn: bytes = b"the thing\n") -> bytes:
+    """Sends one turn, ends stdin and returns the rest of stdout (exit 0 checked)."""
+    try:
+        out, err = proc.communicate(turn, timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, err.decode("utf-8", "replace")
+    return out
+
+
+def test_mmap_maps_the_model_file_and_answers_the_same(run_binary, make_model):
+    files = make_model(seed=5)
+    answers = {}
+    for flags in ((), ("--mmap",)):
+        proc = chat_until_asked(run_binary, files.model, *flags)
+        mapped = mappings_of(files.model, proc.pid)
+        answers[flags] = answer_and_end(proc)
+        assert (mapped > 0) == bool(flags), f"{flags}: {mapped} mappings of the model file"
+    assert b"Assistant: " in answers[()]
+    assert answers[("--mmap",)] == answers[()]
+
+
+def test_mmap_lets_a_rewritten_file_reach_the_running_model(run_binary, make_model):
+    """What --help warns about: with --mmap, bytes rewritten in place are the weights the run
+    uses from then on (without --mmap the run keeps what it read: tests/test_bad_inputs.py)."""
+    files, other = make_model(seed=5), make_model(seed=6)
+    own = answer_and_end(chat_until_asked(run_binary, files.model))
+    theirs = answer_and_end(chat_until_asked(run_binary, other.model))
+    assert own != theirs
+    proc = chat_until_asked(run_binary, files.model, "--mmap")
+    with open(files.model, "r+b") as f:  # the same inode, so the mapping sees the new bytes
+        f.write(other.model.read_bytes())
+    assert answer_and_end(proc) == theirs
+
+
+@pytest.mark.parametrize("extra", [[], ["-q", "int8"], ["-b", "2"], ["-e", "1", "-T", "1"]],
+                         ids=["float32", "int8", "batch", "ignore-eos"])
+def test_mmap_generates_what_reading_does(run_binary, make_model, extra):
+    files = make_model(seed=8, dim=64, hidden_dim=128, n_heads=4, n_kv_heads=2)  # int8 groups of 32
+    args = [files.model, "-n", "20", "-s", "4", "-i", "the", *extra]
+    read = run_cli(run_binary, *args)
+    assert read.returncode == 0, read.stderr
+    for mapped_args in ([*args, "--mmap"], [files.model, "--mmap", *args[1:]]):  # last, or first
+        mapped = run_cli(run_binary, *mapped_args)
+        assert mapped.returncode == 0, mapped.stderr
+        assert mapped.stdout == read.stdout
 
 
 # ---------------------------------------------------------------------------- stdout failures
@@ -406,8 +499,6 @@ def test_cli_allocation_failure_says_what_was_being_allocated(run_binary, make_m
 
 
 @needs_plain_binary
-@pytest.mark.xfail(strict=True, reason="a session's state starts the default thread pool before "
-                   "ac_session_set_threads applies -T; the library takes no thread count at creation")
 def test_one_thread_starts_no_other_thread_under_a_low_memory_limit(run_binary, make_model, lib):
     if lib.ac_default_threads() < 2:
         pytest.skip("one CPU here: the default pool is a single thread, so nothing tells the two apart")
@@ -421,5 +512,5 @@ def test_one_thread_starts_no_other_thread_under_a_low_memory_limit(run_binary, 
         f"error: cannot start {lib.ac_default_threads()} threads (out of memory or thread limit)"]
     for extra in ([], ["-b", "2"]):
         one = subprocess.run([str(run_binary), str(files.model), "-n", "3", "-T", "1", *extra],
-                             capture_output=True, text=True, timeout=60, preexec_fn=limit)
+                             capture_output=True, text=True, errors="replace", timeout=60, preexec_fn=limit)
         assert one.returncode == 0, one.stderr

@@ -1,10 +1,11 @@
 """Leaks: loading and freeing a Model 1000 times keeps the process's resident memory flat,
-both from files (mmap) and from bytes, with generation and failed loads in the mix.
+both from files and from bytes, with generation and failed loads in the mix; so does loading
+a mapped model file (use_mmap) through the C API, which leaves no mapping behind.
 
 The bound: RSS may not grow by more than 5 MB between iteration 100 (allocator pools and
 caches warmed up) and iteration 1000, so any leak above ~6 KB per load fails: the tokenizer's
-copy and tables (~11 KB), a session's KV cache and buffers (~20 KB).  Leaked mappings of the
-model file are counted in /proc/self/maps, whatever their size.  Smaller leaks are the job of
+copy and tables (~11 KB), a session's KV cache and buffers (~20 KB).  Leaked mappings of a
+mapped model file are counted in /proc/self/maps, whatever their size.  Smaller leaks are the job of
 LeakSanitizer (`make sanitize-check`) and valgrind (`make valgrind`).
 """
 
@@ -16,6 +17,7 @@ import os
 import pytest
 
 from arianna_c import AriannaError, Model
+from capi import load_api, load_model_file, mappings_of
 
 ITERATIONS = 1000
 WARM = 100
@@ -25,11 +27,6 @@ BOUND = 5 * 1024 * 1024
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def mappings_of(path) -> int:
-    with open("/proc/self/maps") as f:
-        return sum(line.rstrip().endswith(str(path)) for line in f)
 
 
 def rss_growth(step) -> int:
@@ -56,7 +53,30 @@ def test_load_free_from_files_keeps_rss_flat(make_model):
 
     growth = rss_growth(step)
     assert growth < BOUND, f"RSS grew by {growth / 2**20:.1f} MB over {ITERATIONS - WARM} loads"
-    assert mappings_of(files.model.resolve()) == 0
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+def test_mapped_model_files_are_unmapped_when_freed(lib, make_model):
+    files = make_model(seed=3)
+    api = load_api(lib)
+    api_ffi, api_lib = api
+
+    def step(i: int) -> None:
+        rc, model = load_model_file(api, files.model, use_mmap=1)
+        assert rc == 0, api_ffi.string(api_lib.ac_last_error())
+        try:
+            assert mappings_of(files.model) > 0  # it is mapped while loaded
+            if i % 10 == 0:
+                state, logits = api_ffi.new("ac_state **"), api_ffi.new("float[]", 2 * files.cfg.vocab_size)
+                assert api_lib.ac_state_create(model, state) == 0
+                assert api_lib.ac_logits(state[0], api_ffi.new("int[]", [1, 5]), 2, logits) == 0
+                api_lib.ac_state_free(state[0])
+        finally:
+            api_lib.ac_model_free(model)
+        assert mappings_of(files.model) == 0
+
+    growth = rss_growth(step)
+    assert growth < BOUND, f"RSS grew by {growth / 2**20:.1f} MB over {ITERATIONS - WARM} loads"
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")

@@ -440,7 +440,7 @@ def test_resume_continues_exactly(module_setup, tmp_path):
     assert Path(config().out).read_bytes() == (tmp_path / "straight.bin").read_bytes()
 
 
-def test_train_module_command_on_a_folder_of_text(sp_tok, tmp_path):
+def test_train_module_command_on_a_folder_of_text(sp_tok, tmp_path, capsys):
     """One command: text in, module out; the base is only read; errors are one line."""
     pytest.importorskip("torch")
     pytest.importorskip("safetensors")
@@ -467,13 +467,15 @@ def test_train_module_command_on_a_folder_of_text(sp_tok, tmp_path):
     assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == 4
     module = modules.read_module(tmp_path / "qa.bin")
     assert module.rank == 2 and len(module.adapters) == 14 and sha256(base) == before
-    no_guard = [c for c in command if c not in ("--guard-data", str(tmp_path / "corpus"))]
-    r = subprocess.run(no_guard, capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert r.returncode == 1 and r.stderr.startswith("error: --guard-data is needed")
-    r = subprocess.run(command + ["--resume", "--rank", "3"], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert r.returncode == 1 and "--rank 3 contradicts the checkpoint" in r.stderr
-    r = subprocess.run(command[:-2] + ["--targets", "wq,wx"], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert r.returncode == 1 and "unknown matrix wx" in r.stderr
+    from arianna_c.train import main
+
+    args = command[3:]  # the same command, in this process: each error is one line
+    no_guard = [c for c in args if c not in ("--guard-data", str(tmp_path / "corpus"))]
+    for argv, words in ((no_guard, "error: --guard-data is needed"),
+                        (args + ["--resume", "--rank", "3"], "error: --rank 3 contradicts the checkpoint"),
+                        (args + ["--targets", "wq,wx"], "error: --targets 'wq,wx': unknown matrix wx")):
+        assert main(argv) == 1
+        assert capsys.readouterr().err.startswith(words)
 
 
 def test_eval_command_reports_losses_with_and_without_modules(base, tmp_path, capsys):

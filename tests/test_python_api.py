@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,30 +16,12 @@ import pytest
 import arianna_c
 from arianna_c import AriannaError, ErrorCode, Model, ModelConfig, SamplingParams
 from arianna_c import _lib, paths, runtime
+import helpers_parity as hp
 from conftest import REPO, piece_id, write_synthetic_tokenizer
 
 
-class CallCounter:
-    """Stands in for a Model's cffi library object and counts the calls of some functions."""
-
-    def __init__(self, lib, names):
-        self._lib = lib
-        self.calls = {name: 0 for name in names}
-
-    def __getattr__(self, name):
-        attr = getattr(self._lib, name)
-        if name not in self.calls:
-            return attr
-
-        def counted(*args):
-            self.calls[name] += 1
-            return attr(*args)
-
-        return counted
-
-
-def counting(model: Model, *names: str) -> CallCounter:
-    counter = CallCounter(model._lib, names)
+def counting(model: Model, *names: str) -> hp.CallCounter:
+    counter = hp.CallCounter(model._lib, names)
     model._lib = counter
     return counter
 
@@ -158,7 +139,9 @@ def test_generate_matches_the_c_generate_loop(lib, ffi, make_model):
     files = make_model(seed=9)
     with Model(files.model, files.tokenizer) as m:
         text = m.generate("it", max_new_tokens=25, temperature=1.0, top_p=0.9, seed=21)
-        params = ffi.new("ac_sampler_params *", {"temperature": 1.0, "top_p": 0.9, "top_k": 0, "seed": 21})
+        params = ffi.new("ac_session_params *", lib.ac_session_default_params())
+        params.sampler.temperature, params.sampler.top_p, params.sampler.seed = 1.0, 0.9, 21
+        params.max_new_tokens = 25
         out = ffi.new("ac_session **")
         assert lib.ac_session_create(m._h.model, m._h.tokenizer, params, out) == 0
         chunks = []
@@ -168,7 +151,7 @@ def test_generate_matches_the_c_generate_loop(lib, ffi, make_model):
             chunks.append(ffi.buffer(piece, size)[:])
             return 0
 
-        assert lib.ac_generate(out[0], b"it", 2, 25, on_piece, ffi.NULL, ffi.NULL) == 0
+        assert lib.ac_generate(out[0], b"it", 2, on_piece, ffi.NULL, ffi.NULL) == 0
         lib.ac_session_free(out[0])
     assert b"".join(chunks).decode("utf-8", "replace") == text
 
@@ -191,10 +174,11 @@ def test_settings_object_and_keywords(make_model, built):
 
 
 def test_defaults_are_the_librarys(lib, make_model):
-    c = lib.ac_sampler_default_params()
+    c = lib.ac_session_default_params()
     defaults = arianna_c.default_sampling()
-    assert np.float32(defaults.temperature) == np.float32(c.temperature)
-    assert np.float32(defaults.top_p) == np.float32(c.top_p) and defaults.top_k == c.top_k
+    assert np.float32(defaults.temperature) == np.float32(c.sampler.temperature)
+    assert np.float32(defaults.top_p) == np.float32(c.sampler.top_p) and defaults.top_k == c.sampler.top_k
+    assert defaults.max_new_tokens == c.max_new_tokens
     assert defaults.seed is None and defaults.ignore_eos is False
     files = make_model(seed=13)
     with Model(files.model, files.tokenizer) as m:
@@ -220,6 +204,7 @@ def test_huge_max_new_tokens_is_clamped_everywhere(scripted_model, built):
         for n in (2**31, 2**63, 10**30):
             assert m.generate("", max_new_tokens=n, temperature=0) == "abcdefghijk"
             assert m.generate_batch(["", ""], max_new_tokens=n, temperature=0) == ["abcdefghijk"] * 2
+        assert m.generate("", top_k=2**40, seed=1) == m.generate("", top_k=0, seed=1)  # more than the vocabulary
 
 
 def test_prompt_too_long(make_model, built):
@@ -328,7 +313,7 @@ def test_wrong_argument_types_are_type_errors(make_model, built):
         ({"top_p": 0.0}, "top_p 0 is invalid"),
         ({"top_p": 2.0}, "top_p 2 is invalid"),
         ({"top_k": -3}, "top_k -3 is invalid"),
-        ({"top_k": 2**40}, "top_k 1099511627776 is invalid"),
+        ({"top_k": -2**40}, "top_k -1099511627776 is invalid: it is outside the range of a C int"),
         ({"seed": -1}, "seed -1 is invalid"),
         ({"seed": 2**64}, "seed"),
         ({"max_new_tokens": -1}, "max_new_tokens -1 is invalid"),
@@ -372,9 +357,10 @@ def test_directory_as_tokenizer(make_model, tmp_path, built):
     with pytest.raises(IsADirectoryError, match="is a directory") as info:
         Model(files.model, tmp_path)
     assert info.value.errno == errno.EISDIR
-    (files.model.parent / "tok4096.bin").mkdir()  # the first default name, as a directory
-    with pytest.raises(IsADirectoryError, match="tok4096.bin"):
-        Model(files.model)
+    bare = make_model(tokenizer_name=None)
+    (bare.model.parent / "tokenizer.bin").mkdir()  # the first default name, as a directory
+    with pytest.raises(IsADirectoryError, match="tokenizer.bin"):
+        Model(bare.model)
 
 
 def test_symlink_loop(make_model, tmp_path, built):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from arianna_c import Model
-from arianna_c.integrations.ray import Embedder, Generator, Scorer, log_softmax
+from arianna_c.integrations.ray import Embedder, Generator, Scorer
 
 REPO = Path(__file__).resolve().parent.parent
 SETTINGS = dict(max_new_tokens=10, temperature=0.9, top_p=0.95)
@@ -28,7 +28,8 @@ def rows() -> dict[str, np.ndarray]:
 
 def expected_nll(model: Model, text: str) -> float:
     ids = model.encode(text, bos=True)
-    logp = log_softmax(model.logits(ids[:-1]))
+    logits = model.logits(ids[:-1]).astype(np.float64)
+    logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
     return -float(np.mean([logp[t, ids[t + 1]] for t in range(len(ids) - 1)]))
 
 

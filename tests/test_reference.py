@@ -341,13 +341,16 @@ def test_generation_stops_at_eos_and_at_seq_len():
     assert ref.generate_greedy([1], 5) == script[1:6]
 
 
-def test_cli(tmp_path, capsys):
+def test_cli(tmp_path, capsys, built):
     cfg, w = scripted([1, 3 + ord("H"), 3 + ord("i"), 3 + ord("!"), EOS])
     formats.write_model(tmp_path / "m.bin", cfg, w)
     pieces = [b"<unk>", b"<s>", b"</s>"] + [b"<0x%02X>" % b for b in range(256)]
     pieces += [b"p%d" % i for i in range(300 - len(pieces))]
     formats.write_tokenizer(tmp_path / "t.bin", pieces, [0.0] * 300)
-    assert main([str(tmp_path / "m.bin"), "-z", str(tmp_path / "t.bin"), "-n", "10"]) == 0
+    assert main([str(tmp_path / "m.bin"), "-z", str(tmp_path / "t.bin"), "-n", "10", "-t", "0"]) == 0
+    assert capsys.readouterr().out == "Hi!\n"
+    (tmp_path / "t.bin").rename(tmp_path / "tokenizer.bin")  # found next to the model, as ./run finds it
+    assert main([str(tmp_path / "m.bin"), "-t", "0", "-i", "H"]) == 0
     assert capsys.readouterr().out == "Hi!\n"
     assert main([str(tmp_path / "nope.bin"), "-z", str(tmp_path / "t.bin")]) == 1
     assert "error:" in capsys.readouterr().err

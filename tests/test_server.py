@@ -373,6 +373,7 @@ def test_a_client_leaving_mid_stream_is_cancelled(tmp_path, built):
         deadline = time.monotonic() + 5
         while get(u, "/health")["busy"] != 1:
             assert time.monotonic() < deadline, "the request did not start"
+            time.sleep(0.01)
         before = get(u, "/health")["steps"]
         sock.close()
         deadline = time.monotonic() + 5

@@ -542,15 +542,18 @@ def test_batch_c_api_errors(lib, ffi, make_model):
     for n in (0, -1, 100000):
         assert lib.ac_batch_create(model, tok[0], n, ffi.NULL, batch) == lib.AC_ERR_ARG
         assert "batch size" in last_error(lib, ffi)
-    assert lib.ac_batch_create(model, tok[0], 2, ffi.NULL, batch) == 0
+    params = ffi.new("ac_session_params *", lib.ac_session_default_params())
+    params.max_new_tokens = 10
+    assert lib.ac_batch_create(model, tok[0], 2, params, batch) == 0
     prompt = b"x" * 200  # far more tokens than seq_len 64
     c_prompt = ffi.new("char[]", prompt)
     prompts = ffi.new("const char *[]", [c_prompt, c_prompt])
     lens = ffi.new("size_t[]", [len(prompt), len(prompt)])
-    out, counts = ffi.new("int[]", 20), ffi.new("int[]", 2)
-    assert lib.ac_batch_generate(batch[0], prompts, lens, 10, out, counts) == lib.AC_ERR_RANGE
+    out, results = ffi.new("int[]", 20), ffi.new("ac_batch_result[]", 2)
+    assert lib.ac_batch_generate(batch[0], prompts, lens, out, results) == lib.AC_ERR_RANGE
     assert "seq_len" in last_error(lib, ffi)
-    assert lib.ac_batch_generate(batch[0], prompts, lens, -1, out, counts) == lib.AC_ERR_ARG
+    params.max_new_tokens = -1
+    assert lib.ac_batch_create(model, tok[0], 2, params, ffi.new("ac_batch **")) == lib.AC_ERR_ARG
     lib.ac_batch_free(batch[0])
     lib.ac_tokenizer_free(tok[0])
     lib.ac_model_free(model)

@@ -47,12 +47,18 @@ def model_with_sp(sp_tok, tmp_path_factory):
         yield m
 
 
-def test_converted_tokenizer_layout(sp_tok):
+def test_converted_tokenizer_holds_sentencepiece_pieces_and_scores(sp_tok):
+    """The exported .bin: every piece by id as SentencePiece has it ("\u2581" written as a space,
+    byte pieces as their "<0xNN>" text), its score as a float32, the specials named."""
     pieces, scores = formats.read_tokenizer(sp_tok.bin_file)
-    assert len(pieces) == sp_tok.vocab_size
+    sp = sp_tok.sp
+    assert len(pieces) == len(scores) == sp_tok.vocab_size == sp.get_piece_size()
     assert pieces[:3] == [b"<unk>", b"<s>", b"</s>"]
     assert pieces[3] == b"<0x00>" and pieces[258] == b"<0xFF>"
-    assert all("\u2581".encode() not in p for p in pieces)
+    for i in range(3, sp_tok.vocab_size):
+        assert pieces[i] == sp.id_to_piece(i).replace("\u2581", " ").encode(), i
+        assert scores[i] == np.float32(sp.get_score(i)), i
+    assert sum(p.startswith(b" ") for p in pieces) > 20  # word-initial pieces, with their space
 
 
 @pytest.mark.parametrize("text", TEXTS, ids=range(len(TEXTS)))
@@ -124,11 +130,7 @@ def test_decode_piece_rules(lib, ffi, model_with_sp):
     assert dec(5, 0x0A + 3) == b"\n" and dec(5, 0x09 + 3) == b"\t" and dec(5, 0x0D + 3) == b"\r"
     assert dec(5, 0x01 + 3) == b"" and dec(5, 0x7F + 3) == b"" and dec(5, 0x1B + 3) == b""
     assert dec(5, 0xC3 + 3) == b"\xc3"
-    assert lib.ac_decode_piece(tok, 5, sp_size(model_with_sp), piece, size) == lib.AC_ERR_RANGE
-
-
-def sp_size(model):
-    return model.config.vocab_size
+    assert lib.ac_decode_piece(tok, 5, model_with_sp.config.vocab_size, piece, size) == lib.AC_ERR_RANGE
 
 
 def test_split_multibyte_character_decodes_whole(model_with_sp):

@@ -45,6 +45,7 @@ import numpy as np
 
 from ..formats import read_model
 from ..paths import default_model_path
+from ..perplexity import _nll_rows as token_nll  # the one home of the per-token NLL
 from ..runtime import Model
 from ..sampling import SamplingParams
 
@@ -134,12 +135,6 @@ def _consecutive_runs(seeds: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    x -= x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
 class Scorer(_RowMapper):
     """Scores each row's ``column``: ``nll``, ``perplexity``, ``n_tokens``."""
 
@@ -158,9 +153,7 @@ class Scorer(_RowMapper):
         ids = self.model.encode(text, bos=True)
         if len(ids) < 2:
             raise ValueError("the text has no tokens to score")
-        logp = log_softmax(self.model.logits(ids[:-1]))
-        picked = logp[np.arange(len(ids) - 1), ids[1:]]
-        return float(-picked.mean()), len(ids) - 1
+        return float(token_nll(self.model.logits(ids[:-1]), ids[1:]).mean()), len(ids) - 1
 
 
 class Embedder(_RowMapper):

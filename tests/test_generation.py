@@ -1,0 +1,350 @@
+"""The library owns generation: one settings struct with its defaults, the stop rule and why a
+generation stopped, the tokenizer lookup, the version; and the three front ends (./run,
+Model.generate, the NumPy reference) give one text for one prompt and seed by default."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import arianna_c
+from arianna_c import AriannaError, ErrorCode, Model
+import helpers_parity as hp
+from conftest import REPO, byte_id, write_synthetic_tokenizer
+
+SEED_RANDOM = 2**64 - 1
+
+
+def last_error(lib, ffi) -> str:
+    return ffi.string(lib.ac_last_error()).decode()
+
+
+class Loaded:
+    """A model + tokenizer loaded through the C API, freed by close()."""
+
+    def __init__(self, lib, ffi, files):
+        self.lib, self.ffi = lib, ffi
+        m, t = ffi.new("ac_model **"), ffi.new("ac_tokenizer **")
+        assert lib.ac_model_load(os.fsencode(files.model), m) == 0
+        assert lib.ac_tokenizer_load(os.fsencode(files.tokenizer), files.cfg.vocab_size, t) == 0
+        self.model, self.tok = m[0], t[0]
+
+    def params(self, **fields):
+        p = self.ffi.new("ac_session_params *", self.lib.ac_session_default_params())
+        for key, value in fields.items():
+            if key in ("temperature", "top_p", "top_k", "seed"):
+                setattr(p.sampler, key, value)
+            else:
+                setattr(p, key, value)
+        return p
+
+    def session(self, **fields):
+        out = self.ffi.new("ac_session **")
+        assert self.lib.ac_session_create(self.model, self.tok, self.params(**fields), out) == 0, \
+            last_error(self.lib, self.ffi)
+        return out[0]
+
+    def run(self, session, limit=1000):
+        """(tokens reported by ac_session_next until it ends, the stop reason)."""
+        token, out = self.ffi.new("int *"), []
+        for _ in range(limit):
+            assert self.lib.ac_session_next(session, token, self.ffi.NULL, self.ffi.NULL) == 0
+            if token[0] < 0:
+                break
+            out.append(token[0])
+        return out, self.lib.ac_session_stop_reason(session)
+
+    def close(self):
+        self.lib.ac_tokenizer_free(self.tok)
+        self.lib.ac_model_free(self.model)
+
+
+ALPHABET = [byte_id(c) for c in b"abcdefghijklmnopqrstuvwxyz"]
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+def test_session_defaults(lib, ffi):
+    p = lib.ac_session_default_params()
+    s = lib.ac_sampler_default_params()
+    assert (p.sampler.temperature, p.sampler.top_p, p.sampler.top_k) == (s.temperature, s.top_p, s.top_k)
+    assert p.sampler.seed == SEED_RANDOM == lib.AC_SEED_RANDOM
+    assert (p.max_new_tokens, p.n_threads, p.ignore_eos) == (256, 0, 0)
+    d = arianna_c.default_sampling()
+    assert (d.max_new_tokens, d.temperature, d.top_p, d.top_k, d.seed, d.ignore_eos) == (256, 1.0, 0.9, 0, None, False)
+    assert np.float32(d.temperature) == np.float32(s.temperature) and np.float32(d.top_p) == np.float32(s.top_p)
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("temperature", -1.0, "temperature -1 is invalid"),
+    ("top_p", 0.0, "top_p 0 is invalid"),
+    ("top_k", -2, "top_k -2 is invalid"),
+    ("max_new_tokens", -1, "max_new_tokens -1 is invalid: it must be >= 0"),
+    ("n_threads", 257, "n_threads 257 is invalid: it must be in 1..256"),
+    ("n_threads", -1, "n_threads -1 is invalid"),
+])
+def test_bad_settings_are_refused_by_every_entry(lib, ffi, make_model, field, value, needle):
+    c = Loaded(lib, ffi, make_model())
+    try:
+        p = c.params(**{field: value})
+        assert lib.ac_session_check_params(p) == lib.AC_ERR_ARG and needle in last_error(lib, ffi)
+        s, b = ffi.new("ac_session **"), ffi.new("ac_batch **")
+        assert lib.ac_session_create(c.model, c.tok, p, s) == lib.AC_ERR_ARG and s[0] == ffi.NULL
+        assert lib.ac_batch_create(c.model, c.tok, 2, p, b) == lib.AC_ERR_ARG and b[0] == ffi.NULL
+        good = c.session()
+        assert lib.ac_session_set_params(good, p) == lib.AC_ERR_ARG and needle in last_error(lib, ffi)
+        lib.ac_session_free(good)
+    finally:
+        c.close()
+    files = make_model()  # Python passes its settings to the same checks
+    with pytest.raises(AriannaError, match=re.escape(needle)) as info:
+        if field == "n_threads":
+            Model(files.model, threads=value)
+        else:
+            with Model(files.model) as m:
+                m.generate("x", **{field: value})
+    assert info.value.code is ErrorCode.ARG
+
+
+# ---------------------------------------------------------------------------- stop reasons
+
+
+def test_why_a_generation_stopped(lib, ffi, scripted_model):
+    files = scripted_model([1] + ALPHABET[:5] + [2], seq_len=12)  # BOS a b c d e EOS
+    c = Loaded(lib, ffi, files)
+    try:
+        s = c.session(temperature=0.0)
+        assert c.run(s) == ([], lib.AC_STOP_NONE)  # nothing fed yet
+        bos = ffi.new("int[]", [1])
+        assert lib.ac_session_feed_tokens(s, bos, 1) == 0
+        assert c.run(s) == (ALPHABET[:5], lib.AC_STOP_END)
+        assert c.run(s) == ([], lib.AC_STOP_END)  # it stays ended until the next feed
+
+        lib.ac_session_reset(s)
+        assert lib.ac_session_set_params(s, c.params(temperature=0.0, max_new_tokens=3)) == 0
+        assert lib.ac_session_feed_tokens(s, bos, 1) == 0
+        assert c.run(s) == (ALPHABET[:3], lib.AC_STOP_LENGTH)
+        assert lib.ac_session_set_params(s, c.params(temperature=0.0, max_new_tokens=1)) == 0
+        assert c.run(s) == (ALPHABET[3:4], lib.AC_STOP_LENGTH)  # new settings: the count starts again
+
+        assert lib.ac_session_set_params(s, c.params(temperature=0.0, ignore_eos=1)) == 0
+        lib.ac_session_reset(s)
+        assert lib.ac_session_feed_tokens(s, bos, 1) == 0
+        tokens, why = c.run(s)
+        assert why == lib.AC_STOP_CONTEXT and len(tokens) == 11 and tokens[5] == 2  # EOS is a token
+        assert lib.ac_session_position(s) == 11  # the last token fills position 11: never run
+
+        stop_after = []
+
+        @ffi.callback("int(void *, int, const char *, size_t)")
+        def on_piece(user, token, piece, size):
+            stop_after.append(token)
+            return len(stop_after) == 2
+
+        n = ffi.new("int *")
+        assert lib.ac_generate(s, b"", 0, on_piece, ffi.NULL, n) == 0
+        assert (n[0], stop_after, lib.ac_session_stop_reason(s)) == (2, ALPHABET[:2], lib.AC_STOP_CALLER)
+        lib.ac_session_free(s)
+    finally:
+        c.close()
+
+
+def test_prompt_too_long_is_refused_by_the_feed(lib, ffi, make_model):
+    files = make_model(seq_len=8)
+    c = Loaded(lib, ffi, files)
+    try:
+        s = c.session()
+        text = b"the cat sat on the mat again"
+        assert lib.ac_session_feed(s, text, len(text), 1) == lib.AC_ERR_RANGE
+        assert re.fullmatch(r"the prompt is \d+ tokens \(BOS included\) but the model's seq_len is 8",
+                            last_error(lib, ffi))
+        assert lib.ac_session_position(s) == 0
+        n = ffi.new("int *")
+        assert lib.ac_generate(s, text, len(text), ffi.NULL, ffi.NULL, n) == lib.AC_ERR_RANGE and n[0] == 0
+        lib.ac_session_free(s)
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("max_new", [0, 3, 100])
+def test_batch_sequences_stop_like_sessions(lib, ffi, make_model, max_new):
+    files = make_model(seed=4, seq_len=40)
+    c = Loaded(lib, ffi, files)
+    try:
+        prompts = [b"", b"the cat", b"a", b"it is the " * 3]
+        p = c.params(temperature=0.9, seed=77, max_new_tokens=max_new)
+        b = ffi.new("ac_batch **")
+        assert lib.ac_batch_create(c.model, c.tok, len(prompts), p, b) == 0
+        stride = lib.ac_batch_max_tokens(b[0])
+        assert stride == min(max_new, 39)
+        tokens, results = ffi.new("int[]", max(1, len(prompts) * stride)), ffi.new("ac_batch_result[]", len(prompts))
+        keep = [ffi.new("char[]", t) for t in prompts]
+        assert lib.ac_batch_generate(b[0], ffi.new("const char *[]", keep), ffi.new("size_t[]", list(map(len, prompts))),
+                                     tokens, results) == 0
+        lib.ac_batch_free(b[0])
+        with Model(files.model) as m:
+            for i, text in enumerate(prompts):
+                s = c.session(temperature=0.9, seed=77 + i, max_new_tokens=max_new)
+                assert lib.ac_session_feed(s, text, len(text), 1) == 0
+                want, why = c.run(s)
+                lib.ac_session_free(s)
+                r = results[i]
+                assert list(tokens[i * stride : i * stride + r.n_generated]) == want
+                assert r.stop == why != lib.AC_STOP_NONE
+                assert r.last_prompt_token == m.encode(text)[-1]
+    finally:
+        c.close()
+
+
+def test_random_seeds_differ(lib, ffi, make_model):
+    c = Loaded(lib, ffi, make_model(seed=5))
+    try:
+        texts = set()
+        for _ in range(3):
+            s = c.session(max_new_tokens=30)  # the default seed: AC_SEED_RANDOM
+            assert lib.ac_session_feed(s, b"the", 3, 1) == 0
+            texts.add(tuple(c.run(s)[0]))
+            lib.ac_session_free(s)
+        assert len(texts) > 1
+    finally:
+        c.close()
+
+
+# ---------------------------------------------------------------------------- Python asks C
+
+
+def test_streams_reuse_sessions_and_python_encodes_nothing(make_model, built):
+    files = make_model(seed=6)
+    with Model(files.model, threads=1) as m:
+        want = [m.generate("the cat", max_new_tokens=12, seed=s) for s in range(4)]
+        names = ("ac_session_create", "ac_session_set_params", "ac_state_create", "ac_encode", "ac_sampler_create")
+        counter = hp.CallCounter(m._lib, names)
+        m._lib = counter
+        got = [m.generate("the cat", max_new_tokens=12, seed=s) for s in range(4)]
+        got += m.generate_batch(["the cat"] * 2, max_new_tokens=12, seed=0)
+        assert got == want + want[:2]
+        assert counter.calls == {"ac_session_create": 0, "ac_session_set_params": 4, "ac_state_create": 0,
+                                 "ac_encode": 0, "ac_sampler_create": 0}
+
+
+def test_python_stops_where_c_stops(scripted_model, built):
+    a, b, c, d = ALPHABET[:4]
+    files = scripted_model([1, a, b, 2, c, d], seq_len=12)  # BOS a b EOS c d
+    with Model(files.model) as m:
+        assert m.generate("", temperature=0) == "ab"
+        assert m.generate("", temperature=0, ignore_eos=True, max_new_tokens=5) == "abcd"  # EOS: no text
+        assert m.generate("", temperature=0, max_new_tokens=1) == "a"
+        assert m.generate_batch(["", ""], temperature=0, ignore_eos=True, max_new_tokens=5) == ["abcd"] * 2
+        assert "".join(m.stream("", temperature=0)) == "ab"
+
+
+# ---------------------------------------------------------------------------- one lookup, one version
+
+
+def test_one_tokenizer_lookup_order(lib, ffi, make_model, run_binary, tmp_path):
+    files = make_model(seed=2)  # tokenizer.bin next to the model
+    folder = files.model.parent
+    write_synthetic_tokenizer(folder / "tok4096.bin", 400)  # wrong vocabulary: refused if chosen
+    buf = ffi.new("char[]", 4096)
+    assert lib.ac_tokenizer_path(os.fsencode(files.model), ffi.NULL, buf, 4096) == 0
+    assert ffi.string(buf).decode() == str(folder / "tokenizer.bin")
+    reference = [sys.executable, "-m", "arianna_c.reference", str(files.model), "-n", "3", "-t", "0"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+
+    def front_ends():
+        cli = subprocess.run([str(run_binary), str(files.model), "-n", "3", "-t", "0"], capture_output=True,
+                             text=True, errors="replace", timeout=60, stdin=subprocess.DEVNULL)
+        ref = subprocess.run(reference, capture_output=True, text=True, errors="replace", timeout=120, env=env)
+        try:
+            Model(files.model).close()
+            python = ""
+        except AriannaError as e:
+            python = str(e)
+        return cli, ref, python
+
+    cli, ref, python = front_ends()
+    assert cli.returncode == 0 and ref.returncode == 0 and python == "", (cli.stderr, ref.stderr, python)
+    (folder / "tokenizer.bin").unlink()  # now tok4096.bin is the one found, everywhere
+    cli, ref, python = front_ends()
+    assert cli.returncode == 1 and "400 pieces" in cli.stderr
+    assert ref.returncode == 1 and "400 pieces" in ref.stderr
+    assert "400 pieces" in python
+    (folder / "tok4096.bin").unlink()
+    assert lib.ac_tokenizer_path(os.fsencode(files.model), ffi.NULL, buf, 4096) == lib.AC_ERR_IO
+    assert last_error(lib, ffi) == f"no tokenizer file found; tried: {folder}/tokenizer.bin, {folder}/tok4096.bin"
+    with pytest.raises(FileNotFoundError, match="tokenizer.bin, .*tok4096.bin"):
+        Model(files.model)
+    assert lib.ac_tokenizer_path(os.fsencode(files.model), b"x", buf, 4) == lib.AC_ERR_IO  # nothing named x
+    (folder / "xyz.bin").write_bytes(b"")
+    assert lib.ac_tokenizer_path(os.fsencode(files.model), b"xyz", buf, 8) == lib.AC_ERR_RANGE  # buffer too small
+
+
+def test_one_version(lib, ffi):
+    header = (REPO / "src" / "run.h").read_text()
+    major, minor, patch = (int(re.search(rf"#define AC_VERSION_{k} (\d+)", header).group(1))
+                           for k in ("MAJOR", "MINOR", "PATCH"))
+    abi = int(re.search(r"#define AC_ABI_VERSION (\d+)", header).group(1))
+    version = f"{major}.{minor}.{patch}"
+    assert arianna_c.__version__ == arianna_c.library_version() == version
+    assert lib.ac_version_number() == major * 10000 + minor * 100 + patch
+    assert lib.ac_abi_version() == abi == ffi.integer_const("AC_ABI_VERSION")
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    provider = project["tool"]["scikit-build"]["metadata"]["version"]
+    assert provider["provider"] == "scikit_build_core.metadata.regex"
+    source = (REPO / provider["input"]).read_text()
+    assert re.search(provider.get("regex", r'(?i)^(__version__|VERSION)(?: ?\: ?str)? *= *([\'"])v?(?P<value>.+?)\2'),
+                     source, re.M).group("value") == version
+
+
+def test_a_stale_library_is_named(tmp_path):
+    stub = tmp_path / "libarianna.so"
+    src = tmp_path / "old.c"
+    src.write_text('const char *ac_version(void) { return "0.1.0"; }\n')
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(stub), str(src)], check=True, timeout=60)
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(REPO)!r})
+        import arianna_c
+        try:
+            arianna_c.Model()
+        except ImportError as e:
+            print(e)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, ARIANNA_C_LIB=str(stub)))
+    assert r.returncode == 0, r.stderr
+    assert f"{stub} is a stale libarianna.so: it is version 0.1.0 (ABI None)" in r.stdout
+    assert f"this arianna_c is {arianna_c.__version__}" in r.stdout
+
+
+# ---------------------------------------------------------------------------- one text
+
+
+@pytest.mark.parametrize("prompt, seed", [("the", 3), ("", 11), ("a cat is", 2024)])
+def test_cli_python_and_reference_agree_by_default(make_model, run_binary, prompt, seed):
+    """Only a prompt and a seed: ./run, Model.generate and the NumPy reference take every
+    other setting (temperature, top_p, top_k, max_new_tokens, the tokenizer) from the library
+    and print the same text."""
+    files = make_model(seed=21)
+    cli = subprocess.run([str(run_binary), str(files.model), "-s", str(seed), "-i", prompt], capture_output=True,
+                         timeout=60, stdin=subprocess.DEVNULL)
+    assert cli.returncode == 0, cli.stderr
+    ref = subprocess.run([sys.executable, "-m", "arianna_c.reference", str(files.model), "-s", str(seed), "-i", prompt],
+                         capture_output=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert ref.returncode == 0, ref.stderr
+    with Model(files.model) as m:
+        python = m.generate(prompt, seed=seed)
+    text = cli.stdout.decode("utf-8", "replace")
+    assert len(python) > 10
+    assert text == prompt + python + "\n"
+    assert ref.stdout.decode("utf-8", "replace") == text
