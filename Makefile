@@ -20,7 +20,7 @@ LDFLAGS += -pthread
 # instead would need a registry of every pool and would hang if a state were still in use.
 LIB_LDFLAGS = -Wl,-z,nodelete
 
-SRC = src/errors.c src/file.c src/model.c src/forward.c src/tokenizer.c src/sampler.c src/session.c src/paths.c \
+SRC = src/errors.c src/file.c src/model.c src/forward.c src/tokenizer.c src/sampler.c src/session.c src/chat.c src/paths.c \
       src/module.c src/blake2b.c src/kernels.c src/kernels_avx2.c src/kernels_avx512.c src/pool.c
 HDR = src/run.h src/testing.h src/internal.h src/kernels.h src/kernels_x86.h src/pool.h src/blake2b.h
 
@@ -63,7 +63,7 @@ SAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-san
 # The sanitizer runtime Python must preload to host the sanitized library.
 SAN_RUNTIME = $(shell $(SAN_CC) -print-file-name=libasan.so)
 SAN_ENV = ASAN_OPTIONS=abort_on_error=1:detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
-SAN_TESTS = tests/test_runtime.py tests/test_tokenizer.py tests/test_bad_inputs.py
+SAN_TESTS = tests/test_runtime.py tests/test_tokenizer.py tests/test_bad_inputs.py tests/test_modules.py
 TINY_DIR = $(SAN_DIR)/tiny
 
 sanitize: $(SAN_DIR)/libarianna.so $(SAN_DIR)/run

@@ -33,7 +33,7 @@ HEADER = ("# Generated from CDEF in arianna_c/_ffi_build.py: `python -m arianna_
 
 # Mirrors src/run.h (the part cffi needs; keep the two in step).
 CDEF = """
-#define AC_ABI_VERSION 2
+#define AC_ABI_VERSION 3
 #define AC_SEED_RANDOM 0xFFFFFFFFFFFFFFFF
 
 enum {
@@ -97,6 +97,23 @@ int ac_tokenizer_piece(const ac_tokenizer *tok, int id, const char **piece, size
                        float *score);
 int ac_tokenizer_path(const char *model_path, const char *name, char *buf, size_t cap);
 
+#define AC_CHAT_MAX_STOPS 4
+typedef struct {
+    const char *name; const char *system; const char *user; const char *assistant;
+    const char *generation; const char *user_first; const char *marker; const char *stop[4];
+} ac_chat_template;
+typedef struct { const char *role; const char *content; size_t content_len; } ac_chat_message;
+int ac_chat_template_count(void);
+const ac_chat_template *ac_chat_template_at(int i);
+const ac_chat_template *ac_chat_template_get(const char *name);
+const ac_chat_template *ac_chat_template_for_vocab(const char *const *pieces, const size_t *lens, int n);
+const ac_chat_template *ac_chat_template_for(const ac_tokenizer *tok);
+typedef int (*ac_chat_part_fn)(void *user, int token, const char *text, size_t len);
+int ac_chat_render(const ac_chat_template *t, const ac_chat_message *messages, int n,
+                   int add_generation_prompt, ac_chat_part_fn on_part, void *user);
+int ac_chat_tokens(const ac_chat_template *t, const ac_tokenizer *tok, const ac_chat_message *messages,
+                   int n, int add_generation_prompt, int *tokens, int max_tokens, int *n_tokens);
+
 typedef struct ac_sampler ac_sampler;
 typedef struct {
     float temperature; float top_p; int top_k; uint64_t seed;
@@ -121,12 +138,27 @@ typedef struct {
 ac_session_params ac_session_default_params(void);
 int ac_session_check_params(const ac_session_params *params);
 typedef enum {
-    AC_STOP_NONE = 0, AC_STOP_END = 1, AC_STOP_LENGTH = 2, AC_STOP_CONTEXT = 3, AC_STOP_CALLER = 4
+    AC_STOP_NONE = 0, AC_STOP_END = 1, AC_STOP_LENGTH = 2, AC_STOP_CONTEXT = 3, AC_STOP_CALLER = 4,
+    AC_STOP_STRING = 5
 } ac_stop_reason;
+#define AC_MAX_STOPS 64
+#define AC_MAX_STOP_BYTES 4096
+typedef struct ac_generation ac_generation;
+int ac_generation_create(const ac_model *model, const ac_tokenizer *tok,
+                         const ac_session_params *params, ac_generation **out);
+void ac_generation_free(ac_generation *gen);
+int ac_generation_set_stops(ac_generation *gen, const char *const *stops, const size_t *lens, int n);
+int ac_generation_set_logit_bias(ac_generation *gen, const int *ids, const float *biases, int n);
+int ac_generation_begin(ac_generation *gen, const int *context, int n_context);
+int ac_generation_next(ac_generation *gen, const float *logits, int *token, const char **piece, size_t *len);
+void ac_generation_cancel(ac_generation *gen);
+ac_stop_reason ac_generation_stop_reason(const ac_generation *gen);
 int ac_session_create(const ac_model *model, const ac_tokenizer *tok,
                       const ac_session_params *params, ac_session **out);
 void ac_session_free(ac_session *session);
 int ac_session_set_params(ac_session *session, const ac_session_params *params);
+int ac_session_set_stops(ac_session *session, const char *const *stops, const size_t *lens, int n);
+int ac_session_set_logit_bias(ac_session *session, const int *ids, const float *biases, int n);
 void ac_session_reset(ac_session *session);
 int ac_session_position(const ac_session *session);
 int ac_session_feed(ac_session *session, const char *text, size_t len, int bos);
@@ -144,10 +176,12 @@ int ac_batch_create(const ac_model *model, const ac_tokenizer *tok, int n_seqs,
 void ac_batch_free(ac_batch *batch);
 int ac_batch_max_tokens(const ac_batch *batch);
 typedef struct {
-    int n_generated; int last_prompt_token; ac_stop_reason stop;
+    int n_generated; int last_prompt_token; ac_stop_reason stop; size_t text_len;
 } ac_batch_result;
 int ac_batch_generate(ac_batch *batch, const char *const *prompts, const size_t *lens,
                       int *tokens, ac_batch_result *results);
+int ac_batch_set_stops(ac_batch *batch, const char *const *stops, const size_t *lens, int n);
+int ac_batch_set_logit_bias(ac_batch *batch, const int *ids, const float *biases, int n);
 int ac_batch_prefill(ac_batch *batch, int seq, const int *tokens, int n_tokens, int pos,
                      float *logits);
 int ac_batch_decode(ac_batch *batch, int n_rows, const int *seqs, const int *tokens,

@@ -1,8 +1,11 @@
 """Chat templates as data: how a list of messages becomes the text a model continues.
 
-A template is a handful of format strings, one per part of a conversation, plus the text
-that opens the assistant's reply and the strings that end it.  ``<s>`` and ``</s>`` inside a
-template (never inside a message) stand for the BOS and EOS tokens; everything else is text.
+The templates live in the library (src/chat.c), the one table that ./run -m chat, Model.chat,
+the Chat loop and the server read; so does the rendering and the rule that picks a template
+for a vocabulary.  A template is a handful of format strings, one per part of a
+conversation, plus the text that opens the assistant's reply and the strings that end it.
+``<s>`` and ``</s>`` inside a template (never inside a message) stand for the BOS and EOS
+tokens; everything else is text.
 
     >>> from arianna_c import chat
     >>> chat.render(chat.TEMPLATES["qa"], [{"role": "user", "content": "What is resonance?"}])
@@ -13,25 +16,27 @@ Templates:
 - ``qa``: ``Q: ...`` / ``A: ...`` lines in one paragraph, the form the persona's dialogue
   module is trained on and the default for a vocabulary without chat pieces.
 - ``llama-2``: Llama 2's ``[INST] ... [/INST]`` turns, the system prompt inside the first
-  ``<<SYS>>`` block, each exchange between BOS and EOS (as ./run -m chat writes it).
+  ``<<SYS>>`` block, each exchange between BOS and EOS.
 - ``chatml``: ``<|im_start|>role ... <|im_end|>``, chosen by default when the vocabulary has
   an ``<|im_start|>`` piece.
+
+Reading the table opens the library (the first use of TEMPLATES or a function here).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
-ROLES = ("system", "user", "assistant")
+from ._lib import _error_check, ffi, load
 
 
 @dataclass(frozen=True)
 class Template:
-    """One chat format.  Each string formats one message with ``{content}``; ``user_first``
-    (if set) formats the first user message when there is a system prompt, with ``{system}``
-    holding the system part already formatted (Llama 2 puts the system prompt inside it)."""
+    """One chat format, as the library's table has it.  Each string formats one message with
+    ``{content}``; ``user_first`` (if set) formats the first user message when there is a
+    system prompt, with ``{system}`` holding the system part already formatted (Llama 2 puts
+    the system prompt inside it)."""
 
     name: str
     system: str
@@ -42,38 +47,41 @@ class Template:
     user_first: Optional[str] = None
 
 
-TEMPLATES: dict[str, Template] = {
-    t.name: t
-    for t in (
-        Template(
-            name="qa",
-            system="{content}\n",
-            user="Q: {content}\n",
-            assistant="A: {content}\n",
-            generation="A:",
-            stop=("\nQ:",),
-        ),
-        Template(
-            name="llama-2",
-            system="<<SYS>>\n{content}\n<</SYS>>\n\n",
-            user="<s>[INST] {content} [/INST]",
-            assistant=" {content} </s>",
-            generation="",
-            stop=("[INST]",),
-            user_first="<s>[INST] {system}{content} [/INST]",
-        ),
-        Template(
-            name="chatml",
-            system="<|im_start|>system\n{content}<|im_end|>\n",
-            user="<|im_start|>user\n{content}<|im_end|>\n",
-            assistant="<|im_start|>assistant\n{content}<|im_end|>\n",
-            generation="<|im_start|>assistant\n",
-            stop=("<|im_end|>", "<|im_start|>"),
-        ),
-    )
-}
+def _text(p: Any) -> Optional[str]:
+    return None if p == ffi.NULL else ffi.string(p).decode("utf-8")
 
-DEFAULT_TEMPLATE = "qa"
+
+def _template(c: Any) -> Template:
+    """The Template of a C ac_chat_template."""
+    stops = tuple(_text(s) for s in c.stop if s != ffi.NULL)
+    return Template(name=_text(c.name), system=_text(c.system), user=_text(c.user), assistant=_text(c.assistant),
+                    generation=_text(c.generation), stop=stops, user_first=_text(c.user_first))
+
+
+class _Table(Mapping[str, Template]):
+    """The library's templates by name, in its order; read from the library on first use."""
+
+    def __init__(self) -> None:
+        self._items: Optional[dict[str, Template]] = None
+
+    def _load(self) -> dict[str, Template]:
+        if self._items is None:
+            lib = load()
+            items = (_template(lib.ac_chat_template_at(i)) for i in range(lib.ac_chat_template_count()))
+            self._items = {t.name: t for t in items}
+        return self._items
+
+    def __getitem__(self, name: str) -> Template:
+        return self._load()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+
+TEMPLATES: Mapping[str, Template] = _Table()
 
 
 @dataclass(frozen=True)
@@ -84,120 +92,86 @@ class Special:
 
 
 BOS, EOS = Special(1), Special(2)
-_MARKERS = {"<s>": BOS, "</s>": EOS}
-_MARKER_RE = re.compile("(<s>|</s>)")
 
 Message = Mapping[str, str]
 Part = Union[str, Special]
 
 
+def _c_template(template: Template) -> Any:
+    """The library's template of that name (AriannaError, a ValueError, listing the known
+    names otherwise)."""
+    lib = load()
+    c = lib.ac_chat_template_get(template.encode() if isinstance(template, str) else template.name.encode())
+    if c == ffi.NULL:
+        _error_check(lib.AC_ERR_ARG)
+    return c
+
+
 def get_template(name: str) -> Template:
-    """The template called name; ValueError listing the known ones otherwise."""
-    try:
-        return TEMPLATES[name]
-    except KeyError:
-        raise ValueError(f"unknown chat template {name!r}; known: {', '.join(TEMPLATES)}") from None
+    """The template called name; ValueError (AriannaError) listing the known ones otherwise."""
+    if not isinstance(name, str):
+        raise TypeError(f"a chat template name must be a str, not {type(name).__name__}")
+    return TEMPLATES[_text(_c_template(name).name)]
 
 
 def choose_template(name: Optional[str] = None, pieces: Iterable[str] = ()) -> Template:
-    """The template a conversation uses: the one named, else the one the vocabulary points
-    to (ChatML when it has an ``<|im_start|>`` piece), else ``qa``.  Model files carry no
-    chat metadata, so the vocabulary is the only hint a model gives."""
+    """The template a conversation uses: the one named, else the one the vocabulary (its
+    pieces as stored) suggests, by the library's rule: ChatML when it has an ``<|im_start|>``
+    piece, else ``qa``."""
     if name is not None:
         return get_template(name)
-    if "<|im_start|>" in set(pieces):
-        return TEMPLATES["chatml"]
-    return TEMPLATES[DEFAULT_TEMPLATE]
+    data = [p.encode("utf-8") for p in pieces]
+    held = [ffi.new("char[]", d) for d in data]
+    c = load().ac_chat_template_for_vocab(ffi.new("const char *[]", held) if held else ffi.NULL,
+                                          ffi.new("size_t[]", [len(d) for d in data]) if held else ffi.NULL,
+                                          len(held))
+    return TEMPLATES[_text(c.name)]
 
 
-def check_messages(messages: Sequence[Message]) -> None:
-    """ValueError/TypeError naming the message that is not {"role": ..., "content": str}."""
+def _c_messages(messages: Sequence[Message]) -> tuple[Any, list]:
+    """messages as C ac_chat_message values (the types checked here, the values by the
+    library), and the buffers they point into (keep them alive)."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise TypeError(f"messages must be a list of {{'role', 'content'}} dicts, not {type(messages).__name__}")
-    if not messages:
-        raise ValueError("messages is empty: give at least one message")
+    c = ffi.new("ac_chat_message[]", max(len(messages), 1))
+    keep: list = []
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping):
             raise TypeError(f"messages[{i}] must be a dict with 'role' and 'content', not {type(m).__name__}")
         role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise ValueError(f"messages[{i}].role {role!r} is invalid: it must be one of {', '.join(ROLES)}")
+        if not isinstance(role, str):
+            raise ValueError(f"messages[{i}].role {role!r} is invalid: it must be one of system, user, assistant")
         if not isinstance(content, str):
             raise TypeError(f"messages[{i}].content must be a str, not {type(content).__name__}")
-        if role == "system" and i != 0:
-            raise ValueError(f"messages[{i}] is a system message: only the first message may be one")
+        data = content.encode("utf-8")
+        keep += [ffi.new("char[]", role.encode("utf-8")), ffi.new("char[]", data)]
+        c[i].role, c[i].content, c[i].content_len = keep[-2], keep[-1], len(data)
+    return c, keep
 
 
-def _parts(text: str) -> list[Part]:
-    """A formatted template string split at its <s> / </s> markers."""
-    return [_MARKERS.get(piece, piece) for piece in _MARKER_RE.split(text) if piece]
-
-
-def _format(fmt: str, content: str, system: str = "") -> list[Part]:
-    """fmt with the markers of the template itself turned into tokens; a message's own text
-    is never searched for markers (a user typing "</s>" gets those characters)."""
-    out: list[Part] = []
-    for chunk in re.split(r"(\{content\}|\{system\})", fmt):
-        if chunk == "{content}":
-            out.append(content)
-        elif chunk == "{system}":
-            out.append(system)
-        elif chunk:
-            out.extend(_parts(chunk))
-    return out
-
-
-def render_turns(template: Template, messages: Sequence[Message]) -> list[list[Part]]:
-    """The parts of each message in turn (the system message joins the first user turn where
-    the template says so), without the generation prompt."""
-    check_messages(messages)
-    turns: list[list[Part]] = []
-    system = None
-    for i, m in enumerate(messages):
-        role, content = m["role"], m["content"]
-        if role == "system":
-            if template.user_first is not None:
-                system = content
-                continue
-            turns.append(_format(template.system, content))
-        elif role == "user":
-            if system is not None:
-                sys_text = "".join(p for p in _format(template.system, system) if isinstance(p, str))
-                turns.append(_format(template.user_first or template.user, content, sys_text))
-                system = None
-            else:
-                turns.append(_format(template.user, content))
-        else:
-            turns.append(_format(template.assistant, content))
-    if system is not None:  # a system prompt with no user turn yet
-        turns.append(_format(template.system, system))
-    return turns
+def check_messages(messages: Sequence[Message]) -> None:
+    """ValueError/TypeError naming the message that is not {"role": ..., "content": str}."""
+    render(next(iter(TEMPLATES.values())), messages)
 
 
 def render(template: Template, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Part]:
     """The whole prompt as text and special tokens, BOS first (added when the template does
-    not start with one), ending with the opening of the assistant's reply."""
-    parts = [p for turn in render_turns(template, messages) for p in turn]
-    if add_generation_prompt:
-        parts += _parts(template.generation)
-    if not parts or parts[0] != BOS:
-        parts.insert(0, BOS)
-    return _merge(parts)
+    not start with one), ending with the opening of the assistant's reply; rendered by the
+    library."""
+    lib = load()
+    c_template = _c_template(template)
+    c_messages, keep = _c_messages(messages)
+    parts: list[Part] = []
 
+    @ffi.callback("int(void *, int, const char *, size_t)")
+    def on_part(user: Any, token: int, text: Any, size: int) -> int:
+        parts.append(Special(token) if token >= 0 else ffi.unpack(text, size).decode("utf-8"))
+        return 0
 
-def _merge(parts: list[Part]) -> list[Part]:
-    """Adjacent text parts joined, empty ones dropped (each text part is encoded on its own,
-    with SentencePiece's dummy prefix, so the split must only happen at special tokens)."""
-    out: list[Part] = []
-    for p in parts:
-        if isinstance(p, str):
-            if not p:
-                continue
-            if out and isinstance(out[-1], str):
-                out[-1] += p
-                continue
-        out.append(p)
-    return out
+    _error_check(lib.ac_chat_render(c_template, c_messages, len(messages), int(add_generation_prompt), on_part,
+                                    ffi.NULL))
+    del keep
+    return parts
 
 
 def prompt_tokens(parts: Sequence[Part], encode: Callable[[str], list[int]]) -> list[int]:

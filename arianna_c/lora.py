@@ -8,14 +8,16 @@ B (out, rank) trained and W frozen; B starts at zero, so training starts from th
 The base file is only read.  ``--data`` is a folder of shards, or of ``.txt`` files (tokenized
 first with the base's SentencePiece model, ``--tokenizer``).
 
-The run prints the pretraining progress line, evaluates the data's validation split every
-``--eval-interval`` steps, and always measures the base corpus' validation loss with the module
-applied (``--guard-data``, before the first step and at every evaluation).  The module kept in
-OUT is the one with the lowest validation loss whose base-corpus loss stayed within
-``--guard-margin`` of the base's own; the run stops once the base-corpus loss passes that limit.
-A checkpoint folder (``--ckpt``, default OUT without its suffix + ``.ckpt``) holds the adapters,
-optimizer, data position and history; Ctrl-C (SIGINT) or SIGTERM stops after the current step
-and saves it, and ``--resume`` continues it exactly.
+The run is pretraining's loop (``arianna_c.trainer.Trainer``) with the base frozen and only the
+adapters trainable: the same progress line, schedule, evaluation of the data's validation split
+every ``--eval-interval`` steps, guard, checkpoint and resume.  The guard is always on (unless
+``--no-guard``): the base corpus' validation loss with the module applied (``--guard-data``) is
+measured before the first step and at every evaluation.  The module kept in OUT is the one
+with the lowest validation loss whose base-corpus loss stayed within ``--guard-margin`` of the
+base's own; the run stops once the base-corpus loss passes that limit.  A checkpoint folder
+(``--ckpt``, default OUT without its suffix + ``.ckpt``) holds the adapters, optimizer, data
+position and history; Ctrl-C (SIGINT) or SIGTERM stops after the current step and saves it,
+and ``--resume`` continues it exactly.
 
     python -m arianna_c.lora eval --base BASE.bin [--module M.bin[:SCALE] ...] [--data SHARDS]
         [--heldout SHARDS] [--qa DIR] [--tokenizer TOK.model]
@@ -25,21 +27,21 @@ loss of every token of held-out shard folders (--heldout), and the loss of the a
 ``Q: ...\\nA: ...`` paragraphs (--qa).
 
 This module holds the settings and the command lines; it needs no PyTorch, so
-``python -m arianna_c.train --help`` works without it.  The loop is ``arianna_c.lora_trainer``.
+``python -m arianna_c.train --help`` works without it.  The trainer is ``arianna_c.lora_trainer``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from . import modules
-from .train import TORCH_HINT, ConfigError, flag, require
+from .train import (TORCH_HINT, ConfigError, is_main_process, require, require_training_packages,
+                    train_to_the_end)
 
 
 def parse_targets(matrices: str, layers: str, n_layers: int) -> list[tuple[int, str]]:
@@ -110,16 +112,19 @@ class ModuleConfig:
     eval_batches: int = 8
     log_interval: int = 10
     seed: int = 1337
+    save_interval: float = 10.0  # minutes
     dtype: str = "auto"
+    device: str = "auto"
+    compile: bool = False
     threads: int = 0
+    resume: bool = False
 
     @property
     def ckpt_dir(self) -> Path:
         return Path(self.ckpt) if self.ckpt else Path(self.out).with_suffix(".ckpt")
 
 
-# Settings a resumed run may change; every other one must match the checkpoint's.
-RESUMABLE_CHANGES = {"threads", "log_interval", "max_steps", "time_budget"}
+CHECKPOINT = "last"  # the checkpoint folder in ckpt_dir: what --resume reads
 
 
 # ---------------------------------------------------------------------------- command line
@@ -158,6 +163,8 @@ def add_module_arguments(parser: argparse.ArgumentParser) -> None:
         "eval_interval": f"steps between evaluations (default {d.eval_interval})",
         "eval_batches": f"batches per evaluation (default {d.eval_batches})",
         "log_interval": f"steps between progress lines (default {d.log_interval})",
+        "save_interval": f"minutes between checkpoints; one is also written at the end and on Ctrl-C "
+                         f"(default {d.save_interval:g})",
         "seed": f"seed of A's initialization and the batch draws (default {d.seed})",
         "threads": "torch threads; 0 = torch's default (default 0)",
     }
@@ -165,46 +172,40 @@ def add_module_arguments(parser: argparse.ArgumentParser) -> None:
         add("--" + name.replace("_", "-"), type=type(getattr(d, name)), default=None, help=text)
     add("--dtype", choices=("auto", "fp32", "bf16"), default=None,
         help="bf16 autocast; auto uses it where the CPU has native bf16 (default auto)")
+    add("--device", choices=("auto", "cpu", "cuda"), default=None,
+        help="auto = cuda when a GPU is visible, else cpu (default auto)")
+    add("--compile", action="store_true", default=None, help="torch.compile the model (pays on long runs)")
 
 
-def module_config(args: argparse.Namespace) -> tuple[ModuleConfig, bool]:
-    """The settings of a run: the command line over the defaults, or on --resume the
-    checkpoint's, where a setting given again must agree (except RESUMABLE_CHANGES)."""
+def module_config(args: argparse.Namespace) -> ModuleConfig:
+    """The settings of a run: the command line over the defaults, or on --resume over the
+    checkpoint's.  Whether a setting given again may differ from the checkpoint's is
+    pretraining's rule (train.check_resume, applied when the trainer loads the checkpoint)."""
     given = {k: v for k, v in vars(args).items() if k in ModuleConfig.__dataclass_fields__ and v is not None}
-    if not args.resume:
-        return ModuleConfig(**given), False
+    cfg = ModuleConfig(**given)
+    if not cfg.resume:
+        return cfg
     from .checkpoint import read_meta
 
-    cfg = ModuleConfig(**given)
-    meta = read_meta(cfg.ckpt_dir / "last")
-    saved = meta["settings"]
-    for name, value in given.items():
-        if name not in RESUMABLE_CHANGES and name in saved and saved[name] != value:
-            raise ConfigError(f"{flag(name)} {value} contradicts the checkpoint in {cfg.ckpt_dir / 'last'} "
-                              f"({flag(name)} {saved[name]}); leave it out to resume as saved")
-    return ModuleConfig(**{**saved, **{k: v for k, v in given.items() if k in RESUMABLE_CHANGES}}), True
+    saved = read_meta(cfg.ckpt_dir / CHECKPOINT)["settings"]
+    known = {k: v for k, v in saved.items() if k in ModuleConfig.__dataclass_fields__}
+    return ModuleConfig(**{**known, **given})
 
 
 def main_train(args: argparse.Namespace) -> int:
     """The `python -m arianna_c.train module` command."""
     try:
-        require("torch", TORCH_HINT)
-        import torch
+        require_training_packages()
+        cfg = module_config(args)
 
-        from .lora_trainer import ModuleTrainer
+        def make_trainer():
+            from .lora_trainer import ModuleTrainer
 
-        cfg, resume = module_config(args)
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
-        trainer = ModuleTrainer(cfg, resume=resume, log=lambda s: print(s, flush=True))
+            return ModuleTrainer(cfg, log=lambda s: print(s, flush=True))
 
-        def stop_after_this_step(signum, frame):
-            trainer.request_stop()
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: at once
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, stop_after_this_step)
-        print(json.dumps(trainer.train()))
+        summary = train_to_the_end(make_trainer, cfg.threads)
+        if is_main_process():
+            print(json.dumps(summary))
     except (ValueError, OSError, ArithmeticError) as exc:  # DataError, ConfigError, FormatError, ...
         print(f"error: {exc}", file=sys.stderr)
         return 1

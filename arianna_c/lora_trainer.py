@@ -1,17 +1,17 @@
 """The loop behind ``python -m arianna_c.train module``: LoRA adapters trained on a frozen base.
 
 Each targeted nn.Linear of the base is wrapped in a LoRALinear (``W x + (alpha / rank) B A x``,
-W frozen, B starting at zero, so step 0 is the base exactly).  The progress line, the
-evaluation, the schedule and the checkpoint folders are pretraining's (``arianna_c.trainer``,
-``arianna_c.checkpoint``).  Settings and the command line: ``arianna_c.lora``.
+W frozen, B starting at zero, so step 0 is the base exactly).  ModuleTrainer is pretraining's
+Trainer (``arianna_c.trainer``) with another model, checkpoint state and best-keeping; the
+loop, progress line, evaluation, guard, schedule and resume are the Trainer's.  Settings and
+the command line: ``arianna_c.lora``.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import time
-from dataclasses import asdict
+import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -21,13 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint, modules
-from .data import (SHARD_DTYPE, DataError, batch_starts, check_fits, check_vocab, corpus_files, load_sentencepiece,
-                   load_split, paragraphs, pretokenize, windows_at)
+from .data import SHARD_DTYPE, DataError, corpus_files, load_sentencepiece, load_split, paragraphs, pretokenize
 from .export import torch_from_bin, torch_from_weights
 from .formats import read_model
-from .lora import ModuleConfig, parse_targets
-from .train import learning_rate, progress_of
-from .trainer import autocast_context, evaluate, progress_line
+from .lora import CHECKPOINT, ModuleConfig, parse_targets
+from .train import ConfigError
+from .trainer import Trainer, World, evaluate, pick_device
 
 # Where each matrix lives in a TransformerBlock.
 PARENTS = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
@@ -78,7 +77,7 @@ def load_adapter_state(adapters: dict, state: dict[str, torch.Tensor]) -> None:
 def to_module(adapters: dict, rank: int, alpha: float, shape: tuple, base_fp: bytes) -> modules.Module:
     module = modules.Module(rank, float(alpha), tuple(shape), base_fp)
     for key, a in adapters.items():
-        module.adapters[key] = (a.A.detach().float().numpy().copy(), a.B.detach().float().numpy().copy())
+        module.adapters[key] = (a.A.detach().float().cpu().numpy().copy(), a.B.detach().float().cpu().numpy().copy())
     return module
 
 
@@ -131,177 +130,91 @@ def default_tokenizer(base: str) -> Optional[str]:
 # ---------------------------------------------------------------------------- training
 
 
-class ModuleTrainer:
-    def __init__(self, cfg: ModuleConfig, resume: bool = False, log: Callable[[str], None] = print):
-        self.cfg, self.log = cfg, log
+def one_process(device: str) -> World:
+    """Module training's world: this process alone (stop_now acts on this process' own request,
+    which under torchrun would leave the other processes waiting in the next all-reduce)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("train module runs in one process: start it without torchrun")
+    return World(0, 1, torch.device(pick_device(device)))
+
+
+class ModuleTrainer(Trainer):
+    """Pretraining's loop on the frozen base with adapters, in one process: the checkpoint
+    (``--ckpt``/last) holds the adapters only, and the best module so far is written to OUT as
+    a module file."""
+
+    CHECKPOINT = CHECKPOINT
+
+    def __init__(self, cfg: ModuleConfig, resume: bool = False, log: Callable[[str], None] = print,
+                 world: Optional[World] = None):
         if not cfg.guard_data and not cfg.no_guard:
             raise DataError("--guard-data is needed: the base corpus' shards (or text), whose validation "
                             "loss the module must not worsen; --no-guard trains without that check")
-        torch.manual_seed(cfg.seed)
-        self.rng = np.random.default_rng(cfg.seed)
         base_cfg = read_model(cfg.base)[0]
-        self.shape = modules.base_shape(base_cfg)
-        self.base_fp = modules.fingerprint(cfg.base)
-        self.model = torch_from_bin(cfg.base).train()
         if cfg.seq_len > base_cfg.seq_len:
             raise DataError(f"--seq-len {cfg.seq_len} exceeds the base's seq_len {base_cfg.seq_len}")
-        targets = parse_targets(cfg.targets, cfg.layers, base_cfg.n_layers)
+        self.targets = parse_targets(cfg.targets, cfg.layers, base_cfg.n_layers)
         if not 1 <= cfg.rank <= modules.MAX_RANK:
             raise DataError(f"--rank {cfg.rank} must be in 1..{modules.MAX_RANK}")
         if not (math.isfinite(cfg.alpha) and cfg.alpha > 0):
             raise DataError(f"--alpha {cfg.alpha} must be a finite number > 0")
-        self.adapters = attach(self.model, targets, cfg.rank, cfg.alpha)
-        work = cfg.ckpt_dir
-        work.mkdir(parents=True, exist_ok=True)
-        tokenizer = cfg.tokenizer or default_tokenizer(cfg.base)
-        data_dir = shard_folder(cfg.data, tokenizer, work, "--data")
-        self.split = load_split(data_dir, cfg.val_fraction)
-        check_fits(self.split, data_dir, cfg.batch_size, cfg.seq_len)
-        check_vocab(self.split, data_dir, base_cfg.vocab_size)
-        self.guard_val = None
-        if cfg.guard_data:
-            guard_dir = shard_folder(cfg.guard_data, tokenizer, work, "--guard-data")
-            guard_split = load_split(guard_dir, cfg.val_fraction)
-            check_fits(guard_split, guard_dir, 1, cfg.seq_len)
-            check_vocab(guard_split, guard_dir, base_cfg.vocab_size)
-            self.guard_val = guard_split.val
-        params = [p for a in self.adapters.values() for p in (a.A, a.B)]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-        self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
-        self.best_val = float("inf")
-        self.guard_baseline: Optional[float] = None
-        self.history: dict[str, list] = {"train": [], "val": [], "guard": []}
-        self.stop_requested = False
-        if resume:
-            self._resume()
+        self.shape = modules.base_shape(base_cfg)
+        self.base_fp = modules.fingerprint(cfg.base)
+        self.tokenizer = cfg.tokenizer or default_tokenizer(cfg.base)
+        self.adapters: dict = {}
+        cfg.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        super().__init__(replace(cfg, resume=True) if resume else cfg, log, world or one_process(cfg.device))
 
-    def request_stop(self) -> None:
-        """Stop after the current step and save a checkpoint (what SIGINT / SIGTERM do)."""
-        self.stop_requested = True
+    # ------------------------------------------------------------------ what is trained
+    def run_folder(self) -> Path:
+        return self.cfg.ckpt_dir
 
-    # ------------------------------------------------------------------ module and checkpoints
+    def shard_folder(self, folder: str, what: str) -> Path:
+        return shard_folder(folder, self.tokenizer, self.cfg.ckpt_dir, what)
+
+    def build_model(self, saved: Optional[checkpoint.Checkpoint]):
+        model = torch_from_bin(self.cfg.base)
+        self.adapters = attach(model, self.targets, self.cfg.rank, self.cfg.alpha)
+        if saved is not None:
+            load_adapter_state(self.adapters, saved.model_state)
+        return model.train()
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        return adapter_state(self.adapters)
+
+    def check_saved(self, saved: checkpoint.Checkpoint, where: Path) -> None:
+        if saved.meta.get("kind") != KIND:
+            raise DataError(f"{where}: not a module training checkpoint")
+        if saved.meta["base_fingerprint"] != self.base_fp.hex():
+            raise DataError(f"{where}: the checkpoint was trained on another base than {self.cfg.base}")
+
+    def meta(self) -> dict:
+        return {**super().meta(), "kind": KIND, "base_fingerprint": self.base_fp.hex()}
+
+    def save_best(self) -> None:
+        if self.world.main:
+            modules.write_module(self.cfg.out, self.module())
+
+    def best_kept(self) -> str:
+        return f"the best module within the limit is in {self.cfg.out}"
+
+    def resume_hint(self) -> str:
+        return "the same command and --resume"
+
+    def restart_hint(self, where: Path) -> str:
+        return "train a new module with another --ckpt"
+
+    def describe(self) -> str:
+        n_params = sum(p.numel() for a in self.adapters.values() for p in (a.A, a.B))
+        return (f"module: rank {self.cfg.rank}, alpha {self.cfg.alpha:g}, {len(self.adapters)} matrices, "
+                f"{n_params:,} trainable parameters")
+
+    def stop_now(self, requests: float) -> bool:
+        # one process: a request made while this step was logged or evaluated needs no agreement
+        return requests > 0 or self.stop_requested
+
     def module(self) -> modules.Module:
         return to_module(self.adapters, self.cfg.rank, self.cfg.alpha, self.shape, self.base_fp)
-
-    def save_checkpoint(self) -> Path:
-        meta = {"kind": KIND, "settings": asdict(self.cfg), "step": self.step, "tokens_seen": self.tokens_seen,
-                "elapsed_s": self.elapsed, "best_val": self.best_val, "guard_baseline": self.guard_baseline,
-                "history": self.history, "rng": self.rng.bit_generator.state,
-                "base_fingerprint": self.base_fp.hex()}
-        path = checkpoint.save(self.cfg.ckpt_dir / "last", adapter_state(self.adapters), meta,
-                               self.optimizer.state_dict())
-        (self.cfg.ckpt_dir / "history.json").write_text(json.dumps(self.history, indent=1))
-        return path
-
-    def _resume(self) -> None:
-        folder = self.cfg.ckpt_dir / "last"
-        ckpt = checkpoint.load(folder)
-        meta = ckpt.meta
-        if meta.get("kind") != KIND:
-            raise DataError(f"{folder}: not a module training checkpoint")
-        if meta["base_fingerprint"] != self.base_fp.hex():
-            raise DataError(f"{folder}: the checkpoint was trained on another base than {self.cfg.base}")
-        load_adapter_state(self.adapters, ckpt.model_state)
-        self.optimizer.load_state_dict(ckpt.optimizer_state)
-        self.step, self.tokens_seen, self.elapsed = meta["step"], meta["tokens_seen"], meta["elapsed_s"]
-        self.best_val, self.guard_baseline, self.history = meta["best_val"], meta["guard_baseline"], meta["history"]
-        self.rng.bit_generator.state = meta["rng"]
-        self.log(f"resumed from {folder} at step {self.step} ({self.tokens_seen:,} tokens)")
-
-    # ------------------------------------------------------------------ loop
-    def train_step(self) -> float:
-        cfg = self.cfg
-        total = 0.0
-        with autocast_context(cfg.dtype, torch.device("cpu")):
-            for _ in range(cfg.grad_accum):
-                starts = batch_starts(self.rng, len(self.split.train), cfg.batch_size, cfg.seq_len)
-                x, y = windows_at(self.split.train, starts, cfg.seq_len)
-                _, loss = self.model(torch.from_numpy(x), torch.from_numpy(y))
-                (loss / cfg.grad_accum).backward()
-                total += loss.item() / cfg.grad_accum
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return total
-
-    def run_eval(self) -> bool:
-        """Validation and base-corpus loss with the module; keeps the best module within the
-        guard in OUT.  False = the base-corpus loss passed the limit: stop."""
-        cfg = self.cfg
-        val = evaluate(self.model, self.split.val, cfg)
-        self.history["val"].append([self.step, self.tokens_seen, val])
-        line = f"eval step {self.step} tokens {self.tokens_seen:,} val loss {val:.4f}"
-        guard_ok = True
-        if self.guard_val is not None:
-            guard = evaluate(self.model, self.guard_val, cfg)
-            self.history["guard"].append([self.step, self.tokens_seen, guard])
-            if self.guard_baseline is None:
-                self.guard_baseline = guard  # step 0: B = 0, so this is the base's own loss
-            limit = self.guard_baseline * (1.0 + cfg.guard_margin)
-            guard_ok = guard <= limit
-            line += f" base-corpus val {guard:.4f} (base {self.guard_baseline:.4f}, limit {limit:.4f})"
-        self.log(line)
-        if guard_ok and val < self.best_val:
-            self.best_val = val
-            modules.write_module(cfg.out, self.module())
-        if not guard_ok:
-            self.log(f"stopping: the base corpus' validation loss rose by more than {100 * cfg.guard_margin:.1f}%; "
-                     f"the best module within the limit is in {cfg.out}")
-        return guard_ok
-
-    def train(self) -> dict:
-        cfg = self.cfg
-        n_params = sum(p.numel() for a in self.adapters.values() for p in (a.A, a.B))
-        self.log(f"module: rank {cfg.rank}, alpha {cfg.alpha:g}, {len(self.adapters)} matrices, {n_params:,} "
-                 f"parameters; data {len(self.split.train):,} train / {len(self.split.val):,} val tokens")
-        if self.step == 0 and not self.run_eval():
-            return self.finish()
-        tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-        window_start, window_tokens, last_save = time.time(), 0, time.time()
-        while progress_of(cfg, self.step, self.elapsed) < 1.0:
-            lr = learning_rate(cfg, self.step, progress_of(cfg, self.step, self.elapsed))
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            t0 = time.time()
-            loss = self.train_step()
-            self.elapsed += time.time() - t0
-            self.step += 1
-            self.tokens_seen += tokens_per_step
-            window_tokens += tokens_per_step
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at step {self.step}; lower --lr")
-            if self.step % cfg.log_interval == 0:
-                tok_s = window_tokens / max(time.time() - window_start, 1e-9)
-                self.history["train"].append([self.step, self.tokens_seen, loss])
-                self.log(progress_line(self.step, loss, lr, tok_s, progress_of(cfg, self.step, self.elapsed),
-                                       self.elapsed))
-                window_start, window_tokens = time.time(), 0
-            if self.step % cfg.eval_interval == 0 and not self.run_eval():
-                return self.finish()
-            if self.stop_requested:
-                self.save_checkpoint()
-                self.log(f"stopped at step {self.step} as asked; {cfg.ckpt_dir / 'last'} saved: continue "
-                         f"with the same command and --resume")
-                return self.summary()
-            if time.time() - last_save > 600:
-                self.save_checkpoint()
-                last_save = time.time()
-        if not self.history["val"] or self.history["val"][-1][0] != self.step:
-            self.run_eval()
-        return self.finish()
-
-    def finish(self) -> dict:
-        self.save_checkpoint()
-        return self.summary()
-
-    def summary(self) -> dict:
-        guard = [g for _, _, g in self.history["guard"]]
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed_s": round(self.elapsed, 1),
-                "best_val": self.best_val, "val_at_start": self.history["val"][0][2] if self.history["val"] else None,
-                "guard_baseline": self.guard_baseline, "guard_last": guard[-1] if guard else None,
-                "out": self.cfg.out}
 
 
 # ---------------------------------------------------------------------------- evaluation

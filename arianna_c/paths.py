@@ -22,11 +22,24 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 def default_model_path() -> str:
     """The bundled persona: inside the installed package, else persona/ in a source checkout."""
-    tried = [PACKAGE_DIR / "persona" / DEFAULT_MODEL, PACKAGE_DIR.parent / "persona" / DEFAULT_MODEL]
+    return _bundled(DEFAULT_MODEL, "persona model")
+
+
+def bundled_module_path(name: str) -> str:
+    """A knowledge module shipped with the persona, by name ("dialogue": modules/dialogue.bin
+    beside the bundled persona), for ``Model(modules=[(bundled_module_path("dialogue"), 1.0)])``."""
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise ValueError(f"module name {name!r} is invalid: give a bundled module's name, e.g. 'dialogue'")
+    return _bundled(f"modules/{name}.bin", f"{name!r} module")
+
+
+def _bundled(relative: str, what: str) -> str:
+    """The persona folder's file: inside the installed package first, else in a source checkout."""
+    tried = [PACKAGE_DIR / "persona" / relative, PACKAGE_DIR.parent / "persona" / relative]
     for path in tried:
         if path.is_file():
             return str(path)
-    raise FileNotFoundError(errno.ENOENT, "no bundled persona model found; tried: " + ", ".join(map(str, tried)),
+    raise FileNotFoundError(errno.ENOENT, f"no bundled {what} found; tried: " + ", ".join(map(str, tried)),
                             str(tried[0]))
 
 

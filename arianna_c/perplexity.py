@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from . import Model
 
-__all__ = ["Result", "evaluate", "windows"]
+__all__ = ["Result", "evaluate", "token_nll", "windows"]
 
 _BYTE_PIECE = re.compile(rb"<0x[0-9A-Fa-f]{2}>")
 
@@ -105,8 +105,11 @@ def windows(tokens: Sequence[int], context: int, stride: Optional[int] = None, b
     return out
 
 
-def _nll_rows(logits: "np.ndarray", targets: Sequence[int]) -> "np.ndarray":
-    """-log softmax(logits[i])[targets[i]] for each row, in float64."""
+def token_nll(logits: "np.ndarray", targets: Sequence[int]) -> "np.ndarray":
+    """The negative log-likelihood in nats of each target token: for logits of shape
+    (n, vocab) and n target ids, ``-log softmax(logits[i])[targets[i]]``, computed in float64
+    (shape (n,)).  The logits at position i predict the token at i + 1, so for a window's ids
+    ``token_nll(model.logits(ids[:-1]), ids[1:])`` scores every token after the first."""
     import numpy as np
 
     x = logits.astype(np.float64)
@@ -149,7 +152,7 @@ def evaluate(model: "Model", text: str, context: Optional[int] = None, stride: O
     for i, w in enumerate(plan):
         logits = model.logits(w.tokens)
         targets = w.tokens[w.first + 1:w.last + 1]
-        nll = _nll_rows(logits[w.first:w.last], targets)
+        nll = token_nll(logits[w.first:w.last], targets)
         total += float(nll.sum())
         total2 += float((nll * nll).sum())
         count += len(targets)

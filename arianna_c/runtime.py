@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import codecs
 import os
-import random
 import struct
 import threading
 from contextlib import contextmanager
@@ -300,13 +299,16 @@ class Model:
 
     def _decode(self, tokens: Sequence[int], prev: int) -> str:
         """decode() of tokens that follow token prev (the caller holds the handles)."""
+        return self._decode_bytes(tokens, prev).decode("utf-8", "replace")
+
+    def _decode_bytes(self, tokens: Sequence[int], prev: int) -> bytes:
         lib, piece, size = self._lib, ffi.new("const char **"), ffi.new("size_t *")
         parts = []
         for token in tokens:
             _error_check(lib.ac_decode_piece(self._h.tokenizer, prev, token, piece, size))
             parts.append(ffi.buffer(piece[0], size[0])[:])
             prev = token
-        return b"".join(parts).decode("utf-8", "replace")
+        return b"".join(parts)
 
     # ---------------------------------------------------------------- forward
 
@@ -346,25 +348,38 @@ class Model:
     # ---------------------------------------------------------------- generation
 
     def generate(self, prompt: Text = "", max_new_tokens: Optional[int] = None, *,
-                 params: Optional[SamplingParams] = None, **settings: Any) -> str:
+                 params: Optional[SamplingParams] = None, logprobs: Optional[int] = None,
+                 **settings: Any) -> Any:
         """The continuation of prompt (without the prompt).  Stops after max_new_tokens, at
-        the model's end of text (BOS/EOS, unless ignore_eos), or when prompt + continuation
-        fill seq_len (so max_new_tokens beyond it is clamped).  A prompt longer than seq_len
-        tokens (BOS included) raises AriannaError (AC_ERR_RANGE); it is never truncated.
-        prompt may be bytes (invalid UTF-8 and NUL become byte tokens).
+        the model's end of text (BOS/EOS, unless ignore_eos), at a stop string (not part of
+        the text), or when prompt + continuation fill seq_len (so max_new_tokens beyond it
+        is clamped).  A prompt longer than seq_len tokens (BOS included) raises AriannaError
+        (AC_ERR_RANGE); it is never truncated.  prompt may be bytes (invalid UTF-8 and NUL
+        become byte tokens).
 
         The settings (keywords or params=SamplingParams(...); keywords win) are those of
         :class:`SamplingParams`: max_new_tokens (alias max_tokens), temperature, top_p,
-        top_k, seed (None = random), ignore_eos."""
-        return "".join(self.stream(prompt, max_new_tokens, params=params, **settings))
+        top_k, seed (None = random), ignore_eos, min_p, repeat_penalty, repeat_last_n,
+        presence_penalty, frequency_penalty, stop, logit_bias.
+
+        Returns the text (a str); with ``logprobs=N`` (N >= 0) a
+        :class:`arianna_c.session.Completion` instead: the same text, the tokens, the
+        finish_reason, and each token's log-probability with the N most likely
+        alternatives."""
+        if logprobs is None:
+            return "".join(self.stream(prompt, max_new_tokens, params=params, **settings))
+        p = _settings(params, max_new_tokens, settings)
+        with self.session() as session:
+            session.feed(prompt)
+            return session.generate(p, logprobs=logprobs)
 
     def stream(self, prompt: Text = "", max_new_tokens: Optional[int] = None, *,
                params: Optional[SamplingParams] = None, **settings: Any) -> Iterator[str]:
         """Like generate(), yielding text as it is produced, complete characters only.
         Bad settings and a too-long prompt raise here, before the first piece.  Breaking out
         of the loop (or dropping the iterator) ends the generation and leaves the Model
-        usable."""
-        p = _settings(params, max_new_tokens, settings)
+        usable.  (Per-token log-probabilities: generate(..., logprobs=N) or a Session.)"""
+        p = _settings(params, max_new_tokens, _no_logprobs(settings, "stream"))
         return _TextStream(self, _text_bytes(prompt, "prompt"), p)
 
     def generate_batch(self, prompts: Sequence[Text], max_new_tokens: Optional[int] = None, *,
@@ -376,7 +391,7 @@ class Model:
         if isinstance(prompts, (str, *_BUFFERS)):
             raise TypeError(f"prompts must be a sequence of str or bytes, not {type(prompts).__name__}")
         texts = [_text_bytes(t, f"prompts[{i}]") for i, t in enumerate(prompts)]
-        p = _settings(params, max_new_tokens, settings)
+        p = _settings(params, max_new_tokens, _no_logprobs(settings, "generate_batch"))
         with self._h.use() as h:
             if not texts:
                 return []
@@ -388,13 +403,15 @@ class Model:
             batch = ffi.new("ac_batch **")
             _error_check(lib.ac_batch_create(h.model, h.tokenizer, n, _c_params(lib, p, self._threads), batch))
             try:
+                _set_text_rules(lib, lib.ac_batch_set_stops, lib.ac_batch_set_logit_bias, batch[0], p)
                 stride = lib.ac_batch_max_tokens(batch[0])
                 tokens = ffi.new("int[]", max(1, n * stride))
                 _error_check(lib.ac_batch_generate(batch[0], c_prompts, lens, tokens, results))
             finally:
                 lib.ac_batch_free(batch[0])
-            return [self._decode(tokens[i * stride : i * stride + results[i].n_generated],
-                                 results[i].last_prompt_token) for i in range(n)]
+            return [self._decode_bytes(tokens[i * stride : i * stride + results[i].n_generated],
+                                       results[i].last_prompt_token)[: results[i].text_len].decode("utf-8", "replace")
+                    for i in range(n)]
 
     def session(self) -> Any:
         """A Session: a context kept in a KV cache of its own between calls (feed, generate,
@@ -485,6 +502,7 @@ def _start(model: Model, lease: _Lease, prompt: bytes, params: SamplingParams) -
     else:
         _error_check(lib.ac_session_set_params(lease.session, c_params))
         lib.ac_session_reset(lease.session)
+    _set_text_rules(lib, lib.ac_session_set_stops, lib.ac_session_set_logit_bias, lease.session, params)
     _error_check(lib.ac_session_feed(lease.session, prompt, len(prompt), 1))
     return _pieces(lib, lease)
 
@@ -498,16 +516,24 @@ def _pieces(lib: Any, lease: _Lease) -> Iterator[str]:
     try:
         while True:
             _error_check(next_token(session, token, piece, size))
-            if token[0] < 0:
-                break
-            text = decode(unpack(piece[0], size[0]))
+            text = decode(unpack(piece[0], size[0]))  # at the end: bytes held for the stop strings
             if text:
                 yield text
+            if token[0] < 0:
+                break
         tail = decoder.decode(b"", final=True)
         if tail:
             yield tail
     finally:
         lease.free()
+
+
+def _no_logprobs(settings: dict, call: str) -> dict:
+    """settings of a call that returns text only: logprobs is refused, naming what has them."""
+    if "logprobs" in settings:
+        raise TypeError(f"{call}() returns text only and takes no logprobs; use generate(..., logprobs=N) "
+                        "or a Session for per-token log-probabilities")
+    return settings
 
 
 def _settings(params: Optional[SamplingParams], max_new_tokens: Optional[int], settings: dict) -> SamplingParams:
@@ -547,14 +573,28 @@ SAMPLER_FIELDS = {name: field.type.cname for name, field in ffi.typeof("ac_sampl
                   if name in SamplingParams.__dataclass_fields__}
 
 
-def _c_sampler_params(lib: Any, p: SamplingParams) -> Any:
-    """The C ac_sampler_params of p, for code that creates its own ac_sampler: a sampler takes
-    its seed as it is, so the random seed that sessions draw for AC_SEED_RANDOM is drawn here."""
-    session_params = _c_params(lib, p, 0)  # owns the memory .sampler views while it is copied
-    c = ffi.new("ac_sampler_params *", session_params.sampler)
-    if c.seed == lib.AC_SEED_RANDOM:
-        c.seed = random.SystemRandom().getrandbits(64)
-    return c
+def _set_text_rules(lib: Any, set_stops: Any, set_bias: Any, target: Any, p: SamplingParams) -> None:
+    """p's stop strings and logit bias onto a C session, batch or generation (target), with
+    that kind's two setters; the library checks them (AriannaError naming what is wrong)."""
+    stops = [ffi.new("char[]", s.encode("utf-8", "surrogatepass")) for s in p.stop]
+    lens = ffi.new("size_t[]", [len(s) - 1 for s in stops]) if stops else ffi.NULL
+    _error_check(set_stops(target, ffi.new("const char *[]", stops) if stops else ffi.NULL, lens, len(stops)))
+    bias = p.logit_bias or {}
+    ids = ffi.new("int[]", list(bias)) if bias else ffi.NULL
+    values = ffi.new("float[]", list(bias.values())) if bias else ffi.NULL
+    _error_check(set_bias(target, ids, values, len(bias)))
+
+
+def _c_generation(model: Model, p: SamplingParams) -> Any:
+    """A C ac_generation with p's settings (freed when garbage): the rules of one generation
+    for code that runs the model itself (Session, the server).  Bad settings raise here."""
+    lib = model._lib
+    out = ffi.new("ac_generation **")
+    with model._h.use() as h:
+        _error_check(lib.ac_generation_create(h.model, h.tokenizer, _c_params(lib, p, 0), out))
+    gen = ffi.gc(out[0], lib.ac_generation_free)
+    _set_text_rules(lib, lib.ac_generation_set_stops, lib.ac_generation_set_logit_bias, gen, p)
+    return gen
 
 
 def _thread_count(lib: Any, threads: Optional[int]) -> int:
@@ -606,9 +646,9 @@ def _shortest_float32(value: float) -> float:
 
 
 def generate(prompt: Text = "", max_new_tokens: Optional[int] = None, *,
-             params: Optional[SamplingParams] = None, **settings: Any) -> str:
+             params: Optional[SamplingParams] = None, logprobs: Optional[int] = None, **settings: Any) -> Any:
     """Model.generate on the bundled persona."""
-    return default_model().generate(prompt, params=_settings(params, max_new_tokens, settings))
+    return default_model().generate(prompt, params=_settings(params, max_new_tokens, settings), logprobs=logprobs)
 
 
 def stream(prompt: Text = "", max_new_tokens: Optional[int] = None, *,

@@ -11,7 +11,7 @@ import dataclasses
 import numbers
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from .errors import AriannaError, ErrorCode
 
@@ -55,6 +55,35 @@ def _seed(name: str, value: Any) -> Optional[int]:
     return seed
 
 
+def _stops(name: str, value: Any) -> tuple[str, ...]:
+    """One str or a list of them; empty ones are ignored (they would match anywhere)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, (bytes, Mapping)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name} must be a str or a list of str, not {type(value).__name__}")
+    items = tuple(value)
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"{name} must hold str, not {type(item).__name__}")
+    return tuple(dict.fromkeys(s for s in items if s))
+
+
+def _bias(name: str, value: Any) -> Optional[dict[int, float]]:
+    """{token id: value added to its logit}; which ids and values are valid is the library's
+    to check."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a dict of token id -> bias, not {type(value).__name__}")
+    bias = {_count(f"{name} key", k): _real(f"{name}[{k!r}]", v) for k, v in value.items()}
+    for k in bias:
+        if not -2**31 <= k < 2**31:
+            raise AriannaError(f"{name} token {k} is outside the vocabulary", ErrorCode.RANGE)
+    return bias
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How a generation samples and when it stops.
@@ -69,6 +98,10 @@ class SamplingParams:
     ``repeat_penalty`` (1 = off), ``repeat_last_n`` (the window of recent context tokens it
     looks at), ``presence_penalty`` and ``frequency_penalty`` (0 = off): llama.cpp's
     penalties over the recent tokens of the context.
+
+    ``stop``: a str or a list of them; the text ends before the first to appear (it is not
+    part of the text, and never partly shown while streaming).  ``logit_bias``: {token id:
+    value added to its logit at every step} (OpenAI's; -inf bans a token).
 
     A field left as None takes the library's default (:func:`arianna_c.default_sampling`
     lists them).  Types are checked here (TypeError); ranges by the library, when the
@@ -86,6 +119,8 @@ class SamplingParams:
     repeat_last_n: Optional[int] = None
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
+    stop: Union[str, Sequence[str], None] = ()
+    logit_bias: Optional[Mapping[int, float]] = None
 
     def __post_init__(self) -> None:
         for name, check in _CHECKS.items():
@@ -96,6 +131,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "max_new_tokens": _count, "temperature": _real, "top_p": _real, "top_k": _count,
     "seed": _seed, "ignore_eos": _flag, "min_p": _real, "repeat_penalty": _real,
     "repeat_last_n": _count, "presence_penalty": _real, "frequency_penalty": _real,
+    "stop": _stops, "logit_bias": _bias,
 }
 NAMES = tuple(f.name for f in dataclasses.fields(SamplingParams))
 ALIASES = {"max_tokens": "max_new_tokens"}  # the OpenAI API's name

@@ -29,8 +29,9 @@ from typing import Any, AsyncIterator, Literal, Optional, Union
 
 from . import chat as chat_templates
 from .errors import AriannaError
+from .runtime import _c_generation
 from .sampling import SamplingParams
-from .session import (Completion, Generation, Options, ReplyText, Session, Slots, TokenLogprob, c_sampler_params,
+from .session import (Completion, Generation, ReplyText, Session, Slots, TokenLogprob, with_stops,
                       chat_prompt)
 from .session import chat_template as session_chat_template
 
@@ -138,7 +139,7 @@ class Job:
     stream, a future for the whole answer)."""
 
     prompt: list[int]
-    choices: list[tuple[SamplingParams, Options]]
+    choices: list[tuple[SamplingParams, Optional[int]]]
     loop: asyncio.AbstractEventLoop
     stream: bool
     events: "asyncio.Queue[tuple]" = field(default_factory=asyncio.Queue)
@@ -296,11 +297,11 @@ class Batcher:
                 job.fail(self.outbox, e)
 
     def _start(self, job: Job) -> None:
-        for index, (params, options) in enumerate(job.choices):
+        for index, (params, logprobs) in enumerate(job.choices):
             session = Session(self.model, self.slots)
             try:
                 session.feed_tokens(job.prompt)
-                generation = session.start(params, options)
+                generation = session.start(params, logprobs=logprobs)
                 if generation.done:
                     token = None
                 else:
@@ -369,7 +370,7 @@ class Batcher:
 # ---------------------------------------------------------------------------- the app
 
 
-Choice = tuple[SamplingParams, Options]
+Choice = tuple[SamplingParams, Optional[int]]  # the settings, logprobs
 
 
 def _choice(body: _Body, max_tokens: Optional[int], logprobs: Optional[int], index: int) -> Choice:
@@ -389,20 +390,19 @@ def _choice(body: _Body, max_tokens: Optional[int], logprobs: Optional[int], ind
             max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
             seed=seed, ignore_eos=body.ignore_eos, min_p=body.min_p, repeat_penalty=body.repeat_penalty,
             repeat_last_n=body.repeat_last_n, presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty)
-        return params, Options(stop=tuple(stop), logprobs=logprobs, logit_bias=bias)
+            frequency_penalty=body.frequency_penalty, stop=stop, logit_bias=bias)
+        return params, logprobs
     except (TypeError, AriannaError) as e:
         raise APIError(400, str(e)) from None
 
 
 def _check_settings(model: Any, choice: Choice) -> None:
     """The library's range checks, before the request is queued (a 400, not a failed job)."""
-    params, options = choice
+    params, _ = choice
     try:
-        c_sampler_params(model._lib, params)
-        options.bias_arrays(model.config.vocab_size)
+        _c_generation(model, params)
     except AriannaError as e:
-        raise APIError(400, str(e), param="logit_bias" if "logit_bias" in str(e) else None) from None
+        raise APIError(400, str(e), param="logit_bias" if "logit bias" in str(e) else None) from None
 
 
 def create_app(model: Any, model_name: str = "arianna_c", api_key: Optional[str] = None,
@@ -631,8 +631,8 @@ def create_app(model: Any, model_name: str = "arianna_c", api_key: Optional[str]
         if max_tokens is None:
             max_tokens = seq_len  # until the context is full
         n_top = (body.top_logprobs or 0) if body.logprobs else None
-        choices = [(params, options.with_stops(tmpl.stop))
-                   for params, options in (_choice(body, max_tokens, n_top, i) for i in range(body.n))]
+        choices = [(with_stops(params, tmpl.stop), logprobs)
+                   for params, logprobs in (_choice(body, max_tokens, n_top, i) for i in range(body.n))]
         _check_settings(model, choices[0])
         job = Job(tokens, choices, asyncio.get_running_loop(), body.stream)
         rid = f"chatcmpl-{secrets.token_hex(12)}"

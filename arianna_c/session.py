@@ -6,13 +6,12 @@
         s.position                    # tokens in the context (prompt + reply)
         s.rewind(len(reply.tokens))   # forget the reply; the prompt stays cached
 
-Everything that decides what a generation produces lives here, once, for Session, the chat
-loop, the CLI and the server: stop strings (matched on the decoded text; text that could be
-the start of a stop string is held back, so a partial one is never shown), the stop reasons
-(``stop``: the model's end of text or a stop string; ``length``: max_new_tokens or a full
-context), per-token log-probabilities, and the prefix reuse that lets a new prompt keep the
-cached part it shares with the old one.  Sampling itself (temperature, top-k, top-p, min-p,
-penalties, logit bias) is the C library's sampler.
+What a generation produces is decided by the C library (ac_generation): sampling, the stop
+rule and the stop strings (matched on the decoded bytes; bytes that could start a stop
+string are held back, so a partial one is never shown).  Here: the context and the prefix
+reuse that lets a new prompt keep the cached part it shares with the old one, per-token
+log-probabilities, the names of the stop reasons (``stop``: the model's end of text or a
+stop string; ``length``: max_new_tokens or a full context), and chat.
 
 The KV caches are the sequences of a C ``ac_batch`` driven step by step (:class:`Slots`): a
 lone Session owns a batch of one; the server lends each request one sequence of a shared
@@ -26,19 +25,18 @@ import codecs
 import dataclasses
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 
 from . import chat
 from ._lib import _error_check, ffi
 from .errors import AriannaError, ErrorCode
-from .runtime import _c_params, _c_sampler_params
-from .sampling import SamplingParams, _count, _real, sampling_params
+from .runtime import _c_generation, _c_params
+from .sampling import SamplingParams, _count, sampling_params
 
 if TYPE_CHECKING:
     from . import Model
 
-__all__ = ["Chat", "Completion", "Generation", "Options", "Session", "Slots", "StopMatcher", "TokenLogprob",
-           "chat_completion"]
+__all__ = ["Chat", "Completion", "Generation", "Session", "Slots", "TokenLogprob", "chat_completion"]
 
 Text = Union[str, bytes]
 
@@ -119,47 +117,6 @@ class Slots:
             pass
 
 
-# ---------------------------------------------------------------------------- stop strings
-
-
-class StopMatcher:
-    """Finds the first stop string in text that arrives piece by piece.
-
-    ``push(text)`` returns the text that is final: all but a tail that could still grow into
-    a stop string.  When a stop string completes, ``stopped`` is set and nothing from its
-    start on is returned.  ``flush()`` releases the held tail at the end of the text."""
-
-    def __init__(self, stops: Sequence[str] = ()) -> None:
-        self.stops = [s for s in stops if s]
-        self.stopped = False
-        self._held = ""
-
-    def push(self, text: str) -> str:
-        if self.stopped:
-            return ""
-        buf = self._held + text
-        found = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
-        if found:
-            self.stopped = True
-            self._held = ""
-            return buf[: min(found)]
-        keep = max((self._partial(buf, s) for s in self.stops), default=0)
-        self._held = buf[len(buf) - keep:]
-        return buf[: len(buf) - keep]
-
-    @staticmethod
-    def _partial(buf: str, stop: str) -> int:
-        """Length of the longest end of buf that is a beginning of stop."""
-        for n in range(min(len(buf), len(stop) - 1), 0, -1):
-            if buf.endswith(stop[:n]):
-                return n
-        return 0
-
-    def flush(self) -> str:
-        held, self._held = self._held, ""
-        return "" if self.stopped else held
-
-
 # ---------------------------------------------------------------------------- results
 
 
@@ -194,118 +151,49 @@ class Completion:
         return len(self.tokens)
 
 
-# ---------------------------------------------------------------------------- options
-
-
-@dataclass(frozen=True)
-class Options:
-    """What a Session's generation does besides sampling (SamplingParams): ``stop`` strings
-    that end the text (not included in it, never partly shown), ``logprobs`` (None, or
-    report each token's log-probability with that many alternatives) and ``logit_bias``
-    ({token id: value added to its logit}; -inf bans a token)."""
-
-    stop: tuple[str, ...] = ()
-    logprobs: Optional[int] = None
-    logit_bias: Optional[Mapping[int, float]] = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "stop", _stop_strings(self.stop))
-        n = _count("logprobs", self.logprobs)
-        if n is not None and n < 0:
-            raise AriannaError(f"logprobs {n} is invalid: it must be >= 0 (None = off)", ErrorCode.ARG)
-        if self.logit_bias is not None:
-            if not isinstance(self.logit_bias, Mapping):
-                raise TypeError(f"logit_bias must be a dict of token id -> bias, not {type(self.logit_bias).__name__}")
-            bias = {_count("logit_bias key", k): _real(f"logit_bias[{k!r}]", v) for k, v in self.logit_bias.items()}
-            object.__setattr__(self, "logit_bias", bias)
-
-    def bias_arrays(self, vocab_size: int) -> tuple[list[int], list[float]]:
-        """The logit bias as ids and values for the library; AriannaError (AC_ERR_RANGE) for
-        an id outside the vocabulary (the library checks the values)."""
-        bias = self.logit_bias or {}
-        bad = [t for t in bias if not 0 <= t < vocab_size]
-        if bad:
-            raise AriannaError(f"logit_bias token {bad[0]} is outside the vocabulary [0, {vocab_size})",
-                               ErrorCode.RANGE)
-        return list(bias), list(bias.values())
-
-    def with_stops(self, extra: Sequence[str]) -> "Options":
-        """These options with the stop strings in extra added."""
-        more = tuple(s for s in extra if s not in self.stop)
-        return dataclasses.replace(self, stop=self.stop + more) if more else self
-
-
-def _stop_strings(value: Any) -> tuple[str, ...]:
-    """One str or a list of them (empty ones are ignored)."""
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = [value]
-    if isinstance(value, (bytes, Mapping)) or not hasattr(value, "__iter__"):
-        raise TypeError(f"stop must be a str or a list of str, not {type(value).__name__}")
-    items = tuple(value)
-    for item in items:
-        if not isinstance(item, str):
-            raise TypeError(f"stop must hold str, not {type(item).__name__}")
-    return tuple(s for s in items if s)
-
-
-def split_settings(params: Optional[SamplingParams], settings: dict) -> tuple[SamplingParams, Options]:
-    """Keyword settings of Session.generate and friends: stop / logprobs / logit_bias are
-    Options, the rest SamplingParams (which reports an unknown one)."""
-    settings = dict(settings)
-    options = Options(**{k: settings.pop(k) for k in ("stop", "logprobs", "logit_bias") if k in settings})
-    return sampling_params(params, settings), options
-
-
 # ---------------------------------------------------------------------------- one generation
 
+# What each of the library's stop reasons is called in a Completion.
+FINISH_REASONS = {"AC_STOP_END": "stop", "AC_STOP_STRING": "stop", "AC_STOP_LENGTH": "length",
+                  "AC_STOP_CONTEXT": "length", "AC_STOP_CALLER": "cancelled"}
 
-def c_sampler_params(lib: Any, p: SamplingParams) -> Any:
-    """The C ac_sampler_params of p, with the library's range checks done now (AriannaError
-    AC_ERR_ARG naming the setting)."""
-    params = _c_sampler_params(lib, p)
-    _error_check(lib.ac_sampler_check_params(params))
-    return params
+
+def with_stops(params: SamplingParams, extra: Sequence[str]) -> SamplingParams:
+    """params with the stop strings in extra added (e.g. where a chat template's next turn
+    starts)."""
+    return sampling_params(params, {"stop": params.stop + tuple(extra)})
 
 
 class Generation:
-    """One generation in progress on a Session: its own C sampler, the stop rules, and what
-    it has produced so far.  It never runs the model: whoever drives it (Session.generate
-    alone, or the server stepping many together) hands it each step's logits with
-    :meth:`step`, which samples the next token and returns it while the generation goes on.
-    Final text comes out of :meth:`take_text` as it is produced."""
+    """One generation in progress on a Session: the library's ac_generation (sampler, stop
+    rule, stop strings) and what it has produced so far.  It never runs the model: whoever
+    drives it (Session.generate alone, or the server stepping many together) hands it each
+    step's logits with :meth:`step`, which samples the next token and returns it while the
+    generation goes on.  Final text comes out of :meth:`take_text` as it is produced.
 
-    def __init__(self, session: "Session", params: SamplingParams, options: Options = Options()) -> None:
+    ``logprobs``: None, or report each token's log-probability with that many alternatives."""
+
+    def __init__(self, session: "Session", params: SamplingParams, logprobs: Optional[int] = None) -> None:
         lib = session.lib
-        self.session, self.params, self.options, self.lib = session, params, options, lib
-        c_params = c_sampler_params(lib, params)
-        out = ffi.new("ac_sampler **")
-        _error_check(lib.ac_sampler_create(c_params, session.vocab_size, out))
-        self._sampler = ffi.gc(out[0], lib.ac_sampler_free)
-        if options.logit_bias:
-            ids, biases = options.bias_arrays(session.vocab_size)
-            _error_check(lib.ac_sampler_set_logit_bias(self._sampler, ffi.new("int[]", ids),
-                                                       ffi.new("float[]", biases), len(ids)))
-        window = c_params.repeat_last_n
-        for token in session.tokens[max(0, len(session.tokens) - window):] if window else ():
-            _error_check(lib.ac_sampler_accept(self._sampler, token))  # what the penalties see
-        self.end_tokens = () if params.ignore_eos else (lib.AC_TOKEN_BOS, lib.AC_TOKEN_EOS)
-        self.max_new_tokens = _c_params(lib, params, 0).max_new_tokens  # the library's default for None
-        if self.max_new_tokens < 0:
-            raise AriannaError(f"max_new_tokens {self.max_new_tokens} is invalid: it must be >= 0", ErrorCode.ARG)
+        self.session, self.params, self.lib = session, params, lib
+        n_top = _count("logprobs", logprobs)
+        if n_top is not None and n_top < 0:
+            raise AriannaError(f"logprobs {n_top} is invalid: it must be >= 0 (None = off)", ErrorCode.ARG)
+        self.n_top = n_top
+        self._gen = _c_generation(session.model, params)
+        context = ffi.new("int[]", session.tokens)
+        _error_check(lib.ac_generation_begin(self._gen, context, len(session.tokens)))
         self.prompt_tokens = session.position
         self.tokens: list[int] = []
-        self.logprobs: Optional[list[TokenLogprob]] = [] if options.logprobs is not None else None
+        self.logprobs: Optional[list[TokenLogprob]] = [] if n_top is not None else None
         self.finish_reason: Optional[str] = None
-        self._matcher = StopMatcher(options.stop)
+        self._reasons = {getattr(lib, name): reason for name, reason in FINISH_REASONS.items()}
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        self._prev = session.tokens[-1] if session.tokens else lib.AC_TOKEN_BOS
+        self._prev = session.tokens[-1]
         self._text: list[str] = []
         self._taken = 0
-        self._out = ffi.new("int *")
-        if self.max_new_tokens == 0 or session.position >= session.seq_len:
-            self._finish("length")
+        self._token, self._piece, self._size = ffi.new("int *"), ffi.new("const char **"), ffi.new("size_t *")
+        self._update(b"")
 
     @property
     def done(self) -> bool:
@@ -315,32 +203,21 @@ class Generation:
         """Samples the next token from logits (those after the session's last token) and
         appends it to the session.  Returns it when it is to be run through the model (the
         generation goes on); None when the generation has ended (see finish_reason)."""
-        lib, session = self.lib, self.session
-        _error_check(lib.ac_sample(self._sampler, logits, self._out))
-        token = self._out[0]
-        if token in self.end_tokens:
-            self._finish("stop")
-            return None
-        _error_check(lib.ac_sampler_accept(self._sampler, token))
-        prev, self._prev = self._prev, token
-        piece = session.piece(prev, token)
-        if self.logprobs is not None:
-            self.logprobs.append(self._logprob(logits, prev, token, piece))
-        self.tokens.append(token)
-        session._append(token)
-        text = self._matcher.push(self._utf8.decode(piece))
-        if text:
-            self._text.append(text)
-        if self._matcher.stopped:
-            self._finish("stop")
-        elif len(self.tokens) >= self.max_new_tokens or session.position >= session.seq_len:
-            self._finish("length")  # the sampled token took the last position
+        _error_check(self.lib.ac_generation_next(self._gen, logits, self._token, self._piece, self._size))
+        token = self._token[0]
+        if token >= 0:
+            if self.logprobs is not None:
+                self.logprobs.append(self._logprob(logits, self._prev, token))
+            self._prev = token
+            self.tokens.append(token)
+            self.session._append(token)
+        self._update(ffi.unpack(self._piece[0], self._size[0]))
         return None if self.done else token
 
     def cancel(self) -> None:
         """Ends the generation now (finish_reason ``"cancelled"``), e.g. when a client left."""
-        if not self.done:
-            self.finish_reason = "cancelled"
+        self.lib.ac_generation_cancel(self._gen)
+        self._update(b"")
 
     def take_text(self) -> str:
         """The final text produced since the last call."""
@@ -352,20 +229,27 @@ class Generation:
         return Completion("".join(self._text), self.tokens, self.finish_reason or "length",
                           self.prompt_tokens, self.logprobs)
 
-    def _finish(self, reason: str) -> None:
-        self.finish_reason = reason
-        text = self._matcher.push(self._utf8.decode(b"", final=True)) + self._matcher.flush()
+    def _update(self, data: bytes) -> None:
+        """Takes in the bytes the library says are final, and its stop reason."""
+        if self.done:
+            return
+        reason = self.lib.ac_generation_stop_reason(self._gen)
+        ended = reason != self.lib.AC_STOP_NONE
+        text = self._utf8.decode(data, final=ended)
         if text:
             self._text.append(text)
+        if ended:
+            self.finish_reason = self._reasons[reason]
 
-    def _logprob(self, logits: Any, prev: int, token: int, piece: bytes) -> TokenLogprob:
-        n = self.options.logprobs or 0
+    def _logprob(self, logits: Any, prev: int, token: int) -> TokenLogprob:
+        n = self.n_top or 0
         lp, ids, lps = ffi.new("float *"), ffi.new("int[]", max(n, 1)), ffi.new("float[]", max(n, 1))
         _error_check(self.lib.ac_logprobs(logits, self.session.vocab_size, token, n, lp, ids, lps))
         top = []
         for i in range(n):
             alt = self.session.piece(prev, ids[i])
             top.append((ids[i], alt.decode("utf-8", "replace"), alt, lps[i]))
+        piece = self.session.piece(prev, token)
         return TokenLogprob(token, piece.decode("utf-8", "replace"), piece, lp[0], top)
 
 
@@ -483,18 +367,16 @@ class Session:
 
     # ------------------------------------------------------------ generation
 
-    def start(self, params: Optional[SamplingParams] = None, options: Optional[Options] = None,
+    def start(self, params: Optional[SamplingParams] = None, *, logprobs: Optional[int] = None,
               **settings: Any) -> Generation:
         """A Generation continuing the context (an empty context starts from BOS).  settings:
-        those of SamplingParams and of Options (stop, logprobs, logit_bias)."""
-        params, more = split_settings(params, settings)
-        options = more if options is None else dataclasses.replace(
-            options, **{k: getattr(more, k) for k in ("stop", "logprobs", "logit_bias") if k in settings})
+        those of SamplingParams (stop and logit_bias included); logprobs: see Generation."""
+        params = sampling_params(params, settings)
         started_empty = not self.tokens
         if started_empty:
             self.tokens.append(self.lib.AC_TOKEN_BOS)
         try:
-            return Generation(self, params, options)
+            return Generation(self, params, logprobs)
         except BaseException:
             if started_empty:
                 self.tokens.clear()  # bad settings change nothing
@@ -532,23 +414,24 @@ class Session:
                 return
             logits = self.slots.decode([self.advance(token)])[0]
 
-    def stream(self, params: Optional[SamplingParams] = None, options: Optional[Options] = None,
+    def stream(self, params: Optional[SamplingParams] = None, *, logprobs: Optional[int] = None,
                **settings: Any) -> Iterator[str]:
         """generate() that yields text as it becomes final (whole characters, never part of
         a stop string).  ``last`` holds the Completion afterwards."""
-        generation = self.start(params, options, **settings)
+        generation = self.start(params, logprobs=logprobs, **settings)
         try:
             yield from self.run(generation)
         finally:
             generation.cancel()  # a loop left early: the tokens so far stay in the context
             self.last = generation.result()
 
-    def generate(self, params: Optional[SamplingParams] = None, options: Optional[Options] = None,
+    def generate(self, params: Optional[SamplingParams] = None, *, logprobs: Optional[int] = None,
                  **settings: Any) -> Completion:
         """Continues the context; the generated tokens join it.  Settings as Model.generate
-        (max_new_tokens, temperature, top_p, top_k, min_p, seed, penalties, ignore_eos) and
-        those of Options: stop strings, logprobs, logit_bias."""
-        generation = self.start(params, options, **settings)
+        (max_new_tokens, temperature, top_p, top_k, min_p, seed, penalties, ignore_eos, stop,
+        logit_bias), and logprobs: None, or each token's log-probability with that many
+        alternatives in the Completion."""
+        generation = self.start(params, logprobs=logprobs, **settings)
         for _ in self.run(generation):
             pass
         return generation.result()
@@ -642,16 +525,17 @@ class Chat:
         self.session = session if session is not None else Session(model)
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
 
-    def stream(self, text: str, params: Optional[SamplingParams] = None, **settings: Any) -> Iterator[str]:
+    def stream(self, text: str, params: Optional[SamplingParams] = None, *, logprobs: Optional[int] = None,
+               **settings: Any) -> Iterator[str]:
         """Sends the user's text; yields the reply as it is produced.  ``last`` then holds the
         Completion (its text is the reply)."""
-        params, options = split_settings(params, settings)
-        options = options.with_stops(self.template.stop)  # a reply ends where a next turn would start
+        # a reply ends where a next turn would start
+        params = with_stops(sampling_params(params, settings), self.template.stop)
         tokens = self._fit(self.messages + [{"role": "user", "content": text}], params)
         self.session.sync(tokens)
         self.messages.append({"role": "user", "content": text})
         reply, parts = ReplyText(), []
-        generation = self.session.start(params, options)
+        generation = self.session.start(params, logprobs=logprobs)
         try:
             for piece in self.session.run(generation):
                 piece = reply.push(piece)
@@ -663,9 +547,10 @@ class Chat:
             self.messages.append({"role": "assistant", "content": "".join(parts)})
             self.last = dataclasses.replace(generation.result(), text="".join(parts))
 
-    def say(self, text: str, params: Optional[SamplingParams] = None, **settings: Any) -> Completion:
+    def say(self, text: str, params: Optional[SamplingParams] = None, *, logprobs: Optional[int] = None,
+            **settings: Any) -> Completion:
         """Sends the user's text; returns the reply (a Completion)."""
-        for _ in self.stream(text, params, **settings):
+        for _ in self.stream(text, params, logprobs=logprobs, **settings):
             pass
         return self.last
 
@@ -674,7 +559,7 @@ class Chat:
         the system prompt dropped until it leaves room for the reply; they leave
         self.messages too, but only once the turn is known to fit."""
         seq_len = self.model.config.seq_len
-        room = min(params.max_new_tokens or seq_len, seq_len // 2)
+        room = min(_c_params(self.model._lib, params, 0).max_new_tokens, seq_len // 2)
         first = 1 if messages[0]["role"] == "system" else 0
         dropped = 0
         while True:
@@ -699,12 +584,13 @@ class Chat:
 
 
 def chat_completion(model: "Model", messages: Sequence[chat.Message], template: Optional[str] = None,
-                    params: Optional[SamplingParams] = None, **settings: Any) -> Completion:
+                    params: Optional[SamplingParams] = None, *, logprobs: Optional[int] = None,
+                    **settings: Any) -> Completion:
     """Model.chat: the assistant's reply to messages (a list of {"role", "content"}), with the
     chat template named (default: chosen from the vocabulary)."""
     tmpl = chat_template(model, template)
-    params, options = split_settings(params, settings)
+    params = with_stops(sampling_params(params, settings), tmpl.stop)
     with Session(model) as session:
         session.sync(chat_prompt(model, messages, tmpl))
-        result = session.generate(params, options.with_stops(tmpl.stop))
+        result = session.generate(params, logprobs=logprobs)
     return dataclasses.replace(result, text=result.text.lstrip())

@@ -314,19 +314,36 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def run_training(options: dict) -> dict:
+def require_training_packages() -> None:
     require("torch", TORCH_HINT)
     require("safetensors", "pip install safetensors (or pip install 'arianna_c[train]')")
-    import torch
 
-    from .trainer import Trainer, leave_world
 
+def run_training(options: dict) -> dict:
+    require_training_packages()
     main_process = is_main_process()
     cfg = resolve_config(options, warn=lambda s: print(s, file=sys.stderr) if main_process else None)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+
+    def make_trainer():
+        from .trainer import Trainer
+
+        return Trainer(cfg, log=lambda s: print(s, flush=True))
+
+    return train_to_the_end(make_trainer, cfg.threads)
+
+
+def train_to_the_end(make_trainer: Callable, threads: int) -> dict:
+    """Builds a trainer (Trainer or ModuleTrainer) and trains; SIGINT / SIGTERM stop it after
+    the current step with a checkpoint saved; torchrun's process group is left however the
+    run ends."""
+    import torch
+
+    from .trainer import leave_world
+
+    if threads > 0:
+        torch.set_num_threads(threads)
     try:
-        trainer = Trainer(cfg, log=lambda s: print(s, flush=True))
+        trainer = make_trainer()
 
         def stop_after_this_step(signum, frame):
             trainer.request_stop()

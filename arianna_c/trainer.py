@@ -1,5 +1,6 @@
-"""The training loop behind ``python -m arianna_c.train train``, in one process or in each of
-several under ``torchrun`` (DistributedDataParallel: gloo on CPU, nccl on CUDA).
+"""The training loop behind ``python -m arianna_c.train train`` and ``train module``, in one
+process or in each of several under ``torchrun`` (DistributedDataParallel: gloo on CPU, nccl on
+CUDA).
 
 One optimizer step trains on ``batch_size x grad_accum`` rows, whatever the number of processes.
 Every process draws the step's rows from the same seeded generator and takes its own slice, so
@@ -9,6 +10,10 @@ micro-batches of at most ``batch_size`` rows; gradients are averaged across proc
 the last one (``no_sync`` on the others). Only rank 0 logs, evaluates and writes checkpoints;
 what every process must agree on (the step's loss, the clock, a stop request) is summed in one
 small all-reduce per step.
+
+A knowledge module trains in the same loop (``arianna_c.lora_trainer.ModuleTrainer``): a
+subclass that builds the frozen base with adapters, checkpoints only the adapters and keeps
+its best as a module file.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint
-from .data import DataError, batch_starts, check_fits, check_vocab, eval_batches, load_split, windows_at
+from .data import DataError, Split, batch_starts, check_fits, check_vocab, eval_batches, load_split, windows_at
 from .model import ModelArgs, Transformer
 from .train import (ConfigError, TrainConfig, check_resume, check_shape, learning_rate, progress_line,
                     progress_of)
@@ -133,10 +138,12 @@ def build_model(cfg: TrainConfig, saved: Optional[checkpoint.Checkpoint] = None)
 
 
 def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    """AdamW over the trainable parameters: the matrices decay, the norms do not."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95))
 
 
 @torch.no_grad()
@@ -158,24 +165,28 @@ def evaluate(model: Transformer, tokens: np.ndarray, cfg: TrainConfig,
 
 class Trainer:
     """One run: OUT/ckpt (last state, with the optimizer), OUT/best (lowest validation loss
-    within the guard), OUT/history.json."""
+    within the guard), OUT/history.json.
+
+    What is trained is chosen by a few methods a subclass may replace (ModuleTrainer does):
+    run_folder, shard_folder, build_model, trained_state, check_saved, save_best, describe,
+    stop_now."""
+
+    CHECKPOINT = "ckpt"  # the folder in run_folder() that --resume reads
 
     def __init__(self, cfg: TrainConfig, log=print, world: Optional[World] = None):
         self.cfg = cfg
         self.world = world or join_world(cfg.device)
         self.log = log if self.world.main else (lambda line: None)
-        self.out = Path(cfg.out)
+        self.folder = self.run_folder()
         self.rows = rows_per_process(cfg, self.world.size)
-        self.split = load_split(cfg.data, cfg.val_fraction)
-        check_fits(self.split, cfg.data, cfg.batch_size, cfg.seq_len)
+        self.split = self._load_data(cfg.data, "--data", cfg.batch_size)
         saved = self._load_saved() if cfg.resume else None
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg, saved)
+        self.model = self.build_model(saved)
         check_vocab(self.split, cfg.data, self.model.args.vocab_size)
         self.guard_val = None
         if cfg.guard_data:
-            guard_split = load_split(cfg.guard_data, cfg.val_fraction)
-            check_fits(guard_split, cfg.guard_data, 1, cfg.seq_len)
+            guard_split = self._load_data(cfg.guard_data, "--guard-data", 1)
             check_vocab(guard_split, cfg.guard_data, self.model.args.vocab_size)
             self.guard_val = guard_split.val
         self.model.to(self.world.device)
@@ -202,19 +213,67 @@ class Trainer:
         """Stop after the current step and save a checkpoint (what SIGINT / SIGTERM do)."""
         self.stop_requested = True
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ what is trained
+    def run_folder(self) -> Path:
+        """Where the checkpoint, best/ and history.json go."""
+        return Path(self.cfg.out)
+
+    def shard_folder(self, folder: str, what: str) -> Path:
+        """The folder of shards an option (--data, --guard-data) names."""
+        return Path(folder)
+
+    def build_model(self, saved: Optional[checkpoint.Checkpoint]) -> Transformer:
+        return build_model(self.cfg, saved)
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint keeps."""
+        return self.model.state_dict()
+
+    def check_saved(self, saved: checkpoint.Checkpoint, where: Path) -> None:
+        """Refuses a checkpoint this run cannot continue (beyond the settings and the data)."""
+
+    def save_best(self) -> None:
+        """Keeps the model just evaluated as the best so far (rank 0 only)."""
+        self._write(self.folder / "best", with_optimizer=False)
+
+    def best_kept(self) -> str:
+        return f"best checkpoint kept in {self.folder / 'best'}"
+
+    def resume_hint(self) -> str:
+        return f"--resume --out {self.folder}"
+
+    def restart_hint(self, where: Path) -> str:
+        return f"fine-tune from it with --init-from {where}"
+
+    def describe(self) -> str:
+        return f"model {self.model.num_parameters():,} parameters"
+
+    def stop_now(self, requests: float) -> bool:
+        """Whether the run stops after this step: requests is the number of processes that asked
+        before the step's all-reduce, the one point where they can agree without waiting on
+        each other, so a request made later takes effect after the next step."""
+        return requests > 0
+
+    # ------------------------------------------------------------------ data and checkpoints
+    def _load_data(self, folder: str, what: str, rows: int) -> Split:
+        shards = self.shard_folder(folder, what)
+        split = load_split(shards, self.cfg.val_fraction)
+        check_fits(split, shards, rows, self.cfg.seq_len)
+        return split
+
     def _load_saved(self) -> checkpoint.Checkpoint:
-        where = self.out / "ckpt"
+        where = self.folder / self.CHECKPOINT
         saved = checkpoint.load(where)
+        self.check_saved(saved, where)
         check_resume(self.cfg, saved.meta["settings"], where)
         trained_on = saved.meta["data"]["shards"]
         if trained_on != self.split.fingerprint():
             raise DataError(f"--data {self.cfg.data} is not the data the checkpoint in {where} was "
                             f"trained on (shards and sizes differ: {trained_on} there); resume with "
-                            f"that data, or fine-tune with --init-from {where}")
+                            f"that data, or {self.restart_hint(where)}")
         if saved.optimizer_state is None:
             raise DataError(f"{where}: holds no optimizer state, so it cannot be resumed; "
-                            f"fine-tune from it with --init-from instead")
+                            f"{self.restart_hint(where)} instead")
         return saved
 
     def _restore(self, saved: checkpoint.Checkpoint) -> None:
@@ -227,7 +286,7 @@ class Trainer:
         torch.set_rng_state(torch.tensor(bytearray.fromhex(meta["rng"]["torch"]), dtype=torch.uint8))
         if self.world.device.type == "cuda" and meta["rng"].get("cuda"):
             torch.cuda.set_rng_state(torch.tensor(bytearray.fromhex(meta["rng"]["cuda"]), dtype=torch.uint8))
-        self.log(f"resumed from {self.out / 'ckpt'} at step {self.step} ({self.tokens_seen:,} tokens)")
+        self.log(f"resumed from {self.folder / self.CHECKPOINT} at step {self.step} ({self.tokens_seen:,} tokens)")
 
     def meta(self) -> dict:
         """Everything but the tensors: what checkpoint.json holds."""
@@ -249,14 +308,15 @@ class Trainer:
             "history": self.history,
         }
 
-    def save(self, name: str = "ckpt") -> Path:
-        """OUT/<name> (rank 0 only); the optimizer is kept in ckpt, the one --resume reads."""
-        path = self.out / name
-        if not self.world.main:
-            return path
-        optimizer = self.optimizer.state_dict() if name == "ckpt" else None
-        checkpoint.save(path, self.model.state_dict(), self.meta(), optimizer)
-        (self.out / "history.json").write_text(json.dumps(self.history, indent=1))
+    def save(self) -> Path:
+        """The checkpoint --resume reads, with the optimizer (rank 0 writes it)."""
+        return self._write(self.folder / self.CHECKPOINT, with_optimizer=True)
+
+    def _write(self, path: Path, with_optimizer: bool) -> Path:
+        if self.world.main:
+            optimizer = self.optimizer.state_dict() if with_optimizer else None
+            checkpoint.save(path, self.trained_state(), self.meta(), optimizer)
+            (self.folder / "history.json").write_text(json.dumps(self.history, indent=1))
         return path
 
     # ------------------------------------------------------------------ loop
@@ -285,7 +345,7 @@ class Trainer:
         return loss_sum
 
     def run_eval(self) -> bool:
-        """Record validation (and guard) loss, keep the best checkpoint; False = stop training."""
+        """Record validation (and guard) loss, keep the best; False = stop training."""
         guard_ok = self._evaluate() if self.world.main else True
         self.last_eval_step = self.step  # on every process: only rank 0 keeps the history
         return self.world.from_main(guard_ok)
@@ -299,26 +359,28 @@ class Trainer:
             guard = evaluate(self.model, self.guard_val, self.cfg, self.world.device)
             self.history["guard"].append([self.step, self.tokens_seen, guard])
             if self.guard_baseline is None:
-                self.guard_baseline = guard
+                self.guard_baseline = guard  # before the first step: the starting model's own loss
             limit = self.guard_baseline * (1.0 + self.cfg.guard_margin)
             guard_ok = guard <= limit
             line += f" base-corpus val {guard:.4f} (start {self.guard_baseline:.4f}, limit {limit:.4f})"
         self.log(line)
         if guard_ok and val < self.best_val:
             self.best_val = val
-            self.save("best")
+            self.save_best()
         if not guard_ok:
             self.log(f"stopping: base-corpus validation loss worsened by more than "
-                     f"{100 * self.cfg.guard_margin:.1f}%; best checkpoint kept in {self.out / 'best'}")
+                     f"{100 * self.cfg.guard_margin:.1f}%; {self.best_kept()}")
         return guard_ok
 
     def train(self) -> dict:
+        """Trains to the end of the schedule, a guard stop or a stop request; the checkpoint is
+        saved whichever ends the run."""
         cfg = self.cfg
         self.log(f"data {cfg.data}: {len(self.split.shards)} shard(s), {len(self.split.train):,} train / "
-                 f"{len(self.split.val):,} val tokens; model {self.model.num_parameters():,} parameters; "
+                 f"{len(self.split.val):,} val tokens; {self.describe()}; "
                  f"{self.world.size} process(es) on {self.world.device.type}")
         if self.step == 0 and not self.run_eval():
-            return self.summary()
+            return self._finish()
         rows_per_step = cfg.batch_size * cfg.grad_accum
         tokens_per_step = rows_per_step * cfg.seq_len
         window_start, window_tokens = time.time(), 0
@@ -350,20 +412,26 @@ class Trainer:
                                        self.elapsed))
                 window_start, window_tokens = time.time(), 0
             if self.step % cfg.eval_interval == 0 and not self.run_eval():
-                return self.summary()
-            if stops > 0:
+                return self._finish()
+            if self.stop_now(stops):
                 self.save()
-                self.log(f"stopped at step {self.step} as asked; {self.out / 'ckpt'} saved: continue "
-                         f"with --resume --out {self.out}")
+                self.log(f"stopped at step {self.step} as asked; {self.folder / self.CHECKPOINT} saved: "
+                         f"continue with {self.resume_hint()}")
                 return self.summary()
             if time.time() - last_save > 60.0 * cfg.save_interval:
                 self.save()
                 last_save = time.time()
         if self.last_eval_step != self.step:
             self.run_eval()
+        return self._finish()
+
+    def _finish(self) -> dict:
         self.save()
         return self.summary()
 
     def summary(self) -> dict:
+        val, guard = self.history["val"], self.history["guard"]
         return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed_s": round(self.elapsed, 1),
-                "best_val": self.best_val, "out": str(self.out)}
+                "best_val": self.best_val, "val_at_start": val[0][2] if val else None,
+                "guard_baseline": self.guard_baseline, "guard_last": guard[-1][2] if guard else None,
+                "out": str(self.cfg.out)}

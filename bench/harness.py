@@ -398,7 +398,7 @@ class Bench:
             for dt in ("f32", "int8"):
                 rows.append(Row(f"prefill/cli/{dt}/T{t}", "prefill", "cli", dt, t, runner=cli))
             rows.append(Row(f"prefill/python/f32/T{t}", "prefill", "python", "f32", t,
-                            note="ac_session_feed_tokens timed in generate()", runner=worker("python_prefill", **pre)))
+                            note="the prompt call timed in generate()", runner=worker("python_prefill", **pre)))
             rows.append(Row(f"prefill/numpy/f32/T{t}", "prefill", "numpy", "f32", t, note="all-position logits",
                             runner=worker("numpy_prefill", **pre)))
             rows.append(Row(f"prefill/torch/f32/T{t}", "prefill", "torch", "f32", t, note="all-position logits",

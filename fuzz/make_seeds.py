@@ -1,9 +1,11 @@
 """Writes the seed corpora of the fuzz harnesses: `python3 fuzz/make_seeds.py DIR` creates
-DIR/fuzz_model_load, DIR/fuzz_tokenizer_load, DIR/fuzz_encode and DIR/fuzz_generate holding
-small valid (and a few nearly valid) inputs.
+DIR/fuzz_model_load, DIR/fuzz_tokenizer_load, DIR/fuzz_encode, DIR/fuzz_generate and
+DIR/fuzz_module_load holding small valid (and a few nearly valid) inputs.
 
 The models are tiny (dim 8) so that the model harness also runs their forward pass; int8
-(v2) seeds are written by libarianna.so itself (`make` first).
+(v2) seeds are written by libarianna.so itself (`make` first).  The modules have the shape of
+fuzz_module_load's built-in base (the harness writes that base's fingerprint into a copy of
+each input, so a module with any fingerprint reaches the merge).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from arianna_c import formats  # noqa: E402
+import numpy as np  # noqa: E402
+
+from arianna_c import formats, modules  # noqa: E402
 from arianna_c.formats import ModelConfig  # noqa: E402
 
 TINY = dict(dim=8, hidden_dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=6, seq_len=4)
@@ -144,9 +148,46 @@ def generate_seeds() -> dict[str, bytes]:
     return seeds
 
 
+# fuzz_module_load's base: dim 8, hidden 16, 2 layers, 2 heads, 1 kv head, vocab 6, seq_len 4
+MODULE_BASE = ModelConfig(dim=8, hidden_dim=16, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=6, seq_len=4)
+
+
+def module_file(rank: int, targets: list[tuple[int, str]], cfg: ModelConfig = MODULE_BASE, scale: float = 0.1,
+                alpha: float = 2.0, seed: int = 1) -> bytes:
+    """A module for a base of cfg's shape (fingerprint: zeros) with random A and B."""
+    rng = np.random.default_rng(seed)
+    module = modules.Module(rank, alpha, modules.base_shape(cfg), bytes(modules.FINGERPRINT_BYTES))
+    for layer, matrix in targets:
+        out_dim, in_dim = modules.matrix_shape(cfg, matrix)
+        module.adapters[(layer, matrix)] = ((scale * rng.standard_normal((rank, in_dim))).astype(np.float32),
+                                            (scale * rng.standard_normal((out_dim, rank))).astype(np.float32))
+    return modules.module_bytes(module)
+
+
+def module_seeds() -> dict[str, bytes]:
+    every = [(layer, m) for layer in range(MODULE_BASE.n_layers) for m in modules.MATRICES]
+    seeds = {
+        "rank1-all-targets": module_file(1, every),
+        "rank3-wq-w2": module_file(3, [(0, "wq"), (1, "wq"), (1, "w2")], alpha=6.0),
+        "rank2-attention-layer1": module_file(2, [(1, m) for m in ("wq", "wk", "wv", "wo")], seed=2),
+        "rank8-ffn-layer0": module_file(8, [(0, m) for m in ("w1", "w2", "w3")], alpha=16.0, seed=3),
+        "overflowing-merge": module_file(1, [(0, "w2")], scale=1e20),  # B A passes float32's range
+        "another-base": module_file(2, [(0, "wq")], cfg=ModelConfig(dim=16, hidden_dim=32, n_layers=1, n_heads=2,
+                                                                     n_kv_heads=2, vocab_size=6, seq_len=4)),
+    }
+    valid = seeds["rank3-wq-w2"]
+    seeds["truncated"] = valid[:-4]
+    seeds["header-only"] = valid[:modules.HEADER_BYTES]
+    seeds["version-2"] = valid[:4] + struct.pack("<i", 2) + valid[8:]
+    nan_at = modules.HEADER_BYTES + 8 * 3  # the first float of A of the first target
+    seeds["nan-in-A"] = valid[:nan_at] + struct.pack("<f", float("nan")) + valid[nan_at + 4:]
+    return seeds
+
+
 def main(out: Path) -> None:
     corpora = {"fuzz_model_load": model_seeds(), "fuzz_tokenizer_load": tokenizer_seeds(),
-               "fuzz_encode": encode_seeds(), "fuzz_generate": generate_seeds()}
+               "fuzz_encode": encode_seeds(), "fuzz_generate": generate_seeds(),
+               "fuzz_module_load": module_seeds()}
     for corpus, seeds in corpora.items():
         folder = out / corpus
         folder.mkdir(parents=True, exist_ok=True)

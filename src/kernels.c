@@ -12,10 +12,9 @@
 #include <math.h>
 #include <pthread.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-#include <stdio.h>
 
 #if defined(__x86_64__)
 #include <cpuid.h>
@@ -121,7 +120,6 @@ float ac_softmax_scalar(float *x, int n) {
 const ac_kernels ac_kernels_scalar = {"scalar", gemm_f32_scalar, ac_gemm_q8_scalar, weighted_sum_scalar,
                                       ac_quantize_q8, swiglu_scalar, ac_softmax_scalar};
 
-
 /* ======================================================================== dispatch */
 
 /* The CPU features the sets need (x86-64), as read by cpu_features(). */
@@ -139,7 +137,10 @@ typedef struct {
     const char *needs_text;
 } kernel_choice;
 
-/* Every set, best first: the automatic choice is the first one the CPU has. */
+/* Every set, best first: the automatic choice is the first one the CPU has.  Measured on a
+ * 2-core Xeon with AVX-512 VNNI (bench/ab.c -c, the persona, one thread): avx512-vnni over
+ * avx2 1.35-1.44x prefill and 1.35-1.41x batched decode in float32, 1.6x both in int8, decode
+ * 1.0-1.12x (float32) and 1.06-1.18x (int8). */
 static const kernel_choice choices[] = {
 #if defined(__x86_64__)
     {"avx512-vnni", &ac_kernels_avx512_vnni, CPU_AVX2 | CPU_AVX512 | CPU_AVX512VNNI, "AVX-512F/BW/VL and AVX-512 VNNI"},

@@ -10,6 +10,7 @@
 #include "kernels.h"
 #include "kernels_x86.h"
 
+#include <math.h>
 #include <string.h>
 
 #if defined(__x86_64__)
@@ -27,13 +28,14 @@ AVX2_TILE void weighted_block(int B, float *out, const float *a, const float *V,
     for (int b = 0; b < B; b++) _mm256_storeu_ps(out + 8 * b, acc[b]);
 }
 
+/* Every column is one chain of FMAs over t, as in every x86-64 set (the same bits). */
 AVX2_FN static void weighted_sum_avx2(float *out, const float *a, const float *V, int ldv, int T, int n) {
     int j = 0;
     for (; j + 32 <= n; j += 32) weighted_block(4, out + j, a, V + j, ldv, T);
     for (; j + 8 <= n; j += 8) weighted_block(1, out + j, a, V + j, ldv, T);
     for (; j < n; j++) {
         float sum = 0.0f;
-        for (int t = 0; t < T; t++) sum += a[t] * V[(size_t)t * ldv + j];
+        for (int t = 0; t < T; t++) sum = fmaf(a[t], V[(size_t)t * ldv + j], sum);
         out[j] = sum;
     }
 }

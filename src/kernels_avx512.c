@@ -35,8 +35,11 @@ AVX512_TILE __mmask16 first_lanes(int n) { return (__mmask16)((1u << n) - 1); }
 
 /* ---------------------------------------------------------------- weighted sum */
 
-/* Columns [0, 16B) of the weighted sum in B registers over all T rows; the last block takes
- * only the lanes of mask. */
+/* Columns [0, 16B) of the weighted sum in B registers over all T rows, one chain of FMAs over
+ * t per column as in the avx2 set (the same bits); the last block takes only the lanes of
+ * mask.  (Four chains per column added at the end, and one pass over V for head_size 48
+ * instead of three, each measured 0.96-1.0x of this: bench/ab.c -c, persona decode and
+ * prefill.) */
 AVX512_TILE void weighted_block(int B, __mmask16 mask, float *out, const float *a, const float *V, int ldv,
                                 int T) {
     __m512 acc[4];
@@ -63,14 +66,12 @@ AVX512_FN static void weighted_sum_avx512(float *out, const float *a, const floa
 /* ---------------------------------------------------------------- float32 GEMM */
 
 /* Products over several tokens go in tiles of TILE_ROWS weight rows x TILE_TOKENS tokens:
- * 8 x 3 keeps 24 accumulators, 3 token vectors and a weight vector in the 32 zmm registers,
- * 24 FMAs per 11 loads, and its 8 weight rows stay in L1 while the tokens stream from L2.
- * Measured (bench/kernel_bench.c, persona shapes, T = 16 and 64): 8 x 3 47-53 GFLOP/s, 9 x 3
- * and 10 x 2 about the same, 4 x 6 33-39, 4 x 4 and 5 x 5 27-33. */
-#ifndef TILE_ROWS
-#define TILE_ROWS 8
-#define TILE_TOKENS 3
-#endif
+ * 4 x 4 keeps 16 accumulators, 4 token vectors and a weight vector in registers, 16 FMAs per
+ * 8 loads.  Measured (bench/kernel_bench.c built -O3 like the library, persona shapes, T = 16
+ * and 64, weights from L3): 4 x 4 66 GFLOP/s on average, 4 x 3 and 6 x 3 61-64, 2 x 8 55, 8 x 3
+ * 39-46 (the compiler spills its 24 accumulators). */
+#define TILE_ROWS 4
+#define TILE_TOKENS 4
 
 /* R weight rows x C tokens, each accumulator one dot product updated once per 16-float chunk
  * of n (the tail chunk masked).  ahead > 0 prefetches rows ahead.. ahead+R-1 further on, one
@@ -95,7 +96,6 @@ AVX512_TILE void tile_f32(int R, int C, float *out, int ldo, const float *W, int
         for (int c = 0; c < C; c++) out[(size_t)c * ldo + r] = hsum_avx512(acc[r][c]);
 }
 
-
 /* R rows against all T tokens, TILE_TOKENS at a time (the R rows stay in L1 while X
  * streams); each tile prefetches its share of the R rows 2R on (kernels_x86.h). */
 AVX512_TILE void rows_f32(int R, float *out, int ldo, const float *W, int ldw, const float *X, int ldx,
@@ -107,17 +107,22 @@ AVX512_TILE void rows_f32(int R, float *out, int ldo, const float *W, int ldw, c
         prefetch_share(R, W + (size_t)(2 * R) * ldw, (size_t)ldw * sizeof(float), lo, hi);
         float *o = out + (size_t)t * ldo;
         const float *x = X + (size_t)t * ldx;
-        if (T - t >= TILE_TOKENS) tile_f32(R, TILE_TOKENS, o, ldo, W, ldw, x, ldx, n, 0);
-        else if (T - t == 2) tile_f32(R, 2, o, ldo, W, ldw, x, ldx, n, 0);
-        else tile_f32(R, 1, o, ldo, W, ldw, x, ldx, n, 0);
+        switch (T - t >= TILE_TOKENS ? TILE_TOKENS : T - t) { /* a constant token count per tile */
+        case TILE_TOKENS: tile_f32(R, TILE_TOKENS, o, ldo, W, ldw, x, ldx, n, 0); break;
+        case 3: tile_f32(R, 3, o, ldo, W, ldw, x, ldx, n, 0); break;
+        case 2: tile_f32(R, 2, o, ldo, W, ldw, x, ldx, n, 0); break;
+        default: tile_f32(R, 1, o, ldo, W, ldw, x, ldx, n, 0); break;
+        }
     }
 }
 
 AVX512_FN static void gemm_f32_avx512(float *out, int ldo, const float *W, int ldw, const float *X, int ldx,
                                       int T, int n, int r0, int r1) {
     int i = r0;
-    if (T == 1) { /* one row at a time with the prefetch (kernels_x86.h); 16 rows at a time with
-                   * their sums reduced together measured 0.7-1.0x of this (kernel_bench) */
+    if (T == 1) { /* one row at a time with the prefetch (kernels_x86.h).  16 rows at a time, their
+                   * sums reduced together, measured the same on the weight matrices (their
+                   * reads from L3 bound them) and 1.6x on one head's keys, too small a part of
+                   * decode for the code (kernel_bench -c 8) */
         int ahead = prefetch_rows(n * (int)sizeof(float));
         for (; i < r1; i++) tile_f32(1, 1, out + i, ldo, W + (size_t)i * ldw, ldw, X, ldx, n, ahead);
         return;
@@ -157,20 +162,28 @@ VNNI512_TILE void store_pair(float *lo, float *hi, __m512 acc) {
     if (hi) *hi = hsum_avx2(high8(acc));
 }
 
+/* Tiles: decode, Q8_DECODE_PAIRS row pairs; more tokens, Q8_ROWS rows x Q8_PAIRS token pairs.
+ * Measured (bench/kernel_bench.c built -O3 like the library, persona shapes, weights from L3):
+ * decode 1 or 2 pairs 53-55 GOP/s, 4 pairs 48-50, 6 or 8 pairs 47-54; T = 16 and 64: 8 x 2
+ * 98-100, 6 x 2 95, 4 x 4 92-96, 8 x 1 86-94, 4 x 2 77-93, 4 x 3 83-87. */
+#define Q8_DECODE_PAIRS 2
+#define Q8_ROWS 8
+#define Q8_PAIRS 2
+
 /* One token, P pairs of weight rows: pair p holds rows 2p (low lanes) and 2p + 1 (high lanes),
- * rows ≥ R repeat row R - 1 (and are not stored).  ahead > 0 prefetches as tile_q8 in avx2. */
+ * rows >= R repeat row R - 1 (and are not stored).  ahead > 0 prefetches as tile_q8 in avx2. */
 VNNI512_TILE void rows_tile_q8(int P, int R, float *out, const int8_t *Wq, const float *Ws, const int8_t *Xq,
                                const float *Xs, int n, int gs, int ahead) {
     int ng = n / gs;
-    const int8_t *w_row[8];
-    const float *ws_row[8];
+    const int8_t *w_row[2 * Q8_DECODE_PAIRS];
+    const float *ws_row[2 * Q8_DECODE_PAIRS];
     for (int r = 0; r < 2 * P; r++) {
         int row = r < R ? r : R - 1;
         w_row[r] = Wq + (size_t)row * n;
         ws_row[r] = Ws + (size_t)row * ng;
         if (ahead) _mm_prefetch((const char *)(Ws + (size_t)(ahead + row) * ng), _MM_HINT_T0);
     }
-    __m512 acc[4];
+    __m512 acc[Q8_DECODE_PAIRS];
     for (int p = 0; p < P; p++) acc[p] = _mm512_setzero_ps();
     for (int k = 0; k < n; k += 32) {
         int g = k / gs;
@@ -189,12 +202,7 @@ VNNI512_TILE void rows_tile_q8(int P, int R, float *out, const int8_t *Wq, const
 }
 
 /* R weight rows, Q pairs of tokens: pair q holds tokens 2q (low lanes) and 2q + 1 (high),
- * tokens ≥ C repeat token C - 1 (and are not stored). */
-/* Tiles of Q8_ROWS rows x Q8_PAIRS token pairs: 4 x 2 measured 76-92 GOP/s on the persona's
- * shapes at T = 16 and 64 (bench/kernel_bench.c), 8 x 1 and 6 x 2 about the same or less, 8 x 2
- * 59-101 (uneven), 4 x 3 and 3 x 3 less. */
-#define Q8_ROWS 4
-#define Q8_PAIRS 2
+ * tokens >= C repeat token C - 1 (and are not stored). */
 VNNI512_TILE void tokens_tile_q8(int R, int Q, int C, float *out, int ldo, const int8_t *Wq, const float *Ws,
                                  const int8_t *Xq, const float *Xs, int n, int gs, int ahead) {
     int ng = n / gs;
@@ -236,16 +244,18 @@ VNNI512_TILE void tokens_tile_q8(int R, int Q, int C, float *out, int ldo, const
                        acc[r][q]);
 }
 
-/* Decode (T = 1): rows in tiles of 4 pairs, prefetching about PREFETCH_BYTES ahead.  More
- * tokens: tiles of Q8_ROWS rows x Q8_PAIRS token pairs, prefetching 8 rows on (as avx2's int8
- * kernel). */
+/* Decode (T = 1): rows in tiles of Q8_DECODE_PAIRS pairs, prefetching about PREFETCH_BYTES
+ * ahead.  More tokens: tiles of Q8_ROWS rows x Q8_PAIRS token pairs, prefetching 8 rows on (as
+ * avx2's int8 kernel). */
 VNNI512_TILE void gemm_q8_pairs(float *out, int ldo, const int8_t *Wq, const float *Ws, const int8_t *Xq,
                                 const float *Xs, int T, int n, int gs, int r0, int r1) {
     int ng = n / gs;
     if (T == 1) {
         int ahead = prefetch_rows(n);
         int i = r0;
-        for (; i + 8 <= r1; i += 8) rows_tile_q8(4, 8, out + i, Wq + (size_t)i * n, Ws + (size_t)i * ng, Xq, Xs, n, gs, ahead);
+        for (; i + 2 * Q8_DECODE_PAIRS <= r1; i += 2 * Q8_DECODE_PAIRS)
+            rows_tile_q8(Q8_DECODE_PAIRS, 2 * Q8_DECODE_PAIRS, out + i, Wq + (size_t)i * n, Ws + (size_t)i * ng, Xq, Xs, n,
+                         gs, ahead);
         for (; i < r1; i += 2)
             rows_tile_q8(1, r1 - i >= 2 ? 2 : 1, out + i, Wq + (size_t)i * n, Ws + (size_t)i * ng, Xq, Xs, n, gs, ahead);
         return;

@@ -10,8 +10,10 @@
  *   ac_state      the mutable working memory of one forward pass: KV cache + activations.
  *   ac_sampler    the mutable sampler: temperature / top-k / top-p / min-p, penalties over
  *                 recent tokens, logit bias, and a seeded PRNG.
- *   ac_session    one generation in progress: owns an ac_state and an ac_sampler, borrows a
- *                 model and a tokenizer.
+ *   ac_generation the rules of one generation, whoever runs the model: sampler, stop rule,
+ *                 stop strings.
+ *   ac_session    one generation in progress: owns an ac_state and an ac_generation, borrows
+ *                 a model and a tokenizer.
  *   ac_batch      N independent generations advanced together (batched decode): each weight
  *                 read serves N tokens.
  *
@@ -45,7 +47,7 @@ extern "C" {
 #define AC_VERSION_MAJOR 0
 #define AC_VERSION_MINOR 2
 #define AC_VERSION_PATCH 0
-#define AC_ABI_VERSION 2
+#define AC_ABI_VERSION 3
 
 /* ------------------------------------------------------------------------ result codes */
 
@@ -240,6 +242,62 @@ AC_API int ac_tokenizer_piece(const ac_tokenizer *tok, int id, const char **piec
  * message lists every path tried), AC_ERR_RANGE when buf is too small. */
 AC_API int ac_tokenizer_path(const char *model_path, const char *name, char *buf, size_t cap);
 
+/* ------------------------------------------------------------------------ chat templates */
+
+/* A chat template: how a conversation becomes the text a model continues (src/chat.c holds
+ * the table: "qa", "llama-2", "chatml").  Each format holds "{content}" where the message
+ * goes; "<s>" / "</s>" in a format (never in a message) are the BOS / EOS tokens. */
+#define AC_CHAT_MAX_STOPS 4
+typedef struct {
+    const char *name;
+    const char *system;     /* a system message (it may only come first) */
+    const char *user;       /* a user message */
+    const char *assistant;  /* an assistant message: a reply already given */
+    const char *generation; /* opens the reply the model is to write */
+    const char *user_first; /* the first user message after a system prompt, "{system}" holding
+                               the system format's text (markers dropped); NULL: the system
+                               message comes on its own */
+    const char *marker;     /* a piece whose presence in a vocabulary makes this template the
+                               default there; NULL */
+    const char *stop[AC_CHAT_MAX_STOPS]; /* text that ends a reply besides BOS/EOS; NULL after
+                                            the last */
+} ac_chat_template;
+
+/* One message: role "system", "user" or "assistant"; content_len bytes of content. */
+typedef struct {
+    const char *role;
+    const char *content;
+    size_t content_len;
+} ac_chat_message;
+
+/* The templates, in the table's order (0..ac_chat_template_count()-1; NULL outside). */
+AC_API int ac_chat_template_count(void);
+AC_API const ac_chat_template *ac_chat_template_at(int i);
+/* The template called name; NULL (ac_last_error lists the known names) for any other. */
+AC_API const ac_chat_template *ac_chat_template_get(const char *name);
+/* The template a vocabulary suggests: the first whose marker piece it holds (ChatML for an
+ * <|im_start|> piece), else the default, "qa".  Model files carry no chat metadata, so the
+ * vocabulary is the only hint.  pieces[i] is lens[i] bytes; NULL / 0 pieces: the default. */
+AC_API const ac_chat_template *ac_chat_template_for_vocab(const char *const *pieces, const size_t *lens, int n);
+/* The same for the pieces of tok (NULL: the default). */
+AC_API const ac_chat_template *ac_chat_template_for(const ac_tokenizer *tok);
+
+/* Receives each part of a rendered prompt in order: a special token (token >= 0, text NULL),
+ * or text (token -1) to be encoded on its own (no BOS).  Returns AC_OK, or a code that ends
+ * the rendering (ac_chat_render returns it). */
+typedef int (*ac_chat_part_fn)(void *user, int token, const char *text, size_t len);
+/* Renders messages[0..n) in template t, then (add_generation_prompt != 0) the opening of the
+ * reply, as parts: BOS first (unless the template starts with its own), adjacent text joined.
+ * AC_ERR_ARG naming the message for no messages, an unknown role, or a system message that
+ * is not the first. */
+AC_API int ac_chat_render(const ac_chat_template *t, const ac_chat_message *messages, int n,
+                          int add_generation_prompt, ac_chat_part_fn on_part, void *user);
+/* The token ids of ac_chat_render's parts (each text part encoded with ac_encode, no BOS):
+ * up to max_tokens into tokens, the count into *n_tokens.  When they do not fit, *n_tokens is
+ * the count needed and AC_ERR_RANGE returns. */
+AC_API int ac_chat_tokens(const ac_chat_template *t, const ac_tokenizer *tok, const ac_chat_message *messages,
+                          int n, int add_generation_prompt, int *tokens, int max_tokens, int *n_tokens);
+
 /* ------------------------------------------------------------------------ sampler */
 
 typedef struct ac_sampler ac_sampler;
@@ -302,6 +360,9 @@ typedef struct ac_session ac_session;
 #define AC_SEED_RANDOM UINT64_MAX
 /* Tokens a generation reports at most unless told otherwise. */
 #define AC_DEFAULT_MAX_NEW_TOKENS 256
+/* Most stop strings one generation holds, and the longest one in bytes. */
+#define AC_MAX_STOPS 64
+#define AC_MAX_STOP_BYTES 4096
 
 /* Everything a generation is told: how to sample, when to stop, how many threads. */
 typedef struct {
@@ -330,8 +391,50 @@ typedef enum {
     AC_STOP_END = 1,     /* the model ended the text: it sampled BOS or EOS (not with ignore_eos) */
     AC_STOP_LENGTH = 2,  /* max_new_tokens tokens were reported */
     AC_STOP_CONTEXT = 3, /* the context is full: prompt + generated tokens reached seq_len */
-    AC_STOP_CALLER = 4   /* the caller stopped it: an ac_generate callback returned nonzero */
+    AC_STOP_CALLER = 4,  /* the caller stopped it: an ac_generate callback returned nonzero */
+    AC_STOP_STRING = 5   /* a stop string came (it is not part of the text) */
 } ac_stop_reason;
+
+/* Stop strings (all generations: sessions, batches, ac_generation): the text ends before the
+ * first of them to appear in the decoded bytes, and no part of one is ever reported: bytes
+ * that may be the start of a stop string are held back until they cannot (then they come
+ * with a later piece) or until the generation ends otherwise (then they come with the call
+ * that says so); when a stop string completes they are dropped with it.  The tokens stay
+ * the sampled ones (the stop string's included). */
+
+/* ------------------------------------------------------------------------ generation rules */
+
+/* The rules of one generation without a model: for a caller that runs the model itself (e.g.
+ * many generations sharing ac_batch_decode steps) and hands over each step's logits.  The
+ * results are those of a session given the same context, settings and logits. */
+typedef struct ac_generation ac_generation;
+
+/* params may be NULL for ac_session_default_params() (n_threads is not used). */
+AC_API int ac_generation_create(const ac_model *model, const ac_tokenizer *tok,
+                                const ac_session_params *params, ac_generation **out);
+AC_API void ac_generation_free(ac_generation *gen);
+/* Replaces the stop strings (n = 0: none): stops[i] is lens[i] bytes (1..AC_MAX_STOP_BYTES),
+ * n at most AC_MAX_STOPS.  Kept for every later generation; bytes held back are dropped. */
+AC_API int ac_generation_set_stops(ac_generation *gen, const char *const *stops, const size_t *lens, int n);
+/* Replaces the logit bias (as ac_sampler_set_logit_bias; kept for every later generation). */
+AC_API int ac_generation_set_logit_bias(ac_generation *gen, const int *ids, const float *biases, int n);
+/* A new generation after context[0..n_context) (1..seq_len tokens, BOS first as a rule): the
+ * penalties see its last repeat_last_n tokens, the first piece is decoded after its last
+ * token, and the stop rule counts its positions.  It may end at once (max_new_tokens 0, a
+ * full context): ac_generation_stop_reason says so. */
+AC_API int ac_generation_begin(ac_generation *gen, const int *context, int n_context);
+/* Samples the next token from logits (vocab_size floats: those after the context's last
+ * token, then after each token reported), into *token, and points *piece / *len at the text
+ * that is final now (valid until the next call on gen).  When the generation ends before a
+ * token is reported (BOS/EOS sampled, or it had ended), *token is -1 and *piece holds the
+ * bytes held back, if any.  When the reported token itself ends it (a stop string, or
+ * max_new_tokens / the context reached with it), ac_generation_stop_reason says so at once
+ * and the piece includes the held bytes: there is no need to run that token. */
+AC_API int ac_generation_next(ac_generation *gen, const float *logits, int *token, const char **piece,
+                              size_t *len);
+/* Ends the generation now (AC_STOP_CALLER, held bytes dropped) unless it has ended. */
+AC_API void ac_generation_cancel(ac_generation *gen);
+AC_API ac_stop_reason ac_generation_stop_reason(const ac_generation *gen);
 
 /* A session owns an ac_state and an ac_sampler; model and tokenizer are borrowed (they must
  * outlive it).  params may be NULL for ac_session_default_params(). */
@@ -341,6 +444,10 @@ AC_API void ac_session_free(ac_session *session);
 /* New settings for the next ac_session_next: the sampler starts again from params' seed,
  * the count towards max_new_tokens starts again, the context is kept. */
 AC_API int ac_session_set_params(ac_session *session, const ac_session_params *params);
+/* Stop strings and logit bias, as ac_generation_set_stops / ac_generation_set_logit_bias:
+ * kept across feeds, resets and new settings until replaced. */
+AC_API int ac_session_set_stops(ac_session *session, const char *const *stops, const size_t *lens, int n);
+AC_API int ac_session_set_logit_bias(ac_session *session, const int *ids, const float *biases, int n);
 /* Forgets the context: the next feed starts at position 0. */
 AC_API void ac_session_reset(ac_session *session);
 /* Current number of positions in the KV cache. */
@@ -352,15 +459,20 @@ AC_API int ac_session_feed(ac_session *session, const char *text, size_t len, in
 /* Runs the given token ids at the current position, like ac_session_feed. */
 AC_API int ac_session_feed_tokens(ac_session *session, const int *tokens, int n_tokens);
 /* Runs the last sampled token (if any), then samples the next one into *token and points
- * *piece and *len (either may be NULL) at its decoded bytes.  When the generation has ended
- * *token is -1 (empty piece) and ac_session_stop_reason() says why; it stays ended until the
- * next feed or ac_session_set_params.  *token is also -1 (AC_STOP_NONE) when nothing was fed. */
+ * *piece and *len (either may be NULL) at its decoded bytes (with stop strings: the text
+ * final now, see "Stop strings").  When the generation has ended *token is -1, *piece holds
+ * the bytes held back for the stop strings (empty without them) and ac_session_stop_reason()
+ * says why; it stays ended until the next feed or ac_session_set_params.  A stop string
+ * ends it at once (AC_STOP_STRING with the token that completes it); max_new_tokens and a
+ * full context are seen by the next call.  *token is also -1 (AC_STOP_NONE) when nothing
+ * was fed. */
 AC_API int ac_session_next(ac_session *session, int *token, const char **piece, size_t *len);
 /* Why the session's generation ended, AC_STOP_NONE while it goes on. */
 AC_API ac_stop_reason ac_session_stop_reason(const ac_session *session);
 
-/* Called once per generated token with its decoded bytes (len may be 0).  Return nonzero to
- * stop generating. */
+/* Called once per generated token with its decoded bytes (len may be 0), and once more with
+ * token -1 when the generation ends with bytes held back for the stop strings.  Return
+ * nonzero to stop generating. */
 typedef int (*ac_piece_fn)(void *user, int token, const char *piece, size_t len);
 
 /* Resets the session, feeds BOS + the encoded prompt (an empty prompt starts from BOS alone),
@@ -392,6 +504,8 @@ typedef struct {
     int n_generated;       /* tokens written */
     int last_prompt_token; /* decode the first generated token after this one (ac_decode_piece) */
     ac_stop_reason stop;   /* why the sequence ended */
+    size_t text_len;       /* the text: the first text_len bytes of the tokens' decoded pieces
+                              (all of them unless a stop string cut it) */
 } ac_batch_result;
 
 /* Sequence i continues prompts[i] (lens[i] bytes, BOS in front) exactly as ac_generate would
@@ -399,6 +513,9 @@ typedef struct {
  * ...] (tokens may be NULL when that is 0), what ended it to results[i]. */
 AC_API int ac_batch_generate(ac_batch *batch, const char *const *prompts, const size_t *lens,
                              int *tokens, ac_batch_result *results);
+/* Stop strings and logit bias of every sequence (as ac_session_set_stops / _set_logit_bias). */
+AC_API int ac_batch_set_stops(ac_batch *batch, const char *const *stops, const size_t *lens, int n);
+AC_API int ac_batch_set_logit_bias(ac_batch *batch, const int *ids, const float *biases, int n);
 
 /* Step by step (continuous batching): the caller decides what each sequence runs and samples
  * from the returned logits itself (ac_sample with a sampler of its own), so sequences may

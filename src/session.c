@@ -5,13 +5,16 @@
  * forward pass for all of them).
  *
  * Sections, in order:
- *   settings  defaults, checks, seeds, and when a generation stops
- *   session   feed / next step API and the generate loop
- *   batch     N independent generations advanced together
- *   steps     a batch driven step by step by its caller (continuous batching)
+ *   settings    defaults, checks, seeds, and when a generation stops
+ *   generation  one generation's sampler, stop rule and stop strings, whoever runs the model
+ *   session     feed / next step API and the generate loop
+ *   batch       N independent generations advanced together
+ *   steps       a batch driven step by step by its caller (continuous batching)
  *
  * Every token a sequence's context gets (fed or sampled) is recorded in its sampler
- * (ac_sampler_accept), whose penalties look at the recent ones.
+ * (ac_sampler_accept), whose penalties look at the recent ones.  Stop strings are matched on
+ * the decoded bytes: bytes that may start one are held back until they cannot, and dropped
+ * when it completes, so no front end ever shows part of a stop string.
  */
 #include "internal.h"
 
@@ -87,26 +90,339 @@ static int make_sampler(const ac_session_params *p, uint64_t seed, int vocab_siz
     return ac_sampler_create(&sp, vocab_size, out);
 }
 
+/* ======================================================================== generation */
+
+/* One generation's rules, whoever runs the model: the sampler, the stop rule, the stop
+ * strings and the text they hold back.  A session owns one, a batch one per sequence, and a
+ * caller that runs the model itself (continuous batching) creates its own. */
+struct ac_generation {
+    const ac_model *model;
+    const ac_tokenizer *tok;
+    ac_session_params params;
+    ac_sampler *sampler;
+    int *bias_ids;       /* (n_bias) the logit bias, given again to every new sampler */
+    float *bias_values;
+    int n_bias;
+    char *stop_bytes;    /* the stop strings, one after another */
+    size_t *stop_len;    /* (n_stops) their lengths */
+    int n_stops;
+    char *text;          /* text[held_at..held_at+n_held): bytes that may start a stop string */
+    size_t text_cap, held_at, n_held;
+    int last;            /* the context's last token (the previous one when decoding); -1 none */
+    int filled;          /* positions the context takes, sampled tokens included */
+    int n_reported;      /* tokens reported since the generation began */
+    ac_stop_reason stop; /* why it ended; AC_STOP_NONE while it goes on */
+};
+
+AC_API void ac_generation_free(ac_generation *g) {
+    if (!g) return;
+    ac_sampler_free(g->sampler);
+    free(g->bias_ids);
+    free(g->bias_values);
+    free(g->stop_bytes);
+    free(g->stop_len);
+    free(g->text);
+    free(g);
+}
+
+/* A new sampler for params (seed resolved here), with the logit bias given to it. */
+static int gen_new_sampler(ac_generation *g, const ac_session_params *p, uint64_t seed) {
+    ac_sampler *sampler;
+    int rc = make_sampler(p, seed, g->model->config.vocab_size, &sampler);
+    if (!rc && g->n_bias > 0) rc = ac_sampler_set_logit_bias(sampler, g->bias_ids, g->bias_values, g->n_bias);
+    if (rc) {
+        ac_sampler_free(sampler);
+        return rc;
+    }
+    ac_sampler_free(g->sampler);
+    g->sampler = sampler;
+    return AC_OK;
+}
+
+/* A generation for params (already checked), its sampler seeded with seed. */
+static int gen_create(const ac_model *m, const ac_tokenizer *tok, const ac_session_params *p, uint64_t seed,
+                      ac_generation **out) {
+    ac_generation *g = calloc(1, sizeof *g);
+    if (!g) return ac_fail(AC_ERR_NOMEM, "out of memory for the generation");
+    g->model = m;
+    g->tok = tok;
+    g->params = *p;
+    g->last = -1;
+    int rc = gen_new_sampler(g, p, seed);
+    if (rc) {
+        ac_generation_free(g);
+        return rc;
+    }
+    *out = g;
+    return AC_OK;
+}
+
+/* New settings: a new sampler (the logit bias and stop strings stay), the count starts again. */
+static int gen_set_params(ac_generation *g, const ac_session_params *p) {
+    int rc = gen_new_sampler(g, p, resolve_seed(p->sampler.seed));
+    if (rc) return rc;
+    g->params = *p;
+    g->n_reported = 0;
+    g->stop = AC_STOP_NONE;
+    return AC_OK;
+}
+
+/* Forgets the context. */
+static void gen_reset(ac_generation *g) {
+    ac_sampler_reset_history(g->sampler);
+    g->last = -1;
+    g->filled = 0;
+    g->n_reported = 0;
+    g->n_held = 0;
+    g->stop = AC_STOP_NONE;
+}
+
+/* tokens[0..n) joined the context (now `filled` positions long): the penalties see them, and
+ * a new generation starts after them. */
+static void gen_continue(ac_generation *g, const int *tokens, int n, int filled) {
+    for (int i = 0; i < n; i++) ac_sampler_accept(g->sampler, tokens[i]);
+    if (n > 0) g->last = tokens[n - 1];
+    g->filled = filled;
+    g->n_reported = 0;
+    g->n_held = 0;
+    g->stop = AC_STOP_NONE;
+}
+
+static int set_logit_bias(ac_generation *g, const int *ids, const float *biases, int n) {
+    if (n < 0 || (n > 0 && (!ids || !biases))) return ac_fail(AC_ERR_ARG, "logit bias: bad arguments");
+    /* the sampler checks the ids and values before anything is kept */
+    int rc = ac_sampler_set_logit_bias(g->sampler, ids, biases, n);
+    if (rc) return rc;
+    int *kept_ids = n ? malloc((size_t)n * sizeof *kept_ids) : NULL;
+    float *kept_values = n ? malloc((size_t)n * sizeof *kept_values) : NULL;
+    if (n && (!kept_ids || !kept_values)) {
+        free(kept_ids);
+        free(kept_values);
+        ac_sampler_set_logit_bias(g->sampler, g->bias_ids, g->bias_values, g->n_bias);
+        return ac_fail(AC_ERR_NOMEM, "out of memory for the logit bias");
+    }
+    if (n) {
+        memcpy(kept_ids, ids, (size_t)n * sizeof *kept_ids);
+        memcpy(kept_values, biases, (size_t)n * sizeof *kept_values);
+    }
+    free(g->bias_ids);
+    free(g->bias_values);
+    g->bias_ids = kept_ids;
+    g->bias_values = kept_values;
+    g->n_bias = n;
+    return AC_OK;
+}
+
+static int set_stops(ac_generation *g, const char *const *stops, const size_t *lens, int n) {
+    if (n < 0 || n > AC_MAX_STOPS || (n > 0 && (!stops || !lens)))
+        return ac_fail(AC_ERR_ARG, "stop strings: bad arguments (%d strings; at most %d)", n, AC_MAX_STOPS);
+    size_t total = 0;
+    for (int i = 0; i < n; i++) {
+        if (!stops[i] || lens[i] == 0 || lens[i] > AC_MAX_STOP_BYTES)
+            return ac_fail(AC_ERR_ARG, "stop string %d is invalid: it must be 1..%d bytes", i, AC_MAX_STOP_BYTES);
+        total += lens[i];
+    }
+    char *bytes = n ? malloc(total) : NULL;
+    size_t *len = n ? malloc((size_t)n * sizeof *len) : NULL;
+    if (n && (!bytes || !len)) {
+        free(bytes);
+        free(len);
+        return ac_fail(AC_ERR_NOMEM, "out of memory for the stop strings");
+    }
+    for (size_t i = 0, at = 0; i < (size_t)n; at += lens[i], i++) {
+        memcpy(bytes + at, stops[i], lens[i]);
+        len[i] = lens[i];
+    }
+    free(g->stop_bytes);
+    free(g->stop_len);
+    g->stop_bytes = bytes;
+    g->stop_len = len;
+    g->n_stops = n;
+    g->n_held = 0;
+    return AC_OK;
+}
+
+/* Ends the generation for reason, releasing the held bytes into *piece: they did not start a
+ * stop string after all. */
+static void gen_end(ac_generation *g, ac_stop_reason reason, const char **piece, size_t *len) {
+    g->stop = reason;
+    *piece = g->n_held ? g->text + g->held_at : "";
+    *len = g->n_held;
+    g->n_held = 0;
+}
+
+/* The stop rule before sampling: returns 1 (and releases the held bytes) when the generation
+ * has ended or ends now. */
+static int gen_ended(ac_generation *g, const char **piece, size_t *len) {
+    *piece = "";
+    *len = 0;
+    if (g->stop != AC_STOP_NONE) return 1;
+    ac_stop_reason why = limit_reached(&g->params, g->n_reported, g->filled, g->model->config.seq_len);
+    if (why == AC_STOP_NONE) return 0;
+    gen_end(g, why, piece, len);
+    return 1;
+}
+
+/* Whether stop string k starts at buf[at] and fits in buf[0..n) (whole: 1; only its first
+ * n - at bytes: 2; not at all: 0). */
+static int stop_at(const ac_generation *g, size_t k, const char *stop, const char *buf, size_t at, size_t n) {
+    size_t room = n - at, want = g->stop_len[k];
+    if (room >= want) return memcmp(buf + at, stop, want) == 0;
+    return memcmp(buf + at, stop, room) == 0 ? 2 : 0;
+}
+
+/* Appends a decoded piece to the held bytes and points *out at what is final: everything
+ * before the first stop string (and the generation ends there), else everything but the
+ * longest tail that could still grow into one.  Without stop strings the piece is final. */
+static int gen_match(ac_generation *g, const char *piece, size_t n_piece, const char **out, size_t *out_len) {
+    if (g->n_stops == 0) {
+        *out = piece;
+        *out_len = n_piece;
+        return AC_OK;
+    }
+    size_t n = g->n_held + n_piece;
+    if (n == 0) {
+        *out = "";
+        *out_len = 0;
+        return AC_OK;
+    }
+    if (n > g->text_cap) {
+        char *grown = realloc(g->text, n);
+        if (!grown) return ac_fail(AC_ERR_NOMEM, "out of memory for the generated text");
+        g->text = grown;
+        g->text_cap = n;
+    }
+    memmove(g->text, g->text + g->held_at, g->n_held);
+    memcpy(g->text + g->n_held, piece, n_piece);
+    const char *buf = g->text;
+    size_t keep_from = n; /* the first byte where a stop string may still start */
+    for (size_t at = 0; at < n; at++) {
+        const char *stop = g->stop_bytes;
+        for (int k = 0; k < g->n_stops; stop += g->stop_len[k], k++) {
+            int found = stop_at(g, (size_t)k, stop, buf, at, n);
+            if (found == 1) { /* the first stop string to complete: the text ends before it */
+                g->stop = AC_STOP_STRING;
+                g->held_at = g->n_held = 0;
+                *out = buf;
+                *out_len = at;
+                return AC_OK;
+            }
+            if (found == 2 && keep_from == n) keep_from = at;
+        }
+    }
+    g->held_at = keep_from;
+    g->n_held = n - keep_from;
+    *out = buf;
+    *out_len = keep_from;
+    return AC_OK;
+}
+
+/* Samples the next token from logits (those after the context's last token).  A token that
+ * ends the text (BOS/EOS) is not reported: *token is -1 and the held bytes are released. */
+static int gen_sample(ac_generation *g, const float *logits, int *token, const char **piece, size_t *len) {
+    *token = -1;
+    int next, rc = ac_sample(g->sampler, logits, &next);
+    if (rc) return rc;
+    if (ends_text(&g->params, next)) {
+        gen_end(g, AC_STOP_END, piece, len);
+        return AC_OK;
+    }
+    const char *p;
+    size_t n;
+    if ((rc = ac_decode_piece(g->tok, g->last, next, &p, &n))) return rc;
+    if ((rc = gen_match(g, p, n, piece, len))) return rc;
+    ac_sampler_accept(g->sampler, next);
+    g->last = next;
+    g->filled++;
+    g->n_reported++;
+    *token = next;
+    return AC_OK;
+}
+
+/* The stop rule applied right after a reported token: when it was the last one, the held
+ * bytes go with it (appended to its piece, which they follow in the text buffer). */
+static void gen_close_if_last(ac_generation *g, size_t *len) {
+    const char *tail;
+    size_t n_tail;
+    if (g->stop == AC_STOP_NONE && gen_ended(g, &tail, &n_tail)) *len += n_tail;
+}
+
+AC_API int ac_generation_create(const ac_model *m, const ac_tokenizer *tok, const ac_session_params *params,
+                                ac_generation **out) {
+    if (!out) return ac_fail(AC_ERR_ARG, "ac_generation_create: out is NULL");
+    *out = NULL;
+    if (!m || !tok) return ac_fail(AC_ERR_ARG, "ac_generation_create: model and tokenizer are required");
+    ac_session_params p = params ? *params : ac_session_default_params();
+    int rc = check_vocab_match(m, tok);
+    if (!rc) rc = ac_session_check_params(&p);
+    if (!rc) rc = gen_create(m, tok, &p, resolve_seed(p.sampler.seed), out);
+    return rc;
+}
+
+AC_API int ac_generation_set_stops(ac_generation *g, const char *const *stops, const size_t *lens, int n) {
+    if (!g) return ac_fail(AC_ERR_ARG, "ac_generation_set_stops: generation is NULL");
+    return set_stops(g, stops, lens, n);
+}
+
+AC_API int ac_generation_set_logit_bias(ac_generation *g, const int *ids, const float *biases, int n) {
+    if (!g) return ac_fail(AC_ERR_ARG, "ac_generation_set_logit_bias: generation is NULL");
+    return set_logit_bias(g, ids, biases, n);
+}
+
+AC_API int ac_generation_begin(ac_generation *g, const int *context, int n_context) {
+    if (!g || n_context < 1 || !context)
+        return ac_fail(AC_ERR_ARG, "ac_generation_begin: the context must hold a token at least");
+    int seq_len = g->model->config.seq_len;
+    if (n_context > seq_len)
+        return ac_fail(AC_ERR_RANGE, "a context of %d tokens exceeds the model's seq_len %d", n_context, seq_len);
+    int rc = ac_check_tokens(context, n_context, g->model->config.vocab_size);
+    if (rc) return rc;
+    gen_reset(g);
+    int window = g->params.sampler.repeat_last_n, from = n_context > window ? n_context - window : 0;
+    gen_continue(g, context + from, n_context - from, n_context);
+    const char *piece;
+    size_t len;
+    gen_ended(g, &piece, &len); /* nothing to sample: max_new_tokens 0 or a full context */
+    return AC_OK;
+}
+
+AC_API int ac_generation_next(ac_generation *g, const float *logits, int *token, const char **piece,
+                              size_t *len) {
+    if (!g || !token || !piece || !len) return ac_fail(AC_ERR_ARG, "ac_generation_next: NULL argument");
+    *token = -1;
+    if (gen_ended(g, piece, len)) return AC_OK;
+    if (g->last < 0) return ac_fail(AC_ERR_ARG, "ac_generation_next: no context (call ac_generation_begin)");
+    if (!logits) return ac_fail(AC_ERR_ARG, "ac_generation_next: logits is NULL");
+    int rc = gen_sample(g, logits, token, piece, len);
+    if (!rc && *token >= 0) gen_close_if_last(g, len);
+    return rc;
+}
+
+AC_API void ac_generation_cancel(ac_generation *g) {
+    if (g && g->stop == AC_STOP_NONE) {
+        g->stop = AC_STOP_CALLER;
+        g->n_held = 0;
+    }
+}
+
+AC_API ac_stop_reason ac_generation_stop_reason(const ac_generation *g) { return g ? g->stop : AC_STOP_NONE; }
+
 /* ======================================================================== session */
 
 struct ac_session {
     const ac_model *model;
     const ac_tokenizer *tok;
     ac_state *state;
-    ac_sampler *sampler;
-    ac_session_params params;
+    ac_generation *gen; /* sampler, stop rule, stop strings; its context is the cache's + pending */
     int pos;            /* positions already in the KV cache */
     int pending;        /* sampled but not yet run through the model, or -1 */
-    int last;           /* the token at pos - 1 (or pending), for decoding; -1 at the start */
     int has_logits;     /* the state's logits belong to the token at pos - 1 */
-    int n_reported;     /* tokens reported since the last feed (or new settings) */
-    ac_stop_reason stop; /* why the generation ended; AC_STOP_NONE while it goes on */
 };
 
 AC_API void ac_session_free(ac_session *s) {
     if (!s) return;
     ac_state_free(s->state);
-    ac_sampler_free(s->sampler);
+    ac_generation_free(s->gen);
     free(s);
 }
 
@@ -114,29 +430,26 @@ AC_API void ac_session_reset(ac_session *s) {
     if (!s) return;
     s->pos = 0;
     s->pending = -1;
-    s->last = -1;
     s->has_logits = 0;
-    s->n_reported = 0;
-    s->stop = AC_STOP_NONE;
+    gen_reset(s->gen);
 }
 
 AC_API int ac_session_set_params(ac_session *s, const ac_session_params *params) {
     if (!s || !params) return ac_fail(AC_ERR_ARG, "ac_session_set_params: NULL argument");
     int rc = ac_session_check_params(params);
-    if (rc) return rc;
-    ac_sampler *sampler;
-    rc = make_sampler(params, resolve_seed(params->sampler.seed), s->model->config.vocab_size, &sampler);
-    if (rc) return rc;
-    if ((rc = ac_state_set_threads(s->state, params->n_threads))) {
-        ac_sampler_free(sampler);
-        return rc;
-    }
-    ac_sampler_free(s->sampler);
-    s->sampler = sampler;
-    s->params = *params;
-    s->n_reported = 0;
-    s->stop = AC_STOP_NONE;
-    return AC_OK;
+    if (!rc) rc = ac_state_set_threads(s->state, params->n_threads);
+    if (!rc) rc = gen_set_params(s->gen, params);
+    return rc;
+}
+
+AC_API int ac_session_set_stops(ac_session *s, const char *const *stops, const size_t *lens, int n) {
+    if (!s) return ac_fail(AC_ERR_ARG, "ac_session_set_stops: session is NULL");
+    return set_stops(s->gen, stops, lens, n);
+}
+
+AC_API int ac_session_set_logit_bias(ac_session *s, const int *ids, const float *biases, int n) {
+    if (!s) return ac_fail(AC_ERR_ARG, "ac_session_set_logit_bias: session is NULL");
+    return set_logit_bias(s->gen, ids, biases, n);
 }
 
 AC_API int ac_session_create(const ac_model *m, const ac_tokenizer *tok,
@@ -152,8 +465,7 @@ AC_API int ac_session_create(const ac_model *m, const ac_tokenizer *tok,
     if (!s) return ac_fail(AC_ERR_NOMEM, "out of memory for the session");
     s->model = m;
     s->tok = tok;
-    s->params = p;
-    rc = make_sampler(&p, resolve_seed(p.sampler.seed), m->config.vocab_size, &s->sampler);
+    rc = gen_create(m, tok, &p, resolve_seed(p.sampler.seed), &s->gen);
     if (!rc) rc = ac_state_create_seqs(m, 1, p.n_threads, &s->state);
     if (rc) {
         ac_session_free(s);
@@ -166,7 +478,7 @@ AC_API int ac_session_create(const ac_model *m, const ac_tokenizer *tok,
 
 AC_API int ac_session_position(const ac_session *s) { return s ? s->pos : 0; }
 
-AC_API ac_stop_reason ac_session_stop_reason(const ac_session *s) { return s ? s->stop : AC_STOP_NONE; }
+AC_API ac_stop_reason ac_session_stop_reason(const ac_session *s) { return s ? s->gen->stop : AC_STOP_NONE; }
 
 /* Runs token at the next position; its logits replace the state's. */
 static int run_token(ac_session *s, int token) {
@@ -174,7 +486,6 @@ static int run_token(ac_session *s, int token) {
     int rc = ac_forward_step(s->state, &seq, &token, &s->pos, 1);
     if (rc) return rc;
     s->pos++;
-    s->last = token;
     s->has_logits = 1;
     return AC_OK;
 }
@@ -203,13 +514,10 @@ AC_API int ac_session_feed_tokens(ac_session *s, const int *tokens, int n_tokens
             s->has_logits = 0; /* they were overwritten (with non-numbers): nothing to sample */
             return rc;
         }
-        for (int i = 0; i < n_tokens; i++) ac_sampler_accept(s->sampler, tokens[i]);
         s->pos += n_tokens;
-        s->last = tokens[n_tokens - 1];
         s->has_logits = 1;
     }
-    s->n_reported = 0;
-    s->stop = AC_STOP_NONE;
+    gen_continue(s->gen, tokens, n_tokens, s->pos);
     return AC_OK;
 }
 
@@ -230,26 +538,21 @@ AC_API int ac_session_next(ac_session *s, int *token, const char **piece, size_t
     *token = -1;
     if (piece) *piece = "";
     if (len) *len = 0;
-    if (s->stop != AC_STOP_NONE || (s->pending < 0 && !s->has_logits)) return AC_OK; /* or nothing fed */
-    s->stop = limit_reached(&s->params, s->n_reported, s->pos + (s->pending >= 0), s->model->config.seq_len);
-    if (s->stop != AC_STOP_NONE) return AC_OK;
-    int rc, next;
+    const char *p;
+    size_t n;
+    if (s->pending < 0 && !s->has_logits) return AC_OK; /* nothing fed */
+    if (gen_ended(s->gen, &p, &n)) {
+        if (piece) *piece = p;
+        if (len) *len = n;
+        return AC_OK;
+    }
+    int rc;
     if (s->pending >= 0) {
         if ((rc = run_token(s, s->pending))) return rc;
         s->pending = -1;
     }
-    if ((rc = ac_sample(s->sampler, ac_state_logits(s->state), &next))) return rc;
-    if (ends_text(&s->params, next)) {
-        s->stop = AC_STOP_END;
-        return AC_OK;
-    }
-    const char *p;
-    size_t n;
-    if ((rc = ac_decode_piece(s->tok, s->last, next, &p, &n))) return rc;
-    ac_sampler_accept(s->sampler, next);
-    s->pending = next;
-    s->n_reported++;
-    *token = next;
+    if ((rc = gen_sample(s->gen, ac_state_logits(s->state), token, &p, &n))) return rc;
+    if (*token >= 0) s->pending = *token;
     if (piece) *piece = p;
     if (len) *len = n;
     return AC_OK;
@@ -266,10 +569,14 @@ AC_API int ac_generate(ac_session *s, const char *prompt, size_t len, ac_piece_f
         int token;
         const char *piece;
         size_t piece_len;
-        if ((rc = ac_session_next(s, &token, &piece, &piece_len)) || token < 0) break;
+        if ((rc = ac_session_next(s, &token, &piece, &piece_len))) break;
+        if (token < 0) { /* ended: text held back for the stop strings comes last */
+            if (on_piece && piece_len > 0) on_piece(user, -1, piece, piece_len);
+            break;
+        }
         n++;
         if (on_piece && on_piece(user, token, piece, piece_len)) {
-            s->stop = AC_STOP_CALLER;
+            s->gen->stop = AC_STOP_CALLER;
             break;
         }
     }
@@ -285,7 +592,7 @@ struct ac_batch {
     int n_seqs;
     ac_session_params params;
     ac_state *state;       /* one KV cache per sequence */
-    ac_sampler **samplers; /* (n_seqs) sequence i samples with seed + i */
+    ac_generation **gens;  /* (n_seqs) sequence i samples with seed + i */
     int *pos;              /* (n_seqs) positions in each cache */
     int *active;           /* (n_seqs) the sequences of this step's rows, in row order */
     int *row_token;        /* (n_seqs) each row's token */
@@ -294,9 +601,9 @@ struct ac_batch {
 
 AC_API void ac_batch_free(ac_batch *b) {
     if (!b) return;
-    if (b->samplers)
-        for (int i = 0; i < b->n_seqs; i++) ac_sampler_free(b->samplers[i]);
-    free(b->samplers);
+    if (b->gens)
+        for (int i = 0; i < b->n_seqs; i++) ac_generation_free(b->gens[i]);
+    free(b->gens);
     ac_state_free(b->state);
     free(b->pos);
     free(b->active);
@@ -322,17 +629,17 @@ AC_API int ac_batch_create(const ac_model *m, const ac_tokenizer *tok, int n_seq
     b->tok = tok;
     b->n_seqs = n_seqs;
     b->params = p;
-    b->samplers = calloc((size_t)n_seqs, sizeof *b->samplers);
+    b->gens = calloc((size_t)n_seqs, sizeof *b->gens);
     b->pos = calloc((size_t)n_seqs, sizeof *b->pos);
     b->active = calloc((size_t)n_seqs, sizeof *b->active);
     b->row_token = calloc((size_t)n_seqs, sizeof *b->row_token);
     b->row_pos = calloc((size_t)n_seqs, sizeof *b->row_pos);
-    rc = (b->samplers && b->pos && b->active && b->row_token && b->row_pos)
+    rc = (b->gens && b->pos && b->active && b->row_token && b->row_pos)
              ? ac_state_create_seqs(m, n_seqs, p.n_threads, &b->state)
              : ac_fail(AC_ERR_NOMEM, "out of memory for the batch");
     uint64_t base = resolve_seed(p.sampler.seed);
     for (int i = 0; !rc && i < n_seqs; i++)
-        rc = make_sampler(&p, base + (uint64_t)i, m->config.vocab_size, &b->samplers[i]);
+        rc = gen_create(m, tok, &p, base + (uint64_t)i, &b->gens[i]);
     if (rc) {
         ac_batch_free(b);
         return rc;
@@ -365,8 +672,9 @@ static int batch_prefill(ac_batch *b, int i, const char *prompt, size_t len, flo
     if (!rc) {
         b->pos[i] = n;
         result->last_prompt_token = tokens[n - 1];
+        gen_reset(b->gens[i]);
+        gen_continue(b->gens[i], tokens, n, n);
     }
-    for (int k = 0; !rc && k < n; k++) ac_sampler_accept(b->samplers[i], tokens[k]);
     free(tokens);
     return rc;
 }
@@ -376,19 +684,21 @@ AC_API int ac_batch_generate(ac_batch *b, const char *const *prompts, const size
     int stride = ac_batch_max_tokens(b);
     if (!b || !prompts || !lens || (stride > 0 && !tokens) || !results)
         return ac_fail(AC_ERR_ARG, "ac_batch_generate: bad arguments");
-    const ac_session_params *p = &b->params;
-    int n = b->n_seqs, seq_len = b->model->config.seq_len;
+    int n = b->n_seqs;
     size_t V = (size_t)b->model->config.vocab_size;
     float *logits = ac_state_logits(b->state);
+    const char *piece;
+    size_t len;
     int n_active = 0;
     for (int i = 0; i < n; i++) {
         ac_batch_result *r = &results[i];
         r->n_generated = 0;
         r->last_prompt_token = -1;
+        r->text_len = 0;
         int rc = batch_prefill(b, i, prompts[i], lens[i], logits + (size_t)n_active * V, r);
         if (rc) return rc;
-        r->stop = limit_reached(p, 0, b->pos[i], seq_len);
-        if (r->stop == AC_STOP_NONE) b->active[n_active++] = i;
+        if (!gen_ended(b->gens[i], &piece, &len)) b->active[n_active++] = i;
+        r->stop = b->gens[i]->stop;
     }
     /* Row r of the logits belongs to sequence active[r]: sample each, drop the sequences
      * that ended, and run the rest one position further, all in one forward pass. */
@@ -396,16 +706,16 @@ AC_API int ac_batch_generate(ac_batch *b, const char *const *prompts, const size
         int rows = 0;
         for (int row = 0; row < n_active; row++) {
             int i = b->active[row], token;
+            ac_generation *g = b->gens[i];
             ac_batch_result *r = &results[i];
-            int rc = ac_sample(b->samplers[i], logits + (size_t)row * V, &token);
+            int rc = gen_sample(g, logits + (size_t)row * V, &token, &piece, &len);
             if (rc) return rc;
-            if (ends_text(p, token)) {
-                r->stop = AC_STOP_END;
-                continue;
+            r->text_len += len;
+            if (token >= 0) {
+                tokens[(size_t)i * (size_t)stride + (size_t)r->n_generated++] = token;
+                if (g->stop == AC_STOP_NONE && gen_ended(g, &piece, &len)) r->text_len += len;
             }
-            ac_sampler_accept(b->samplers[i], token);
-            tokens[(size_t)i * (size_t)stride + (size_t)r->n_generated++] = token;
-            r->stop = limit_reached(p, r->n_generated, b->pos[i] + 1, seq_len);
+            r->stop = g->stop;
             if (r->stop != AC_STOP_NONE) continue;
             b->active[rows] = i;
             b->row_token[rows] = token;
@@ -415,6 +725,24 @@ AC_API int ac_batch_generate(ac_batch *b, const char *const *prompts, const size
         n_active = rows;
         if (rows == 0) break;
         int rc = ac_forward_step(b->state, b->active, b->row_token, b->row_pos, rows);
+        if (rc) return rc;
+    }
+    return AC_OK;
+}
+
+AC_API int ac_batch_set_stops(ac_batch *b, const char *const *stops, const size_t *lens, int n) {
+    if (!b) return ac_fail(AC_ERR_ARG, "ac_batch_set_stops: batch is NULL");
+    for (int i = 0; i < b->n_seqs; i++) {
+        int rc = set_stops(b->gens[i], stops, lens, n);
+        if (rc) return rc;
+    }
+    return AC_OK;
+}
+
+AC_API int ac_batch_set_logit_bias(ac_batch *b, const int *ids, const float *biases, int n) {
+    if (!b) return ac_fail(AC_ERR_ARG, "ac_batch_set_logit_bias: batch is NULL");
+    for (int i = 0; i < b->n_seqs; i++) {
+        int rc = set_logit_bias(b->gens[i], ids, biases, n);
         if (rc) return rc;
     }
     return AC_OK;

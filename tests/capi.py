@@ -156,12 +156,15 @@ def load_model_file(api, path, use_mmap: int) -> tuple[int, object]:
 def run_cli(binary: Path, *args, stdin: Union[str, bytes, None] = None, text: bool = True,
             timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
     """./run with args, stdout and stderr captured: as text (undecodable bytes replaced, since
-    a random model prints any bytes) or as bytes.  stdin None reads /dev/null."""
-    if isinstance(stdin, str) and not text:
+    a random model prints any bytes, and no newline translation: a "\\r" it prints stays one)
+    or as bytes.  stdin None reads /dev/null."""
+    if isinstance(stdin, str):
         stdin = stdin.encode()
     feed = dict(stdin=subprocess.DEVNULL) if stdin is None else dict(input=stdin)
-    return subprocess.run([str(binary), *map(str, args)], capture_output=True, timeout=timeout,
-                          text=text, errors="replace" if text else None, **feed, **kwargs)
+    r = subprocess.run([str(binary), *map(str, args)], capture_output=True, timeout=timeout, **feed, **kwargs)
+    if text:
+        r.stdout, r.stderr = (out.decode("utf-8", "replace") for out in (r.stdout, r.stderr))
+    return r
 
 
 def error_lines(stderr: Union[str, bytes]) -> list[str]:

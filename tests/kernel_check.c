@@ -9,8 +9,8 @@
  * and the tile it falls in (one token at a time = all tokens together = any split of the rows);
  * float32 GEMM and the weighted sum close to float64; int8 GEMM bitwise equal to the avx2 set's
  * (when this CPU has it; scalar: close to it); the quantizer bitwise equal to ac_quantize_q8;
- * SwiGLU and softmax close to float64 (a few ulp), bitwise the avx2 set's on every x86-64 set,
- * and softmax's NaN for a NaN or +inf input.
+ * SwiGLU and softmax close to float64 (a few ulp), and softmax's NaN for a NaN or +inf input;
+ * every x86-64 set's weighted sum, SwiGLU and softmax bitwise the avx2 set's.
  */
 #include "kernels.h"
 
@@ -160,8 +160,18 @@ static void check_quantize(const ac_kernels *k, int n, int gs) {
     free(x), free(s1), free(s2), free(q1), free(q2);
 }
 
-/* The x86-64 sets' SwiGLU and softmax give the avx2 set's bits. */
-static void check_elementwise_like_avx2(const ac_kernels *k, const ac_kernels *avx2, int n) {
+/* The x86-64 sets' weighted sum, SwiGLU and softmax give the avx2 set's bits. */
+static void check_like_avx2(const ac_kernels *k, const ac_kernels *avx2, int n) {
+    for (int T = 1; T <= 41; T += 8) {
+        float *w = malloc(sizeof(float) * T), *V = malloc(sizeof(float) * T * n), *o1 = malloc(sizeof(float) * n),
+              *o2 = malloc(sizeof(float) * n);
+        fill(w, (size_t)T, 1.0f);
+        fill(V, (size_t)T * n, 1.0f);
+        k->weighted_sum(o1, w, V, n, T, n);
+        avx2->weighted_sum(o2, w, V, n, T, n);
+        CHECK(memcmp(o1, o2, sizeof(float) * n) == 0, "weighted_sum %s T %d n %d: not avx2's bits", k->name, T, n);
+        free(w), free(V), free(o1), free(o2);
+    }
     float *a = malloc(sizeof(float) * n), *b = malloc(sizeof(float) * n), *g = malloc(sizeof(float) * n);
     fill(a, (size_t)n, 20.0f);
     fill(g, (size_t)n, 1.0f);
@@ -238,7 +248,7 @@ int main(int argc, char **argv) {
         check_weighted_sum(k, 1 + (int)s * 9, sizes[s]);
         check_swiglu(k, sizes[s]);
         check_softmax(k, sizes[s]);
-        if (avx2) check_elementwise_like_avx2(k, avx2, sizes[s]);
+        if (avx2) check_like_avx2(k, avx2, sizes[s]);
     }
     check_quantize(k, 96, 32);
     check_quantize(k, 128, 64);

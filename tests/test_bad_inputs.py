@@ -361,21 +361,20 @@ def test_prompt_longer_than_seq_len_is_an_error_everywhere(lib, ffi, run_binary,
 
 def count_generated(lib, ffi, files, prompt: bytes, steps: int) -> int:
     """ac_generate's token count (greedy), with the session's position checked."""
-    m, t, s = ffi.new("ac_model **"), ffi.new("ac_tokenizer **"), ffi.new("ac_session **")
-    assert lib.ac_model_load(os.fsencode(files.model), m) == 0
-    assert lib.ac_tokenizer_load(os.fsencode(files.tokenizer), files.cfg.vocab_size, t) == 0
+    s, n = ffi.new("ac_session **"), ffi.new("int *")
     params = lib.ac_session_default_params()
     params.sampler.temperature, params.max_new_tokens = 0.0, steps
-    assert lib.ac_session_create(m[0], t[0], ffi.new("ac_session_params *", params), s) == 0
-    n = ffi.new("int *")
-    try:
-        assert lib.ac_generate(s[0], prompt, len(prompt), ffi.NULL, ffi.NULL, n) == 0
-        assert lib.ac_session_position(s[0]) <= files.cfg.seq_len
-        return n[0]
-    finally:
-        lib.ac_session_free(s[0])
-        lib.ac_tokenizer_free(t[0])
-        lib.ac_model_free(m[0])
+    with loaded_model(lib, ffi, files.model) as model:
+        rc, tok = load_tokenizer(lib, ffi, files.tokenizer, files.cfg.vocab_size)
+        assert rc == 0, last_error(lib, ffi)
+        try:
+            assert lib.ac_session_create(model, tok, ffi.new("ac_session_params *", params), s) == 0
+            assert lib.ac_generate(s[0], prompt, len(prompt), ffi.NULL, ffi.NULL, n) == 0
+            assert lib.ac_session_position(s[0]) <= files.cfg.seq_len
+            return n[0]
+        finally:
+            lib.ac_session_free(s[0])
+            lib.ac_tokenizer_free(tok)
 
 
 def test_steps_beyond_seq_len_are_clamped(lib, ffi, run_binary, scripted_model):

@@ -122,12 +122,36 @@ BAD_ARGUMENTS = [
     (["-t", " 0.5"], "error: -t  0.5: not a number"),
     (["-t", ""], "error: -t : not a number"),
     (["-t", "hot"], "error: -t hot: not a number"),
-    (["-t", "-1"], "error: -t -1: temperature must be >= 0 (0 = greedy)"),
-    (["-p", "1.0000001"], "error: -p 1.0000001: top-p must be in (0, 1] (1 = off)"),
-    (["-p", "0"], "error: -p 0: top-p must be in (0, 1] (1 = off)"),
-    (["-p", "1.5"], "error: -p 1.5: top-p must be in (0, 1] (1 = off)"),
-    (["-p", "-0.5"], "error: -p -0.5: top-p must be in (0, 1] (1 = off)"),
-    (["-k", "-1"], "error: -k -1: top-k must be >= 0 (0 = off)"),
+    # the ranges are the library's (ac_sampler_check_params): its reason, after the flag as typed
+    (["-t", "-1"], "error: -t -1: it must be >= 0 (0 = greedy)"),
+    (["--temp", "-1"], "error: --temp -1: it must be >= 0 (0 = greedy)"),
+    (["-p", "1.0000001"], "error: -p 1.0000001: it must be in (0, 1] (1 = off)"),  # not rounded to 1 first
+    (["-p", "0"], "error: -p 0: it must be in (0, 1] (1 = off)"),
+    (["-p", "1.5"], "error: -p 1.5: it must be in (0, 1] (1 = off)"),
+    (["-p", "-0.5"], "error: -p -0.5: it must be in (0, 1] (1 = off)"),
+    (["--top-p", "0"], "error: --top-p 0: it must be in (0, 1] (1 = off)"),
+    (["-k", "-1"], "error: -k -1: it must be >= 0 (0 = off)"),
+    (["--top-k", "-3"], "error: --top-k -3: it must be >= 0 (0 = off)"),
+    (["--min-p", "1.5"], "error: --min-p 1.5: it must be in [0, 1] (0 = off)"),
+    (["--min-p", "1.0000001"], "error: --min-p 1.0000001: it must be in [0, 1] (0 = off)"),
+    (["--min-p", "-0.1"], "error: --min-p -0.1: it must be in [0, 1] (0 = off)"),
+    (["--min-p", "nan"], "error: --min-p nan: not a number"),
+    (["--repeat-penalty", "-0.5"], "error: --repeat-penalty -0.5: it must be finite and >= 0 (1 or 0 = off)"),
+    (["--repeat-penalty", "inf"], "error: --repeat-penalty inf: not a finite number"),
+    (["--repeat-penalty", "x"], "error: --repeat-penalty x: not a number"),
+    (["--repeat-last-n", "-1"], "error: --repeat-last-n -1: it must be in 0..1048576 (0 = no penalties)"),
+    (["--repeat-last-n", "1048577"], "error: --repeat-last-n 1048577: it must be in 0..1048576 (0 = no penalties)"),
+    (["--repeat-last-n", "1.5"], "error: --repeat-last-n 1.5: not a whole number"),
+    (["--presence-penalty", "1e39"], "error: --presence-penalty 1e39: too large for a float (the largest is 3.4e+38)"),
+    (["--presence-penalty", "-inf"], "error: --presence-penalty -inf: not a finite number"),
+    (["--frequency-penalty", "nan"], "error: --frequency-penalty nan: not a number"),
+    (["--frequency-penalty", ""], "error: --frequency-penalty : not a number"),
+    (["--seed", "-1"], "error: --seed -1: the seed must be >= 0"),
+    (["-m", "chat", "--chat-template", "zephyr"],
+     "error: --chat-template zephyr: unknown chat template 'zephyr'; known: qa, llama-2, chatml"),
+    (["--chat-template", "qa"], "error: --chat-template applies to chat mode only"),
+    (["--stop"], "error: --stop needs a value"),
+    (["--stop", "a"] * 65, "error: --stop a: too many stop strings (the most is 64)"),
     (["-k", "2.5"], "error: -k 2.5: not a whole number"),
     (["-k", "99999999999"], "error: -k 99999999999: too large (the largest is 2147483647)"),
     (["-n", "-5"], "error: -n -5: the number of tokens must be >= 0 (0 = up to seq_len)"),
@@ -167,7 +191,11 @@ def test_bad_arguments_name_the_flag_and_value_then_print_usage(run_binary, make
 @pytest.mark.parametrize("args", [["-t", "0"], ["-t", "-0"], ["-t", "1e-30"], ["-t", "3.4e38"],
                                   ["-p", "1"], ["-p", "1e-30"], ["-k", "0"], ["-n", "0"],
                                   ["-T", "1"], ["-T", "256"], ["-s", "18446744073709551615"],
-                                  ["-s", "0"], ["-e", "0"]])
+                                  ["-s", "0"], ["-e", "0"], ["--min-p", "0"], ["--min-p", "1"],
+                                  ["--repeat-penalty", "0"], ["--repeat-last-n", "0"],
+                                  ["--repeat-last-n", "1048576"], ["--presence-penalty", "-3.4e38"],
+                                  ["--frequency-penalty", "3.4e38"], ["--stop", "x"],
+                                  ["-m", "chat", "--chat-template", "chatml"]])
 def test_values_at_the_edges_are_accepted(run_binary, make_model, args):
     files = make_model()
     r = run_cli(run_binary, files.model, "-n", "4", *args)
@@ -195,17 +223,28 @@ def test_help_goes_to_stdout_with_units_and_defaults(run_binary, make_model, lib
         assert r.stdout.startswith("Usage:")
     usage = r.stdout
     defaults = lib.ac_sampler_default_params()
-    assert f"temperature, >= 0 (0 = greedy); default {defaults.temperature:g}" in usage
-    assert f"top-p (nucleus) in (0, 1] (1 = off); default {defaults.top_p:g}" in usage
-    assert f"(0 = off); default {defaults.top_k}" in usage
+    assert f"temperature (also --temp), >= 0 (0 = greedy); default {defaults.temperature:g}" in usage
+    assert f"top-p (nucleus, also --top-p) in (0, 1] (1 = off); default {defaults.top_p:g}" in usage
+    assert f"(0 = off); default {defaults.top_k}\n" in usage
+    assert f"the likeliest, in [0, 1] (0 = off); default {defaults.min_p:g}\n" in usage
+    assert f"negative), >= 0 (1 = off); default {defaults.repeat_penalty:g}\n" in usage
+    assert f"penalties look at, >= 0 (0 = none); default {defaults.repeat_last_n}\n" in usage
+    assert f"the window (0 = off); default {defaults.presence_penalty:g}\n" in usage
+    assert f"the window (0 = off); default {defaults.frequency_penalty:g}\n" in usage
+    assert "part of it; repeatable (up to 64); default: none" in usage
+    assert "chat: the template of the turns: qa, llama-2, chatml;" in usage
+    assert "default: chatml if the vocabulary has <|im_start|>,\n" in usage
     assert "default 256" in usage
     assert "(0 = up to seq_len)" in usage
     assert f"threads, 1..256; default: all available cores ({lib.ac_default_threads()} here)" in usage
     assert "tok/s (tokens per second)" in usage
-    assert "  --mmap      map the model file instead of reading it into memory (default: read);\n" \
-           "              the file must then not be changed or truncated until the run ends\n" in usage
-    for flag in "tpksnizymTqobe":
+    assert "  --mmap      (no value) map the model file instead of reading it into memory\n" \
+           "              (default: read); the file must then not be changed or truncated\n" in usage
+    for flag in "tpksnizymTqobeL":
         assert f"  -{flag} <" in usage
+    for flag in ("min-p", "repeat-penalty", "repeat-last-n", "presence-penalty", "frequency-penalty", "stop",
+                 "chat-template"):
+        assert f"  --{flag} <" in usage
     # the usage printed after an error is the same text, on stderr
     bad = run_cli(run_binary, files.model, "-x", "1")
     assert bad.stderr.split("\n", 1)[1] == usage
@@ -266,9 +305,9 @@ def test_relative_model_path_finds_its_tokenizer(run_binary, make_model):
 
 def test_chat_mode_answers_every_turn(run_binary, scripted_model):
     """Each line of stdin is a turn, answered until the model ends the text; the end of stdin
-    ends the chat."""
-    # after the "]" of "[/INST]" the model says "ok", then ends the text
-    files = scripted_model([byte_id(ord("]")), piece_id(b"o"), piece_id(b"k"), 2], seq_len=128)
+    ends the chat.  The space the template leaves before an answer is not printed."""
+    # after the ":" of the qa template's "A:" the model says " ok", then ends the text
+    files = scripted_model([byte_id(ord(":")), piece_id(b" "), piece_id(b"o"), piece_id(b"k"), 2], seq_len=128)
     r = run_cli(run_binary, files.model, "-m", "chat", "-y", "be brief", "-n", "5", "-t", "0",
                 stdin="hello\nand again\n")
     assert (r.returncode, r.stderr) == (0, "")
@@ -278,19 +317,68 @@ def test_chat_mode_answers_every_turn(run_binary, scripted_model):
     assert (r.returncode, r.stderr, r.stdout) == (0, "", "Enter system prompt (optional): User: ")
 
 
-def test_chat_turn_uses_the_llama2_template(run_binary, make_model):
-    """The first turn is BOS + "[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST]": its greedy
-    answer is the greedy continuation of that text."""
+def python_chat(model, template, system, turns, **settings) -> str:
+    """The transcript ./run -m chat prints for turns, written from arianna_c's Chat."""
+    from arianna_c.session import Chat
+
+    with Chat(model, template=template, system=system) as conversation:
+        answers = [conversation.say(turn, **settings).text for turn in turns]
+    return "".join(f"User: Assistant: {a}\n" for a in answers) + "User: "
+
+
+TURNS = ["hello", "and the river?", "why"]
+CHAT_SETTINGS = [([], {}),
+                 (["--repeat-penalty", "1.5", "--presence-penalty", "0.5", "--min-p", "0.05", "-t", "0.8"],
+                  dict(repeat_penalty=1.5, presence_penalty=0.5, min_p=0.05, temperature=0.8))]
+
+
+@pytest.mark.parametrize("template", ["qa", "llama-2", "chatml"])
+@pytest.mark.parametrize("flags, settings", CHAT_SETTINGS, ids=["defaults", "penalties"])
+def test_chat_transcript_equals_arianna_c_chat(run_binary, make_model, template, flags, settings):
+    """Every answer of a conversation, turns and answers rendered by the library's template, is
+    the one arianna_c's Chat gives with the same seed and settings (each answer starting again
+    from the seed); the first is Model.chat's for those messages."""
     from arianna_c import Model
 
-    files = make_model(seed=6, seq_len=64)
-    r = run_cli(run_binary, files.model, "-m", "chat", "-y", "be brief", "-n", "5", "-t", "0",
-                stdin="hello\n")
-    assert r.returncode == 0, r.stderr
+    files = make_model(seed=5, seq_len=256)
+    r = run_cli(run_binary, files.model, "-m", "chat", "--chat-template", template, "-y", "Be brief.", "-n", "8",
+                "-s", "3", *flags, stdin="\n".join(TURNS) + "\n")
+    assert (r.returncode, r.stderr) == (0, "")
     with Model(files.model, files.tokenizer) as m:
-        want = m.generate("[INST] <<SYS>>\nbe brief\n<</SYS>>\n\nhello [/INST]", max_new_tokens=5,
-                          temperature=0)
-    assert want and r.stdout == f"User: Assistant: {want}\nUser: "
+        want = python_chat(m, template, "Be brief.", TURNS, seed=3, max_new_tokens=8, **settings)
+        first = m.chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": TURNS[0]}],
+                       template, seed=3, max_new_tokens=8, **settings).text
+    assert r.stdout.count("Assistant: ") == 3 and r.stdout == want
+    assert r.stdout.startswith(f"User: Assistant: {first}\nUser: ")
+
+
+def test_chat_answers_differ_by_template(run_binary, make_model):
+    files = make_model(seed=5, seq_len=256)
+    outputs = {t: run_cli(run_binary, files.model, "-m", "chat", "--chat-template", t, "-y", "", "-n", "8", "-s", "3",
+                          stdin="hello\n").stdout for t in ("qa", "llama-2", "chatml")}
+    assert len(set(outputs.values())) == 3, outputs
+
+
+def test_chat_template_default_comes_from_the_vocabulary(run_binary, make_model, tmp_path):
+    """The library's rule, as for arianna_c: ChatML when the vocabulary has <|im_start|>, else qa."""
+    from arianna_c import Model, formats
+    from arianna_c.session import chat_template
+
+    from conftest import synthetic_tokenizer
+
+    files = make_model(seed=5, seq_len=256)
+    args = [files.model, "-m", "chat", "-y", "", "-n", "8", "-s", "3"]
+    plain = run_cli(run_binary, *args, stdin="hello\n")
+    assert plain.stdout == run_cli(run_binary, *args, "--chat-template", "qa", stdin="hello\n").stdout
+    pieces, scores = synthetic_tokenizer(files.cfg.vocab_size)
+    pieces[-1] = b"<|im_start|>"
+    formats.write_tokenizer(files.tokenizer, pieces, scores)
+    with Model(files.model, files.tokenizer) as m:
+        assert chat_template(m).name == "chatml"
+    chatml = run_cli(run_binary, *args, stdin="hello\n")
+    assert chatml.returncode == 0, chatml.stderr
+    assert chatml.stdout == run_cli(run_binary, *args, "--chat-template", "chatml", stdin="hello\n").stdout
+    assert chatml.stdout != run_cli(run_binary, *args, "--chat-template", "qa", stdin="hello\n").stdout
 
 
 def test_chat_mode_stops_when_context_is_full(run_binary, make_model):
@@ -303,22 +391,23 @@ def test_chat_mode_stops_when_context_is_full(run_binary, make_model):
 
 def test_chat_turn_too_long_says_so_and_the_conversation_goes_on(run_binary, make_model):
     from arianna_c import Model
+    from arianna_c.chat import TEMPLATES
+    from arianna_c.session import chat_prompt
 
     files = make_model(seed=6, seq_len=64)
     long_turn = " ".join(["word"] * 30)
-    with Model(files.model, files.tokenizer) as m:
-        long_tokens = len(m.encode(f"[INST] {long_turn} [/INST]"))
-    assert long_tokens > 64
     r = run_cli(run_binary, files.model, "-m", "chat", "-y", "", "-n", "2", "-s", "1", "-t", "0",
-            stdin=f"hi\n{long_turn}\nok\n")
+                stdin=f"hi\n{long_turn}\nok\n")
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""
-    notes = re.findall(r"\(this turn is too long: (\d+) tokens do not fit: (\d+) of the model's "
-                       r"seq_len 64 are in use; the conversation goes on\)\n", r.stdout)
+    notes = re.findall(r"\(this turn is too long: with it the conversation is (\d+) tokens, and the context "
+                       r"holds 63 \(one left for the answer\); the conversation goes on\)\n", r.stdout)
     assert len(notes) == 1, r.stdout
-    tokens, in_use = map(int, notes[0])
-    assert tokens == long_tokens
-    assert 0 < in_use < 64
+    first_answer = r.stdout.split("Assistant: ")[1].split("\n")[0]
+    with Model(files.model, files.tokenizer) as m:
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": first_answer},
+                    {"role": "user", "content": long_turn}]
+        assert int(notes[0]) == len(chat_prompt(m, messages, TEMPLATES["qa"])) > 63
     # the turns before and after are answered
     assert r.stdout.count("Assistant: ") == 2
     assert r.stdout.index("Assistant: ") < r.stdout.index("too long") < r.stdout.rindex("Assistant: ")
@@ -332,10 +421,11 @@ def test_chat_first_turn_too_long_keeps_the_system_prompt_for_the_next(run_binar
     args = ["-m", "chat", "-y", "be", "-n", "4", "-t", "0"]
     refused_first = run_cli(run_binary, files.model, *args, stdin=" ".join(["word"] * 30) + "\nhi\n")
     direct = run_cli(run_binary, files.model, *args, stdin="hi\n")
+    without_system = run_cli(run_binary, files.model, "-m", "chat", "-y", "", "-n", "4", "-t", "0", stdin="hi\n")
     assert refused_first.returncode == direct.returncode == 0
     assert "too long" in refused_first.stdout
     answer = lambda out: out.split("Assistant: ")[1].split("\n")[0]  # noqa: E731
-    assert answer(refused_first.stdout) == answer(direct.stdout)
+    assert answer(refused_first.stdout) == answer(direct.stdout) != answer(without_system.stdout)
 
 
 def test_chat_reads_lines_of_any_length(run_binary, make_model):
@@ -345,6 +435,99 @@ def test_chat_reads_lines_of_any_length(run_binary, make_model):
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("too long") == 1
     assert "Assistant: " not in r.stdout
+
+
+# ---------------------------------------------------------------------------- sampling settings and stop strings
+
+# (flags, the same settings for arianna_c): each changes the text, as it does for Model.generate
+SAMPLING = [
+    (["--min-p", "0.2"], dict(min_p=0.2)),
+    (["--repeat-penalty", "1.8"], dict(repeat_penalty=1.8)),
+    (["--repeat-penalty", "1.8", "--repeat-last-n", "3"], dict(repeat_penalty=1.8, repeat_last_n=3)),
+    (["--presence-penalty", "1.5"], dict(presence_penalty=1.5)),
+    (["--frequency-penalty", "1.5"], dict(frequency_penalty=1.5)),
+    (["--temp", "0.6", "--top-k", "8", "--top-p", "0.7"], dict(temperature=0.6, top_k=8, top_p=0.7)),
+]
+
+
+@pytest.mark.parametrize("flags, settings", SAMPLING, ids=[" ".join(f) for f, _ in SAMPLING])
+def test_sampling_flags_generate_what_python_does(run_binary, make_model, flags, settings):
+    from arianna_c import Model
+
+    files = make_model(seed=1)
+    base = [files.model, "-n", "40", "-i", "the cat", "-s", "3"]
+    plain = run_cli(run_binary, *base)
+    r = run_cli(run_binary, *base, *flags)
+    batch = run_cli(run_binary, *base, *flags, "-b", "2")
+    assert r.returncode == batch.returncode == 0, r.stderr + batch.stderr
+    with Model(files.model, files.tokenizer) as m:
+        want = m.generate("the cat", max_new_tokens=40, seed=3, **settings)
+        want_batch = m.generate_batch(["the cat"] * 2, max_new_tokens=40, seed=3, **settings)
+        assert want != m.generate("the cat", max_new_tokens=40, seed=3)  # the setting matters here
+    assert r.stdout == "the cat" + want + "\n" != plain.stdout
+    assert batch.stdout == "".join(f"=== sequence {i} (seed {3 + i}) ===\nthe cat{t}\n" for i, t in enumerate(want_batch))
+
+
+def test_long_names_are_the_short_flags(run_binary, make_model):
+    files = make_model(seed=1)
+    short = run_cli(run_binary, files.model, "-n", "30", "-t", "0.7", "-k", "9", "-p", "0.8", "-s", "11")
+    long = run_cli(run_binary, files.model, "-n", "30", "--temp", "0.7", "--top-k", "9", "--top-p", "0.8",
+                   "--seed", "11")
+    assert short.returncode == long.returncode == 0
+    assert short.stdout == long.stdout
+
+
+def ascii_stop(text: str, after: int = 6) -> str:
+    """Two printable ASCII characters that first occur in text at or after index after (a stop
+    string that cuts it there)."""
+    for i in range(after, len(text) - 1):
+        pair = text[i:i + 2]
+        if pair.isascii() and pair.isprintable() and pair.strip() == pair and text.find(pair) == i:
+            return pair
+    raise AssertionError(f"no ASCII pair in {text!r}")
+
+
+def test_stop_strings_end_the_text_as_in_python(run_binary, make_model):
+    from arianna_c import Model
+
+    files = make_model(seed=1)
+    base = [files.model, "-n", "60", "-i", "the cat", "-s", "3"]
+    with Model(files.model, files.tokenizer) as m:
+        full = m.generate("the cat", max_new_tokens=60, seed=3)
+        stop = ascii_stop(full)
+        other = ascii_stop(full, full.index(stop) + 4)
+        want = m.generate("the cat", max_new_tokens=60, seed=3, stop=[other, stop])
+        want_batch = m.generate_batch(["the cat"] * 3, max_new_tokens=60, seed=3, stop=[stop])
+    assert want == full[:full.index(stop)]  # the earlier one ends it, and it is not printed
+    r = run_cli(run_binary, *base, "--stop", other, "--stop", stop)
+    assert (r.returncode, r.stdout) == (0, "the cat" + want + "\n"), r.stderr
+    batch = run_cli(run_binary, *base, "--stop", stop, "-b", "3")
+    assert batch.returncode == 0, batch.stderr
+    assert batch.stdout == "".join(f"=== sequence {i} (seed {3 + i}) ===\nthe cat{t}\n" for i, t in enumerate(want_batch))
+    never = run_cli(run_binary, *base, "--stop", "\x01\x02 never")
+    assert never.stdout == "the cat" + full + "\n"
+
+
+def test_stop_strings_end_chat_answers_as_in_python(run_binary, make_model):
+    from arianna_c import Model
+
+    files = make_model(seed=5, seq_len=256)
+    args = [files.model, "-m", "chat", "-y", "", "-n", "12", "-s", "3"]
+    with Model(files.model, files.tokenizer) as m:
+        free = python_chat(m, "qa", None, TURNS[:2], seed=3, max_new_tokens=12)
+        stop = ascii_stop(free.split("Assistant: ")[1], 2)
+        want = python_chat(m, "qa", None, TURNS[:2], seed=3, max_new_tokens=12, stop=[stop])
+    assert want != free
+    r = run_cli(run_binary, *args, "--stop", stop, stdin="\n".join(TURNS[:2]) + "\n")
+    assert (r.returncode, r.stdout) == (0, want), r.stderr
+
+
+def test_a_stop_string_the_library_refuses_is_named(run_binary, make_model):
+    files = make_model()
+    for extra in ([], ["-b", "2"], ["-m", "chat", "-y", ""]):
+        r = run_cli(run_binary, files.model, "-n", "4", "--stop", "", *extra)
+        assert (r.returncode, r.stdout) == (1, ""), r.stderr
+        assert error_lines(r.stderr) == ["error: --stop: stop string 0 is invalid: it must be 1..4096 bytes"]
 
 
 # ---------------------------------------------------------------------------- the model file: read or mapped
@@ -491,8 +674,7 @@ needs_plain_binary = pytest.mark.skipif(
 @needs_plain_binary
 def test_cli_allocation_failure_says_what_was_being_allocated(run_binary, make_model):
     files = make_model(seq_len=8192)
-    r = subprocess.run([str(run_binary), str(files.model), "-b", "1024", "-n", "0"], capture_output=True,
-                       text=True, timeout=60, preexec_fn=limited(24))
+    r = run_cli(run_binary, files.model, "-b", "1024", "-n", "0", preexec_fn=limited(24))
     assert r.returncode == 1 and r.stdout == ""
     assert error_lines(r.stderr) == [
         "error: out of memory for the tokens of 1024 sequences of up to 8192 tokens (32.0 MiB)"]
@@ -505,12 +687,10 @@ def test_one_thread_starts_no_other_thread_under_a_low_memory_limit(run_binary, 
     files = make_model()
     # every thread reserves its 64 MiB stack: a second thread cannot start within 40 MiB
     limit = limited(40, stack_mib=64)
-    default = subprocess.run([str(run_binary), str(files.model), "-n", "3"], capture_output=True,
-                             text=True, timeout=60, preexec_fn=limit)
+    default = run_cli(run_binary, files.model, "-n", "3", preexec_fn=limit)
     assert default.returncode == 1
     assert error_lines(default.stderr) == [
         f"error: cannot start {lib.ac_default_threads()} threads (out of memory or thread limit)"]
     for extra in ([], ["-b", "2"]):
-        one = subprocess.run([str(run_binary), str(files.model), "-n", "3", "-T", "1", *extra],
-                             capture_output=True, text=True, errors="replace", timeout=60, preexec_fn=limit)
+        one = run_cli(run_binary, files.model, "-n", "3", "-T", "1", *extra, preexec_fn=limit)
         assert one.returncode == 0, one.stderr

@@ -156,6 +156,38 @@ def test_why_a_generation_stopped(lib, ffi, scripted_model):
         c.close()
 
 
+def test_session_stop_strings_through_ac_generate(lib, ffi, scripted_model):
+    """ac_session_set_stops: the text ends before a stop string (AC_STOP_STRING, its tokens
+    reported); bytes held back for one that never comes reach the callback as token -1."""
+    files = scripted_model([1] + ALPHABET[:5] + [2], seq_len=12)  # BOS a b c d e EOS
+    c = Loaded(lib, ffi, files)
+    try:
+        s = c.session(temperature=0.0)
+        calls = []
+
+        @ffi.callback("int(void *, int, const char *, size_t)")
+        def on_piece(user, token, piece, size):
+            calls.append((token, ffi.unpack(piece, size)))
+            return 0
+
+        def generate(*stops):
+            data = [ffi.new("char[]", x) for x in stops]
+            assert lib.ac_session_set_stops(s, ffi.new("const char *[]", data), ffi.new("size_t[]", [len(x) for x in stops]),
+                                            len(stops)) == 0
+            calls.clear()
+            n = ffi.new("int *")
+            assert lib.ac_generate(s, b"", 0, on_piece, ffi.NULL, n) == 0
+            return [b for _, b in calls], [t for t, _ in calls], n[0], lib.ac_session_stop_reason(s)
+
+        # "b" and "bc" are held for "bcx"; "d" completes "cd", so "b" comes out after all
+        assert generate(b"cd", b"bcx") == ([b"a", b"", b"", b"b"], ALPHABET[:4], 4, lib.AC_STOP_STRING)
+        assert generate(b"ex") == ([b"a", b"b", b"c", b"d", b"", b"e"], ALPHABET[:5] + [-1], 5, lib.AC_STOP_END)
+        assert generate() == ([b"a", b"b", b"c", b"d", b"e"], ALPHABET[:5], 5, lib.AC_STOP_END)
+        lib.ac_session_free(s)
+    finally:
+        c.close()
+
+
 def test_prompt_too_long_is_refused_by_the_feed(lib, ffi, make_model):
     files = make_model(seq_len=8)
     c = Loaded(lib, ffi, files)

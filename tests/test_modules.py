@@ -546,7 +546,66 @@ def test_make_dialogues_pairs_questions_with_replies(tmp_path):
         assert not turns(held) & turns((out / "train" / f"{name}.txt").read_text())
 
 
-# ---------------------------------------------------------------------------- fuzz regressions
+# ---------------------------------------------------------------------------- the shipped module
+
+
+def test_bundled_modules_are_found_in_the_package_then_the_checkout(tmp_path, monkeypatch):
+    from arianna_c import paths
+
+    package = tmp_path / "site" / "arianna_c"
+    monkeypatch.setattr(paths, "PACKAGE_DIR", package)
+    checkout = tmp_path / "site" / "persona" / "modules"
+    checkout.mkdir(parents=True)
+    (checkout / "qa.bin").write_bytes(b"x")
+    assert paths.bundled_module_path("qa") == str(checkout / "qa.bin")
+    (package / "persona" / "modules").mkdir(parents=True)
+    (package / "persona" / "modules" / "qa.bin").write_bytes(b"y")
+    assert paths.bundled_module_path("qa") == str(package / "persona" / "modules" / "qa.bin")
+    with pytest.raises(FileNotFoundError, match=r"no bundled 'other' module found; tried: ") as e:
+        paths.bundled_module_path("other")
+    assert str(package / "persona" / "modules" / "other.bin") in str(e.value)
+    assert str(checkout / "other.bin") in str(e.value)
+    for bad in ("", "../qa", "modules/qa", ".."):
+        with pytest.raises(ValueError, match="module name"):
+            paths.bundled_module_path(bad)
+
+
+def test_the_shipped_dialogue_module_applies_to_the_persona(built):
+    from arianna_c import paths
+
+    path = Path(paths.bundled_module_path("dialogue"))
+    assert path == REPO / "persona" / "modules" / "dialogue.bin"  # this checkout's
+    persona = paths.default_model_path()
+    modules.check_base(modules.read_module(path), formats.read_model(persona)[0], modules.fingerprint(persona),
+                       str(path))
+    with Model(persona, modules=[(path, 1.0)]) as m:
+        assert np.isfinite(m.logits(TOKENS)).all()
+
+
+# ---------------------------------------------------------------------------- fuzz seeds and regressions
+
+
+def test_fuzz_module_load_seeds_load_or_are_refused_and_replay_cleanly(built, tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "fuzz" / "make_seeds.py"), str(tmp_path)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    seeds = sorted((tmp_path / "fuzz_module_load").iterdir())
+    loads = {}
+    for seed in seeds:
+        try:
+            modules.read_module(seed)
+            loads[seed.name] = True
+        except FormatError:
+            loads[seed.name] = False
+    assert loads["rank1-all-targets"] and loads["rank8-ffn-layer0"] and loads["overflowing-merge"]
+    assert not loads["truncated"] and not loads["nan-in-A"] and not loads["version-2"]
+    r = subprocess.run(["make", "-s", "build-fuzz/replay_fuzz_module_load"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run([str(REPO / "build-fuzz" / "replay_fuzz_module_load"), *map(str, seeds)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("ok ") == len(seeds)
+
 
 
 def test_fuzz_module_load_regressions_replay_cleanly(built):

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from arianna_c import AriannaError, Model
-from arianna_c.session import Session, StopMatcher
-from conftest import piece_id
+import capi
+from arianna_c.session import Session
+from conftest import byte_id, piece_id
 
 SEEDS = (1, 7, 123456789)
 
@@ -198,24 +199,108 @@ def test_bad_settings_raise_before_generating(model):
 # ---------------------------------------------------------------------------- stop strings
 
 
-def test_stop_matcher_holds_back_a_possible_stop_string():
-    m = StopMatcher(["\nQ:", "END"])
-    assert m.push("Hello") == "Hello"
-    assert m.push(" wor") == " wor"
-    assert m.push("ld\n") == "ld"  # "\n" may start "\nQ:"
-    assert m.push("A") == "\nA"    # it did not
-    assert m.push("EN") == ""
-    assert m.push("D and more") == ""
-    assert m.stopped and m.flush() == ""
+@pytest.fixture
+def c_generation(lib, ffi, make_model):
+    """c_generation(stops, **session settings) -> run(pieces): a C ac_generation on a tiny model
+    after BOS, handed one-hot logits so that it samples exactly the given pieces (greedy);
+    run returns [(token, final bytes, stop reason)] per ac_generation_next call until the
+    generation ends (pieces b"</s>" is EOS)."""
+    files = make_model(seed=1)
+    rc, model = capi.load_model(lib, ffi, files.model)
+    assert rc == 0
+    rc, tok = capi.load_tokenizer(lib, ffi, files.tokenizer, files.cfg.vocab_size)
+    assert rc == 0
+    made = []
+
+    def make(stops, **settings):
+        params = ffi.new("ac_session_params *", lib.ac_session_default_params())
+        params.sampler.temperature = 0.0
+        for k, v in settings.items():
+            setattr(params, k, v)
+        out = ffi.new("ac_generation **")
+        assert lib.ac_generation_create(model, tok, params, out) == 0
+        gen = out[0]
+        made.append(gen)
+        data = [ffi.new("char[]", x) for x in stops]
+        assert lib.ac_generation_set_stops(gen, ffi.new("const char *[]", data),
+                                           ffi.new("size_t[]", [len(x) for x in stops]), len(stops)) == 0
+        assert lib.ac_generation_begin(gen, ffi.new("int[]", [lib.AC_TOKEN_BOS]), 1) == 0
+
+        def run(pieces):
+            token, piece, size = ffi.new("int *"), ffi.new("const char **"), ffi.new("size_t *")
+            calls = []
+            for p in pieces:
+                logits = ffi.new("float[]", files.cfg.vocab_size)
+                logits[piece_id(p) if len(p) > 1 or p.isalpha() or p == b" " else byte_id(p[0])] = 10.0
+                assert lib.ac_generation_next(gen, logits, token, piece, size) == 0
+                calls.append((token[0], ffi.unpack(piece[0], size[0]), lib.ac_generation_stop_reason(gen)))
+                if calls[-1][2] != lib.AC_STOP_NONE:
+                    break
+            return calls
+
+        return run
+
+    yield make
+    for gen in made:
+        lib.ac_generation_free(gen)
+    lib.ac_tokenizer_free(tok)
+    lib.ac_model_free(model)
 
 
-def test_stop_matcher_earliest_stop_wins_and_flush_releases_a_tail():
-    m = StopMatcher(["cd", "bcde"])
-    assert m.push("abcde") == "a"  # "bcde" starts before "cd" does
-    n = StopMatcher(["xyz"])
-    assert n.push("abxy") == "ab"
-    assert n.flush() == "xy" and not n.stopped
-    assert StopMatcher([""]).push("abc") == "abc"  # empty stop strings are ignored
+def test_c_stop_string_split_across_tokens_is_held_then_dropped(lib, c_generation):
+    run = c_generation([b"iver"])
+    calls = run([b" the", b" ", b"r", b"i", b"v", b"er", b" a"])
+    assert [c[1] for c in calls] == [b"the", b" ", b"r", b"", b"", b""]  # "i", "iv" held back
+    assert calls[-1][2] == lib.AC_STOP_STRING and calls[-1][0] == piece_id(b"er")  # the token is reported
+
+
+def test_c_stop_string_that_is_a_prefix_of_another(lib, c_generation):
+    run = c_generation([b"abc", b"ab"])
+    calls = run([b"x", b"a", b"b", b"c"])
+    assert [c[1] for c in calls] == [b"x", b"", b""] and calls[-1][2] == lib.AC_STOP_STRING
+    # a stop string inside the tail held for a longer one that starts earlier: it ends the text
+    run = c_generation([b"abc", b"b"])
+    calls = run([b"a", b"b", b"c"])
+    assert [c[1] for c in calls] == [b"", b"a"] and calls[-1][2] == lib.AC_STOP_STRING
+
+
+def test_c_stop_string_never_matched_releases_what_it_held(lib, c_generation):
+    run = c_generation([b"xyz"])
+    calls = run([b"a", b"x", b"y", b"</s>"])  # EOS: the held "xy" comes with the end
+    assert calls == [(piece_id(b"a"), b"a", 0), (piece_id(b"x"), b"", 0), (piece_id(b"y"), b"", 0),
+                     (-1, b"xy", lib.AC_STOP_END)]
+    run = c_generation([b"xyz"], max_new_tokens=3)  # the last token brings the held bytes
+    calls = run([b"a", b"x", b"y"])
+    assert [c[1] for c in calls] == [b"a", b"", b"xy"] and calls[-1][2] == lib.AC_STOP_LENGTH
+
+
+def test_c_stop_strings_on_utf8_bytes(lib, c_generation):
+    e_acute = "\u00e9".encode()  # two byte pieces, C3 A9
+    run = c_generation(["\u00e9".encode()])
+    calls = run([b"a", e_acute[:1], e_acute[1:], b"b"])
+    assert [c[1] for c in calls] == [b"a", b"", b""] and calls[-1][2] == lib.AC_STOP_STRING
+    run = c_generation(["\u00e8".encode()])  # C3 A8: shares the first byte only
+    calls = run([b"a", e_acute[:1], e_acute[1:], b"</s>"])
+    assert [c[1] for c in calls] == [b"a", b"", e_acute, b""] and calls[-1][2] == lib.AC_STOP_END
+
+
+def test_c_stop_string_arguments_are_checked(lib, ffi, make_model):
+    files = make_model(seed=1)
+    with Model(files.model) as m, m._h.use() as h:
+        out = ffi.new("ac_generation **")
+        assert lib.ac_generation_create(h.model, h.tokenizer, ffi.NULL, out) == 0
+        gen = ffi.gc(out[0], lib.ac_generation_free)
+        one = [ffi.new("char[]", b"")]
+        assert lib.ac_generation_set_stops(gen, ffi.new("const char *[]", one), ffi.new("size_t[]", [0]), 1) \
+            == lib.AC_ERR_ARG
+        assert "stop string 0 is invalid" in capi.last_error(lib, ffi)
+        many = lib.AC_MAX_STOPS + 1
+        strings = [ffi.new("char[]", b"x")] * many
+        assert lib.ac_generation_set_stops(gen, ffi.new("const char *[]", strings), ffi.new("size_t[]", [1] * many),
+                                           many) == lib.AC_ERR_ARG
+        token, piece, size = ffi.new("int *"), ffi.new("const char **"), ffi.new("size_t *")
+        assert lib.ac_generation_next(gen, ffi.new("float[]", 320), token, piece, size) == lib.AC_ERR_ARG
+        assert "ac_generation_begin" in capi.last_error(lib, ffi)  # no context yet
 
 
 @pytest.fixture
@@ -248,6 +333,52 @@ def test_stop_string_split_over_pieces_and_no_match(scripted):
     with scripted.session() as s:
         result = s.generate(max_new_tokens=12, temperature=0.0, stop=["river iz"])
     assert result.text == "the river is a sea" and result.finish_reason == "length"
+
+
+def test_stop_strings_reach_every_front_end(scripted):
+    """Model.generate, Model.stream, Model.generate_batch and a Session stop alike (the
+    library's rule), including a stop string never matched and one split over pieces."""
+    for stop in (["iver"], ["is a", "zzz"], ["river iz"], ["a sea", "a s"]):
+        with scripted.session() as s:
+            expected = s.generate(max_new_tokens=12, temperature=0.0, stop=stop).text
+        assert scripted.generate(max_new_tokens=12, temperature=0.0, stop=stop) == expected
+        assert "".join(scripted.stream(max_new_tokens=12, temperature=0.0, stop=stop)) == expected
+        assert scripted.generate_batch(["", ""], max_new_tokens=12, temperature=0.0, stop=stop) == [expected] * 2
+    assert expected == "the river is "
+
+
+def test_stop_string_with_a_multibyte_character(scripted_model):
+    words = [b" the", b" ", b"r"]
+    e_acute = "\u00e9".encode()
+    script = [1] + [piece_id(w) for w in words] + [byte_id(e_acute[0]), byte_id(e_acute[1]), piece_id(b"s"), 2]
+    with Model(scripted_model(script).model) as m:
+        assert m.generate(temperature=0.0) == "the r\u00e9s"
+        assert m.generate(temperature=0.0, stop="\u00e9") == "the r"
+        assert m.generate(temperature=0.0, stop="\u00e8") == "the r\u00e9s"  # shares a first byte only
+        assert list(m.stream(temperature=0.0)) == ["the", " ", "r", "\u00e9", "s"]
+        # "r" and then "r" + the first byte of the character may start "r\u00e8": held back together
+        assert list(m.stream(temperature=0.0, stop=["r\u00e8"])) == ["the", " ", "r\u00e9", "s"]
+        with m.session() as s:
+            assert s.generate(temperature=0.0, stop="\u00e9s").text == "the r"
+
+
+def test_model_generate_takes_every_setting_of_a_session(model):
+    settings = dict(max_new_tokens=20, temperature=0.8, seed=4, min_p=0.05, repeat_penalty=1.3,
+                    repeat_last_n=8, presence_penalty=0.2, frequency_penalty=0.1, logit_bias={5: 2.0, 9: -1.0})
+    with model.session() as s:
+        s.feed("the river")
+        result = s.generate(logprobs=2, **settings)
+    assert model.generate("the river", **settings) == result.text
+    again = model.generate("the river", logprobs=2, **settings)
+    assert again.text == result.text and again.tokens == result.tokens
+    assert [t.logprob for t in again.logprobs] == [t.logprob for t in result.logprobs]
+    assert model.generate_batch(["the river"], **settings) == [result.text]
+    with pytest.raises(TypeError, match="logprobs"):
+        model.stream("the river", logprobs=2)
+    with pytest.raises(TypeError, match="logprobs"):
+        model.generate_batch(["the river"], logprobs=2)
+    with pytest.raises(AriannaError, match="outside the vocabulary"):
+        model.generate("x", logit_bias={10**6: 1.0})
 
 
 # ---------------------------------------------------------------------------- log-probabilities

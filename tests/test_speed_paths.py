@@ -4,6 +4,7 @@ batched decode vs single sequences, and the CLI flags -T / -q / -o / -b."""
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import struct
@@ -87,12 +88,13 @@ SAME_LANES = [("avx2", "avx2-vnni"), ("avx512", "avx512-vnni")]
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
-def cpu_flags() -> set[str]:
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
     info = Path("/proc/cpuinfo")
     for line in info.read_text().splitlines() if info.exists() else []:
         if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
 
 
 def missing_features(name: str) -> list[str]:

@@ -45,7 +45,7 @@ import numpy as np
 
 from ..formats import read_model
 from ..paths import default_model_path
-from ..perplexity import _nll_rows as token_nll  # the one home of the per-token NLL
+from ..perplexity import token_nll
 from ..runtime import Model
 from ..sampling import SamplingParams
 
