@@ -63,7 +63,8 @@ SAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-san
 # The sanitizer runtime Python must preload to host the sanitized library.
 SAN_RUNTIME = $(shell $(SAN_CC) -print-file-name=libasan.so)
 SAN_ENV = ASAN_OPTIONS=abort_on_error=1:detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
-SAN_TESTS = tests/test_runtime.py tests/test_tokenizer.py tests/test_bad_inputs.py tests/test_modules.py
+SAN_TESTS = tests/test_runtime.py tests/test_tokenizer.py tests/test_bad_inputs.py tests/test_modules.py \
+            tests/test_cli.py
 TINY_DIR = $(SAN_DIR)/tiny
 
 sanitize: $(SAN_DIR)/libarianna.so $(SAN_DIR)/run

@@ -588,7 +588,10 @@ static int read_line(const char *question, char **line, size_t *cap) {
         fprintf(stderr, "error: read from stdin failed: %s\n", strerror(errno));
         return -1;
     }
-    if (n < 0) return 0;
+    if (n < 0) { /* the end of input: an empty line (getline may have left the buffer unset) */
+        if (*line) (*line)[0] = '\0';
+        return 0;
+    }
     if (n > 0 && (*line)[n - 1] == '\n') (*line)[n - 1] = '\0';
     return 1;
 }

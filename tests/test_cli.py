@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from capi import error_lines, mappings_of, read_stdout_until, run_cli
+from capi import error_lines, last_error, load_tokenizer, mappings_of, read_stdout_until, run_cli
 from conftest import byte_id, piece_id, write_synthetic_tokenizer
 
 
@@ -437,6 +437,50 @@ def test_chat_reads_lines_of_any_length(run_binary, make_model):
     assert "Assistant: " not in r.stdout
 
 
+def c_chat_tokens(lib, ffi, template: str, tok, messages: list, cap: int) -> tuple[int, list]:
+    """ac_chat_tokens: (result code, the ids written, or the count needed as one number)."""
+    keep = [ffi.new("char[]", m[k].encode()) for m in messages for k in ("role", "content")]
+    c = ffi.new("ac_chat_message[]", max(len(messages), 1))
+    for i, m in enumerate(messages):
+        c[i].role, c[i].content, c[i].content_len = keep[2 * i], keep[2 * i + 1], len(m["content"].encode())
+    out, n = ffi.new("int[]", max(cap, 1)), ffi.new("int *")
+    rc = lib.ac_chat_tokens(lib.ac_chat_template_get(template.encode()), tok, c, len(messages), 1, out, cap, n)
+    return rc, (list(out[0:n[0]]) if rc == 0 else [n[0]])
+
+
+def test_library_chat_tokens_are_what_arianna_c_feeds(lib, ffi, make_model):
+    """The tokens ./run feeds for a conversation are the ones arianna_c's chat_prompt gives."""
+    import random
+
+    from arianna_c import Model
+    from arianna_c.chat import TEMPLATES
+    from arianna_c.session import chat_prompt
+
+    files = make_model(seq_len=256)
+    words = ["", "hi", "</s>", "<s>", "{content}", "\u00e9 \u00fc", "x\ny", " lead"]
+    rng = random.Random(1)
+    rc, tok = load_tokenizer(lib, ffi, files.tokenizer, files.cfg.vocab_size)
+    assert rc == 0
+    with Model(files.model, files.tokenizer) as m:
+        for _ in range(60):
+            messages = [{"role": "system", "content": rng.choice(words)}] if rng.random() < 0.5 else []
+            messages += [{"role": rng.choice(["user", "assistant"]), "content": rng.choice(words)}
+                         for _ in range(rng.randint(0 if messages else 1, 3))]
+            for name in TEMPLATES:
+                want = chat_prompt(m, messages, TEMPLATES[name])
+                assert c_chat_tokens(lib, ffi, name, tok, messages, 256) == (0, want)
+                if len(want) > 1:
+                    assert c_chat_tokens(lib, ffi, name, tok, messages, len(want) - 1) == \
+                        (lib.AC_ERR_RANGE, [len(want)])
+        bad = [([], "messages is empty"), ([{"role": "robot", "content": "x"}], "messages[0].role 'robot' is invalid"),
+               ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
+                "messages[1] is a system message: only the first message may be one")]
+        for messages, message in bad:
+            assert c_chat_tokens(lib, ffi, "qa", tok, messages, 16)[0] == lib.AC_ERR_ARG
+            assert message in last_error(lib, ffi)
+    lib.ac_tokenizer_free(tok)
+
+
 # ---------------------------------------------------------------------------- sampling settings and stop strings
 
 # (flags, the same settings for arianna_c): each changes the text, as it does for Model.generate
@@ -465,7 +509,8 @@ def test_sampling_flags_generate_what_python_does(run_binary, make_model, flags,
         want_batch = m.generate_batch(["the cat"] * 2, max_new_tokens=40, seed=3, **settings)
         assert want != m.generate("the cat", max_new_tokens=40, seed=3)  # the setting matters here
     assert r.stdout == "the cat" + want + "\n" != plain.stdout
-    assert batch.stdout == "".join(f"=== sequence {i} (seed {3 + i}) ===\nthe cat{t}\n" for i, t in enumerate(want_batch))
+    assert batch.stdout == "".join(f"=== sequence {i} (seed {3 + i}) ===\nthe cat{t}\n"
+                                   for i, t in enumerate(want_batch))
 
 
 def test_long_names_are_the_short_flags(run_binary, make_model):
@@ -503,7 +548,8 @@ def test_stop_strings_end_the_text_as_in_python(run_binary, make_model):
     assert (r.returncode, r.stdout) == (0, "the cat" + want + "\n"), r.stderr
     batch = run_cli(run_binary, *base, "--stop", stop, "-b", "3")
     assert batch.returncode == 0, batch.stderr
-    assert batch.stdout == "".join(f"=== sequence {i} (seed {3 + i}) ===\nthe cat{t}\n" for i, t in enumerate(want_batch))
+    assert batch.stdout == "".join(f"=== sequence {i} (seed {3 + i}) ===\nthe cat{t}\n"
+                                   for i, t in enumerate(want_batch))
     never = run_cli(run_binary, *base, "--stop", "\x01\x02 never")
     assert never.stdout == "the cat" + full + "\n"
 
