@@ -11,7 +11,7 @@ import os
 import struct
 import threading
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, TypeVar, Union
 
 from . import paths
 from ._lib import _error_check, ffi, load
@@ -133,7 +133,29 @@ class _Handles:
         self.buffers.clear()
 
 
-class Model:
+_Self = TypeVar("_Self", bound="_Closing")
+
+
+class _Closing:
+    """close() (the subclass's) at the end of a with block and when the object is collected;
+    an error there is dropped (at interpreter exit the library may be gone already)."""
+
+    close: Callable[[], None]
+
+    def __enter__(self: _Self) -> _Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Model(_Closing):
     """A loaded model and its tokenizer.
 
     ``path``: a model file (v0, v1 or int8 v2 layout), or the file's bytes; default: the
@@ -260,18 +282,6 @@ class Model:
     @property
     def closed(self) -> bool:
         return self._h.closed
-
-    def __enter__(self) -> "Model":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -457,7 +467,7 @@ class _Lease:
         handles.release()
 
 
-class _TextStream(Iterator[str]):
+class _TextStream(Iterator[str], _Closing):
     """The iterator Model.stream returns.  It holds one C session (and the Model's handles, so
     a close() of the Model waits for it) from the call until the text ends, the loop breaks
     (close()) or the iterator is dropped.  The generator that samples references the lease,
@@ -480,12 +490,6 @@ class _TextStream(Iterator[str]):
         if pieces is not None:
             pieces.close()  # runs its finally (if it ever started)
         self._lease.free()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 def _start(model: Model, lease: _Lease, prompt: bytes, params: SamplingParams) -> Iterator[str]:

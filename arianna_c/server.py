@@ -474,9 +474,10 @@ def create_app(model: Any, model_name: str = "arianna_c", api_key: Optional[str]
             raise APIError(400, f"n {body.n} exceeds the server's {parallel} parallel sequences", param="n")
 
     async def run_job(request: Request, job: Job) -> list[Completion]:
-        """Waits for a non-streaming job, cancelling it if the client goes away."""
-        batcher_box["b"].submit(job)
+        """Waits for a non-streaming job, cancelling it if the client goes away; a failure is
+        the job's APIError."""
         try:
+            batcher_box["b"].submit(job)
             while True:
                 done, _ = await asyncio.wait({job.done}, timeout=DISCONNECT_POLL_S)
                 if done:
@@ -487,6 +488,19 @@ def create_app(model: Any, model_name: str = "arianna_c", api_key: Optional[str]
         except asyncio.CancelledError:
             job.cancelled.set()
             raise
+        except Exception as e:
+            raise job_error(e) from None
+
+    def stream(job: Job, body: _Body, chunk: Any, first: Any) -> StreamingResponse:
+        """Submits a streaming job (a full queue is a 503 before the stream starts) and answers
+        with its event stream."""
+        include = bool((body.stream_options or {}).get("include_usage"))
+        batcher_box["b"].submit(job)
+        return StreamingResponse(sse(job, chunk, first, include), media_type="text/event-stream")
+
+    def header(rid: str, kind: str) -> dict:
+        """The fields every response and chunk starts with."""
+        return {"id": rid, "object": kind, "created": int(time.time()), "model": model_name}
 
     def job_error(e: BaseException) -> APIError:
         if isinstance(e, APIError):
@@ -593,7 +607,7 @@ def create_app(model: Any, model_name: str = "arianna_c", api_key: Optional[str]
             offsets = [len(echo)] * body.n
 
             def chunk(index, text, items, finish, usage_=None):
-                base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name}
+                base = header(rid, "text_completion")
                 if index is None:
                     return dict(base, choices=[], usage=usage_)
                 lp = logprobs_of(items, offsets[index])
@@ -601,17 +615,10 @@ def create_app(model: Any, model_name: str = "arianna_c", api_key: Optional[str]
                 return dict(base, choices=[{"text": text, "index": index, "logprobs": lp, "finish_reason": finish}])
 
             first = (lambda index: chunk(index, echo, [], None)) if echo else None
-            include = bool((body.stream_options or {}).get("include_usage"))
-            batcher_box["b"].submit(job)  # a full queue is a 503 before the stream starts
-            return StreamingResponse(sse(job, chunk, first, include), media_type="text/event-stream")
+            return stream(job, body, chunk, first)
 
-        try:
-            results = await run_job(request, job)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            raise job_error(e) from None
-        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
+        results = await run_job(request, job)
+        return {**header(rid, "text_completion"),
                 "choices": [{"text": echo + r.text, "index": i, "logprobs": logprobs_of(r.logprobs or [], len(echo)),
                              "finish_reason": r.finish_reason} for i, r in enumerate(results)],
                 "usage": usage(job, results)}
@@ -648,7 +655,7 @@ def create_app(model: Any, model_name: str = "arianna_c", api_key: Optional[str]
             replies = [ReplyText() for _ in range(body.n)]
 
             def chunk(index, text, items, finish, usage_=None):
-                base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name}
+                base = header(rid, "chat.completion.chunk")
                 if index is None:
                     return dict(base, choices=[], usage=usage_)
                 text = replies[index].push(text)
@@ -657,21 +664,14 @@ def create_app(model: Any, model_name: str = "arianna_c", api_key: Optional[str]
                                             "finish_reason": finish}])
 
             def first(index):
-                return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name,
-                        "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                     "finish_reason": None}]}
+                return dict(header(rid, "chat.completion.chunk"),
+                            choices=[{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                      "finish_reason": None}])
 
-            include = bool((body.stream_options or {}).get("include_usage"))
-            batcher_box["b"].submit(job)  # a full queue is a 503 before the stream starts
-            return StreamingResponse(sse(job, chunk, first, include), media_type="text/event-stream")
+            return stream(job, body, chunk, first)
 
-        try:
-            results = await run_job(request, job)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            raise job_error(e) from None
-        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
+        results = await run_job(request, job)
+        return {**header(rid, "chat.completion"),
                 "choices": [{"index": i, "message": {"role": "assistant", "content": r.text.lstrip()},
                              "logprobs": logprobs_of(r.logprobs or []), "finish_reason": r.finish_reason}
                             for i, r in enumerate(results)],

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 from . import chat
 from ._lib import _error_check, ffi
 from .errors import AriannaError, ErrorCode
-from .runtime import _c_generation, _c_params
+from .runtime import _c_generation, _c_params, _Closing
 from .sampling import SamplingParams, _count, sampling_params
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ Text = Union[str, bytes]
 # ---------------------------------------------------------------------------- KV caches
 
 
-class Slots:
+class Slots(_Closing):
     """n sequences' KV caches (one C ac_batch) that sessions borrow one each.
 
     ``acquire()`` hands out a free sequence, ``release(seq)`` takes it back; ``prefill`` runs
@@ -109,12 +109,6 @@ class Slots:
         use, self._use = getattr(self, "_use", None), None
         if use is not None:
             use.__exit__(None, None, None)
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 # ---------------------------------------------------------------------------- results
@@ -256,7 +250,7 @@ class Generation:
 # ---------------------------------------------------------------------------- session
 
 
-class Session:
+class Session(_Closing):
     """A context kept in a KV cache between calls.
 
     ``feed(text)`` appends text (BOS first when the context is empty), ``generate(...)``
@@ -447,18 +441,6 @@ class Session:
             slots.close()
         else:
             slots.release(self.seq)
-
-    def __enter__(self) -> "Session":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 def _token_id(value: Any, vocab_size: int) -> int:

@@ -212,6 +212,17 @@ def scripted_weights(cfg: ModelConfig, script: list[int], seed: int = 0) -> dict
     return weights
 
 
+def rounding_edge_cases(weights: dict) -> dict:
+    """A copy of weights whose embedding starts with the groups int8 rounding can get wrong:
+    halves (scale exactly 1, so w / scale lands on .5), an all-zero group, subnormals."""
+    weights = {name: array.copy() for name, array in weights.items()}
+    halves = np.arange(-16, 16, dtype=np.float32) + np.float32(0.5)
+    halves[0] = np.float32(-127.0)
+    rows = weights["token_embedding"].reshape(-1, 32)
+    rows[0], rows[1], rows[2] = halves, 0.0, halves * np.float32(1e-42)
+    return weights
+
+
 @pytest.fixture
 def scripted_model(make_model) -> Callable[..., ModelFiles]:
     """Factory: scripted_model(script) -> a v1 untied model that greedily emits script."""

@@ -26,6 +26,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import helpers_parity as hp  # noqa: E402
+from conftest import rounding_edge_cases  # noqa: E402
 
 from arianna_c import formats  # noqa: E402
 from arianna_c.reference import Reference, Sampler, Tokenizer  # noqa: E402
@@ -157,17 +158,6 @@ def test_c_logits_of_a_prefix_match(case):
 INT8_CASES = ["llisa-tied-mha-v4096-v0", "untied-gqa2-v517-v1", "untied-mha-v4096-v0"]  # 32 | dim, hidden
 
 
-def edge_case_weights(case: ShapeCase) -> dict:
-    """The case's weights, the embedding's first groups being the ones rounding can get wrong:
-    halves (scale exactly 1, so w / scale lands on .5), an all-zero group, subnormals."""
-    weights = {name: array.copy() for name, array in case.weights.items()}
-    halves = np.arange(-16, 16, dtype=np.float32) + np.float32(0.5)
-    halves[0] = np.float32(-127.0)
-    rows = weights["token_embedding"].reshape(-1, 32)
-    rows[0], rows[1], rows[2] = halves, 0.0, halves * np.float32(1e-42)
-    return weights
-
-
 @pytest.mark.parametrize("edge_cases", [False, True], ids=["random", "edge-cases"])
 @pytest.mark.parametrize("name", INT8_CASES)
 def test_int8_file_written_by_numpy_is_the_c_quantizers(cases, tmp_path, name, edge_cases):
@@ -176,7 +166,7 @@ def test_int8_file_written_by_numpy_is_the_c_quantizers(cases, tmp_path, name, e
     import arianna_c
 
     case = cases[name]
-    weights = edge_case_weights(case) if edge_cases else case.weights
+    weights = rounding_edge_cases(case.weights) if edge_cases else case.weights
     source = tmp_path / "f32.bin"
     formats.write_model(source, case.cfg, weights)
     tok = hp.placeholder_tokenizer(case.cfg.vocab_size)

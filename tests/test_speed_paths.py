@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import LAYOUTS, REPO, tiny_config
+from conftest import LAYOUTS, REPO, rounding_edge_cases, tiny_config
 
 # dim and hidden_dim multiples of 32, so the int8 SIMD kernel (32-byte groups) is exercised.
 WIDE = dict(dim=64, hidden_dim=128, n_heads=4, n_kv_heads=2)
@@ -395,25 +395,14 @@ def test_int8_file_round_trip(lib, ffi, make_model, tmp_path, layout):
         lib.ac_model_free(m)
 
 
-def edge_case_weights(cfg) -> dict:
-    """Random weights whose embedding starts with the groups rounding can get wrong: halves
-    (scale exactly 1, so w / scale lands on .5), an all-zero group, subnormals."""
-    from arianna_c import formats
-
-    weights = formats.random_weights(cfg, seed=11)
-    halves = np.arange(-16, 16, dtype=np.float32) + np.float32(0.5)
-    halves[0] = np.float32(-127.0)
-    rows = weights["token_embedding"].reshape(-1, 32)
-    rows[0], rows[1], rows[2] = halves, 0.0, halves * np.float32(1e-42)
-    return weights
-
-
 @pytest.mark.parametrize("edge_cases", [False, True], ids=["random", "edge-cases"])
 def test_int8_file_layout_matches_numpy_quantization(lib, ffi, make_model, tmp_path, edge_cases):
     """The v2 bytes follow the documented layout: norms, then per matrix (per layer) int8
     values and float32 scales with scale = max|w| / 127 and q = round(w / scale) (half to
     even; 0 for an all-zero group)."""
-    weights = edge_case_weights(tiny_config(**WIDE)) if edge_cases else None
+    from arianna_c import formats
+
+    weights = rounding_edge_cases(formats.random_weights(tiny_config(**WIDE), seed=11)) if edge_cases else None
     wide_model = make_model(seed=11, weights=weights, **WIDE)
     rc, model = load(lib, ffi, wide_model.model)
     rc, q8 = quantize(lib, ffi, model)
