@@ -20,9 +20,13 @@ LDFLAGS += -pthread
 # instead would need a registry of every pool and would hang if a state were still in use.
 LIB_LDFLAGS = -Wl,-z,nodelete
 
-SRC = src/errors.c src/file.c src/model.c src/forward.c src/tokenizer.c src/sampler.c src/session.c src/chat.c src/paths.c \
+SRC = src/errors.c src/file.c src/model.c src/forward.c src/tokenizer.c src/sampler.c src/generation.c src/session.c src/batch.c \
+      src/chat.c src/conversation.c src/paths.c \
       src/module.c src/blake2b.c src/kernels.c src/kernels_avx2.c src/kernels_avx512.c src/pool.c
 HDR = src/run.h src/testing.h src/internal.h src/kernels.h src/kernels_x86.h src/pool.h src/blake2b.h
+# The CLI ./run: main and its option parser, on top of the library's sources.
+CLI_SRC = src/cli.c src/cli_args.c
+CLI_HDR = src/cli.h
 
 .PHONY: all test clean bench
 
@@ -32,8 +36,8 @@ libarianna.so: $(SRC) $(HDR)
 	$(CC) $(CFLAGS) -shared -o $@ $(SRC) $(LDFLAGS) $(LIB_LDFLAGS) $(LDLIBS)
 
 # The CLI links the library's object code statically, so ./run works without LD_LIBRARY_PATH.
-run: src/cli.c $(SRC) $(HDR)
-	$(CC) $(CFLAGS) -o $@ src/cli.c $(SRC) $(LDFLAGS) $(LDLIBS)
+run: $(CLI_SRC) $(CLI_HDR) $(SRC) $(HDR)
+	$(CC) $(CFLAGS) -o $@ $(CLI_SRC) $(SRC) $(LDFLAGS) $(LDLIBS)
 
 test: all
 	$(PYTHON) -m pytest -q tests
@@ -64,7 +68,7 @@ SAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-san
 SAN_RUNTIME = $(shell $(SAN_CC) -print-file-name=libasan.so)
 SAN_ENV = ASAN_OPTIONS=abort_on_error=1:detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 SAN_TESTS = tests/test_runtime.py tests/test_tokenizer.py tests/test_bad_inputs.py tests/test_modules.py \
-            tests/test_cli.py
+            tests/test_cli.py tests/test_chat.py
 TINY_DIR = $(SAN_DIR)/tiny
 
 sanitize: $(SAN_DIR)/libarianna.so $(SAN_DIR)/run
@@ -73,9 +77,9 @@ $(SAN_DIR)/libarianna.so: $(SRC) $(HDR)
 	@mkdir -p $(SAN_DIR)
 	$(SAN_CC) $(CFLAGS) $(SAN_FLAGS) -shared -o $@ $(SRC) $(LDFLAGS) $(LIB_LDFLAGS) $(LDLIBS)
 
-$(SAN_DIR)/run: src/cli.c $(SRC) $(HDR)
+$(SAN_DIR)/run: $(CLI_SRC) $(CLI_HDR) $(SRC) $(HDR)
 	@mkdir -p $(SAN_DIR)
-	$(SAN_CC) $(CFLAGS) $(SAN_FLAGS) -o $@ src/cli.c $(SRC) $(LDFLAGS) $(LDLIBS)
+	$(SAN_CC) $(CFLAGS) $(SAN_FLAGS) -o $@ $(CLI_SRC) $(SRC) $(LDFLAGS) $(LDLIBS)
 
 $(TINY_DIR)/model.bin: tests/make_tiny_model.py
 	$(PYTHON) tests/make_tiny_model.py $(TINY_DIR)
@@ -91,7 +95,8 @@ sanitize-check: all sanitize $(TINY_DIR)/model.bin
 FUZZ_CC ?= clang
 FUZZ_TIME ?= 30
 FUZZ_DIR = build-fuzz
-FUZZERS = fuzz_model_load fuzz_tokenizer_load fuzz_encode fuzz_generate fuzz_module_load fuzz_sampler
+FUZZERS = fuzz_model_load fuzz_tokenizer_load fuzz_encode fuzz_generate fuzz_module_load fuzz_sampler \
+          fuzz_chat
 FUZZ_FLAGS = -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
 # libFuzzer options: a stuck input or a runaway allocation counts as a failure too.
 FUZZ_OPTS = -max_total_time=$(FUZZ_TIME) -timeout=60 -rss_limit_mb=2048 -malloc_limit_mb=1024 \
@@ -151,9 +156,9 @@ $(AARCH64_DIR)/libarianna.so: $(SRC) $(HDR)
 	@mkdir -p $(AARCH64_DIR)
 	$(AARCH64_CC) $(CFLAGS) -shared -o $@ $(SRC) $(LDFLAGS) $(LIB_LDFLAGS) $(LDLIBS)
 
-$(AARCH64_DIR)/run: src/cli.c $(SRC) $(HDR)
+$(AARCH64_DIR)/run: $(CLI_SRC) $(CLI_HDR) $(SRC) $(HDR)
 	@mkdir -p $(AARCH64_DIR)
-	$(AARCH64_CC) $(CFLAGS) -o $@ src/cli.c $(SRC) $(LDFLAGS) $(LDLIBS)
+	$(AARCH64_CC) $(CFLAGS) -o $@ $(CLI_SRC) $(SRC) $(LDFLAGS) $(LDLIBS)
 
 check-aarch64: run $(AARCH64_DIR)/libarianna.so $(AARCH64_DIR)/run
 	@for q in f32 int8; do \

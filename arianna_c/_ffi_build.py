@@ -186,6 +186,31 @@ int ac_batch_prefill(ac_batch *batch, int seq, const int *tokens, int n_tokens, 
                      float *logits);
 int ac_batch_decode(ac_batch *batch, int n_rows, const int *seqs, const int *tokens,
                     const int *pos, float *logits);
+
+typedef struct ac_conversation ac_conversation;
+int ac_conversation_create(const ac_model *model, const ac_tokenizer *tok, const ac_chat_template *t,
+                           ac_conversation **out);
+void ac_conversation_free(ac_conversation *c);
+const ac_chat_template *ac_conversation_template(const ac_conversation *c);
+int ac_conversation_add(ac_conversation *c, const char *role, const char *content, size_t len);
+int ac_conversation_n_messages(const ac_conversation *c);
+const ac_chat_message *ac_conversation_message(const ac_conversation *c, int i);
+int ac_conversation_set_stops(ac_conversation *c, const char *const *stops, const size_t *lens, int n);
+typedef struct { int n_prompt; int n_conversation; int n_dropped; int n_cached; } ac_conversation_turn;
+int ac_conversation_prompt(ac_conversation *c, const ac_session_params *params, const char *user, size_t len,
+                           const int **tokens, ac_conversation_turn *turn);
+int ac_conversation_reply(ac_conversation *c, const char *piece, size_t len, int final, const char **text,
+                          size_t *text_len);
+int ac_conversation_say(ac_conversation *c, const ac_session_params *params, const char *user, size_t len,
+                        ac_conversation_turn *turn);
+int ac_conversation_next(ac_conversation *c, int *token, const char **text, size_t *len);
+ac_stop_reason ac_conversation_stop_reason(const ac_conversation *c);
+int ac_conversation_position(const ac_conversation *c);
+typedef struct ac_chat_reply ac_chat_reply;
+int ac_chat_reply_create(ac_chat_reply **out);
+void ac_chat_reply_free(ac_chat_reply *reply);
+int ac_chat_reply_push(ac_chat_reply *reply, const char *piece, size_t len, int final, const char **text,
+                       size_t *text_len);
 """
 
 # Mirrors src/testing.h: what the library exports for the test suite only (comparing two

@@ -1,9 +1,10 @@
 """Chat templates as data: how a list of messages becomes the text a model continues.
 
 The templates live in the library (src/chat.c), the one table that ./run -m chat, Model.chat,
-the Chat loop and the server read; so does the rendering and the rule that picks a template
-for a vocabulary.  A template is a handful of format strings, one per part of a
-conversation, plus the text that opens the assistant's reply and the strings that end it.
+the Chat loop and the server read; so do the rendering, the rule that picks a template for a
+vocabulary, and what of a generated reply is its text (src/conversation.c, :class:`Reply`).
+A template is a handful of format strings, one per part of a conversation, plus the text that
+opens the assistant's reply and the strings that end it.
 ``<s>`` and ``</s>`` inside a template (never inside a message) stand for the BOS and EOS
 tokens; everything else is text.
 
@@ -25,8 +26,8 @@ Reading the table opens the library (the first use of TEMPLATES or a function he
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 from ._lib import _error_check, ffi, load
 
@@ -149,11 +150,6 @@ def _c_messages(messages: Sequence[Message]) -> tuple[Any, list]:
     return c, keep
 
 
-def check_messages(messages: Sequence[Message]) -> None:
-    """ValueError/TypeError naming the message that is not {"role": ..., "content": str}."""
-    render(next(iter(TEMPLATES.values())), messages)
-
-
 def render(template: Template, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Part]:
     """The whole prompt as text and special tokens, BOS first (added when the template does
     not start with one), ending with the opening of the assistant's reply; rendered by the
@@ -174,23 +170,24 @@ def render(template: Template, messages: Sequence[Message], add_generation_promp
     return parts
 
 
-def prompt_tokens(parts: Sequence[Part], encode: Callable[[str], list[int]]) -> list[int]:
-    """Token ids of a rendered prompt: special tokens as they are, each text part encoded on
-    its own by encode (text -> ids, no BOS), so after a special token the text gets
-    SentencePiece's dummy prefix, as llama.cpp tokenizes such prompts."""
-    tokens: list[int] = []
-    for part in parts:
-        tokens += [part.token] if isinstance(part, Special) else encode(part)
-    return tokens
+class Reply:
+    """A reply's text as it streams, by the library's rule (ac_chat_reply, the one ./run -m
+    chat and Chat follow): the whitespace a template leaves before the reply (``A:`` then
+    `` The...``) is not part of it.  ``push(text)`` returns the text that is final now."""
+
+    def __init__(self) -> None:
+        lib = load()
+        out = ffi.new("ac_chat_reply **")
+        _error_check(lib.ac_chat_reply_create(out))
+        self._c = ffi.gc(out[0], lib.ac_chat_reply_free)
+        self._text, self._size = ffi.new("const char **"), ffi.new("size_t *")
+
+    def push(self, text: str, final: bool = False) -> str:
+        data = text.encode("utf-8")
+        _error_check(load().ac_chat_reply_push(self._c, data, len(data), int(final), self._text, self._size))
+        return ffi.unpack(self._text[0], self._size[0]).decode("utf-8")
 
 
-@dataclass
-class Conversation:
-    """Messages accumulated turn by turn, for a chat loop that keeps its session."""
-
-    template: Template
-    messages: list[dict] = field(default_factory=list)
-
-    def add(self, role: str, content: str) -> None:
-        self.messages.append({"role": role, "content": content})
-        check_messages(self.messages)
+def reply_text(text: str) -> str:
+    """The text of a whole reply, by the same rule."""
+    return Reply().push(text, final=True)

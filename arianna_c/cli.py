@@ -4,7 +4,7 @@ defaults.  (``./run``, built by ``make``, stays the llama2.c-compatible CLI.)
 
     arianna-c generate [MODEL] -i "Once upon a time" -n 64
     arianna-c chat [MODEL] --chat-template qa
-    arianna-c serve [MODEL] --host 127.0.0.1 --port 8080
+    arianna-c serve [MODEL] --host 127.0.0.1 --port 8080 [-L MODULE[:SCALE]] [--instance NAME=MODULE]
     arianna-c perplexity MODEL FILE -c 256
     arianna-c convert from-gguf MODEL.gguf OUT.bin
     arianna-c quantize MODEL OUT.bin
@@ -21,7 +21,9 @@ from . import chat as chat_templates
 from .errors import AriannaError
 
 PROG = "arianna-c"
+# The defaults of `arianna-c serve`, which arianna_c.server's create_app and serve share.
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8080
+DEFAULT_PARALLEL, DEFAULT_QUEUE = 16, 64
 
 
 # ---------------------------------------------------------------------------- shared options
@@ -52,6 +54,36 @@ def _add_model(p: argparse.ArgumentParser, optional: bool = True) -> None:
     p.add_argument("-z", "--tokenizer", help="tokenizer file; default: tok4096.bin, then tokenizer.bin next to the model")
     p.add_argument("-T", "--threads", type=int, help="threads per forward pass; default: all available cores")
     p.add_argument("-q", "--quantize", choices=["int8"], help="quantize a float32 model at load (Q8_0); default: off")
+    p.add_argument("-L", "--module", dest="modules", action="append", default=[], type=_module_spec,
+                   metavar="MODULE[:SCALE]", help="knowledge module merged into the weights at load, before -q "
+                   "(repeatable; SCALE default 1, as ./run -L); default: none")
+
+
+def _module_spec(text: str) -> tuple[str, float]:
+    """-L MODULE[:SCALE] as ./run reads it: the scale follows the last ':' when that is a number."""
+    from .lora import split_spec
+
+    path, scale = split_spec(text)
+    if not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: the module path is empty")
+    return path, scale
+
+
+def _instance_spec(text: str) -> tuple[str, tuple[tuple[str, float], ...]]:
+    """--instance NAME=MODULE[:SCALE][,MODULE[:SCALE]...] (nothing after '=': the bare base)."""
+    name, sep, modules = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=MODULE[:SCALE][,MODULE[:SCALE]...] "
+                                         "(NAME= alone: the base without modules)")
+    if not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: the instance name before '=' is empty")
+    specs = modules.split(",") if modules else []
+    if any(not spec for spec in specs):
+        raise argparse.ArgumentTypeError(f"{text!r}: an empty module between commas")
+    try:
+        return name, tuple(_module_spec(spec) for spec in specs)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
 
 
 def _add_sampling(p: argparse.ArgumentParser, defaults: dict, max_tokens_default: str) -> None:
@@ -91,10 +123,12 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _load(args: argparse.Namespace) -> Any:
+def _load(args: argparse.Namespace, modules: Optional[Sequence[tuple[str, float]]] = None) -> Any:
+    """The model the arguments name, with -L's modules merged (or those given)."""
     from . import Model
 
-    return Model(args.model, tokenizer=args.tokenizer, threads=args.threads, quantize=args.quantize)
+    return Model(args.model, tokenizer=args.tokenizer, threads=args.threads, quantize=args.quantize,
+                 modules=list(args.modules if modules is None else modules))
 
 
 # ---------------------------------------------------------------------------- commands
@@ -145,19 +179,46 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import serve
+    from .server import Instance, check_names, serve
 
-    model = _load(args)
-    name = args.model_name or (_model_name(args.model) if args.model else "arianna_v1_base")
-    serve(model, host=args.host, port=args.port, model_name=name, api_key=args.api_key,
-          parallel=args.parallel, queue_size=args.queue, chat_template=args.chat_template)
+    name = args.model_name or _model_name(args.model)
+    wanted = [(name, tuple(args.modules), None)] + [(n, m, f"--instance {n}") for n, m in args.instances]
+    try:
+        check_names([n for n, _, _ in wanted])
+    except ValueError as e:
+        raise ValueError(f"--instance: {e} (MODEL is served as {name!r}: --model-name, default its file name)") from None
+    instances = []
+    try:
+        for n, modules, flag in wanted:
+            try:
+                model = _load(args, modules)
+            except (AriannaError, OSError, ValueError) as e:
+                if flag is None:
+                    raise
+                print(f"error: {flag}: {_message(e)}", file=sys.stderr)
+                return 1
+            instances.append(Instance(n, model, tuple((_file_name(path), scale) for path, scale in modules)))
+        serve(instances, host=args.host, port=args.port, api_key=args.api_key, parallel=args.parallel,
+              queue_size=args.queue, chat_template=args.chat_template)
+    finally:
+        for instance in instances:
+            instance.model.close()
     return 0
 
 
-def _model_name(path: str) -> str:
+def _model_name(path: Optional[str]) -> str:
+    """A model's default id in the API: its file name without the suffix."""
     from pathlib import Path
 
-    return Path(path).stem
+    from .paths import DEFAULT_MODEL
+
+    return Path(path or DEFAULT_MODEL).stem
+
+
+def _file_name(path: str) -> str:
+    from pathlib import Path
+
+    return Path(path).name
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
@@ -264,11 +325,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on; default: {DEFAULT_HOST}")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port; default: {DEFAULT_PORT}")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests; default: none")
-    p.add_argument("--model-name", help="the model's id in the API; default: the model file's name")
-    p.add_argument("--parallel", type=int, default=16,
-                   help="sequences generated at once (KV caches, each seq_len positions); default: 16")
-    p.add_argument("--queue", type=int, default=64,
-                   help="requests that may wait for a free sequence; more get 503; default: 64")
+    p.add_argument("--model-name", help="the model's id in the API (MODEL with -L's modules; it answers requests "
+                                        "that name no model); default: the model file's name without suffix")
+    p.add_argument("--instance", dest="instances", action="append", default=[], type=_instance_spec,
+                   metavar="NAME=[MODULE[:SCALE][,MODULE[:SCALE]...]]",
+                   help="also serve MODEL with these modules merged (none: the bare base) under the id NAME, "
+                        "chosen by a request's model field (repeatable). Each instance holds its own copy of the "
+                        "weights (the persona: 28.7 MB float32) and its own --parallel KV caches; "
+                        "-z, -T and -q apply to every instance; default: none")
+    p.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL,
+                   help="sequences each instance generates at once (KV caches of seq_len positions each; the "
+                        f"persona: 3.5 MB each); default: {DEFAULT_PARALLEL}")
+    p.add_argument("--queue", type=int, default=DEFAULT_QUEUE,
+                   help=f"requests that may wait for a free sequence of an instance; more get 503; default: {DEFAULT_QUEUE}")
     p.add_argument("--chat-template", choices=list(chat_templates.TEMPLATES),
                    help="chat template; default: chosen from the vocabulary")
 
@@ -290,6 +359,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _message(e: BaseException) -> str:
+    """An error as one line: an OSError's reason with its file named once, not Python's
+    "[Errno 2] reason: 'file'"."""
+    if isinstance(e, OSError) and e.strerror:
+        if e.filename is None or str(e.filename) in e.strerror:
+            return e.strerror
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in PASS_THROUGH:
@@ -298,7 +377,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.func(args)
     except (AriannaError, OSError, ValueError, ImportError) as e:  # ImportError: an extra not installed
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_message(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -41,6 +41,9 @@ from .vocab import Vocab
 
 PathLike = Union[str, os.PathLike]
 DEFAULT_TOKENIZER_NAME = "tokenizer.bin"
+# Exports read a tokenizer with these suffixes as its source format (SentencePiece .model,
+# tokenizer.json); any other file as the runtime's tokenizer .bin.
+SOURCE_TOKENIZER_SUFFIXES = (".model", ".json")
 MODEL_VERSIONS = (0, 1)
 # Texts whose ids an exported Hugging Face tokenizer must give exactly as the runtime does.
 TOKENIZER_CHECK_TEXTS = ("Resonance is", "Once upon a time, there was a quiet river.",
@@ -265,10 +268,15 @@ def _read_runtime_files(model: PathLike, tokenizer: Optional[PathLike]):
 
     cfg, weights = formats.read_model(model)
     tok_path = Path(find_tokenizer(os.fspath(model), None if tokenizer is None else os.fspath(tokenizer)))
-    vocab = Vocab(*formats.read_tokenizer(tok_path))
+    if tok_path.suffix in SOURCE_TOKENIZER_SUFFIXES:
+        from .vocab import read_tokenizer_file
+
+        vocab, _ = read_tokenizer_file(tok_path)
+    else:
+        vocab = Vocab(*formats.read_tokenizer(tok_path))
     if len(vocab) != cfg.vocab_size:
         raise ConvertError(f"{tok_path}: {len(vocab)} pieces but {model}'s vocab_size is {cfg.vocab_size}")
-    return cfg, weights, vocab, tok_path
+    return cfg, weights, vocab
 
 
 def export_hf(model: PathLike, out_dir: PathLike, tokenizer: Optional[PathLike] = None,
@@ -277,7 +285,7 @@ def export_hf(model: PathLike, out_dir: PathLike, tokenizer: Optional[PathLike] 
     transformers (logits, and AutoTokenizer's ids on a few texts)."""
     from . import hf
 
-    cfg, weights, vocab, tok_path = _read_runtime_files(model, tokenizer)
+    cfg, weights, vocab = _read_runtime_files(model, tokenizer)
     result = Result()
     with Staged() as stage:
         tmp = stage.folder(out_dir)
@@ -291,7 +299,7 @@ def export_hf(model: PathLike, out_dir: PathLike, tokenizer: Optional[PathLike] 
                                    f"{diff:.3g} (tolerance {tolerance:g}); nothing was written")
             result.checks.append(f"max |transformers - {what}| logit difference {diff:.3g} over "
                                  f"{len(tokens)} positions (tolerance {tolerance:g})")
-            _check_hf_tokenizer(tmp, model, tok_path)
+            _check_hf_tokenizer(tmp, model, vocab)
             result.checks.append(f"AutoTokenizer ids equal the runtime's on {len(TOKENIZER_CHECK_TEXTS)} texts")
         stage.commit()
     result.written.append(str(out_dir))
@@ -310,14 +318,17 @@ def _runtime_reference(model: PathLike, cfg: ModelConfig, weights: dict,
     return Reference((cfg, weights)).logits(tokens), "the NumPy reference"
 
 
-def _check_hf_tokenizer(folder: Path, model: PathLike, tok_path: Path) -> None:
+def _check_hf_tokenizer(folder: Path, model: PathLike, vocab: Vocab) -> None:
     import arianna_c
 
     from . import hf
 
     theirs = hf.reference_tokenizer_ids(folder, list(TOKENIZER_CHECK_TEXTS))
-    with arianna_c.Model(model, tokenizer=tok_path) as m:
-        ours = [m.encode(text, bos=True) for text in TOKENIZER_CHECK_TEXTS]
+    with tempfile.TemporaryDirectory() as tmp:  # the runtime reads its own format, whatever the source was
+        tok_bin = Path(tmp) / DEFAULT_TOKENIZER_NAME
+        tok_bin.write_bytes(vocab.bin_bytes())
+        with arianna_c.Model(model, tokenizer=tok_bin) as m:
+            ours = [m.encode(text, bos=True) for text in TOKENIZER_CHECK_TEXTS]
     for text, a, b in zip(TOKENIZER_CHECK_TEXTS, theirs, ours):
         if a != b:
             raise ConvertError(f"the exported tokenizer encodes {text!r} as {a}, the runtime as "
@@ -330,7 +341,7 @@ def export_gguf(model: PathLike, out: PathLike, tokenizer: Optional[PathLike] = 
     back: F32 bit for bit, Q8_0 within its quantization error."""
     from . import gguf_io
 
-    cfg, weights, vocab, _ = _read_runtime_files(model, tokenizer)
+    cfg, weights, vocab = _read_runtime_files(model, tokenizer)
     result = Result()
     with Staged() as stage:
         tmp = stage.file(out)
@@ -400,8 +411,9 @@ def build_parser(prog: str = "python -m arianna_c.convert") -> argparse.Argument
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("model", help="model .bin (v0, v1 or int8 v2)")
         p.add_argument("out", help=out_help)
-        p.add_argument("--tokenizer", metavar="TOK", help="tokenizer, looked up like ./run -z "
-                       "(default: tok4096.bin, then tokenizer.bin in the model's folder)")
+        p.add_argument("--tokenizer", metavar="TOK", help="tokenizer: the runtime's .bin, or a SentencePiece "
+                       ".model / tokenizer.json; looked up like ./run -z (default: tok4096.bin, "
+                       "then tokenizer.bin in the model's folder)")
         p.add_argument("--no-verify", action="store_true", help="skip loading the output back")
         return p
 

@@ -11,10 +11,13 @@ operation for operation, in plain NumPy:
 * Two forward paths that must agree: :meth:`Reference.step` (one token at a time through a
   preallocated KV cache, as the C library runs) and :meth:`Reference.logits` (the whole sequence
   at once, matrix form with a causal mask).
-* The sampler is the C one: temperature 0 = greedy argmax; otherwise softmax(logits / T), then
-  top-k, then top-p (smallest prefix of the sorted candidates whose mass exceeds p), picked with
-  a seeded xorshift64* coin.  Greedy agrees with C exactly; seeded sampling uses the same coin
-  sequence, so it agrees too unless a float32 ulp moves a cumulative sum across the coin.
+* The sampler is the C one: logit bias and repetition / presence / frequency penalties over the
+  last repeat_last_n tokens of the context (prompt included); then temperature 0 = greedy argmax,
+  otherwise softmax(logits / T), top-k, top-p (smallest prefix of the sorted candidates whose mass
+  exceeds p), min-p, picked with a seeded xorshift64* coin.  Greedy agrees with C exactly (given
+  the same logits); seeded sampling uses the same coin sequence and float32 arithmetic, so it
+  agrees too unless the last bit of an exp (see ``_softmax_f32``) moves a cumulative sum across
+  the coin.
 * Decoding accumulates the bytes of every token (byte-fallback pieces ``<0xNN>`` become raw
   bytes) and UTF-8 decodes them together, so a character split over byte pieces comes out
   whole; :class:`StreamDecoder` emits only complete characters.
@@ -34,9 +37,11 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import collections
 import dataclasses
 import heapq
 import json
+import math
 import os
 import random
 import sys
@@ -324,11 +329,13 @@ class Reference:
 
     # ------------------------------------------------------------------ generation
     def generate_tokens(self, prompt_tokens: Sequence[int], max_new_tokens: int,
-                        sampler: Optional["Sampler"] = None) -> Iterator[int]:
+                        sampler: Optional["Sampler"] = None, ignore_eos: bool = False) -> Iterator[int]:
         """Yields sampled tokens after running prompt_tokens (BOS included by the caller).
 
         Mirrors the C ``ac_generate``: stops after max_new_tokens, when BOS or EOS is sampled
-        (not yielded), or when the context is full (prompt + generated <= seq_len).
+        (not yielded; with ignore_eos they are yielded and run like any token), or when the
+        context is full (prompt + generated <= seq_len).  The sampler records every token of
+        the context (prompt and yielded ones) for its penalties.
         """
         c = self.config
         toks = self._check_tokens(prompt_tokens)
@@ -342,13 +349,15 @@ class Reference:
         logits = None
         for pos, tok in enumerate(toks):
             logits = self.step(int(tok), pos)
+            sampler.accept(int(tok))
         pos = len(toks)
         for _ in range(max_new_tokens):
             if pos >= c.seq_len:       # the sampled token could never be run
                 return
             token = sampler.sample(logits)
-            if token in (BOS, EOS):
+            if token in (BOS, EOS) and not ignore_eos:
                 return
+            sampler.accept(token)
             yield token
             if pos + 1 >= c.seq_len:   # no room for another: stop without running it
                 return
@@ -375,29 +384,130 @@ class Reference:
 # ============================================================================ sampler
 
 
-def _softmax_f32(x: np.ndarray) -> np.ndarray:
-    """float32 softmax as the C one: subtract the max, exp, sequential sum, divide."""
-    e = np.exp(x - x.max())
+MAX_WINDOW = 1 << 20   # AC_MAX_SEQ_LEN: the longest repeat_last_n
+
+
+def _argmax(x: np.ndarray) -> int:
+    """First index of the largest value; NaNs never win (0 when all are NaN), as the C argmax."""
+    finite = np.flatnonzero(~np.isnan(x))
+    return int(finite[np.argmax(x[finite])]) if finite.size else 0
+
+
+def _softmax_f32(x: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """float32 softmax as the C one: subtract the max, exp, sequential sum, divide; and the sum
+    (not finite when the logits overflowed or were NaN).  exp runs in float64 and is rounded
+    to float32 once: that agrees with C's expf but for about 1 value in 1,600 (NumPy's own
+    float32 exp differs from it in the last bit for about a third of them)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        e = np.exp((x - x.max()).astype(np.float64)).astype(np.float32)
     total = np.cumsum(e, dtype=np.float32)[-1]   # cumsum accumulates sequentially, like C
-    return e / total
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return e / total, total
+
+
+def _f32(value: float) -> np.float32:
+    """A setting as the C float it becomes (so checks and arithmetic see the same number)."""
+    with np.errstate(over="ignore"):
+        return np.float32(value)
 
 
 class Sampler:
-    """The C sampler: greedy at temperature 0; else temperature, top-k, top-p, xorshift64* coin."""
+    """The C sampler (src/sampler.c), operation for operation in float32.
 
-    def __init__(self, temperature: float = 1.0, top_p: float = 0.9, top_k: int = 0, seed: int = 0):
-        temperature, top_p = float(np.float32(temperature)), float(np.float32(top_p))
-        if np.isnan(temperature) or temperature < 0:
-            raise ValueError(f"temperature {temperature} is invalid: it must be >= 0 (0 = greedy)")
-        if np.isnan(top_p) or not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p {top_p} is invalid: it must be in (0, 1] (1 = off)")
-        if top_k < 0:
-            raise ValueError(f"top_k {top_k} is invalid: it must be >= 0 (0 = off)")
-        self.temperature = np.float32(temperature)
-        self.top_p = np.float32(top_p)
-        self.top_k = int(top_k)
+    The logits first get the logit bias (``{id: value}``, -inf bans a token) and, for every
+    token among the last ``repeat_last_n`` recorded with :meth:`accept` (the prompt's tokens,
+    BOS included, and each sampled one), llama.cpp's penalties: a positive logit divided by
+    ``repeat_penalty``, a non-positive one multiplied by it, then ``count * frequency_penalty
+    + presence_penalty`` subtracted.  Temperature 0 is greedy argmax of those logits; else
+    softmax(logits / T), then top-k, then top-p (smallest prefix of the sorted candidates whose
+    mass exceeds p), then min-p (candidates whose logit is within log(min_p) of the best one's),
+    picked with a seeded xorshift64* coin.  With a logit bias set, candidates of probability 0
+    are dropped and the rest sorted even when no filter is on, as C does.
+
+    Every setting defaults to off (plain softmax sampling at temperature 1); the library's
+    defaults are :func:`library_defaults` (``Sampler.from_settings(library_defaults())``).
+    """
+
+    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0, *,
+                 min_p: float = 0.0, repeat_penalty: float = 1.0, repeat_last_n: int = 0,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 logit_bias: Optional[dict[int, float]] = None):
+        self.temperature = _f32(temperature)
+        self.top_p = _f32(top_p)
+        self.min_p = _f32(min_p)
+        self.repeat_penalty = _f32(repeat_penalty)
+        self.presence_penalty = _f32(presence_penalty)
+        self.frequency_penalty = _f32(frequency_penalty)
+        self.top_k, self.repeat_last_n = int(top_k), int(repeat_last_n)
+        self._check()
+        self.bias = self._bias_table(logit_bias or {})
         self.state = (int(seed) & _MASK64) or DEFAULT_SEED
+        self.recent: collections.deque[int] = collections.deque(maxlen=max(self.repeat_last_n, 1))
+        self.counts: collections.Counter[int] = collections.Counter()
 
+    @classmethod
+    def from_settings(cls, settings, seed: Optional[int] = None) -> "Sampler":
+        """The sampler of an arianna_c.SamplingParams whose sampler fields are all set (e.g.
+        :func:`library_defaults`'s); seed overrides settings.seed."""
+        return cls(settings.temperature, settings.top_p, settings.top_k,
+                   settings.seed if seed is None else seed, min_p=settings.min_p,
+                   repeat_penalty=settings.repeat_penalty, repeat_last_n=settings.repeat_last_n,
+                   presence_penalty=settings.presence_penalty, frequency_penalty=settings.frequency_penalty,
+                   logit_bias=settings.logit_bias)
+
+    def _check(self) -> None:
+        """The checks (and messages) of the C ac_sampler_check_params."""
+        if np.isnan(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature {self.temperature:g} is invalid: it must be >= 0 (0 = greedy)")
+        if np.isnan(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p {self.top_p:g} is invalid: it must be in (0, 1] (1 = off)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k {self.top_k} is invalid: it must be >= 0 (0 = off)")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p {self.min_p:g} is invalid: it must be in [0, 1] (0 = off)")
+        if not (self.repeat_penalty >= 0.0 and np.isfinite(self.repeat_penalty)):
+            raise ValueError(f"repeat_penalty {self.repeat_penalty:g} is invalid: it must be finite and >= 0 "
+                             "(1 or 0 = off)")
+        if not 0 <= self.repeat_last_n <= MAX_WINDOW:
+            raise ValueError(f"repeat_last_n {self.repeat_last_n} is invalid: it must be in 0..{MAX_WINDOW} "
+                             "(0 = no penalties)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not np.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} {getattr(self, name):g} is invalid: it must be finite (0 = off)")
+
+    @staticmethod
+    def _bias_table(bias: dict[int, float]) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """(ids, float32 values) of a logit bias, or None for none (as C frees an empty one)."""
+        if not bias:
+            return None
+        ids = np.array([int(k) for k in bias], dtype=np.int64)
+        values = np.array([_f32(v) for v in bias.values()], dtype=np.float32)
+        for i, v in zip(ids, values):
+            if i < 0:
+                raise ValueError(f"logit bias token {i} is outside the vocabulary")
+            if np.isnan(v) or v == np.inf:
+                raise ValueError(f"logit bias {v:g} of token {i} is invalid: it must be finite or -inf")
+        return ids, values
+
+    # ------------------------------------------------------------------ recorded context
+    def accept(self, token: int) -> None:
+        """Records token as the latest of the context (the C ``ac_sampler_accept``)."""
+        if self.repeat_last_n == 0:
+            return
+        if len(self.recent) == self.repeat_last_n:
+            oldest = self.recent[0]
+            self.counts[oldest] -= 1
+            if not self.counts[oldest]:
+                del self.counts[oldest]
+        self.recent.append(int(token))
+        self.counts[int(token)] += 1
+
+    def reset_history(self) -> None:
+        """Forgets the recorded tokens; the PRNG goes on where it was."""
+        self.recent.clear()
+        self.counts.clear()
+
+    # ------------------------------------------------------------------ PRNG
     def _next_u64(self) -> int:
         x = self.state
         x ^= x >> 12
@@ -417,21 +527,63 @@ class Sampler:
         idx = int(np.searchsorted(cdf, r, side="right"))
         return min(idx, len(weights) - 1)
 
+    # ------------------------------------------------------------------ drawing
+    def _penalties_apply(self) -> bool:
+        repeat = self.repeat_penalty not in (0.0, 1.0)
+        return bool(self.counts) and (repeat or self.presence_penalty != 0 or self.frequency_penalty != 0)
+
+    def adjusted_logits(self, logits: np.ndarray) -> np.ndarray:
+        """The logits the draw uses: bias added, then the penalties on the recorded tokens."""
+        x = np.asarray(logits, dtype=np.float32)
+        penalize = self._penalties_apply()
+        if self.bias is None and not penalize:
+            return x
+        x = x.copy()
+        if self.bias is not None:
+            ids, values = self.bias
+            if ids.max() >= len(x):
+                bad = int(ids[ids >= len(x)][0])
+                raise ValueError(f"logit bias token {bad} is outside the vocabulary [0, {len(x)})")
+            table = np.zeros(len(x), np.float32)
+            np.add.at(table, ids, values)
+            x += table
+        if penalize:
+            ids = np.fromiter(self.counts.keys(), dtype=np.int64, count=len(self.counts))
+            n = np.fromiter(self.counts.values(), dtype=np.float32, count=len(self.counts))
+            repeat = np.float32(1) if self.repeat_penalty == 0 else self.repeat_penalty
+            v = x[ids]
+            v = np.where(v <= 0, v * repeat, v / repeat).astype(np.float32)
+            with np.errstate(over="ignore", invalid="ignore"):   # inf and NaN as in C
+                v -= n * self.frequency_penalty + self.presence_penalty
+            x[ids] = v
+        return x
+
     def sample(self, logits: np.ndarray) -> int:
-        logits = np.asarray(logits, dtype=np.float32)
-        V = logits.shape[-1]
+        x = self.adjusted_logits(logits)
+        V = x.shape[-1]
         if self.temperature == 0:
-            return int(np.argmax(logits))
-        probs = _softmax_f32(logits / self.temperature)
+            return _argmax(x)
+        with np.errstate(over="ignore", invalid="ignore"):
+            scaled = x / self.temperature
+        probs, total = _softmax_f32(scaled)
+        if not np.isfinite(total):   # logits / T overflowed (the limit is greedy) or were NaN
+            return _argmax(x)
         coin = self.coin()
         use_k = 0 < self.top_k < V
         use_p = self.top_p < 1
-        if not use_k and not use_p:
+        use_min_p = self.min_p > 0
+        banned = self.bias is not None   # -inf bias: probability 0, never a candidate
+        if not (use_k or use_p or use_min_p or banned):
             return self._pick(probs, coin)
-        cutoff = (np.float32(1) - self.top_p) / np.float32(V - 1) if (not use_k and V > 1) else np.float32(0)
-        cand = np.nonzero(probs >= cutoff)[0]
+        # top-p alone: a token below (1 - p) / (V - 1) can never be in the nucleus
+        cutoff = (np.float32(1) - self.top_p) / np.float32(V - 1) if (not use_k and use_p and V > 1) \
+            else np.float32(0)
+        keep = probs >= cutoff
+        if banned:
+            keep &= probs > 0
+        cand = np.flatnonzero(keep)
         if cand.size == 0:
-            return int(np.argmax(logits))
+            return _argmax(x)
         # descending probability, ties by id (a stable sort of ids already in id order)
         cand = cand[np.argsort(-probs[cand], kind="stable")]
         if use_k:
@@ -440,10 +592,16 @@ class Sampler:
         total = np.cumsum(p, dtype=np.float32)[-1]
         if use_p:
             cum = np.cumsum(p / total, dtype=np.float32)
-            over = np.nonzero(cum > self.top_p)[0]
+            over = np.flatnonzero(cum > self.top_p)
             if over.size and over[0] + 1 < len(cand):
-                keep = int(over[0]) + 1
-                cand, p = cand[:keep], p[:keep]
+                cand, p = cand[: over[0] + 1], p[: over[0] + 1]
+                total = np.cumsum(p, dtype=np.float32)[-1]
+        if use_min_p:
+            # log in double rounded once to float, as C computes it (logf's last bit varies by libm)
+            floor = x[cand[0]] + np.float32(math.log(float(self.min_p)))
+            below = np.flatnonzero(~(x[cand[1:]] >= floor))
+            if below.size:
+                cand, p = cand[: below[0] + 1], p[: below[0] + 1]
                 total = np.cumsum(p, dtype=np.float32)[-1]
         return int(cand[self._pick(p, coin * total)])
 
@@ -620,21 +778,29 @@ def _utf8_len(data: bytes, i: int) -> int:
 
 def generate_text(model: Reference, tokenizer: Tokenizer, prompt: str, max_new_tokens: Optional[int] = None,
                   temperature: Optional[float] = None, top_p: Optional[float] = None, top_k: Optional[int] = None,
-                  seed: Optional[int] = None, on_text=None) -> str:
-    """Generated text (without the prompt); on_text(str) receives it piece by piece.  A
-    setting left as None takes the C library's default (arianna_c.default_sampling(), which
-    loads the library), so by default this gives ./run's and Model.generate's text for the
-    same seed; seed None (the default) draws a random one, as they do."""
+                  seed: Optional[int] = None, on_text=None, **settings) -> str:
+    """Generated text (without the prompt); on_text(str) receives it piece by piece.  The
+    keyword settings are those of arianna_c.SamplingParams for the sampler (min_p,
+    repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty, logit_bias) and
+    ignore_eos (BOS/EOS do not end the text).  A setting left as None
+    takes the C library's default (arianna_c.default_sampling(), which loads the library), so
+    by default this gives ./run's and Model.generate's text for the same seed; seed None (the
+    default) draws a random one, as they do."""
     if tokenizer.vocab_size != model.config.vocab_size:
         raise FormatError(f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size "
                           f"is {model.config.vocab_size}")
-    given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    settings = library_defaults(**{k: v for k, v in given.items() if v is not None})
+    unknown = set(settings) - set(SAMPLER_SETTINGS)
+    if unknown:
+        raise TypeError(f"unknown setting {sorted(unknown)[0]!r}; the other settings are: "
+                        f"{', '.join(SAMPLER_SETTINGS)}")
+    given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                 **settings)
+    chosen = library_defaults(**{k: v for k, v in given.items() if v is not None})
     tokens = tokenizer.encode(prompt, bos=True)
-    sampler = Sampler(settings.temperature, settings.top_p, settings.top_k, _seed(settings.seed))
+    sampler = Sampler.from_settings(chosen, seed=_seed(chosen.seed))
     stream = tokenizer.stream(prev=tokens[-1])
     parts = []
-    for tok in model.generate_tokens(tokens, settings.max_new_tokens, sampler):
+    for tok in model.generate_tokens(tokens, chosen.max_new_tokens, sampler, ignore_eos=chosen.ignore_eos):
         text = stream.feed(tok)
         if text:
             parts.append(text)
@@ -646,6 +812,11 @@ def generate_text(model: Reference, tokenizer: Tokenizer, prompt: str, max_new_t
         if on_text:
             on_text(tail)
     return "".join(parts)
+
+
+# The settings of generate_text beyond temperature, top_p and top_k (SamplingParams' names).
+SAMPLER_SETTINGS = ("min_p", "repeat_penalty", "repeat_last_n", "presence_penalty", "frequency_penalty",
+                    "logit_bias", "ignore_eos")
 
 
 def library_defaults(**given):
@@ -687,6 +858,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("-k", "--top-k", type=int, default=defaults.top_k,
                         help="top-k, 0 = off; default %(default)s")
     parser.add_argument("-s", "--seed", type=int, default=None, help="seed; default: a random one")
+    parser.add_argument("-e", "--ignore-eos", type=int, choices=(0, 1), default=int(defaults.ignore_eos),
+                        help="1: BOS/EOS do not end the text (always -n tokens); default %(default)s")
+    parser.add_argument("--min-p", type=float, default=defaults.min_p,
+                        help="keep tokens at least this fraction as likely as the likeliest, 0 = off; "
+                             "default %(default)s")
+    parser.add_argument("--repeat-penalty", type=float, default=defaults.repeat_penalty,
+                        help="divides a positive logit (multiplies a negative one) of a token among the last "
+                             "--repeat-last-n of the context, 1 = off; default %(default)s")
+    parser.add_argument("--repeat-last-n", type=int, default=defaults.repeat_last_n,
+                        help="the window of recent tokens (prompt included) the penalties look at, 0 = none; "
+                             "default %(default)s")
+    parser.add_argument("--presence-penalty", type=float, default=defaults.presence_penalty,
+                        help="subtracted once from the logit of every token in the window; default %(default)s")
+    parser.add_argument("--frequency-penalty", type=float, default=defaults.frequency_penalty,
+                        help="subtracted from a token's logit per occurrence in the window; default %(default)s")
     parser.add_argument("--sp-model", help="SentencePiece .model to encode with (default: next to the tokenizer)")
     parser.add_argument("--float64", action="store_true", help="compute in float64 (default float32)")
     args = parser.parse_args(argv)
@@ -704,7 +890,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             sys.stdout.flush()
 
         generate_text(model, tok, args.prompt, args.steps, args.temperature, args.top_p, args.top_k, args.seed,
-                      on_text=write)
+                      on_text=write, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
+                      repeat_last_n=args.repeat_last_n, presence_penalty=args.presence_penalty,
+                      frequency_penalty=args.frequency_penalty, ignore_eos=bool(args.ignore_eos))
         sys.stdout.write("\n")
         sys.stdout.flush()
         elapsed = time.perf_counter() - start

@@ -11,6 +11,11 @@ request that arrives joins at the next step, one that ends leaves.  The generati
 :mod:`arianna_c.session`'s, so a request's text is the same as the same request alone.
 Requests wait in a bounded queue for free caches; when it is full the answer is 503.  A
 client that disconnects is cancelled before the next step.
+
+Instances: one server may answer for several models (:class:`Instance`: an API id and a
+Model, e.g. the same base with different knowledge modules merged), each with its own
+weights, batcher and KV caches; a request's ``model`` picks one, the first answers requests
+that name none.
 """
 
 from __future__ import annotations
@@ -25,14 +30,15 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, AsyncIterator, Literal, Optional, Union
+from typing import Any, AsyncIterator, Literal, Optional, Sequence, Union
 
 from . import chat as chat_templates
+from ._lib import ffi
+from .cli import DEFAULT_HOST, DEFAULT_PARALLEL, DEFAULT_PORT, DEFAULT_QUEUE
 from .errors import AriannaError
 from .runtime import _c_generation
 from .sampling import SamplingParams
-from .session import (Completion, Generation, ReplyText, Session, Slots, TokenLogprob, with_stops,
-                      chat_prompt)
+from .session import Completion, Generation, Session, Slots, TokenLogprob, chat_prompt, with_stops
 from .session import chat_template as session_chat_template
 
 try:
@@ -42,12 +48,13 @@ try:
 except ImportError as e:  # pragma: no cover - the message is the point
     raise ImportError("the server needs the 'server' extra: pip install 'arianna_c[server]'") from e
 
-DEFAULT_PARALLEL = 16
-DEFAULT_QUEUE = 64
+# The library's limits (src/run.h, read from the cffi declarations): stop strings one
+# generation holds, chat template's included, and the seed that means "a random one".
+AC_MAX_STOPS = ffi.integer_const("AC_MAX_STOPS")
+AC_SEED_RANDOM = ffi.integer_const("AC_SEED_RANDOM")
 # OpenAI's limits on alternatives per token (completions / chat)
 MAX_COMPLETION_LOGPROBS = 5
 MAX_TOP_LOGPROBS = 20
-MAX_STOPS = 16
 # Far more than any prompt that fits a context needs.
 MAX_BODY_BYTES = 8 << 20
 # How often a waiting non-streaming request looks for its client having gone.
@@ -233,6 +240,8 @@ class Batcher:
         self.steps = 0  # decode steps run
         self.widest = 0  # most choices one step has advanced together
         self._thread = threading.Thread(target=self._loop, name="arianna-batcher", daemon=True)
+
+    def start(self) -> None:
         self._thread.start()
 
     def submit(self, job: Job) -> None:
@@ -249,7 +258,8 @@ class Batcher:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
         for r in self.running:
             r.session.close()
         self.running.clear()
@@ -370,11 +380,65 @@ class Batcher:
 # ---------------------------------------------------------------------------- the app
 
 
+@dataclass(frozen=True)
+class Instance:
+    """One model the server answers for: its id in the API (a request's ``model``), the
+    Model (with its knowledge modules merged at load, ``Model(path, modules=...)``) and those
+    modules as (file name, scale), which /v1/models lists."""
+
+    name: str
+    model: Any
+    modules: tuple[tuple[str, float], ...] = ()
+
+
+class _Served:
+    """An instance as the app runs it: its chat template and its batcher (own KV caches)."""
+
+    def __init__(self, instance: Instance, chat_template: Optional[str], parallel: int, queue_size: int) -> None:
+        self.name, self.model, self.modules = instance.name, instance.model, instance.modules
+        self.template = session_chat_template(instance.model, chat_template)
+        self.seq_len = instance.model.config.seq_len
+        try:
+            self.batcher = Batcher(instance.model, parallel, queue_size)
+        except AriannaError as e:
+            raise AriannaError(f"parallel {parallel}: {e}", e.code) from None
+
+    def entry(self, created: int) -> dict:
+        """The instance in /v1/models."""
+        return {"id": self.name, "object": "model", "created": created, "owned_by": "arianna_c",
+                "context_length": self.seq_len,
+                "modules": [{"file": file, "scale": scale} for file, scale in self.modules]}
+
+
+def _instances(model: Any, model_name: str) -> list[Instance]:
+    """create_app's first argument as a list of Instances with distinct names."""
+    if isinstance(model, Instance):
+        return [model]
+    if not isinstance(model, (list, tuple)):
+        return [Instance(model_name, model)]
+    instances = list(model)
+    if not instances or not all(isinstance(i, Instance) for i in instances):
+        raise TypeError("create_app needs a Model or a non-empty list of Instances")
+    check_names([i.name for i in instances])
+    return instances
+
+
+def check_names(names: Sequence[str]) -> None:
+    """ValueError unless every instance name is a non-empty str of its own."""
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"instance name {name!r} is invalid: it must be a non-empty str")
+        if names.count(name) > 1:
+            raise ValueError(f"instance name {name!r} is given {names.count(name)} times: each must be unique")
+
+
 Choice = tuple[SamplingParams, Optional[int]]  # the settings, logprobs
 
 
-def _choice(body: _Body, max_tokens: Optional[int], logprobs: Optional[int], index: int) -> Choice:
-    """The settings of choice index (seed + index, as Model.generate_batch does)."""
+def _choice(body: _Body, max_tokens: Optional[int], logprobs: Optional[int], index: int,
+            template_stops: tuple[str, ...] = ()) -> Choice:
+    """The settings of choice index (seed + index, as Model.generate_batch does), with
+    template_stops (where a chat template's next turn starts) after the request's stops."""
     bias = None
     if body.logit_bias:
         try:
@@ -382,18 +446,31 @@ def _choice(body: _Body, max_tokens: Optional[int], logprobs: Optional[int], ind
         except ValueError:
             raise APIError(400, "logit_bias keys must be token ids (integers as strings)", param="logit_bias") from None
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-    if len(stop) > MAX_STOPS:
-        raise APIError(400, f"stop has {len(stop)} strings; at most {MAX_STOPS}", param="stop")
-    seed = None if body.seed is None else (body.seed + index) % 2**64
+    seed = None if body.seed is None else body.seed + index
+    if seed is not None and seed >= AC_SEED_RANDOM:
+        raise APIError(400, f"seed {body.seed} is invalid: choice {index} samples with seed + {index} = {seed}, and "
+                            f"seeds must be below {AC_SEED_RANDOM} (the library's AC_SEED_RANDOM, a random seed)",
+                       param="seed")
     try:
         params = SamplingParams(
             max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
             seed=seed, ignore_eos=body.ignore_eos, min_p=body.min_p, repeat_penalty=body.repeat_penalty,
             repeat_last_n=body.repeat_last_n, presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty, stop=stop, logit_bias=bias)
-        return params, logprobs
     except (TypeError, AriannaError) as e:
         raise APIError(400, str(e)) from None
+    _check_stop_count(params, template_stops)
+    return (with_stops(params, template_stops) if template_stops else params), logprobs
+
+
+def _check_stop_count(params: SamplingParams, template_stops: tuple[str, ...]) -> None:
+    """The library holds at most AC_MAX_STOPS stop strings per generation, the chat
+    template's among them."""
+    added = len([s for s in dict.fromkeys(template_stops) if s and s not in params.stop])
+    if len(params.stop) + added > AC_MAX_STOPS:
+        of_template = f", less the chat template's {added}" if added else ""
+        raise APIError(400, f"stop has {len(params.stop)} strings; at most {AC_MAX_STOPS - added} (the library's "
+                            f"AC_MAX_STOPS, {AC_MAX_STOPS} per generation{of_template})", param="stop")
 
 
 def _check_settings(model: Any, choice: Choice) -> None:
@@ -402,30 +479,46 @@ def _check_settings(model: Any, choice: Choice) -> None:
     try:
         _c_generation(model, params)
     except AriannaError as e:
-        raise APIError(400, str(e), param="logit_bias" if "logit bias" in str(e) else None) from None
+        message = str(e)
+        param = "logit_bias" if "logit bias" in message else "stop" if "stop string" in message else None
+        raise APIError(400, message, param=param) from None
 
 
-def create_app(model: Any, model_name: str = "arianna_c", api_key: Optional[str] = None,
-               parallel: int = DEFAULT_PARALLEL, queue_size: int = DEFAULT_QUEUE,
+def create_app(model: Union[Any, Instance, Sequence[Instance]], model_name: str = "arianna_c",
+               api_key: Optional[str] = None, parallel: int = DEFAULT_PARALLEL, queue_size: int = DEFAULT_QUEUE,
                chat_template: Optional[str] = None) -> FastAPI:
-    """The FastAPI app serving model (an arianna_c.Model) under the name model_name.
+    """The FastAPI app serving model (an arianna_c.Model) under the id model_name, or each
+    of a list of Instances under its own id (model_name unused); a request's ``model`` picks
+    one, the first answers requests that name none, an unknown id is a 404.
 
-    ``parallel``: KV caches, i.e. choices generated at once; ``queue_size``: requests that
-    may wait for a cache (more are answered 503); ``api_key``: when set, /v1/ requests need
-    ``Authorization: Bearer <api_key>``; ``chat_template``: the chat template's name
-    (default: chosen from the vocabulary, see arianna_c.chat)."""
-    batcher_box: dict[str, Batcher] = {}
+    ``parallel``: KV caches of each instance, i.e. choices it generates at once (created
+    here, so a value the library refuses raises now); ``queue_size`` (>= 1): requests that
+    may wait for a cache of an instance (more are answered 503); ``api_key``: when set, /v1/
+    requests need ``Authorization: Bearer <api_key>``; ``chat_template``: the chat
+    template's name (default: chosen from each instance's vocabulary, see arianna_c.chat)."""
+    instances = _instances(model, model_name)
+    if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
+        raise ValueError(f"queue size {queue_size!r} is invalid: it must be an int >= 1")
+    served: dict[str, _Served] = {}
+    try:
+        for instance in instances:
+            served[instance.name] = _Served(instance, chat_template, parallel, queue_size)
+    except BaseException:
+        for s in served.values():
+            s.batcher.close()
+        raise
+    default = served[instances[0].name]
     created = int(time.time())
-    template = session_chat_template(model, chat_template)
-    seq_len = model.config.seq_len
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        batcher_box["b"] = Batcher(model, parallel, queue_size)
+        for s in served.values():
+            s.batcher.start()
         try:
             yield
         finally:
-            batcher_box.pop("b").close()
+            for s in served.values():
+                s.batcher.close()
 
     app = FastAPI(title="arianna_c", lifespan=lifespan)
 
@@ -464,7 +557,17 @@ def create_app(model: Any, model_name: str = "arianna_c", api_key: Optional[str]
         except ValidationError as e:
             raise _validation_error(e) from None
 
-    def check_prompt(tokens: list[int]) -> None:
+    def find(name: str) -> _Served:
+        if name not in served:
+            raise APIError(404, f"the model {name!r} does not exist; this server has: {', '.join(served)}",
+                           param="model", code="model_not_found")
+        return served[name]
+
+    def pick(body: _Body) -> _Served:
+        """The instance a request names (none: the first)."""
+        return default if body.model is None else find(body.model)
+
+    def check_prompt(tokens: list[int], seq_len: int) -> None:
         if len(tokens) > seq_len:
             raise APIError(400, f"the prompt is {len(tokens)} tokens (BOS included) but the model's context "
                                 f"is {seq_len} tokens", param="prompt", code="context_length_exceeded")
@@ -473,11 +576,11 @@ def create_app(model: Any, model_name: str = "arianna_c", api_key: Optional[str]
         if body.n > parallel:
             raise APIError(400, f"n {body.n} exceeds the server's {parallel} parallel sequences", param="n")
 
-    async def run_job(request: Request, job: Job) -> list[Completion]:
+    async def run_job(request: Request, batcher: Batcher, job: Job) -> list[Completion]:
         """Waits for a non-streaming job, cancelling it if the client goes away; a failure is
         the job's APIError."""
         try:
-            batcher_box["b"].submit(job)
+            batcher.submit(job)
             while True:
                 done, _ = await asyncio.wait({job.done}, timeout=DISCONNECT_POLL_S)
                 if done:
@@ -491,16 +594,16 @@ def create_app(model: Any, model_name: str = "arianna_c", api_key: Optional[str]
         except Exception as e:
             raise job_error(e) from None
 
-    def stream(job: Job, body: _Body, chunk: Any, first: Any) -> StreamingResponse:
+    def stream(batcher: Batcher, job: Job, body: _Body, chunk: Any, first: Any) -> StreamingResponse:
         """Submits a streaming job (a full queue is a 503 before the stream starts) and answers
         with its event stream."""
         include = bool((body.stream_options or {}).get("include_usage"))
-        batcher_box["b"].submit(job)
+        batcher.submit(job)
         return StreamingResponse(sse(job, chunk, first, include), media_type="text/event-stream")
 
-    def header(rid: str, kind: str) -> dict:
-        """The fields every response and chunk starts with."""
-        return {"id": rid, "object": kind, "created": int(time.time()), "model": model_name}
+    def header(rid: str, kind: str, name: str) -> dict:
+        """The fields every response and chunk starts with (name: the instance's id)."""
+        return {"id": rid, "object": kind, "created": int(time.time()), "model": name}
 
     def job_error(e: BaseException) -> APIError:
         if isinstance(e, APIError):
@@ -552,15 +655,22 @@ def create_app(model: Any, model_name: str = "arianna_c", api_key: Optional[str]
 
     @app.get("/health")
     async def health() -> dict:
-        b = batcher_box.get("b")
-        return {"status": "ok", "model": model_name, "parallel": parallel, "busy": b.busy if b else 0,
-                "queued": b.queue.qsize() if b else 0, "steps": b.steps if b else 0, "widest_step": b.widest if b else 0}
+        """Totals over the instances, then each instance's own numbers."""
+        each = {name: {"busy": s.batcher.busy, "queued": s.batcher.queue.qsize(), "steps": s.batcher.steps,
+                       "widest_step": s.batcher.widest} for name, s in served.items()}
+        total = {key: sum(e[key] for e in each.values()) for key in ("busy", "queued", "steps")}
+        return {"status": "ok", "model": default.name, "parallel": parallel, **total,
+                "widest_step": max(e["widest_step"] for e in each.values()), "models": each}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         check_key(request)
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "arianna_c", "context_length": seq_len}]}
+        return {"object": "list", "data": [s.entry(created) for s in served.values()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def one_model(request: Request, name: str) -> dict:
+        check_key(request)
+        return find(name).entry(created)
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
@@ -570,6 +680,8 @@ def create_app(model: Any, model_name: str = "arianna_c", api_key: Optional[str]
     async def completions(request: Request) -> Any:
         check_key(request)
         body: CompletionBody = await read_body(request, CompletionBody)
+        instance = pick(body)
+        model, seq_len = instance.model, instance.seq_len
         check_n(body)
         if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str):
             if len(body.prompt) != 1:
@@ -587,7 +699,7 @@ def create_app(model: Any, model_name: str = "arianna_c", api_key: Optional[str]
                 prompt_text = model.decode(tokens)
         except AriannaError as e:
             raise APIError(400, str(e), param="prompt") from None
-        check_prompt(tokens)
+        check_prompt(tokens, seq_len)
         choices = [_choice(body, body.max_tokens, body.logprobs, i) for i in range(body.n)]
         _check_settings(model, choices[0])
         job = Job(tokens, choices, asyncio.get_running_loop(), body.stream)
@@ -607,7 +719,7 @@ def create_app(model: Any, model_name: str = "arianna_c", api_key: Optional[str]
             offsets = [len(echo)] * body.n
 
             def chunk(index, text, items, finish, usage_=None):
-                base = header(rid, "text_completion")
+                base = header(rid, "text_completion", instance.name)
                 if index is None:
                     return dict(base, choices=[], usage=usage_)
                 lp = logprobs_of(items, offsets[index])
@@ -615,10 +727,10 @@ def create_app(model: Any, model_name: str = "arianna_c", api_key: Optional[str]
                 return dict(base, choices=[{"text": text, "index": index, "logprobs": lp, "finish_reason": finish}])
 
             first = (lambda index: chunk(index, echo, [], None)) if echo else None
-            return stream(job, body, chunk, first)
+            return stream(instance.batcher, job, body, chunk, first)
 
-        results = await run_job(request, job)
-        return {**header(rid, "text_completion"),
+        results = await run_job(request, instance.batcher, job)
+        return {**header(rid, "text_completion", instance.name),
                 "choices": [{"text": echo + r.text, "index": i, "logprobs": logprobs_of(r.logprobs or [], len(echo)),
                              "finish_reason": r.finish_reason} for i, r in enumerate(results)],
                 "usage": usage(job, results)}
@@ -627,19 +739,20 @@ def create_app(model: Any, model_name: str = "arianna_c", api_key: Optional[str]
     async def chat_completions(request: Request) -> Any:
         check_key(request)
         body: ChatBody = await read_body(request, ChatBody)
+        instance = pick(body)
+        model, seq_len, template = instance.model, instance.seq_len, instance.template
         check_n(body)
         try:
             tmpl = chat_templates.get_template(body.chat_template) if body.chat_template else template
             tokens = chat_prompt(model, [m.model_dump() for m in body.messages], tmpl)
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e), param="messages") from None
-        check_prompt(tokens)
+        check_prompt(tokens, seq_len)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens is None:
             max_tokens = seq_len  # until the context is full
         n_top = (body.top_logprobs or 0) if body.logprobs else None
-        choices = [(with_stops(params, tmpl.stop), logprobs)
-                   for params, logprobs in (_choice(body, max_tokens, n_top, i) for i in range(body.n))]
+        choices = [_choice(body, max_tokens, n_top, i, tmpl.stop) for i in range(body.n)]
         _check_settings(model, choices[0])
         job = Job(tokens, choices, asyncio.get_running_loop(), body.stream)
         rid = f"chatcmpl-{secrets.token_hex(12)}"
@@ -652,10 +765,10 @@ def create_app(model: Any, model_name: str = "arianna_c", api_key: Optional[str]
                                 for t in items]}
 
         if body.stream:
-            replies = [ReplyText() for _ in range(body.n)]
+            replies = [chat_templates.Reply() for _ in range(body.n)]
 
             def chunk(index, text, items, finish, usage_=None):
-                base = header(rid, "chat.completion.chunk")
+                base = header(rid, "chat.completion.chunk", instance.name)
                 if index is None:
                     return dict(base, choices=[], usage=usage_)
                 text = replies[index].push(text)
@@ -664,15 +777,15 @@ def create_app(model: Any, model_name: str = "arianna_c", api_key: Optional[str]
                                             "finish_reason": finish}])
 
             def first(index):
-                return dict(header(rid, "chat.completion.chunk"),
+                return dict(header(rid, "chat.completion.chunk", instance.name),
                             choices=[{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                       "finish_reason": None}])
 
-            return stream(job, body, chunk, first)
+            return stream(instance.batcher, job, body, chunk, first)
 
-        results = await run_job(request, job)
-        return {**header(rid, "chat.completion"),
-                "choices": [{"index": i, "message": {"role": "assistant", "content": r.text.lstrip()},
+        results = await run_job(request, instance.batcher, job)
+        return {**header(rid, "chat.completion", instance.name),
+                "choices": [{"index": i, "message": {"role": "assistant", "content": chat_templates.reply_text(r.text)},
                              "logprobs": logprobs_of(r.logprobs or []), "finish_reason": r.finish_reason}
                             for i, r in enumerate(results)],
                 "usage": usage(job, results)}
@@ -695,8 +808,9 @@ def _event(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
 
 
-def serve(model: Any, host: str = "127.0.0.1", port: int = 8080, **options: Any) -> None:
-    """Runs the server until interrupted (uvicorn)."""
+def serve(model: Union[Any, Instance, Sequence[Instance]], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+          **options: Any) -> None:
+    """Runs the server (create_app's model and options) until interrupted (uvicorn)."""
     import uvicorn
 
     app = create_app(model, **options)

@@ -471,41 +471,70 @@ def chat_template(model: "Model", name: Optional[str] = None) -> chat.Template:
 
 
 def chat_prompt(model: "Model", messages: Sequence[chat.Message], template: chat.Template) -> list[int]:
-    """The token ids of messages in template, ending with the opening of the reply."""
-    return chat.prompt_tokens(chat.render(template, messages), lambda text: model.encode(text, bos=False))
+    """The token ids of messages in template, ending with the opening of the reply (the
+    library's ac_chat_tokens, as ./run feeds them)."""
+    lib, c_template = model._lib, chat._c_template(template)
+    c_messages, keep = chat._c_messages(messages)
+    n, cap = ffi.new("int *"), model.config.seq_len
+    with model._h.use() as h:
+        while True:
+            out = ffi.new("int[]", cap)
+            rc = lib.ac_chat_tokens(c_template, h.tokenizer, c_messages, len(messages), 1, out, cap, n)
+            if rc != lib.AC_ERR_RANGE or n[0] <= cap:
+                break
+            cap = n[0]  # longer than the context: the count it needs, then the ids
+    del keep
+    _error_check(rc)
+    return list(out[0:n[0]])
 
 
-class ReplyText:
-    """A reply's text as it streams: the whitespace a template leaves before the reply
-    (``A:`` then `` The...``) is not part of it."""
-
-    def __init__(self) -> None:
-        self.started = False
-
-    def push(self, text: str) -> str:
-        if not self.started:
-            text = text.lstrip()
-            self.started = bool(text)
-        return text
-
-
-class Chat:
-    """A conversation that keeps its session: each turn renders the whole conversation with
-    the template, keeps the cached tokens it shares with the context (so only the new turn is
-    run through the model), and generates the reply.
+class Chat(_Closing):
+    """A conversation that keeps its session, by the library's rules (ac_conversation, those
+    of ./run -m chat): each turn renders the whole conversation with the template, keeps the
+    cached tokens it shares with the context (so only the new turn is run through the model),
+    and generates the reply, whose text is the library's (the whitespace the template leaves
+    before it dropped).
 
     Context shift: when the conversation plus room for the reply (max_new_tokens, at most half
-    the context) does not fit in seq_len, the oldest exchanges are dropped (the system prompt
-    stays) and what remains is fed again.  A single turn too long for the context raises
-    AriannaError (AC_ERR_RANGE) saying how many tokens it has and how many fit; the
-    conversation stays as it was."""
+    the context) does not fit in seq_len, the oldest exchanges are left out (the system prompt
+    stays).  The turn and its reply join ``messages`` when the reply ends, and the exchanges
+    left out leave it then.  A single turn too long for the
+    context raises AriannaError (AC_ERR_RANGE) saying how many tokens it has and how many
+    fit; the conversation stays as it was."""
 
     def __init__(self, model: "Model", template: Optional[str] = None, system: Optional[str] = None,
                  session: Optional[Session] = None) -> None:
         self.model = model
+        self.lib = model._lib
         self.template = chat_template(model, template)
-        self.session = session if session is not None else Session(model)
-        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self._c, self._use = ffi.NULL, None
+        use = model._h.use()  # the model stays loaded while the conversation exists
+        handles = use.__enter__()
+        self._use = use
+        try:
+            out = ffi.new("ac_conversation **")
+            _error_check(self.lib.ac_conversation_create(handles.model, handles.tokenizer,
+                                                         chat._c_template(self.template), out))
+            self._c = out[0]
+            if system:
+                data = _utf8("system", system)
+                _error_check(self.lib.ac_conversation_add(self._c, b"system", data, len(data)))
+            self.session = session if session is not None else Session(model)
+        except BaseException:
+            self.close()
+            raise
+        self._tokens, self._turn = ffi.new("const int **"), ffi.new("ac_conversation_turn *")
+        self._text, self._size = ffi.new("const char **"), ffi.new("size_t *")
+
+    @property
+    def messages(self) -> list[dict]:
+        """The conversation so far: [{"role", "content"}, ...], the system prompt first."""
+        out = []
+        for i in range(self.lib.ac_conversation_n_messages(self._c)):
+            m = self.lib.ac_conversation_message(self._c, i)
+            content = ffi.unpack(m.content, m.content_len).decode()
+            out.append({"role": ffi.string(m.role).decode(), "content": content})
+        return out
 
     def stream(self, text: str, params: Optional[SamplingParams] = None, *, logprobs: Optional[int] = None,
                **settings: Any) -> Iterator[str]:
@@ -513,20 +542,23 @@ class Chat:
         Completion (its text is the reply)."""
         # a reply ends where a next turn would start
         params = with_stops(sampling_params(params, settings), self.template.stop)
-        tokens = self._fit(self.messages + [{"role": "user", "content": text}], params)
-        self.session.sync(tokens)
-        self.messages.append({"role": "user", "content": text})
-        reply, parts = ReplyText(), []
+        data = _utf8("text", text)
+        _error_check(self.lib.ac_conversation_prompt(self._c, _c_params(self.lib, params, 0), data, len(data),
+                                                     self._tokens, self._turn))
+        self.session.sync(ffi.unpack(self._tokens[0], self._turn.n_prompt))
         generation = self.session.start(params, logprobs=logprobs)
+        parts = []
         try:
             for piece in self.session.run(generation):
-                piece = reply.push(piece)
+                piece = self._reply(piece, False)
                 if piece:
                     parts.append(piece)
                     yield piece
         finally:
             generation.cancel()
-            self.messages.append({"role": "assistant", "content": "".join(parts)})
+            # the turn and its reply join the conversation (the pieces were whole characters:
+            # nothing is held back for this last call)
+            parts.append(self._reply("", True))
             self.last = dataclasses.replace(generation.result(), text="".join(parts))
 
     def say(self, text: str, params: Optional[SamplingParams] = None, *, logprobs: Optional[int] = None,
@@ -536,33 +568,28 @@ class Chat:
             pass
         return self.last
 
-    def _fit(self, messages: list[dict], params: SamplingParams) -> list[int]:
-        """The prompt of messages (self.messages + the new turn), the oldest exchanges after
-        the system prompt dropped until it leaves room for the reply; they leave
-        self.messages too, but only once the turn is known to fit."""
-        seq_len = self.model.config.seq_len
-        room = min(_c_params(self.model._lib, params, 0).max_new_tokens, seq_len // 2)
-        first = 1 if messages[0]["role"] == "system" else 0
-        dropped = 0
-        while True:
-            tokens = chat_prompt(self.model, messages[:first] + messages[first + dropped:], self.template)
-            if len(tokens) + room <= seq_len or len(messages) - first - dropped <= 1:
-                break
-            dropped += 2 if len(messages) - first - dropped > 2 else 1  # a user turn and its reply
-        if len(tokens) >= seq_len:
-            raise AriannaError(f"the turn is {len(tokens)} tokens with the template; the context holds "
-                               f"{seq_len - 1} (one left for the reply)", ErrorCode.RANGE)
-        del self.messages[first:first + dropped]
-        return tokens
+    def _reply(self, piece: str, final: bool) -> str:
+        data = piece.encode("utf-8")
+        _error_check(self.lib.ac_conversation_reply(self._c, data, len(data), int(final), self._text, self._size))
+        return ffi.unpack(self._text[0], self._size[0]).decode()
 
     def close(self) -> None:
-        self.session.close()
+        """Frees the conversation and closes its session (idempotent)."""
+        c, self._c = getattr(self, "_c", ffi.NULL), ffi.NULL
+        if c != ffi.NULL:
+            self.lib.ac_conversation_free(c)
+        session = getattr(self, "session", None)
+        if session is not None:
+            session.close()
+        use, self._use = getattr(self, "_use", None), None
+        if use is not None:
+            use.__exit__(None, None, None)
 
-    def __enter__(self) -> "Chat":
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def _utf8(name: str, text: Any) -> bytes:
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be a str, not {type(text).__name__}")
+    return text.encode("utf-8")
 
 
 def chat_completion(model: "Model", messages: Sequence[chat.Message], template: Optional[str] = None,
@@ -575,4 +602,4 @@ def chat_completion(model: "Model", messages: Sequence[chat.Message], template: 
     with Session(model) as session:
         session.sync(chat_prompt(model, messages, tmpl))
         result = session.generate(params, logprobs=logprobs)
-    return dataclasses.replace(result, text=result.text.lstrip())
+    return dataclasses.replace(result, text=chat.reply_text(result.text))

@@ -291,7 +291,9 @@ class Bench:
         f = self.features
         if not f["cli_built"]:
             return [], "n/a (not built): ./run missing (run make)"
-        cmd = [str(CLI), str(self.model_path), "-z", str(self.tokenizer_path), "-t", "0", "-s", "1"]
+        # greedy without the default repetition penalty: the peers' decode rows do no penalty work
+        cmd = [str(CLI), str(self.model_path), "-z", str(self.tokenizer_path), "-t", "0", "--repeat-penalty", "1",
+               "-s", "1"]
         if f["cli_threads"]:
             cmd += ["-T", str(row.threads)]
         if row.dtype == "int8":
@@ -484,7 +486,7 @@ class Bench:
                 "runs": self.runs, "quick": self.quick, "only": self.args.only,
                 "decode_prompt": self.decode_prompt, "decode_prompt_tokens": len(self.decode_ids),
                 "decode_new_tokens": self.decode_new, "prefill_prompt_tokens": len(self.prefill_ids),
-                "batch": self.batch, "sampling": "greedy (temperature 0)",
+                "batch": self.batch, "sampling": "greedy (temperature 0, repeat penalty 1)",
                 "order": "round-robin over rows, each measurement in its own subprocess",
             },
             "machine": _machine_info(),

@@ -35,7 +35,7 @@ def header(result: dict) -> list[str]:
         f"model:   {model['path']}{' (random weights, same shape)' if model['random_weights'] else ''}: "
         f"dim {cfg['dim']}, hidden {cfg['hidden_dim']}, {cfg['n_layers']} layers, {cfg['n_heads']} heads, "
         f"vocab {cfg['vocab_size']}, seq_len {cfg['seq_len']}, {model['file_bytes'] / 1e6:.1f} MB",
-        f"runs:    R={s['runs']} rounds, round-robin, one subprocess per measurement; greedy; decode: "
+        f"runs:    R={s['runs']} rounds, round-robin, one subprocess per measurement; greedy, no repetition penalty; decode: "
         f"{s['decode_new_tokens']} new tokens after a {s['decode_prompt_tokens']}-token prompt; "
         f"prefill: a {s['prefill_prompt_tokens']}-token prompt (seq_len {cfg['seq_len']}); batch {s['batch']}",
     ]

@@ -103,7 +103,7 @@ def python_decode(spec: dict) -> dict:
         model._lib = timed
     extra = {"ignore_eos": True} if _ignores_eos(model.generate) else {}
     t0 = time.perf_counter()
-    text = model.generate(spec["prompt"], max_new_tokens=spec["tokens"], temperature=0.0, **extra)
+    text = model.generate(spec["prompt"], max_new_tokens=spec["tokens"], temperature=0.0, repeat_penalty=1.0, **extra)
     total = time.perf_counter() - t0
     calls = timed.log["ac_session_next"] if timed else []
     ends_text = () if extra else (BOS, EOS)  # with ignore_eos those are tokens like any other
@@ -129,7 +129,7 @@ def python_prefill(spec: dict) -> dict:
         raise NotBuilt("the binding has no _lib to time its prompt call through")
     timed = _Timed(model._lib, FEEDS)
     model._lib = timed
-    model.generate(spec["prompt"], max_new_tokens=1, temperature=0.0)
+    model.generate(spec["prompt"], max_new_tokens=1, temperature=0.0, repeat_penalty=1.0)
     fed = [(name, calls[0]) for name, calls in timed.log.items() if calls]
     if not fed:
         raise NotBuilt("generate() calls neither " + " nor ".join(FEEDS))
@@ -146,7 +146,7 @@ def python_batch(spec: dict) -> dict:
     ignore_eos = _ignores_eos(model.generate_batch)
     extra = {"ignore_eos": True} if ignore_eos else {}
     t0 = time.perf_counter()
-    outs = model.generate_batch(prompts, max_new_tokens=spec["tokens"], temperature=0.0, **extra)
+    outs = model.generate_batch(prompts, max_new_tokens=spec["tokens"], temperature=0.0, repeat_penalty=1.0, **extra)
     total = time.perf_counter() - t0
     n, exact = 0, True
     if ignore_eos:  # every sequence ran to max_new_tokens, or to seq_len if that came first
@@ -172,7 +172,7 @@ def python_startup(spec: dict) -> dict:
     t_import = time.perf_counter()
     model, threads_via = _open_model(spec)
     t_load = time.perf_counter()
-    model.generate(spec["prompt"], max_new_tokens=1, temperature=0.0)
+    model.generate(spec["prompt"], max_new_tokens=1, temperature=0.0, repeat_penalty=1.0)
     t_first = time.perf_counter()
     since_spawn = (time.time() - wall_spawn) * 1e3 if wall_spawn else None
     return {"value": (t_first - t0) * 1e3, "import_ms": (t_import - t0) * 1e3,

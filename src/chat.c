@@ -182,17 +182,22 @@ static int role_of(const char *role) {
     return ROLE_BAD;
 }
 
+int ac_chat_check_message(const ac_chat_message *m, int i) {
+    int role = role_of(m->role);
+    if (role == ROLE_BAD)
+        return ac_fail(AC_ERR_ARG, "messages[%d].role '%s' is invalid: it must be one of system, user, assistant", i,
+                       m->role ? m->role : "(null)");
+    if (role == ROLE_SYSTEM && i != 0)
+        return ac_fail(AC_ERR_ARG, "messages[%d] is a system message: only the first message may be one", i);
+    if (!m->content && m->content_len) return ac_fail(AC_ERR_ARG, "messages[%d].content is NULL", i);
+    return AC_OK;
+}
+
 static int check_messages(const ac_chat_message *messages, int n) {
     if (n <= 0 || !messages) return ac_fail(AC_ERR_ARG, "messages is empty: give at least one message");
     for (int i = 0; i < n; i++) {
-        int role = role_of(messages[i].role);
-        if (role == ROLE_BAD)
-            return ac_fail(AC_ERR_ARG, "messages[%d].role '%s' is invalid: it must be one of system, user, assistant",
-                           i, messages[i].role ? messages[i].role : "(null)");
-        if (role == ROLE_SYSTEM && i != 0)
-            return ac_fail(AC_ERR_ARG, "messages[%d] is a system message: only the first message may be one", i);
-        if (!messages[i].content && messages[i].content_len)
-            return ac_fail(AC_ERR_ARG, "messages[%d].content is NULL", i);
+        int rc = ac_chat_check_message(&messages[i], i);
+        if (rc) return rc;
     }
     return AC_OK;
 }

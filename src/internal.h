@@ -12,7 +12,13 @@
  *   forward.c    the state (KV caches, activations, threads) and the forward pass
  *   tokenizer.c  tokenizer loading, SentencePiece-exact BPE encode, piece decode
  *   sampler.c    greedy / temperature / top-k / top-p with a seeded PRNG
- *   session.c    sessions, the generate loop, batched generation
+ *   generation.c generation settings (defaults, checks, seeds), the stop rule, stop strings,
+ *                the ac_generation object
+ *   session.c    sessions (feed / next) and the generate loop
+ *   batch.c      batched generation, and a batch driven step by step by its caller
+ *   chat.c       chat templates, rendering a conversation into tokens
+ *   conversation.c  a conversation's rules (context shift, the reply's text), and a
+ *                conversation run on a KV cache of its own
  */
 #ifndef ARIANNA_INTERNAL_H
 #define ARIANNA_INTERNAL_H
@@ -179,5 +185,58 @@ int ac_forward_step(ac_state *s, const int *seqs, const int *tokens, const int *
 /* x = softmax(x); returns the sum of the exponentials: in [1, n] unless x held an infinity
  * or a NaN (then it is NaN and so is every x[i]). */
 float ac_softmax(float *x, int n);
+
+/* ------------------------------------------------------------------------ chat (chat.c) */
+
+/* AC_ERR_ARG naming messages[i] when m, as message i of a conversation, has an unknown role,
+ * is a system message after the first, or has NULL content of nonzero length. */
+int ac_chat_check_message(const ac_chat_message *m, int i);
+
+/* ------------------------------------------------------------------------ generation (generation.c) */
+
+/* One generation's rules, whoever runs the model: the sampler, the stop rule, the stop
+ * strings and the text they hold back.  A session owns one, a batch one per sequence, and a
+ * caller that runs the model itself (continuous batching) creates its own. */
+struct ac_generation {
+    const ac_model *model;
+    const ac_tokenizer *tok;
+    ac_session_params params;
+    ac_sampler *sampler;
+    int *bias_ids;       /* (n_bias) the logit bias, given again to every new sampler */
+    float *bias_values;
+    int n_bias;
+    char *stop_bytes;    /* the stop strings, one after another */
+    size_t *stop_len;    /* (n_stops) their lengths */
+    int n_stops;
+    char *text;          /* text[held_at..held_at+n_held): bytes that may start a stop string */
+    size_t text_cap, held_at, n_held;
+    int last;            /* the context's last token (the previous one when decoding); -1 none */
+    int filled;          /* positions the context takes, sampled tokens included */
+    int n_reported;      /* tokens reported since the generation began */
+    ac_stop_reason stop; /* why it ended; AC_STOP_NONE while it goes on */
+};
+
+/* The seed a sampler starts from: seed itself, or for AC_SEED_RANDOM a fresh one. */
+uint64_t ac_resolve_seed(uint64_t seed);
+/* A session or batch pairs a model with a tokenizer of the same vocabulary: AC_ERR_MISMATCH
+ * otherwise. */
+int ac_check_vocab_match(const ac_model *m, const ac_tokenizer *tok);
+/* A generation for params (already checked), its sampler seeded with seed (already
+ * resolved). */
+int ac_generation_create_seeded(const ac_model *m, const ac_tokenizer *tok, const ac_session_params *p,
+                                uint64_t seed, ac_generation **out);
+/* New settings: a new sampler (the logit bias and stop strings stay), the count starts again. */
+int ac_generation_set_params(ac_generation *g, const ac_session_params *p);
+/* Forgets the context. */
+void ac_generation_reset(ac_generation *g);
+/* tokens[0..n) joined the context (now `filled` positions long): the penalties see them, and
+ * a new generation starts after them. */
+void ac_generation_continue(ac_generation *g, const int *tokens, int n, int filled);
+/* The stop rule before sampling: returns 1 (and releases the held bytes) when the generation
+ * has ended or ends now. */
+int ac_generation_ended(ac_generation *g, const char **piece, size_t *len);
+/* Samples the next token from logits (those after the context's last token).  A token that
+ * ends the text (BOS/EOS) is not reported: *token is -1 and the held bytes are released. */
+int ac_generation_sample(ac_generation *g, const float *logits, int *token, const char **piece, size_t *len);
 
 #endif /* ARIANNA_INTERNAL_H */

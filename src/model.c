@@ -556,6 +556,9 @@ AC_API int ac_model_quantize(const ac_model *src, int group_size, ac_model **out
      * would turn a NaN into 0 without a trace */
     int rc = check_weights(&src->w, &src->config, "int8 quantization of the source model");
     if (rc) return rc;
+    if (group_size < 0 || group_size % 4)
+        return ac_fail(AC_ERR_ARG, "ac_model_quantize: argument group_size is %d, must be 0 (the default, %d) or a "
+                       "positive multiple of 4", group_size, AC_DEFAULT_GROUP_SIZE);
     ac_config c = src->config;
     c.version = 2;
     c.group_size = group_size ? group_size : AC_DEFAULT_GROUP_SIZE;

@@ -9,6 +9,7 @@ make.
 from __future__ import annotations
 
 import os
+import re
 import select
 import subprocess
 import time
@@ -19,6 +20,16 @@ from typing import Iterator, Sequence, Union
 import numpy as np
 
 # ---------------------------------------------------------------------------- the C API
+
+HEADER = Path(__file__).resolve().parent.parent / "src" / "run.h"
+
+
+def header_constant(name: str) -> int:
+    """The integer value of `#define name` in the public header src/run.h (for the limits the
+    binding does not declare)."""
+    found = re.search(rf"^#define {re.escape(name)} (\d+)\b", HEADER.read_text(), re.MULTILINE)
+    assert found, f"{HEADER} has no #define {name} <integer>"
+    return int(found.group(1))
 
 
 def last_error(lib, ffi) -> str:
@@ -54,6 +65,14 @@ def load_tokenizer(lib, ffi, path, vocab_size: int) -> tuple[int, object]:
     return rc, out[0]
 
 
+def load_tokenizer_bytes(lib, ffi, data: bytes, vocab_size: int, name: bytes = b"tok") -> tuple[int, object]:
+    """ac_tokenizer_load_memory: (result code, tokenizer or NULL).  The library copies the
+    bytes."""
+    out = ffi.new("ac_tokenizer **")
+    rc = lib.ac_tokenizer_load_memory(data, len(data), vocab_size, name, out)
+    return rc, out[0]
+
+
 def quantize(lib, ffi, model, group_size: int = 0) -> tuple[int, object]:
     """ac_model_quantize: (result code, int8 model or NULL)."""
     out = ffi.new("ac_model **")
@@ -66,6 +85,31 @@ def model_config(lib, ffi, model):
     cfg = ffi.new("ac_config *")
     assert lib.ac_model_config(model, cfg) == 0
     return cfg
+
+
+def create_state(lib, ffi, model) -> tuple[int, object]:
+    """ac_state_create: (result code, state or NULL)."""
+    out = ffi.new("ac_state **")
+    rc = lib.ac_state_create(model, out)
+    return rc, out[0]
+
+
+def create_sampler(lib, ffi, params, vocab_size: int) -> tuple[int, object]:
+    """ac_sampler_create from params: an ac_sampler_params * as it is, or what initializes one
+    (the struct, a dict of its fields).  (result code, sampler or NULL)."""
+    if not (isinstance(params, ffi.CData) and ffi.typeof(params).kind == "pointer"):
+        params = ffi.new("ac_sampler_params *", params)
+    out = ffi.new("ac_sampler **")
+    rc = lib.ac_sampler_create(params, vocab_size, out)
+    return rc, out[0]
+
+
+def create_session(lib, ffi, model, tokenizer, params) -> tuple[int, object]:
+    """ac_session_create with params (an ac_session_params *, or NULL for the defaults):
+    (result code, session or NULL)."""
+    out = ffi.new("ac_session **")
+    rc = lib.ac_session_create(model, tokenizer, params, out)
+    return rc, out[0]
 
 
 @contextmanager
@@ -84,16 +128,16 @@ def c_logits(lib, ffi, model, tokens: Sequence[int], threads: int = 1, stepwise:
     (len(tokens), vocab_size)."""
     ids = np.asarray(tokens, dtype=np.int32)
     out = np.empty((len(ids), model_config(lib, ffi, model).vocab_size), dtype=np.float32)
-    state = ffi.new("ac_state **")
-    assert lib.ac_state_create(model, state) == 0, last_error(lib, ffi)
+    rc, state = create_state(lib, ffi, model)
+    assert rc == 0, last_error(lib, ffi)
     try:
-        assert lib.ac_state_set_threads(state[0], threads) == 0
+        assert lib.ac_state_set_threads(state, threads) == 0
         run = lib.ac_logits_stepwise if stepwise else lib.ac_logits
-        rc = run(state[0], ffi.from_buffer("int[]", ids), len(ids),
+        rc = run(state, ffi.from_buffer("int[]", ids), len(ids),
                  ffi.from_buffer("float[]", out, require_writable=True))
         assert rc == 0, last_error(lib, ffi)
     finally:
-        lib.ac_state_free(state[0])
+        lib.ac_state_free(state)
     return out
 
 

@@ -10,10 +10,13 @@ API tests (test_python_api, test_generation).
 * ``CallCounter``: counts the C calls a Model makes (how often it creates states, sessions...).
 * ``report``: prints a measured maximum difference (visible with ``pytest -rA`` or ``-s``) and
   records it as a junit property.
+* ``persona_golden()``: the shipped persona's golden logits (tests/golden/, written by
+  tests/make_golden.py), failing the test when they are missing or belong to another file.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -28,6 +31,7 @@ if str(REPO) not in sys.path:
 
 from arianna_c import formats  # noqa: E402
 from arianna_c.formats import ModelConfig  # noqa: E402
+import capi  # noqa: E402
 
 TOL = 1e-4
 PERSONA_TOKENIZER_MODEL = REPO / "persona" / "tok4096.model"
@@ -114,29 +118,50 @@ def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b))) if a.size else 0.0
 
 
+def persona_golden() -> tuple[dict, np.ndarray]:
+    """(prompts file contents, logits (prompts, last positions, vocab)) of tests/golden/ for the
+    shipped persona.  Fails, saying how to regenerate them, when they are missing or were made
+    for another persona file."""
+    import make_golden as mg
+
+    if not (mg.LOGITS_FILE.is_file() and mg.PROMPTS_FILE.is_file()):
+        pytest.fail(f"the persona exists but {mg.LOGITS_FILE.relative_to(mg.REPO)} does not: "
+                    f"run `python -m tests.make_golden` and commit tests/golden/", pytrace=False)
+    meta = json.loads(mg.PROMPTS_FILE.read_text(encoding="utf-8"))
+    actual = mg.sha256(mg.PERSONA_MODEL)
+    if meta["model_sha256"] != actual:
+        pytest.fail(f"tests/golden/ was made for another persona file (sha256 {meta['model_sha256'][:12]}..., "
+                    f"now {actual[:12]}...); if the persona was retrained on purpose, run "
+                    f"`python -m tests.make_golden` and commit tests/golden/", pytrace=False)
+    logits = np.load(mg.LOGITS_FILE)
+    assert logits.dtype == np.float32
+    assert logits.shape == (len(meta["prompts"]), meta["last_positions"], meta["config"]["vocab_size"])
+    return meta, logits
+
+
 def c_generate_tokens(model_path: Path, tokenizer: bytes, prompt_tokens: Sequence[int], max_new: int,
                       temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                      seed: int = 0) -> list[int]:
+                      seed: int = 0, **sampler: float) -> list[int]:
     """Token ids the C library generates after prompt_tokens (session API: feed, then next
-    until the library ends the generation)."""
+    until the library ends the generation).  The other sampler settings (min_p, the
+    penalties) are off unless given, as in the reference's Sampler."""
     from arianna_c._lib import _error_check, ffi, load
 
     lib = load()
-    model_pp, tok_pp, sess_pp = ffi.new("ac_model **"), ffi.new("ac_tokenizer **"), ffi.new("ac_session **")
-    _error_check(lib.ac_model_load(os.fsencode(model_path), model_pp))
-    model = model_pp[0]
+    rc, model = capi.load_model(lib, ffi, model_path)
+    _error_check(rc)
     session = ffi.NULL
     tok = ffi.NULL
     try:
-        cfg = ffi.new("ac_config *")
-        _error_check(lib.ac_model_config(model, cfg))
-        _error_check(lib.ac_tokenizer_load_memory(tokenizer, len(tokenizer), cfg.vocab_size, b"tok", tok_pp))
-        tok = tok_pp[0]
+        rc, tok = capi.load_tokenizer_bytes(lib, ffi, tokenizer, capi.model_config(lib, ffi, model).vocab_size)
+        _error_check(rc)
         params = ffi.new("ac_session_params *", lib.ac_session_default_params())
         params.sampler.temperature, params.sampler.top_p, params.sampler.top_k = temperature, top_p, top_k
         params.sampler.seed, params.max_new_tokens = seed, max_new
-        _error_check(lib.ac_session_create(model, tok, params, sess_pp))
-        session = sess_pp[0]
+        for name, value in {**NEUTRAL_SAMPLER, **sampler}.items():
+            setattr(params.sampler, name, value)
+        rc, session = capi.create_session(lib, ffi, model, tok, params)
+        _error_check(rc)
         ids = ffi.new("int[]", list(prompt_tokens))
         _error_check(lib.ac_session_feed_tokens(session, ids, len(prompt_tokens)))
         out, token = [], ffi.new("int *")
@@ -172,26 +197,29 @@ class CallCounter:
         return counted
 
 
+# The sampler settings that change nothing (min-p and the penalties off).
+NEUTRAL_SAMPLER = dict(min_p=0.0, repeat_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0)
+
+
 def c_sample(logits: np.ndarray, temperature: float, top_p: float, top_k: int, seed: int, n: int) -> list[int]:
     """n draws of the C sampler (one sampler, so its PRNG advances) from the same logits."""
     from arianna_c._lib import _error_check, ffi, load
 
     lib = load()
     logits = np.ascontiguousarray(logits, dtype=np.float32)
-    params = ffi.new("ac_sampler_params *")
-    params.temperature, params.top_p, params.top_k, params.seed = temperature, top_p, top_k, seed
-    sp = ffi.new("ac_sampler **")
-    _error_check(lib.ac_sampler_create(params, len(logits), sp))
+    params = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed}
+    rc, sampler = capi.create_sampler(lib, ffi, params, len(logits))
+    _error_check(rc)
     try:
         token = ffi.new("int *")
         buf = ffi.from_buffer("float[]", logits)
         draws = []
         for _ in range(n):
-            _error_check(lib.ac_sample(sp[0], buf, token))
+            _error_check(lib.ac_sample(sampler, buf, token))
             draws.append(int(token[0]))
         return draws
     finally:
-        lib.ac_sampler_free(sp[0])
+        lib.ac_sampler_free(sampler)
 
 
 # Texts the tokenizer round trip runs on.

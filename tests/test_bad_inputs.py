@@ -23,9 +23,9 @@ from typing import Callable, Optional
 import numpy as np
 import pytest
 
-from capi import (int8_copy, last_error, load_api, load_model, load_model_bytes, load_model_file,
-                  load_tokenizer, loaded_model, mappings_of, model_config, quantize, read_stdout_until,
-                  run_cli)
+from capi import (create_sampler, create_session, create_state, int8_copy, last_error, load_api, load_model,
+                  load_model_bytes, load_model_file, load_tokenizer, load_tokenizer_bytes, loaded_model, mappings_of,
+                  model_config, quantize, read_stdout_until, run_cli)
 from conftest import REPO, TINY, byte_id, piece_id, synthetic_tokenizer, tiny_config
 
 from arianna_c import AriannaError, Model, formats
@@ -325,8 +325,8 @@ def test_model_passed_as_tokenizer(lib, ffi, run_binary, good):
 
 def test_vocabulary_without_special_tokens(lib, ffi):
     data = tokenizer_file([b"<unk>", b"<s>"], [0.0, 0.0])
-    out = ffi.new("ac_tokenizer **")
-    assert lib.ac_tokenizer_load_memory(data, len(data), 2, b"two.tok", out) == lib.AC_ERR_ARG
+    rc, tok = load_tokenizer_bytes(lib, ffi, data, 2, b"two.tok")
+    assert rc == lib.AC_ERR_ARG and tok == ffi.NULL
     assert last_error(lib, ffi) == "two.tok: vocab_size 2 is outside 3..16777216"
 
 
@@ -361,19 +361,21 @@ def test_prompt_longer_than_seq_len_is_an_error_everywhere(lib, ffi, run_binary,
 
 def count_generated(lib, ffi, files, prompt: bytes, steps: int) -> int:
     """ac_generate's token count (greedy), with the session's position checked."""
-    s, n = ffi.new("ac_session **"), ffi.new("int *")
+    n = ffi.new("int *")
     params = lib.ac_session_default_params()
     params.sampler.temperature, params.max_new_tokens = 0.0, steps
     with loaded_model(lib, ffi, files.model) as model:
         rc, tok = load_tokenizer(lib, ffi, files.tokenizer, files.cfg.vocab_size)
         assert rc == 0, last_error(lib, ffi)
+        session = ffi.NULL
         try:
-            assert lib.ac_session_create(model, tok, ffi.new("ac_session_params *", params), s) == 0
-            assert lib.ac_generate(s[0], prompt, len(prompt), ffi.NULL, ffi.NULL, n) == 0
-            assert lib.ac_session_position(s[0]) <= files.cfg.seq_len
+            rc, session = create_session(lib, ffi, model, tok, ffi.new("ac_session_params *", params))
+            assert rc == 0, last_error(lib, ffi)
+            assert lib.ac_generate(session, prompt, len(prompt), ffi.NULL, ffi.NULL, n) == 0
+            assert lib.ac_session_position(session) <= files.cfg.seq_len
             return n[0]
         finally:
-            lib.ac_session_free(s[0])
+            lib.ac_session_free(session)
             lib.ac_tokenizer_free(tok)
 
 
@@ -404,9 +406,9 @@ def test_bad_sampler_settings(lib, ffi, run_binary, good, kwargs, flags, needle)
     params = lib.ac_sampler_default_params()
     for key, value in kwargs.items():
         setattr(params, key, value)
-    out = ffi.new("ac_sampler **")
-    assert lib.ac_sampler_create(ffi.new("ac_sampler_params *", params), V, out) == lib.AC_ERR_ARG
-    assert needle in last_error(lib, ffi) and out[0] == ffi.NULL
+    rc, sampler = create_sampler(lib, ffi, params, V)
+    assert rc == lib.AC_ERR_ARG
+    assert needle in last_error(lib, ffi) and sampler == ffi.NULL
     r = cli(run_binary, good.model, "-z", good.tokenizer, *flags, "-n", "4")
     # the CLI refuses the option itself, naming it with the value as typed (tests/test_cli.py)
     assert r.returncode == 1 and f"error: {flags[0]} {flags[1]}: ".encode() in r.stderr and r.stdout == b""
@@ -431,13 +433,14 @@ def test_extreme_temperatures_and_non_finite_logits_sample_greedily(lib, ffi, go
              ([math.nan] * 5, 0), ([math.nan, 1.0, math.nan, 4.0, 2.0], 3)]
     for logits, want in cases:
         for top_p, top_k in ((1.0, 0), (0.5, 0), (1.0, 2)):
-            params = ffi.new("ac_sampler_params *", {"temperature": 1.0, "top_p": top_p, "top_k": top_k, "seed": 3})
-            sampler, token = ffi.new("ac_sampler **"), ffi.new("int *")
-            assert lib.ac_sampler_create(params, 5, sampler) == 0
+            params = {"temperature": 1.0, "top_p": top_p, "top_k": top_k, "seed": 3}
+            rc, sampler = create_sampler(lib, ffi, params, 5)
+            assert rc == 0, last_error(lib, ffi)
+            token = ffi.new("int *")
             try:
-                assert lib.ac_sample(sampler[0], ffi.new("float[]", logits), token) == 0
+                assert lib.ac_sample(sampler, ffi.new("float[]", logits), token) == 0
             finally:
-                lib.ac_sampler_free(sampler[0])
+                lib.ac_sampler_free(sampler)
             assert token[0] == want, (logits, top_p, top_k)
 
 
@@ -656,14 +659,15 @@ def file_api(lib):
 def api_logits(file_api, model, tokens: list[int], vocab: int = V) -> list[float]:
     """Logits of tokens from a model loaded through file_api."""
     api_ffi, api = file_api
-    state, out = api_ffi.new("ac_state **"), api_ffi.new("float[]", len(tokens) * vocab)
-    assert api.ac_state_create(model, state) == 0
+    out = api_ffi.new("float[]", len(tokens) * vocab)
+    rc, state = create_state(api, api_ffi, model)
+    assert rc == 0, last_error(api, api_ffi)
     try:
-        rc = api.ac_logits(state[0], api_ffi.new("int[]", tokens), len(tokens), out)
-        assert rc == 0, api_ffi.string(api.ac_last_error())
+        rc = api.ac_logits(state, api_ffi.new("int[]", tokens), len(tokens), out)
+        assert rc == 0, last_error(api, api_ffi)
         return list(out)
     finally:
-        api.ac_state_free(state[0])
+        api.ac_state_free(state)
 
 
 def test_mapping_the_file_gives_the_same_model_and_shows_rewrites(file_api, good):
@@ -677,7 +681,7 @@ def test_mapping_the_file_gives_the_same_model_and_shows_rewrites(file_api, good
     try:
         for mode, use_mmap in (("read", 0), ("mapped", 1)):
             rc, models[mode] = load_model_file(file_api, good.model, use_mmap)
-            assert rc == 0, api_ffi.string(api.ac_last_error())
+            assert rc == 0, last_error(api, api_ffi)
             assert (mappings_of(good.model) > 0) == (mode == "mapped")
         out = api_ffi.new("ac_model **")
         assert api.ac_model_load_file(os.fsencode(good.model), api_ffi.NULL, out) == 0
@@ -707,7 +711,7 @@ def test_a_huge_file_is_refused_from_its_header_before_it_is_read(file_api, good
         started = time.monotonic()
         assert api.ac_model_load_file(os.fsencode(big), params, model) == 2  # AC_ERR_FORMAT
         assert time.monotonic() - started < 5 and model[0] == api_ffi.NULL
-        assert f"file is {16 << 30} bytes, header implies" in api_ffi.string(api.ac_last_error()).decode()
+        assert f"file is {16 << 30} bytes, header implies" in last_error(api, api_ffi)
 
 
 # ---------------------------------------------------------------------------- weights that are not numbers
@@ -878,16 +882,17 @@ NUMERIC_MESSAGE = r"the logits after the token at position \d+ are not numbers \
 def test_non_finite_logits_are_an_error_in_c(lib, ffi, overflowing):
     rc, _ = c_load(lib, ffi, overflowing.model, overflowing.tokenizer)
     assert rc == 0  # finite weights load
-    logits, state = ffi.new("float[]", 2 * V), ffi.new("ac_state **")
+    logits = ffi.new("float[]", 2 * V)
     with loaded_model(lib, ffi, overflowing.model) as model:
-        assert lib.ac_state_create(model, state) == 0
+        rc, state = create_state(lib, ffi, model)
+        assert rc == 0, last_error(lib, ffi)
         try:
-            rc = lib.ac_logits(state[0], ffi.new("int[]", [1, 40]), 2, logits)
+            rc = lib.ac_logits(state, ffi.new("int[]", [1, 40]), 2, logits)
             assert rc == lib.AC_ERR_NUMERIC
             message = last_error(lib, ffi)
             assert re.fullmatch(NUMERIC_MESSAGE, message) and "position 0 " in message
         finally:
-            lib.ac_state_free(state[0])
+            lib.ac_state_free(state)
 
 
 @pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from capi import error_lines, last_error, load_tokenizer, mappings_of, read_stdout_until, run_cli
+from capi import error_lines, header_constant, last_error, load_tokenizer, mappings_of, read_stdout_until, run_cli
 from conftest import byte_id, piece_id, write_synthetic_tokenizer
 
 
@@ -231,7 +231,8 @@ def test_help_goes_to_stdout_with_units_and_defaults(run_binary, make_model, lib
     assert f"penalties look at, >= 0 (0 = none); default {defaults.repeat_last_n}\n" in usage
     assert f"the window (0 = off); default {defaults.presence_penalty:g}\n" in usage
     assert f"the window (0 = off); default {defaults.frequency_penalty:g}\n" in usage
-    assert "part of it; repeatable (up to 64); default: none" in usage
+    assert ("part of it; repeatable (up to 64, in chat with the\n"
+            "                              template's own); default: none") in usage
     assert "chat: the template of the turns: qa, llama-2, chatml;" in usage
     assert "default: chatml if the vocabulary has <|im_start|>,\n" in usage
     assert "default 256" in usage
@@ -536,13 +537,14 @@ def test_stop_strings_end_the_text_as_in_python(run_binary, make_model):
     from arianna_c import Model
 
     files = make_model(seed=1)
-    base = [files.model, "-n", "60", "-i", "the cat", "-s", "3"]
+    base = [files.model, "-n", "60", "-i", "the cat", "-s", "3", "-t", "1", "--repeat-penalty", "1"]
+    plain = dict(temperature=1.0, repeat_penalty=1.0)  # plain sampling: a long text to cut
     with Model(files.model, files.tokenizer) as m:
-        full = m.generate("the cat", max_new_tokens=60, seed=3)
+        full = m.generate("the cat", max_new_tokens=60, seed=3, **plain)
         stop = ascii_stop(full)
         other = ascii_stop(full, full.index(stop) + 4)
-        want = m.generate("the cat", max_new_tokens=60, seed=3, stop=[other, stop])
-        want_batch = m.generate_batch(["the cat"] * 3, max_new_tokens=60, seed=3, stop=[stop])
+        want = m.generate("the cat", max_new_tokens=60, seed=3, stop=[other, stop], **plain)
+        want_batch = m.generate_batch(["the cat"] * 3, max_new_tokens=60, seed=3, stop=[stop], **plain)
     assert want == full[:full.index(stop)]  # the earlier one ends it, and it is not printed
     r = run_cli(run_binary, *base, "--stop", other, "--stop", stop)
     assert (r.returncode, r.stdout) == (0, "the cat" + want + "\n"), r.stderr
@@ -574,6 +576,19 @@ def test_a_stop_string_the_library_refuses_is_named(run_binary, make_model):
         r = run_cli(run_binary, files.model, "-n", "4", "--stop", "", *extra)
         assert (r.returncode, r.stdout) == (1, ""), r.stderr
         assert error_lines(r.stderr) == ["error: --stop: stop string 0 is invalid: it must be 1..4096 bytes"]
+
+
+def test_chat_counts_the_templates_stop_strings_against_the_limit(run_binary, make_model):
+    files = make_model()
+    limit = header_constant("AC_MAX_STOPS")
+    stops = [a for i in range(limit) for a in ("--stop", f"s{i}")]
+    r = run_cli(run_binary, files.model, "-n", "4", *stops, stdin="hi\n")  # generate: all of them fit
+    assert r.returncode == 0, r.stderr
+    r = run_cli(run_binary, files.model, "-n", "4", "-m", "chat", "-y", "", "--chat-template", "qa", *stops,
+                stdin="hi\n")
+    assert (r.returncode, r.stdout) == (1, ""), r.stderr
+    assert error_lines(r.stderr) == [f"error: --stop: {limit} stop strings and 1 more from the chat template "
+                                     f"are {limit + 1}; at most {limit}"]
 
 
 # ---------------------------------------------------------------------------- the model file: read or mapped

@@ -29,6 +29,7 @@ gguf = pytest.importorskip("gguf")
 pytest.importorskip("safetensors")
 tokenizers = pytest.importorskip("tokenizers")
 
+from capi import run_cli  # noqa: E402
 from conftest import REPO, TRAINING_TEXT, tiny_config  # noqa: E402
 
 import arianna_c  # noqa: E402
@@ -110,10 +111,12 @@ def full_context(vocab_size: int, seq_len: int, seed: int = 3) -> list[int]:
 
 def run_cli_greedy(run_binary: Path, model: Path, tok: Path, prompt: str, steps: int,
                    *extra: str) -> str:
-    r = subprocess.run([str(run_binary), str(model), "-z", str(tok), "-t", "0", "-n", str(steps),
-                        "-e", "1", "-i", prompt, *extra], capture_output=True, timeout=120)
+    """./run's greedy text: the argmax at every step, no repetition penalty (undecodable bytes
+    replaced: a random model's text may split characters)."""
+    r = run_cli(run_binary, model, "-z", tok, "-t", "0", "--repeat-penalty", "1", "-n", steps, "-e", "1", "-i", prompt,
+                *extra, timeout=120)
     assert r.returncode == 0, r.stderr
-    return r.stdout.decode("utf-8", "replace")  # a random model's text may split characters
+    return r.stdout
 
 
 def runtime_model(folder: Path, sp_tok, seed: int = 5, **overrides) -> tuple[Path, Path]:
@@ -157,7 +160,7 @@ def test_from_hf_matches_transformers(built, run_binary, sp_tok, tmp_path, capsy
         prompt_ids = m.encode(PROMPT, bos=True)
         assert prompt_ids == [1] + sp_tok.sp.encode(PROMPT)
         want = m.decode(hf_greedy(hf, prompt_ids, GREEDY_TOKENS))
-        text = m.generate(PROMPT, GREEDY_TOKENS, temperature=0, ignore_eos=True)
+        text = m.generate(PROMPT, GREEDY_TOKENS, temperature=0, repeat_penalty=1.0, ignore_eos=True)
     assert text == want
     cli = run_cli_greedy(run_binary, model_file, tok_file, PROMPT, GREEDY_TOKENS)
     assert cli.rstrip("\n") == (PROMPT + want).rstrip("\n")
@@ -386,7 +389,7 @@ def test_to_hf_loads_in_transformers(built, sp_tok, tmp_path, capsys, layout):
             assert hf_tok(text)["input_ids"] == m.encode(text, bos=True), text
             assert sp.encode(text) == m.encode(text, bos=False), text
         prompt_ids = m.encode(PROMPT)
-        text = m.generate(PROMPT, GREEDY_TOKENS, temperature=0, ignore_eos=True)
+        text = m.generate(PROMPT, GREEDY_TOKENS, temperature=0, repeat_penalty=1.0, ignore_eos=True)
         assert m.decode(hf_greedy(hf, prompt_ids, GREEDY_TOKENS)) == text
     # and back: the same weights and vocabulary
     rc, _, err = run_convert(capsys, "from-hf", tmp_path / "hf", tmp_path / "back.bin",
@@ -394,6 +397,21 @@ def test_to_hf_loads_in_transformers(built, sp_tok, tmp_path, capsys, layout):
     assert rc == 0, err
     assert_same_weights(tmp_path / "back.bin", model_file)
     assert (tmp_path / "back.tok").read_bytes() == tok_file.read_bytes()
+
+
+@pytest.mark.parametrize("command, output", [("to-gguf", "m.gguf"), ("to-hf", "hf")])
+def test_exports_take_the_source_tokenizer_too(built, sp_tok, tmp_path, capsys, command, output):
+    """--tokenizer may name the SentencePiece .model the runtime's .bin was made from: the
+    export is the same as from the .bin."""
+    model_file, tok_file = runtime_model(tmp_path / "src", sp_tok)
+    written = {}
+    for name, tok in (("bin", tok_file), ("model", sp_tok.model_file)):
+        (tmp_path / name).mkdir()
+        rc, _, err = run_convert(capsys, command, model_file, tmp_path / name / output, "--tokenizer", tok)
+        assert rc == 0, err
+        written[name] = {p.relative_to(tmp_path / name): p.read_bytes()
+                         for p in sorted((tmp_path / name).rglob("*")) if p.is_file()}
+    assert written["bin"] == written["model"]
 
 
 def test_to_hf_refuses_a_folder_in_use(built, sp_tok, tmp_path, capsys):

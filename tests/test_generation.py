@@ -1,6 +1,7 @@
 """The library owns generation: one settings struct with its defaults, the stop rule and why a
 generation stopped, the tokenizer lookup, the version; and the three front ends (./run,
-Model.generate, the NumPy reference) give one text for one prompt and seed by default."""
+Model.generate, the NumPy reference) give one text for one prompt and seed, by default and
+with any sampler settings (penalties, min-p)."""
 
 from __future__ import annotations
 
@@ -71,15 +72,24 @@ ALPHABET = [byte_id(c) for c in b"abcdefghijklmnopqrstuvwxyz"]
 # ---------------------------------------------------------------------------- settings
 
 
+SAMPLER_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "presence_penalty",
+                  "frequency_penalty")
+# The defaults, chosen with scripts/sample_quality.py on the persona (README, Command line).
+DEFAULTS = dict(temperature=0.8, top_p=0.9, top_k=0, min_p=0.0, repeat_penalty=1.1, repeat_last_n=64,
+                presence_penalty=0.0, frequency_penalty=0.0)
+
+
 def test_session_defaults(lib, ffi):
     p = lib.ac_session_default_params()
     s = lib.ac_sampler_default_params()
-    assert (p.sampler.temperature, p.sampler.top_p, p.sampler.top_k) == (s.temperature, s.top_p, s.top_k)
-    assert p.sampler.seed == SEED_RANDOM == lib.AC_SEED_RANDOM
+    assert all(getattr(p.sampler, k) == getattr(s, k) for k in SAMPLER_FIELDS)
+    assert {k: getattr(s, k) for k in SAMPLER_FIELDS} == {k: np.float32(v) if isinstance(v, float) else v
+                                                           for k, v in DEFAULTS.items()}
+    assert s.seed == 0 and p.sampler.seed == SEED_RANDOM == lib.AC_SEED_RANDOM
     assert (p.max_new_tokens, p.n_threads, p.ignore_eos) == (256, 0, 0)
     d = arianna_c.default_sampling()
-    assert (d.max_new_tokens, d.temperature, d.top_p, d.top_k, d.seed, d.ignore_eos) == (256, 1.0, 0.9, 0, None, False)
-    assert np.float32(d.temperature) == np.float32(s.temperature) and np.float32(d.top_p) == np.float32(s.top_p)
+    assert {k: getattr(d, k) for k in SAMPLER_FIELDS} == DEFAULTS  # shortest decimals of the C floats
+    assert (d.max_new_tokens, d.seed, d.ignore_eos, d.stop, d.logit_bias) == (256, None, False, (), None)
 
 
 @pytest.mark.parametrize("field, value, needle", [
@@ -365,8 +375,8 @@ def test_a_stale_library_is_named(tmp_path):
 @pytest.mark.parametrize("prompt, seed", [("the", 3), ("", 11), ("a cat is", 2024)])
 def test_cli_python_and_reference_agree_by_default(make_model, run_binary, prompt, seed):
     """Only a prompt and a seed: ./run, Model.generate and the NumPy reference take every
-    other setting (temperature, top_p, top_k, max_new_tokens, the tokenizer) from the library
-    and print the same text."""
+    other setting (temperature, top_p, top_k, the penalties, max_new_tokens, the tokenizer)
+    from the library and print the same text."""
     files = make_model(seed=21)
     cli = subprocess.run([str(run_binary), str(files.model), "-s", str(seed), "-i", prompt], capture_output=True,
                          timeout=60, stdin=subprocess.DEVNULL)
@@ -380,3 +390,136 @@ def test_cli_python_and_reference_agree_by_default(make_model, run_binary, promp
     assert len(python) > 10
     assert text == prompt + python + "\n"
     assert ref.stdout.decode("utf-8", "replace") == text
+
+
+# ---------------------------------------------------------------------------- penalties: one text too
+
+
+def c_draws(lib, ffi, logits, history, n, settings, bias=None):
+    """n draws of one C sampler, each token recorded after history (as a generation records
+    its context), cycling through the rows of logits."""
+    p = ffi.new("ac_sampler_params *", lib.ac_sampler_default_params())
+    for key, value in settings.items():
+        setattr(p, key, value)
+    out = ffi.new("ac_sampler **")
+    assert lib.ac_sampler_create(p, logits.shape[1], out) == 0, last_error(lib, ffi)
+    s = out[0]
+    try:
+        if bias:
+            assert lib.ac_sampler_set_logit_bias(s, ffi.new("int[]", list(bias)), ffi.new("float[]", list(bias.values())),
+                                                 len(bias)) == 0
+        for t in history:
+            assert lib.ac_sampler_accept(s, t) == 0
+        token, draws = ffi.new("int *"), []
+        for i in range(n):
+            assert lib.ac_sample(s, ffi.from_buffer("float[]", logits[i % len(logits)]), token) == 0
+            draws.append(token[0])
+            assert lib.ac_sampler_accept(s, token[0]) == 0
+        return draws
+    finally:
+        lib.ac_sampler_free(s)
+
+
+def reference_draws(logits, history, n, settings, bias=None):
+    from arianna_c.reference import Sampler
+
+    s = Sampler(**settings, logit_bias=bias)
+    for t in history:
+        s.accept(t)
+    draws = []
+    for i in range(n):
+        draws.append(s.sample(logits[i % len(logits)]))
+        s.accept(draws[-1])
+    return draws
+
+
+SAMPLER_CASES = [
+    dict(temperature=0.0, repeat_penalty=1.1, repeat_last_n=64),
+    dict(temperature=0.8, top_p=0.9, repeat_penalty=1.1, repeat_last_n=64),
+    dict(temperature=1.0, top_p=0.95, top_k=40, repeat_penalty=1.3, repeat_last_n=16, min_p=0.05,
+         presence_penalty=0.5, frequency_penalty=0.25),
+    dict(temperature=0.7, top_p=1.0, repeat_penalty=0.0, repeat_last_n=8, min_p=0.1, presence_penalty=-0.3,
+         frequency_penalty=0.7),
+    dict(temperature=1.2, top_p=1.0, repeat_last_n=0),
+]
+
+
+@pytest.mark.parametrize("settings", SAMPLER_CASES)
+@pytest.mark.parametrize("bias", [None, {3: -float("inf"), 7: 2.5, 9: 0.0}])
+@pytest.mark.parametrize("seed", [1, 777])
+def test_reference_sampler_draws_what_c_draws(lib, ffi, settings, bias, seed):
+    """The same logits, recorded tokens and settings: the NumPy sampler's 300 draws are C's."""
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal((7, 512)) * 3).astype(np.float32)
+    logits[:, :60] = np.abs(logits[:, :60])  # the recorded tokens have positive logits too
+    history = [int(t) for t in rng.integers(0, 60, 40)]
+    settings = dict(settings, top_p=settings.get("top_p", 1.0), seed=seed)
+    want = c_draws(lib, ffi, logits, history, 300, settings, bias)
+    assert reference_draws(logits, history, 300, settings, bias) == want
+    assert len(set(want)) > 5 or settings["temperature"] == 0
+    if bias:
+        assert 3 not in want
+
+
+# (./run flags, the same settings as keywords)
+PENALTY_SETTINGS = [
+    (["-t", "0", "--repeat-penalty", "1.3"], dict(temperature=0.0, repeat_penalty=1.3)),
+    (["-t", "0", "--repeat-penalty", "1.0", "--presence-penalty", "0.8", "--repeat-last-n", "8"],
+     dict(temperature=0.0, repeat_penalty=1.0, presence_penalty=0.8, repeat_last_n=8)),
+    (["-t", "0.9", "-p", "0.95", "--repeat-penalty", "1.15", "--frequency-penalty", "0.3"],
+     dict(temperature=0.9, top_p=0.95, repeat_penalty=1.15, frequency_penalty=0.3)),
+    (["-t", "1.1", "-p", "1", "-k", "50", "--min-p", "0.05", "--repeat-penalty", "1.5", "--repeat-last-n", "16"],
+     dict(temperature=1.1, top_p=1.0, top_k=50, min_p=0.05, repeat_penalty=1.5, repeat_last_n=16)),
+    (["-t", "1", "-p", "0.9", "--repeat-penalty", "1"], dict(temperature=1.0, top_p=0.9, repeat_penalty=1.0)),
+]
+
+
+@pytest.mark.parametrize("flags, settings", PENALTY_SETTINGS, ids=["greedy", "greedy-presence", "sampled",
+                                                                    "top-k-min-p", "no-penalty"])
+@pytest.mark.parametrize("prompt, seed", [("the cat", 5), ("", 99)])
+def test_cli_python_and_reference_agree_with_penalties(make_model, run_binary, flags, settings, prompt, seed):
+    """Penalties on (or explicitly off): ./run, Model.generate and the NumPy reference give one
+    text; and the penalties change it (so the agreement is not that of ignored settings)."""
+    files = make_model(seed=21)
+    argv = ["-s", str(seed), "-i", prompt, "-n", "48", "-e", "1"] + flags
+    cli = subprocess.run([str(run_binary), str(files.model)] + argv, capture_output=True, timeout=60,
+                         stdin=subprocess.DEVNULL)
+    assert cli.returncode == 0, cli.stderr
+    ref = subprocess.run([sys.executable, "-m", "arianna_c.reference", str(files.model)] + argv,
+                         capture_output=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert ref.returncode == 0, ref.stderr
+    with Model(files.model) as m:
+        python = m.generate(prompt, max_new_tokens=48, ignore_eos=True, seed=seed, **settings)
+        neutral = dict(repeat_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0)
+        unpenalized = m.generate(prompt, max_new_tokens=48, ignore_eos=True, seed=seed, **{**settings, **neutral})
+    text = cli.stdout.decode("utf-8", "replace")
+    assert len(python) > 10
+    assert text == prompt + python + "\n"
+    assert ref.stdout.decode("utf-8", "replace") == text
+    penalized = any(settings.get(k, off) != off for k, off in neutral.items())
+    assert (python != unpenalized) == penalized
+
+
+PERSONA = REPO / "persona" / "arianna_v1_base.bin"
+
+
+@pytest.mark.parametrize("prompt, flags", [("Resonance is", ["-s", "42"]), ("Once upon a time", ["-t", "0"])],
+                         ids=["sampled", "greedy"])
+def test_persona_front_ends_agree_with_the_default_penalty(run_binary, prompt, flags):
+    """The shipped persona with the library's defaults (the repeat penalty on), sampled and
+    greedy: ./run, Model.generate and the NumPy reference print one text."""
+    argv = [str(PERSONA), "-z", "tok4096", "-i", prompt, "-n", "40", "-e", "1"] + flags
+    cli = subprocess.run([str(run_binary)] + argv, capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert cli.returncode == 0, cli.stderr
+    ref = subprocess.run([sys.executable, "-m", "arianna_c.reference"] + argv, capture_output=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert ref.returncode == 0, ref.stderr
+    settings = dict(temperature=0.0) if flags[0] == "-t" else dict(seed=int(flags[1]))
+    with Model(PERSONA) as m:
+        python = m.generate(prompt, max_new_tokens=40, ignore_eos=True, **settings)
+        greedy_plain = m.generate(prompt, max_new_tokens=40, ignore_eos=True, temperature=0.0, repeat_penalty=1.0)
+    text = cli.stdout.decode("utf-8", "replace")
+    assert text == prompt + python + "\n"
+    assert ref.stdout.decode("utf-8", "replace") == text
+    if "temperature" in settings:  # the default penalty takes greedy decoding off its loop
+        assert python != greedy_plain

@@ -17,6 +17,7 @@ import pytest
 
 from arianna_c import AriannaError, Model, formats, modules
 from arianna_c.formats import FormatError
+from capi import error_lines, header_constant, last_error, loaded_model, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 TOKENS = [1, 40, 7, 300, 52, 9, 0, 211, 33, 17, 5, 260]
@@ -80,11 +81,9 @@ def test_module_file_round_trips(base, tmp_path):
 
 
 def test_fingerprint_is_blake2b_of_the_file_in_c_and_python(lib, ffi, layout_model):
-    out = ffi.new("ac_model **")
-    assert lib.ac_model_load(str(layout_model.model).encode(), out) == 0
     fp = ffi.new("unsigned char[32]")
-    assert lib.ac_model_fingerprint(out[0], fp) == 0
-    lib.ac_model_free(out[0])
+    with loaded_model(lib, ffi, layout_model.model) as model:
+        assert lib.ac_model_fingerprint(model, fp) == 0
     want = hashlib.blake2b(layout_model.model.read_bytes(), digest_size=32).digest()
     assert bytes(fp) == want == modules.fingerprint(layout_model.model)
 
@@ -159,12 +158,12 @@ def test_bad_module_files_are_refused_naming_the_file_and_field(lib, ffi, base, 
     path.write_bytes(bad)
     out = ffi.new("ac_module **")
     assert lib.ac_module_load(str(path).encode(), out) == lib.AC_ERR_FORMAT
-    message = ffi.string(lib.ac_last_error()).decode()
+    message = last_error(lib, ffi)
     assert message.startswith(f"{path}: ") and words in message, message
     assert out[0] == ffi.NULL
     buf = ffi.from_buffer(bad)
     assert lib.ac_module_load_memory(buf, len(bad), b"mem", out) == lib.AC_ERR_FORMAT
-    assert ffi.string(lib.ac_last_error()).decode().startswith("mem: ")
+    assert last_error(lib, ffi) == "mem: " + message[len(f"{path}: "):]
     with pytest.raises(FormatError, match=str(path)):
         modules.read_module(path)
     with pytest.raises(AriannaError, match="bad.bin") as e:
@@ -202,11 +201,10 @@ def test_bad_apply_arguments(lib, ffi, base64, tmp_path):
         Model(base.model, base.tokenizer, modules=[(path, True)])
     with pytest.raises(FileNotFoundError):
         Model(base.model, base.tokenizer, modules=[(tmp_path / "missing.bin", 1.0)])
-    out, m = ffi.new("ac_model **"), ffi.new("ac_model **")
-    assert lib.ac_model_load(str(base.model).encode(), m) == 0
-    assert lib.ac_model_apply_modules(m[0], ffi.NULL, ffi.NULL, lib.AC_MAX_MODULES + 1, out) == lib.AC_ERR_ARG
+    out = ffi.new("ac_model **")
+    with loaded_model(lib, ffi, base.model) as model:
+        assert lib.ac_model_apply_modules(model, ffi.NULL, ffi.NULL, lib.AC_MAX_MODULES + 1, out) == lib.AC_ERR_ARG
     assert lib.ac_model_apply_modules(ffi.NULL, ffi.NULL, ffi.NULL, 0, out) == lib.AC_ERR_ARG
-    lib.ac_model_free(m[0])
 
 
 def test_a_merged_weight_that_overflows_is_refused(base, tmp_path):
@@ -278,26 +276,20 @@ def test_modules_from_bytes_and_model_bytes(base, tmp_path):
 # ---------------------------------------------------------------------------- the CLI
 
 
-def run_cli(run_binary, *args) -> subprocess.CompletedProcess:
-    """./run with args; stdout as bytes (a random model writes any bytes), stderr as text."""
-    r = subprocess.run([str(run_binary), *map(str, args)], capture_output=True)
-    r.stderr = r.stderr.decode("utf-8", "replace")
-    return r
-
-
 def test_cli_applies_modules_with_scales(run_binary, base, tmp_path):
     a = write(tmp_path / "a.bin", random_module(base.model, seed=1, scale=0.3))
     b = write(tmp_path / "b.bin", random_module(base.model, seed=2, scale=0.3))
     common = [base.model, "-z", base.tokenizer, "-t", "0", "-n", "24", "-e", "1", "-i", "the thing"]
-    plain = run_cli(run_binary, *common)
-    zero = run_cli(run_binary, *common, "-L", f"{a}:0")
-    one = run_cli(run_binary, *common, "-L", a)
-    both = run_cli(run_binary, *common, "-L", f"{a}:0.5", "-L", f"{b}:-1.5")
+    # stdout as bytes, compared exactly: a random model writes any bytes
+    plain = run_cli(run_binary, *common, text=False)
+    zero = run_cli(run_binary, *common, "-L", f"{a}:0", text=False)
+    one = run_cli(run_binary, *common, "-L", a, text=False)
+    both = run_cli(run_binary, *common, "-L", f"{a}:0.5", "-L", f"{b}:-1.5", text=False)
     assert plain.returncode == zero.returncode == one.returncode == both.returncode == 0, both.stderr
     assert zero.stdout == plain.stdout and one.stdout != plain.stdout
     with Model(base.model, base.tokenizer, modules=[(a, 0.5), (b, -1.5)]) as m:
         m.save(tmp_path / "merged.bin")
-    merged = run_cli(run_binary, tmp_path / "merged.bin", *common[1:])
+    merged = run_cli(run_binary, tmp_path / "merged.bin", *common[1:], text=False)
     assert merged.returncode == 0 and both.stdout == merged.stdout
 
 
@@ -312,15 +304,17 @@ def test_cli_writes_the_merged_model_with_o(run_binary, base, tmp_path):
 def test_cli_module_errors(run_binary, base, make_model, tmp_path):
     other = make_model(seed=9)
     foreign = write(tmp_path / "foreign.bin", random_module(other.model))
-    r = run_cli(run_binary, base.model, "-z", base.tokenizer, "-L", foreign)
-    assert r.returncode == 1 and "trained on another base model file" in r.stderr and not r.stdout
-    r = run_cli(run_binary, base.model, "-z", base.tokenizer, "-L", tmp_path / "missing.bin")
-    assert r.returncode == 1 and "missing.bin: cannot open module file" in r.stderr
-    r = run_cli(run_binary, base.model, "-z", base.tokenizer, "-L", base.model)
-    assert r.returncode == 1 and "not a module file" in r.stderr
-    too_many = [x for _ in range(65) for x in ("-L", foreign)]
+    for module, why in ((foreign, "trained on another base model file"),
+                        (tmp_path / "missing.bin", "cannot open module file"), (base.model, "not a module file")):
+        r = run_cli(run_binary, base.model, "-z", base.tokenizer, "-L", module)
+        assert r.returncode == 1 and not r.stdout
+        errors = error_lines(r.stderr)  # one line, naming the file and what is wrong with it
+        assert len(errors) == 1 and errors[0].startswith(f"error: {module}: ") and why in errors[0], r.stderr
+    too_many = [x for _ in range(header_constant("AC_MAX_MODULES") + 1) for x in ("-L", foreign)]
     r = run_cli(run_binary, base.model, *too_many)
-    assert r.returncode == 1 and "too many modules" in r.stderr
+    assert r.returncode == 1
+    assert error_lines(r.stderr) == [f"error: -L {foreign}: too many modules (the most is "
+                                     f"{header_constant('AC_MAX_MODULES')})"]
 
 
 # ---------------------------------------------------------------------------- the base never changes
@@ -541,8 +535,8 @@ def test_make_dialogues_pairs_questions_with_replies(tmp_path):
     assert "Q: And is 2 a number?\nA: Yes, 2 is.\n\n" in narrated_train
     for name in ("plato-crito", "plato-republic"):
         held = (out / "heldout" / f"{name}.txt").read_text()
-        assert held, name
         turns = lambda text: {line[3:] for line in text.splitlines() if line[:3] in ("Q: ", "A: ")}  # noqa: E731
+        assert turns(held), (name, held)  # held-out pairs exist, and none of their turns is trained on
         assert not turns(held) & turns((out / "train" / f"{name}.txt").read_text())
 
 
@@ -579,7 +573,11 @@ def test_the_shipped_dialogue_module_applies_to_the_persona(built):
     modules.check_base(modules.read_module(path), formats.read_model(persona)[0], modules.fingerprint(persona),
                        str(path))
     with Model(persona, modules=[(path, 1.0)]) as m:
-        assert np.isfinite(m.logits(TOKENS)).all()
+        with_module = m.logits(TOKENS)
+    with Model(persona) as m:
+        without = m.logits(TOKENS)
+    assert np.isfinite(with_module).all()
+    assert np.abs(with_module - without).max() > 1e-3  # the module does change them
 
 
 # ---------------------------------------------------------------------------- fuzz seeds and regressions

@@ -1,18 +1,15 @@
 """Regression guard for the shipped persona: logits of three fixed prompts (the last 4 positions
 of each) stored in tests/golden/ must be reproduced by the C library and the NumPy reference.
 
-Skipped only while persona/arianna_v1_base.bin does not exist.  If the persona exists but the
-golden files do not (or belong to another model file), the test fails and says how to
-regenerate them: ``python -m tests.make_golden``.
+If the golden files are missing (or belong to another model file), the tests fail and say how
+to regenerate them: ``python -m tests.make_golden``.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -21,26 +18,10 @@ import make_golden as mg  # noqa: E402
 
 pytestmark = pytest.mark.persona
 
-if not mg.PERSONA_MODEL.is_file():
-    pytest.skip(f"{mg.PERSONA_MODEL.relative_to(mg.REPO)} does not exist yet (the persona is not trained/exported)",
-                allow_module_level=True)
-
 
 @pytest.fixture(scope="module")
 def golden():
-    if not (mg.LOGITS_FILE.is_file() and mg.PROMPTS_FILE.is_file()):
-        pytest.fail(f"the persona exists but {mg.LOGITS_FILE.relative_to(mg.REPO)} does not: "
-                    f"run `python -m tests.make_golden` and commit tests/golden/", pytrace=False)
-    meta = json.loads(mg.PROMPTS_FILE.read_text(encoding="utf-8"))
-    actual = mg.sha256(mg.PERSONA_MODEL)
-    if meta["model_sha256"] != actual:
-        pytest.fail(f"tests/golden/ was made for another persona file (sha256 {meta['model_sha256'][:12]}..., "
-                    f"now {actual[:12]}...); if the persona was retrained on purpose, run "
-                    f"`python -m tests.make_golden` and commit tests/golden/", pytrace=False)
-    logits = np.load(mg.LOGITS_FILE)
-    assert logits.dtype == np.float32
-    assert logits.shape == (len(meta["prompts"]), meta["last_positions"], meta["config"]["vocab_size"])
-    return meta, logits
+    return hp.persona_golden()
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ generation settings, generate/stream/generate_batch, file and library lookup."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import shutil
@@ -17,6 +18,7 @@ import arianna_c
 from arianna_c import AriannaError, ErrorCode, Model, ModelConfig, SamplingParams
 from arianna_c import _lib, paths, runtime
 import helpers_parity as hp
+from capi import create_session, last_error
 from conftest import REPO, piece_id, write_synthetic_tokenizer
 
 
@@ -29,12 +31,12 @@ def counting(model: Model, *names: str) -> hp.CallCounter:
 # ---------------------------------------------------------------------------- the package
 
 
-def test_public_names(built):
+def test_public_names(lib, ffi):
     for name in arianna_c.__all__:
         assert hasattr(arianna_c, name), name
     assert arianna_c.Model is runtime.Model
-    assert arianna_c.library_version() == arianna_c.__version__
-    assert isinstance(arianna_c.kernel_name(), str) and arianna_c.kernel_name()
+    assert arianna_c.library_version() == arianna_c.__version__ == ffi.string(lib.ac_version()).decode()
+    assert arianna_c.kernel_name() == ffi.string(lib.ac_kernel_name()).decode()
 
 
 def test_kernel_name_follows_ac_kernel(built):
@@ -142,8 +144,8 @@ def test_generate_matches_the_c_generate_loop(lib, ffi, make_model):
         params = ffi.new("ac_session_params *", lib.ac_session_default_params())
         params.sampler.temperature, params.sampler.top_p, params.sampler.seed = 1.0, 0.9, 21
         params.max_new_tokens = 25
-        out = ffi.new("ac_session **")
-        assert lib.ac_session_create(m._h.model, m._h.tokenizer, params, out) == 0
+        rc, session = create_session(lib, ffi, m._h.model, m._h.tokenizer, params)
+        assert rc == 0, last_error(lib, ffi)
         chunks = []
 
         @ffi.callback("int(void *, int, const char *, size_t)")
@@ -151,8 +153,8 @@ def test_generate_matches_the_c_generate_loop(lib, ffi, make_model):
             chunks.append(ffi.buffer(piece, size)[:])
             return 0
 
-        assert lib.ac_generate(out[0], b"it", 2, on_piece, ffi.NULL, ffi.NULL) == 0
-        lib.ac_session_free(out[0])
+        assert lib.ac_generate(session, b"it", 2, on_piece, ffi.NULL, ffi.NULL) == 0
+        lib.ac_session_free(session)
     assert b"".join(chunks).decode("utf-8", "replace") == text
 
 
@@ -209,11 +211,18 @@ def test_huge_max_new_tokens_is_clamped_everywhere(scripted_model, built):
 
 def test_prompt_too_long(make_model, built):
     files = make_model(seq_len=8)
+    prompt = "x y z w v u t s r q"
     with Model(files.model, files.tokenizer) as m:
-        with pytest.raises(AriannaError, match="seq_len is 8") as info:
-            m.generate("x y z w v u t s r q")
+        n = len(m.encode(prompt))
+        assert n > 8
+        with pytest.raises(AriannaError) as info:
+            m.generate(prompt)
+        assert str(info.value) == f"the prompt is {n} tokens (BOS included) but the model's seq_len is 8"
         assert info.value.name == "AC_ERR_RANGE" and info.value.code is ErrorCode.RANGE
-        assert m.generate("", max_new_tokens=100, seed=3) is not None  # empty prompt: BOS alone
+        # an empty prompt is BOS alone, and the generation fills the rest of the context
+        empty = m.generate("", max_new_tokens=100, seed=3, ignore_eos=True, logprobs=0)
+        assert (empty.prompt_tokens, empty.completion_tokens, empty.finish_reason) == (1, 8 - 1, "length")
+        assert empty.text == m.generate("", max_new_tokens=100, seed=3, ignore_eos=True)
 
 
 def test_logits_reuse_one_state(make_model, built):
@@ -391,7 +400,9 @@ def test_allocation_failure_is_memory_error(make_model, built):
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("MemoryError: ") and len(r.stdout.strip()) > len("MemoryError:") + 5, r.stdout
+    cfg = files.cfg
+    kv_floats = 2 * cfg.n_layers * cfg.seq_len * cfg.n_kv_heads * (cfg.dim // cfg.n_heads)
+    assert r.stdout == f"MemoryError: out of memory for the state (KV cache of {kv_floats} floats)\n"
 
 
 def test_tokenizer_resolution_like_cli(make_model, built):
@@ -478,7 +489,22 @@ def test_missing_library_is_a_clear_importerror(monkeypatch, tmp_path):
 
 @pytest.mark.persona
 def test_bundled_persona_speaks(built):
+    """Model() finds the shipped persona and its tokenizer, and speaks as the golden logits
+    (tests/golden/) say it must: each golden prompt encodes to its golden tokens, the logits
+    match, greedy generation starts with the token the golden logits rank first and goes on
+    with the token its own logits rank first at every step."""
+    meta, golden = hp.persona_golden()
+    near_best = 2 * hp.TOL  # a token this close to the best logit is a fair greedy choice
     with Model() as m:
-        assert m.config.vocab_size == 4096
-        text = m.generate("Resonance is", max_new_tokens=30, temperature=0.0)
-        assert len(text.strip()) > 0
+        assert dataclasses.asdict(m.config) == meta["config"]
+        for prompt, tokens, rows in zip(meta["prompts"], meta["tokens"], golden):
+            assert m.encode(prompt) == tokens
+            diff = hp.max_abs_diff(m.logits(tokens)[-len(rows):], rows)
+            assert diff <= hp.TOL, (prompt, diff)
+            reply = m.generate(prompt, max_new_tokens=30, temperature=0.0, repeat_penalty=1.0, ignore_eos=True,
+                               logprobs=0)
+            assert len(reply.tokens) == 30 and reply.text == m.decode(tokens + reply.tokens)[len(prompt):]
+            assert rows[-1][reply.tokens[0]] >= rows[-1].max() - near_best, (prompt, reply.text)
+            steps = m.logits(tokens + reply.tokens[:-1])[len(tokens) - 1:]
+            chosen = steps[np.arange(len(reply.tokens)), reply.tokens]
+            assert (chosen >= steps.max(axis=1) - near_best).all(), (prompt, reply.text)

@@ -239,10 +239,56 @@ def test_sampler_distribution():
 
 
 def test_sampler_rejects_bad_params():
-    for kwargs in (dict(temperature=-1), dict(temperature=float("nan")), dict(top_p=0.0),
-                   dict(top_p=1.5), dict(top_k=-1)):
-        with pytest.raises(ValueError):
+    for kwargs, needle in ((dict(temperature=-1), "temperature -1 is invalid"),
+                           (dict(temperature=float("nan")), "temperature nan is invalid"),
+                           (dict(top_p=0.0), "top_p 0 is invalid"), (dict(top_p=1.5), "top_p 1.5 is invalid"),
+                           (dict(top_k=-1), "top_k -1 is invalid"), (dict(min_p=1.5), "min_p 1.5 is invalid"),
+                           (dict(min_p=float("nan")), "min_p nan is invalid"),
+                           (dict(repeat_penalty=-0.5), "repeat_penalty -0.5 is invalid"),
+                           (dict(repeat_penalty=float("inf")), "repeat_penalty inf is invalid"),
+                           (dict(repeat_last_n=-1), "repeat_last_n -1 is invalid"),
+                           (dict(repeat_last_n=2**20 + 1), "repeat_last_n 1048577 is invalid"),
+                           (dict(presence_penalty=float("inf")), "presence_penalty inf is invalid"),
+                           (dict(frequency_penalty=1e39), "frequency_penalty inf is invalid"),
+                           (dict(logit_bias={3: float("nan")}), "logit bias nan of token 3 is invalid"),
+                           (dict(logit_bias={-1: 1.0}), "logit bias token -1 is outside the vocabulary")):
+        with pytest.raises(ValueError, match=needle):
             Sampler(**kwargs)
+    with pytest.raises(ValueError, match=r"logit bias token 9 is outside the vocabulary \[0, 5\)"):
+        Sampler(logit_bias={9: 1.0}).sample(np.zeros(5, np.float32))
+
+
+def test_penalties_arithmetic_and_window():
+    """llama.cpp's penalties on the tokens among the last repeat_last_n recorded: a positive
+    logit divided by repeat_penalty, a non-positive one multiplied, then count * frequency +
+    presence subtracted; tokens that left the window are not touched."""
+    logits = np.array([4.0, -1.0, 3.0, 0.0, 2.0], np.float32)
+    s = Sampler(0.0, repeat_penalty=2.0, repeat_last_n=4, presence_penalty=0.5, frequency_penalty=0.25)
+    for token in (2, 0, 0, 1, 3):  # 2 has left the 4-token window
+        s.accept(token)
+    assert list(s.adjusted_logits(logits)) == [4 / 2 - (2 * 0.25 + 0.5), -1 * 2 - (0.25 + 0.5), 3.0,
+                                               0 * 2 - (0.25 + 0.5), 2.0]
+    assert s.sample(logits) == 2  # greedy over the penalized logits: 0 fell from 4.0 to 1.0
+    s.reset_history()
+    assert np.array_equal(s.adjusted_logits(logits), logits) and s.sample(logits) == 0
+    # repeat_penalty 0 is off, as 1 is; repeat_last_n 0 records nothing
+    for off in (Sampler(0.0, repeat_penalty=0.0, repeat_last_n=4), Sampler(0.0, repeat_penalty=3.0)):
+        off.accept(0)
+        assert np.array_equal(off.adjusted_logits(logits), logits)
+
+
+def test_logit_bias_and_min_p():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
+    banned = Sampler(1.0, logit_bias={0: -float("inf")}, seed=4)
+    draws = [banned.sample(logits) for _ in range(300)]
+    assert 0 not in draws and set(draws) == {1, 2, 3}
+    assert Sampler(0.0, logit_bias={3: 10.0}).sample(logits) == 3
+    # min-p 0.4: only tokens at least 0.4 times as likely as the best (0.5): ids 0 and 1
+    s = Sampler(1.0, min_p=0.4, seed=9)
+    assert {s.sample(logits) for _ in range(300)} == {0, 1}
+    # applied to the logits before temperature: a high temperature keeps the same two
+    s = Sampler(5.0, min_p=0.4, seed=9)
+    assert {s.sample(logits) for _ in range(300)} == {0, 1}
 
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -339,6 +385,19 @@ def test_generation_stops_at_eos_and_at_seq_len():
     out = list(ref.generate_tokens([1], 100))
     assert out == script[1:24]  # prompt (1) + generated == seq_len (24)
     assert ref.generate_greedy([1], 5) == script[1:6]
+
+
+def test_generation_records_the_prompt_and_sampled_tokens_for_the_penalties():
+    """The window holds the context's last repeat_last_n tokens, the prompt's included."""
+    ref = Reference(scripted([1, 50, 60, 70, 80, 90, EOS]))
+    sampler = Sampler(0.0, repeat_last_n=3)
+    assert list(ref.generate_tokens([1, 50], 10, sampler)) == [60, 70, 80, 90]
+    assert list(sampler.recent) == [70, 80, 90]  # the EOS that ended the text is not recorded
+    # greedy after the prompt BOS 60 50 follows the script (60 next) unless 60 is in the window
+    for window, penalized in ((0, False), (1, False), (2, True), (3, True)):
+        sampler = Sampler(0.0, repeat_last_n=window, presence_penalty=100.0)
+        first = list(ref.generate_tokens([1, 60, 50], 1, sampler))
+        assert (first != [60]) == penalized, window
 
 
 def test_cli(tmp_path, capsys, built):

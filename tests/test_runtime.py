@@ -9,7 +9,8 @@ import threading
 import numpy as np
 import pytest
 
-from capi import code_name, last_error, load_model, load_model_bytes, load_tokenizer
+from capi import (code_name, create_sampler, create_session, create_state, last_error, load_model, load_model_bytes,
+                  load_tokenizer, load_tokenizer_bytes, loaded_model, model_config)
 from conftest import LAYOUTS, write_synthetic_tokenizer
 from arianna_c import formats
 
@@ -62,18 +63,13 @@ def numpy_forward(cfg, w, tokens):
 
 
 def test_load_config_every_layout(lib, ffi, layout_model):
-    rc, model = load_model(lib, ffi, layout_model.model)
-    assert rc == 0, last_error(lib, ffi)
-    try:
-        c = ffi.new("ac_config *")
-        assert lib.ac_model_config(model, c) == 0
+    with loaded_model(lib, ffi, layout_model.model) as model:
+        c = model_config(lib, ffi, model)
         cfg = layout_model.cfg
         got = (c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.seq_len,
                bool(c.shared_classifier), c.version)
         assert got == (cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads,
                        cfg.vocab_size, cfg.seq_len, cfg.shared_classifier, cfg.version)
-    finally:
-        lib.ac_model_free(model)
 
 
 def test_load_from_memory_matches_file(lib, ffi, layout_model):
@@ -199,18 +195,16 @@ def test_tokenizer_file_validation(lib, ffi, damage):
         data[last : last + 4] = struct.pack("<f", float("nan"))
     elif damage == "empty":
         data = bytearray()
-    out = ffi.new("ac_tokenizer **")
-    rc = lib.ac_tokenizer_load_memory(ffi.from_buffer("char[]", bytes(data)), len(data), 5, b"t.bin", out)
-    assert rc == lib.AC_ERR_FORMAT
+    rc, tok = load_tokenizer_bytes(lib, ffi, bytes(data), 5, b"t.bin")
+    assert rc == lib.AC_ERR_FORMAT and tok == ffi.NULL
     msg = last_error(lib, ffi)
     assert msg.startswith("t.bin: ") and needle in msg
 
 
 def test_tokenizer_extra_piece_is_a_mismatch(lib, ffi):
     data = formats.tokenizer_bytes([b"<unk>", b"<s>", b"</s>", b"a", b"b", b"c"], [0.0] * 6)
-    out = ffi.new("ac_tokenizer **")
-    rc = lib.ac_tokenizer_load_memory(data, len(data), 5, b"t.bin", out)
-    assert rc == lib.AC_ERR_MISMATCH
+    rc, tok = load_tokenizer_bytes(lib, ffi, data, 5, b"t.bin")
+    assert rc == lib.AC_ERR_MISMATCH and tok == ffi.NULL
     assert "tokenizer has 6 pieces but the model's vocab_size is 5" in last_error(lib, ffi)
 
 
@@ -241,22 +235,24 @@ def test_logits_match_numpy_forward(layout_model):
 
 def test_forward_steps_equal_logits_rows(lib, ffi, layout_model):
     rc, model = load_model(lib, ffi, layout_model.model)
-    state = ffi.new("ac_state **")
-    assert lib.ac_state_create(model, state) == 0
+    assert rc == 0, last_error(lib, ffi)
+    rc, state = create_state(lib, ffi, model)
+    assert rc == 0, last_error(lib, ffi)
     tokens = [1, 10, 200, 300, 5]
     all_rows = np.empty((len(tokens), layout_model.cfg.vocab_size), np.float32)
-    assert lib.ac_logits(state[0], ffi.new("int[]", tokens), len(tokens), ffi.from_buffer("float[]", all_rows)) == 0
+    assert lib.ac_logits(state, ffi.new("int[]", tokens), len(tokens), ffi.from_buffer("float[]", all_rows)) == 0
     out = ffi.new("const float **")
     for pos, tok in enumerate(tokens):
-        assert lib.ac_forward(state[0], tok, pos, out) == 0
+        assert lib.ac_forward(state, tok, pos, out) == 0
         row = np.frombuffer(ffi.buffer(out[0], 4 * layout_model.cfg.vocab_size), np.float32)
         np.testing.assert_array_equal(row, all_rows[pos])
-    assert lib.ac_forward(state[0], 320, 0, out) == lib.AC_ERR_RANGE
+    assert lib.ac_forward(state, 320, 0, out) == lib.AC_ERR_RANGE
     assert "token 320 is outside the vocabulary [0, 320)" in last_error(lib, ffi)
-    assert lib.ac_forward(state[0], 5, 64, out) == lib.AC_ERR_RANGE
+    assert lib.ac_forward(state, 5, 64, out) == lib.AC_ERR_RANGE
     assert "position 64 is outside the context [0, 64)" in last_error(lib, ffi)
-    assert lib.ac_logits(state[0], ffi.new("int[]", 65), 65, ffi.new("float[]", 65 * 320)) == lib.AC_ERR_RANGE
-    lib.ac_state_free(state[0])
+    assert lib.ac_logits(state, ffi.new("int[]", 65), 65, ffi.new("float[]", 65 * 320)) == lib.AC_ERR_RANGE
+    assert last_error(lib, ffi) == "65 tokens exceed the model's seq_len 64"
+    lib.ac_state_free(state)
     lib.ac_model_free(model)
 
 
@@ -293,10 +289,7 @@ def test_separate_threads_give_identical_results(make_model):
 
 
 def make_sampler(lib, ffi, vocab, temperature=1.0, top_p=1.0, top_k=0, seed=1):
-    p = ffi.new("ac_sampler_params *", {"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed})
-    out = ffi.new("ac_sampler **")
-    rc = lib.ac_sampler_create(p, vocab, out)
-    return rc, out[0]
+    return create_sampler(lib, ffi, {"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed}, vocab)
 
 
 def draw(lib, ffi, sampler, logits, n):
@@ -315,8 +308,12 @@ def logits():
 
 
 def test_sampler_defaults(lib):
+    """The defaults run.h documents."""
     p = lib.ac_sampler_default_params()
-    assert (p.temperature, p.top_k, p.seed) == (1.0, 0, 0) and abs(p.top_p - 0.9) < 1e-6
+    f32 = np.float32
+    assert (f32(p.temperature), f32(p.top_p), p.top_k, p.seed) == (f32(0.8), f32(0.9), 0, 0)
+    assert (f32(p.min_p), f32(p.repeat_penalty), p.repeat_last_n) == (0, f32(1.1), 64)
+    assert (p.presence_penalty, p.frequency_penalty) == (0, 0)
 
 
 def test_sampler_is_deterministic(lib, ffi, logits):
@@ -341,6 +338,7 @@ def test_greedy_topk1_and_tiny_topp_agree(lib, ffi, logits):
 
 def test_top_k_keeps_only_the_k_largest(lib, ffi, logits):
     rc, s = make_sampler(lib, ffi, 100, temperature=5.0, top_k=3, seed=4)
+    assert rc == 0, last_error(lib, ffi)
     got = set(draw(lib, ffi, s, logits, 300))
     assert got == set(np.argsort(-logits)[:3].tolist())
     lib.ac_sampler_free(s)
@@ -349,6 +347,7 @@ def test_top_k_keeps_only_the_k_largest(lib, ffi, logits):
 def test_top_p_keeps_the_nucleus(lib, ffi):
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
     rc, s = make_sampler(lib, ffi, 4, top_p=0.7, seed=8)  # 0.5 + 0.3 > 0.7: {0, 1}
+    assert rc == 0, last_error(lib, ffi)
     got = draw(lib, ffi, s, logits, 400)
     assert set(got) == {0, 1}
     assert 0.5 < got.count(0) / len(got) < 0.75  # 0.5/0.8 = 0.625
@@ -382,11 +381,11 @@ class Loaded:
         rc, self.tok = load_tokenizer(lib, ffi, files.tokenizer, files.cfg.vocab_size)
         assert rc == 0, last_error(lib, ffi)
         self.params = ffi.new("ac_session_params *", lib.ac_session_default_params())
-        for key, value in dict({"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 1}, **sampling).items():
+        plain = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 1, "repeat_penalty": 1.0}  # no penalty
+        for key, value in dict(plain, **sampling).items():
             setattr(self.params.sampler, key, value)
-        out = ffi.new("ac_session **")
-        assert lib.ac_session_create(self.model, self.tok, self.params, out) == 0, last_error(lib, ffi)
-        self.session = out[0]
+        rc, self.session = create_session(lib, ffi, self.model, self.tok, self.params)
+        assert rc == 0, last_error(lib, ffi)
 
     def generate(self, prompt: bytes, max_new: int, stop_after=None):
         tokens, pieces = [], []
@@ -477,12 +476,11 @@ def test_session_step_api(lib, ffi, scripted_model):
 
 def test_session_rejects_mismatched_tokenizer(lib, ffi, make_model, tmp_path):
     files = make_model()
-    rc, model = load_model(lib, ffi, files.model)
     other = write_synthetic_tokenizer(tmp_path / "t.bin", 300)
     rc, tok = load_tokenizer(lib, ffi, other, 300)
-    assert rc == 0
-    out = ffi.new("ac_session **")
-    assert lib.ac_session_create(model, tok, ffi.NULL, out) == lib.AC_ERR_MISMATCH
+    assert rc == 0, last_error(lib, ffi)
+    with loaded_model(lib, ffi, files.model) as model:
+        rc, session = create_session(lib, ffi, model, tok, ffi.NULL)
+        assert rc == lib.AC_ERR_MISMATCH and session == ffi.NULL
     lib.ac_tokenizer_free(tok)
-    lib.ac_model_free(model)
 

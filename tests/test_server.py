@@ -1,7 +1,9 @@
 """The OpenAI-compatible server on 127.0.0.1, through the official openai client and raw HTTP:
 completions, chat, streaming, logprobs, n, errors, API keys, 64 concurrent clients with every
-text equal to the same request alone, a full queue, a client leaving mid-stream, and the chat
-page in headless Chromium."""
+text equal to the same request alone, a full queue, a client leaving mid-stream, instances of
+one base with different knowledge modules (each answering as that Model would, chosen by the
+request's model), `arianna-c serve` with -L and --instance, and the chat page in headless
+Chromium."""
 
 from __future__ import annotations
 
@@ -11,8 +13,11 @@ import http.client
 import json
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -22,10 +27,11 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
 from arianna_c import Model  # noqa: E402
-from arianna_c.server import create_app  # noqa: E402
-from arianna_c.session import Session, chat_completion  # noqa: E402
+from arianna_c.server import Instance, create_app  # noqa: E402
+from arianna_c.session import Session, chat_completion, chat_template  # noqa: E402
 
 TIMEOUT = 30  # seconds any one request may take
+REPO = Path(__file__).resolve().parent.parent
 
 
 @contextlib.contextmanager
@@ -35,7 +41,8 @@ def running(model: Model, **options) -> Iterator[str]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(model, model_name="tiny", **options), log_level="warning",
+    options.setdefault("model_name", "tiny")
+    server = uvicorn.Server(uvicorn.Config(create_app(model, **options), log_level="warning",
                                            timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -67,12 +74,17 @@ def post(url: str, path: str, body: bytes, headers: dict | None = None) -> tuple
 
 
 def get(url: str, path: str) -> dict:
+    return get_status(url, path)[1]
+
+
+def get_status(url: str, path: str) -> tuple[int, dict]:
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT)
     conn.request("GET", path)
-    data = conn.getresponse().read()
+    r = conn.getresponse()
+    data = r.read()
     conn.close()
-    return json.loads(data)
+    return r.status, json.loads(data)
 
 
 def alone(model: Model, prompt: str, **settings):
@@ -83,14 +95,25 @@ def alone(model: Model, prompt: str, **settings):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def served_folder(tmp_path_factory):
+    """model.bin + tokenizer.bin, and dialogue.bin: a module (random adapters of every matrix)
+    trained, as its header says, on model.bin."""
     from conftest import formats, tiny_config, write_synthetic_tokenizer
+    from test_modules import random_module
+
+    from arianna_c import modules
 
     folder = tmp_path_factory.mktemp("served")
     cfg = tiny_config(seq_len=128)
     formats.write_model(folder / "model.bin", cfg, formats.random_weights(cfg, 11))
     write_synthetic_tokenizer(folder / "tokenizer.bin", cfg.vocab_size)
-    with Model(folder / "model.bin") as m:
+    modules.write_module(folder / "dialogue.bin", random_module(folder / "model.bin", seed=5))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(served_folder):
+    with Model(served_folder / "model.bin") as m:
         yield m
 
 
@@ -125,7 +148,9 @@ def test_completion_defaults_to_16_tokens_and_finish_reasons(url, tiny):
     r = c.completions.create(model="tiny", prompt="a", seed=1, extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length"
     text = alone(tiny, "a", max_new_tokens=16, seed=1, ignore_eos=True).text
-    stop = text[3:6]
+    # three characters from inside the text that are its own bytes (U+FFFD stands for bytes
+    # that are not UTF-8, which a stop string cannot name)
+    stop = next(text[i:i + 3] for i in range(3, len(text) - 2) if "\ufffd" not in text[i:i + 3])
     r = c.completions.create(model="tiny", prompt="a", seed=1, stop=[stop], extra_body={"ignore_eos": True})
     assert r.choices[0].finish_reason == "stop" and r.choices[0].text == text[: text.index(stop)]
 
@@ -383,6 +408,223 @@ def test_a_client_leaving_mid_stream_is_cancelled(tmp_path, built):
         assert get(u, "/health")["steps"] - before < 4000
 
 
+# ---------------------------------------------------------------------------- instances
+
+
+@pytest.fixture(scope="module")
+def dialogue(served_folder):
+    """The base with the dialogue module merged, loaded as a Python user would."""
+    with Model(served_folder / "model.bin", modules=[(served_folder / "dialogue.bin", 1.0)]) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def multi_url(served_folder, tiny, dialogue, built):
+    """Three instances of model.bin: bare (the default), with the dialogue module, with it at
+    scale 0.5; each its own Model, as `arianna-c serve --instance` loads them."""
+    with Model(served_folder / "model.bin", modules=[(served_folder / "dialogue.bin", 0.5)]) as half:
+        instances = [Instance("tiny", tiny), Instance("dialogue", dialogue, (("dialogue.bin", 1.0),)),
+                     Instance("half", half, (("dialogue.bin", 0.5),))]
+        with running(instances, parallel=4) as u:
+            yield u
+
+
+def test_models_lists_every_instance_with_its_modules(multi_url):
+    assert [m.id for m in client(multi_url).models.list().data] == ["tiny", "dialogue", "half"]
+    data = get(multi_url, "/v1/models")["data"]
+    assert [m["modules"] for m in data] == [[], [{"file": "dialogue.bin", "scale": 1.0}],
+                                            [{"file": "dialogue.bin", "scale": 0.5}]]
+    assert client(multi_url).models.retrieve("half").id == "half"
+    status, body = get_status(multi_url, "/v1/models/nope")
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    assert set(get(multi_url, "/health")["models"]) == {"tiny", "dialogue", "half"}
+
+
+def test_each_instance_answers_as_its_model(multi_url, served_folder, tiny, dialogue):
+    c = client(multi_url)
+    settings = dict(max_tokens=24, seed=8, temperature=0.9, extra_body={"ignore_eos": True})
+    texts = {name: c.completions.create(model=name, prompt="the river", **settings).choices[0].text
+             for name in ("tiny", "dialogue", "half")}
+    want = dict(max_new_tokens=24, seed=8, temperature=0.9, ignore_eos=True)
+    assert texts["dialogue"] == dialogue.generate("the river", **want)
+    assert texts["tiny"] == tiny.generate("the river", **want)
+    with Model(served_folder / "model.bin", modules=[(served_folder / "dialogue.bin", 0.5)]) as half:
+        assert texts["half"] == half.generate("the river", **want)
+    assert len(set(texts.values())) == 3  # the module changes what the model says
+    messages = [{"role": "user", "content": "What is the river?"}]
+    chunks = c.chat.completions.create(model="dialogue", messages=messages, max_tokens=20, seed=3, stream=True)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == \
+        chat_completion(dialogue, messages, seed=3, max_new_tokens=20).text
+    r = c.chat.completions.create(model="dialogue", messages=messages, max_tokens=20, seed=3)
+    assert r.model == "dialogue" and r.choices[0].message.content == \
+        chat_completion(dialogue, messages, seed=3, max_new_tokens=20).text
+
+
+def test_a_request_without_model_goes_to_the_first_instance(multi_url, tiny):
+    status, data = post(multi_url, "/v1/completions", json.dumps({"prompt": "a stone", "max_tokens": 12,
+                                                                  "seed": 2}).encode())
+    assert status == 200 and data["model"] == "tiny"
+    assert data["choices"][0]["text"] == tiny.generate("a stone", max_new_tokens=12, seed=2)
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"model": "gpt-4o", "prompt": "x"}),
+    ("/v1/chat/completions", {"model": "Dialogue", "messages": [{"role": "user", "content": "x"}]}),
+    ("/v1/completions", {"model": "", "prompt": "x"}),
+])
+def test_an_unknown_model_is_404_naming_the_models_there_are(multi_url, path, body):
+    status, data = post(multi_url, path, json.dumps(body).encode())
+    assert status == 404, data
+    error = data["error"]
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert error["type"] == "invalid_request_error"
+    assert repr(body["model"]) in error["message"] and "tiny, dialogue, half" in error["message"]
+
+
+def test_the_openai_client_sees_an_unknown_model(multi_url):
+    with pytest.raises(openai.NotFoundError) as e:
+        client(multi_url).completions.create(model="nope", prompt="x", max_tokens=2)
+    assert e.value.body["code"] == "model_not_found"
+
+
+def test_instances_need_distinct_names(tiny):
+    with pytest.raises(ValueError, match="'a' is given 2 times"):
+        create_app([Instance("a", tiny), Instance("a", tiny)])
+
+
+# ---------------------------------------------------------------------------- the library's limits
+
+
+def test_stop_strings_up_to_the_librarys_limit(url, tiny, lib):
+    limit = lib.AC_MAX_STOPS
+    stops = [f"#{i}#" for i in range(limit + 1)]
+    status, data = post(url, "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 3, "seed": 1,
+                                                            "stop": stops[:limit]}).encode())
+    assert status == 200, data
+    status, data = post(url, "/v1/completions", json.dumps({"prompt": "x", "stop": stops}).encode())
+    assert status == 400 and data["error"]["param"] == "stop"
+    assert f"stop has {limit + 1} strings; at most {limit}" in data["error"]["message"]
+    # a chat template's stop strings count towards the same limit
+    added = len(chat_template(tiny).stop)
+    assert added >= 1
+    messages = [{"role": "user", "content": "x"}]
+    status, data = post(url, "/v1/chat/completions", json.dumps({"messages": messages, "max_tokens": 3,
+                                                                 "stop": stops[:limit - added]}).encode())
+    assert status == 200, data
+    status, data = post(url, "/v1/chat/completions", json.dumps({"messages": messages,
+                                                                 "stop": stops[:limit - added + 1]}).encode())
+    assert status == 400 and data["error"]["param"] == "stop"
+    assert f"at most {limit - added}" in data["error"]["message"] and "chat template" in data["error"]["message"]
+
+
+def test_a_stop_string_longer_than_the_library_holds_is_400(url, lib):
+    body = {"prompt": "x", "stop": ["a" * (lib.AC_MAX_STOP_BYTES + 1)]}
+    status, data = post(url, "/v1/completions", json.dumps(body).encode())
+    assert status == 400 and data["error"]["param"] == "stop" and str(lib.AC_MAX_STOP_BYTES) in data["error"]["message"]
+
+
+def test_seeds_stop_below_the_librarys_random_seed(url, tiny, lib):
+    top = lib.AC_SEED_RANDOM - 1  # the largest fixed seed
+    status, data = post(url, "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 6, "seed": top}).encode())
+    assert status == 200 and data["choices"][0]["text"] == tiny.generate("x", max_new_tokens=6, seed=top)
+    status, data = post(url, "/v1/completions", json.dumps({"prompt": "x", "seed": top, "n": 2}).encode())
+    assert status == 400 and data["error"]["param"] == "seed" and "AC_SEED_RANDOM" in data["error"]["message"]
+
+
+def test_parallel_and_queue_are_checked_when_the_app_is_made(tiny):
+    with pytest.raises(ValueError, match="parallel 0: batch size 0 is invalid"):
+        create_app(tiny, parallel=0)
+    with pytest.raises(ValueError, match="queue size 0 is invalid"):
+        create_app(tiny, queue_size=0)
+
+
+# ---------------------------------------------------------------------------- arianna-c serve
+
+
+@pytest.mark.parametrize("args, rc, words", [
+    (["--instance", "chat"], 2, ["--instance", "'chat'", "NAME=MODULE"]),
+    (["--instance", "={dir}/dialogue.bin"], 2, ["--instance", "name before '='"]),
+    (["--instance", "d={dir}/dialogue.bin,,x.bin"], 2, ["--instance", "empty module"]),
+    (["-L", ""], 2, ["-L", "module path is empty"]),
+    (["-L", "missing.bin"], 1, ["module file not found: missing.bin"]),
+    (["--instance", "d=missing.bin"], 1, ["--instance d:", "missing.bin"]),
+    (["--instance", "d={dir}/tokenizer.bin"], 1, ["--instance d:", "tokenizer.bin", "not a module file"]),
+    (["--instance", "model="], 1, ["--instance:", "'model' is given 2 times", "MODEL is served as 'model'"]),
+    (["--instance", "a=", "--instance", "a={dir}/dialogue.bin"], 1, ["--instance:", "'a' is given 2 times"]),
+    (["--parallel", "0"], 1, ["parallel 0"]),
+    (["--queue", "0"], 1, ["queue size 0"]),
+])
+def test_bad_serve_arguments_are_named(served_folder, built, capsys, args, rc, words):
+    """Each is refused before the server listens (so main returns, or argparse exits)."""
+    from arianna_c.cli import main
+
+    argv = ["serve", str(served_folder / "model.bin"), "--port", str(free_port()),
+            *(a.format(dir=served_folder) for a in args)]
+    try:
+        status = main(argv)
+    except SystemExit as e:  # argparse's usage error
+        status = e.code
+    stderr = capsys.readouterr().err
+    assert status == rc, stderr
+    for word in words:
+        assert word in stderr, stderr
+
+
+def test_generate_command_reads_modules_as_run_does(served_folder, built):
+    base, module = served_folder / "model.bin", served_folder / "dialogue.bin"
+    run = subprocess.run([sys.executable, "-m", "arianna_c.cli", "generate", str(base), "-L", f"{module}:0.5",
+                          "-i", "the sea", "-n", "12", "-s", "6"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    with Model(base, modules=[(module, 0.5)]) as half:
+        assert run.stdout == "the sea" + half.generate("the sea", max_new_tokens=12, seed=6) + "\n"
+    with Model(base) as plain:
+        assert run.stdout != "the sea" + plain.generate("the sea", max_new_tokens=12, seed=6) + "\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_command_with_modules_and_instances(served_folder, tiny, dialogue, built, tmp_path):
+    """MODEL with -L at scale 0.5 under its file name, plus --instance plain= (the bare base)
+    and --instance chat=MODULE: each id answers as the Model with those modules."""
+    base, module = served_folder / "model.bin", served_folder / "dialogue.bin"
+    port, log = free_port(), tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "arianna_c.cli", "serve", str(base), "-L", f"{module}:0.5",
+                                 "--instance", "plain=", "--instance", f"chat={module}", "--port", str(port),
+                                 "--parallel", "2"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 2 * TIMEOUT  # a new Python process that loads three models
+        while True:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the server did not start:\n" + log.read_text()
+            try:
+                get(url, "/health")
+                break
+            except OSError:
+                time.sleep(0.1)
+        data = get(url, "/v1/models")["data"]
+        assert [(m["id"], m["modules"]) for m in data] == [
+            ("model", [{"file": "dialogue.bin", "scale": 0.5}]), ("plain", []),
+            ("chat", [{"file": "dialogue.bin", "scale": 1.0}])]
+        c = client(url)
+        want = dict(max_new_tokens=16, seed=4, ignore_eos=True)
+        texts = {name: c.completions.create(model=name, prompt="the sea", max_tokens=16, seed=4,
+                                            extra_body={"ignore_eos": True}).choices[0].text
+                 for name in ("model", "plain", "chat")}
+        with Model(base, modules=[(module, 0.5)]) as half:
+            assert texts["model"] == half.generate("the sea", **want)
+        assert texts["plain"] == tiny.generate("the sea", **want)
+        assert texts["chat"] == dialogue.generate("the sea", **want)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=TIMEOUT)
+
+
 # ---------------------------------------------------------------------------- the chat page
 
 
@@ -390,12 +632,12 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver")
-def test_chat_page_streams_a_reply(url, tiny):
+def test_chat_page_streams_a_reply_from_the_chosen_model(multi_url, dialogue, tiny):
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -404,8 +646,13 @@ def test_chat_page_streams_a_reply(url, tiny):
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
         driver.set_page_load_timeout(TIMEOUT)
-        driver.get(url + "/")
-        WebDriverWait(driver, TIMEOUT).until(lambda d: d.find_element(By.ID, "model").text == "tiny")
+        driver.get(multi_url + "/")
+        choice = WebDriverWait(driver, TIMEOUT).until(
+            lambda d: Select(d.find_element(By.ID, "model")) if len(Select(d.find_element(By.ID, "model")).options) == 3
+            else None)
+        assert [o.text for o in choice.options] == ["tiny", "dialogue (dialogue.bin)", "half (dialogue.bin x0.5)"]
+        assert choice.first_selected_option.get_attribute("value") == "tiny"  # the server's default
+        choice.select_by_value("dialogue")
         driver.find_element(By.TAG_NAME, "summary").click()  # open the settings
         driver.find_element(By.ID, "seed").send_keys("7")
         driver.find_element(By.ID, "max_tokens").clear()
@@ -419,9 +666,10 @@ def test_chat_page_streams_a_reply(url, tiny):
         assert not driver.find_elements(By.CSS_SELECTOR, ".error")
     finally:
         driver.quit()
-    expected = chat_completion(tiny, [{"role": "user", "content": "What is the river?"}], seed=7,
-                               max_new_tokens=40, temperature=0.8, top_p=0.9)
-    assert text == expected.text and text
+    settings = dict(seed=7, max_new_tokens=40, temperature=0.8, top_p=0.9)
+    messages = [{"role": "user", "content": "What is the river?"}]
+    assert text == chat_completion(dialogue, messages, **settings).text and text
+    assert text != chat_completion(tiny, messages, **settings).text  # the choice reached the server
 
 
 def test_echo_empty_prompts_and_a_huge_body(url, tiny):

@@ -10,7 +10,6 @@ import pytest
 
 from arianna_c import AriannaError, Model
 import capi
-from arianna_c.session import Session
 from conftest import byte_id, piece_id
 
 SEEDS = (1, 7, 123456789)
@@ -409,9 +408,19 @@ def test_logprobs_are_the_models_log_softmax(model):
 
 
 def test_no_logprobs_unless_asked(model):
-    with model.session() as s:
-        assert s.generate(max_new_tokens=3, seed=1).logprobs is None
-        assert s.generate(max_new_tokens=3, seed=1, logprobs=0).logprobs is not None
+    """None: no log-probabilities; 0: each sampled token's own, without alternatives.  Asking
+    changes nothing that is sampled."""
+    results = []
+    for logprobs in (None, 0):
+        with model.session() as s:
+            s.feed("the river")
+            results.append(s.generate(max_new_tokens=8, seed=1, ignore_eos=True, logprobs=logprobs))
+    plain, asked = results
+    assert plain.logprobs is None
+    assert (asked.text, asked.tokens) == (plain.text, plain.tokens) and len(asked.tokens) == 8
+    assert [entry.token for entry in asked.logprobs] == asked.tokens
+    for entry in asked.logprobs:
+        assert entry.top == [] and math.isfinite(entry.logprob) and entry.logprob <= 0
 
 
 # ---------------------------------------------------------------------------- the C sampler
@@ -426,11 +435,10 @@ def sampler(lib, ffi):
         p = ffi.new("ac_sampler_params *", lib.ac_sampler_default_params())
         for k, v in params.items():
             setattr(p, k, v)
-        out = ffi.new("ac_sampler **")
-        rc = lib.ac_sampler_create(p, vocab, out)
-        assert rc == 0, ffi.string(lib.ac_last_error()).decode()
-        made.append(out[0])
-        return out[0]
+        rc, sampler = capi.create_sampler(lib, ffi, p, vocab)
+        assert rc == 0, capi.last_error(lib, ffi)
+        made.append(sampler)
+        return sampler
 
     yield make
     for s in made:
@@ -448,19 +456,23 @@ def _draw(lib, ffi, s, logits, n=1):
 
 
 def test_defaults_and_a_zeroed_struct_sample_alike(lib, ffi):
-    """The new fields are neutral both at their defaults and at zero: same draws."""
+    """A struct with only llama2.c's four fields set (the rest zero) samples as the defaults
+    with min-p and the penalties off: zero is off for each of them.  Same draws."""
     rng = np.random.default_rng(0)
     logits = (rng.standard_normal(300) * 3).astype(np.float32)
+    off = lib.ac_sampler_default_params()
+    off.temperature, off.top_p, off.top_k = 1.0, 0.9, 0
+    off.min_p, off.repeat_penalty, off.presence_penalty, off.frequency_penalty = 0.0, 1.0, 0.0, 0.0
     draws = []
-    for params in (lib.ac_sampler_default_params(), {"temperature": 1.0, "top_p": 0.9, "top_k": 0, "seed": 0}):
+    for params in (off, {"temperature": 1.0, "top_p": 0.9, "top_k": 0, "seed": 0}):
         p = ffi.new("ac_sampler_params *", params)
         p.seed = 42
-        out = ffi.new("ac_sampler **")
-        assert lib.ac_sampler_create(p, 300, out) == 0
+        rc, s = capi.create_sampler(lib, ffi, p, 300)
+        assert rc == 0, capi.last_error(lib, ffi)
         for t in rng.integers(0, 300, 20):  # recorded history: no effect while neutral
-            lib.ac_sampler_accept(out[0], int(t))
-        draws.append(_draw(lib, ffi, out[0], logits, 200))
-        lib.ac_sampler_free(out[0])
+            lib.ac_sampler_accept(s, int(t))
+        draws.append(_draw(lib, ffi, s, logits, 200))
+        lib.ac_sampler_free(s)
     assert draws[0] == draws[1]
 
 
@@ -488,7 +500,7 @@ def test_presence_and_frequency_penalties(lib, ffi, sampler):
     logits = [5.0, 4.5, 0.0]
     for kind, value, expected in (("frequency_penalty", 0.3, 1), ("frequency_penalty", 0.2, 0),
                                   ("presence_penalty", 0.6, 1), ("presence_penalty", 0.4, 0)):
-        s = sampler(3, temperature=0.0, repeat_last_n=4, **{kind: value})
+        s = sampler(3, temperature=0.0, repeat_penalty=1.0, repeat_last_n=4, **{kind: value})
         lib.ac_sampler_accept(s, 0)
         lib.ac_sampler_accept(s, 0)
         assert _draw(lib, ffi, s, logits) == [expected], (kind, value)
@@ -532,9 +544,9 @@ def test_logit_bias_and_param_errors(lib, ffi, sampler):
         p = ffi.new("ac_sampler_params *", lib.ac_sampler_default_params())
         setattr(p, field, value)
         assert lib.ac_sampler_check_params(p) == lib.AC_ERR_ARG
-        assert word in ffi.string(lib.ac_last_error()).decode()
-        out = ffi.new("ac_sampler **")
-        assert lib.ac_sampler_create(p, 4, out) == lib.AC_ERR_ARG
+        assert word in capi.last_error(lib, ffi)
+        rc, refused = capi.create_sampler(lib, ffi, p, 4)
+        assert rc == lib.AC_ERR_ARG and refused == ffi.NULL
     assert lib.ac_sampler_accept(s, 4) == lib.AC_ERR_RANGE
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import re
 import struct
 import subprocess
 import sys
@@ -15,52 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from capi import (c_logits, create_state, header_constant, int8_copy, last_error, load_model, load_tokenizer,
+                  error_lines, loaded_model, model_config, quantize, run_cli)
 from conftest import LAYOUTS, REPO, rounding_edge_cases, tiny_config
 
+MAX_THREADS = header_constant("AC_MAX_THREADS")
 # dim and hidden_dim multiples of 32, so the int8 SIMD kernel (32-byte groups) is exercised.
 WIDE = dict(dim=64, hidden_dim=128, n_heads=4, n_kv_heads=2)
 
 
 def tokens_for(vocab_size: int, n: int, seed: int = 0) -> list[int]:
     return [1] + np.random.default_rng(seed).integers(3, vocab_size, n - 1).tolist()
-
-
-def c_logits(lib, ffi, model, tokens, threads=1, stepwise=False) -> np.ndarray:
-    """Logits through the C API on a fresh state with the given thread count."""
-    ids = np.asarray(tokens, dtype=np.int32)
-    out = np.empty((len(ids), model_vocab(lib, ffi, model)), dtype=np.float32)
-    state = ffi.new("ac_state **")
-    assert lib.ac_state_create(model, state) == 0
-    try:
-        assert lib.ac_state_set_threads(state[0], threads) == 0
-        fn = lib.ac_logits_stepwise if stepwise else lib.ac_logits
-        assert fn(state[0], ffi.from_buffer("int[]", ids), len(ids),
-                  ffi.from_buffer("float[]", out, require_writable=True)) == 0
-    finally:
-        lib.ac_state_free(state[0])
-    return out
-
-
-def model_vocab(lib, ffi, model) -> int:
-    cfg = ffi.new("ac_config *")
-    assert lib.ac_model_config(model, cfg) == 0
-    return cfg.vocab_size
-
-
-def load(lib, ffi, path: Path):
-    out = ffi.new("ac_model **")
-    rc = lib.ac_model_load(str(path).encode(), out)
-    return rc, out[0]
-
-
-def quantize(lib, ffi, model, group_size=0):
-    out = ffi.new("ac_model **")
-    rc = lib.ac_model_quantize(model, group_size, out)
-    return rc, out[0]
-
-
-def last_error(lib, ffi) -> str:
-    return ffi.string(lib.ac_last_error()).decode()
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -112,14 +78,36 @@ def need_kernels(*names: str) -> None:
 
 
 def test_kernel_choice(lib, ffi):
+    """The best set this CPU runs, unless AC_KERNEL names another set it runs (a name it
+    cannot run keeps the automatic choice)."""
     name = ffi.string(lib.ac_kernel_name()).decode()
-    assert name in KERNEL_SETS
     forced = os.environ.get("AC_KERNEL")
     if forced in KERNEL_SETS and not missing_features(forced):
         assert name == forced
-    elif not forced:
+    else:
         assert name == next(k for k in KERNEL_SETS if not missing_features(k))
-    assert lib.ac_default_threads() >= 1
+
+
+# Prints ac_default_threads() after limiting the process to the CPUs named in argv[2].
+DEFAULT_THREADS_SCRIPT = r"""
+import os, sys
+sys.path.insert(0, sys.argv[1])
+os.sched_setaffinity(0, {int(c) for c in sys.argv[2].split(",")})
+from arianna_c import _lib
+print(_lib.load().ac_default_threads())
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="needs sched_getaffinity (Linux)")
+def test_default_threads_are_the_cpus_the_process_may_use(lib):
+    cpus = sorted(os.sched_getaffinity(0))
+    assert lib.ac_default_threads() == min(len(cpus), MAX_THREADS)
+    env = dict(os.environ, ARIANNA_C_LIB=library_path())
+    for allowed in ({cpus[0]}, set(cpus)):
+        r = subprocess.run([sys.executable, "-c", DEFAULT_THREADS_SCRIPT, str(REPO), ",".join(map(str, allowed))],
+                           capture_output=True, text=True, env=env, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert int(r.stdout) == min(len(allowed), MAX_THREADS)
 
 
 # Runs under AC_KERNEL=<set> in a child process (the set is chosen once per process) and saves
@@ -286,24 +274,20 @@ def test_library_survives_unload_with_live_state(wide_model):
 
 @pytest.mark.parametrize("stepwise", [False, True], ids=["prefill", "stepwise"])
 def test_thread_count_does_not_change_logits(lib, ffi, layout_model, stepwise):
-    rc, model = load(lib, ffi, layout_model.model)
-    assert rc == 0
     tokens = tokens_for(layout_model.cfg.vocab_size, layout_model.cfg.seq_len, seed=5)
-    one = c_logits(lib, ffi, model, tokens, threads=1, stepwise=stepwise)
-    for threads in (2, 3):
-        assert np.array_equal(one, c_logits(lib, ffi, model, tokens, threads=threads, stepwise=stepwise))
-    lib.ac_model_free(model)
+    with loaded_model(lib, ffi, layout_model.model) as model:
+        one = c_logits(lib, ffi, model, tokens, threads=1, stepwise=stepwise)
+        for threads in (2, 3):
+            assert np.array_equal(one, c_logits(lib, ffi, model, tokens, threads=threads, stepwise=stepwise))
 
 
 def test_prefill_equals_stepwise(lib, ffi, layout_model):
-    rc, model = load(lib, ffi, layout_model.model)
-    assert rc == 0
     tokens = tokens_for(layout_model.cfg.vocab_size, layout_model.cfg.seq_len, seed=6)
-    prefill = c_logits(lib, ffi, model, tokens, threads=2)
-    stepwise = c_logits(lib, ffi, model, tokens, threads=2, stepwise=True)
+    with loaded_model(lib, ffi, layout_model.model) as model:
+        prefill = c_logits(lib, ffi, model, tokens, threads=2)
+        stepwise = c_logits(lib, ffi, model, tokens, threads=2, stepwise=True)
     print(f"max |prefill - stepwise| = {np.abs(prefill - stepwise).max():.3g}")
     np.testing.assert_allclose(prefill, stepwise, atol=1e-4, rtol=0)
-    lib.ac_model_free(model)
 
 
 def test_prefill_over_several_blocks_matches_reference(make_model, built):
@@ -325,15 +309,18 @@ def test_bad_thread_counts(lib, ffi, make_model, built):
     from arianna_c import AriannaError, Model
 
     files = make_model()
-    rc, model = load(lib, ffi, files.model)
-    state = ffi.new("ac_state **")
-    assert lib.ac_state_create(model, state) == 0
-    for bad in (-1, 100000):
-        assert lib.ac_state_set_threads(state[0], bad) == lib.AC_ERR_ARG
-        assert "n_threads" in last_error(lib, ffi)
-    assert lib.ac_state_set_threads(state[0], 0) == 0  # 0 = default
-    lib.ac_state_free(state[0])
-    lib.ac_model_free(model)
+    with loaded_model(lib, ffi, files.model) as model:
+        rc, state = create_state(lib, ffi, model)
+        assert rc == 0, last_error(lib, ffi)
+        try:
+            for bad in (-1, MAX_THREADS + 1, 100000):
+                assert lib.ac_state_set_threads(state, bad) == lib.AC_ERR_ARG
+                assert last_error(lib, ffi) == (f"n_threads {bad} is invalid: it must be in 1..{MAX_THREADS} "
+                                                "(0 = all available cores)")
+            assert lib.ac_state_set_threads(state, MAX_THREADS) == 0
+            assert lib.ac_state_set_threads(state, 0) == 0  # 0 = default
+        finally:
+            lib.ac_state_free(state)
     with pytest.raises(AriannaError, match="n_threads"):
         with Model(files.model, files.tokenizer, threads=-3) as m:
             m.generate("x", max_new_tokens=2)
@@ -343,14 +330,13 @@ def test_bad_thread_counts(lib, ffi, make_model, built):
 
 
 def test_int8_logits_close_to_float32(lib, ffi, wide_model):
-    rc, model = load(lib, ffi, wide_model.model)
-    rc, q8 = quantize(lib, ffi, model)
-    assert rc == 0, last_error(lib, ffi)
-    cfg = ffi.new("ac_config *")
-    lib.ac_model_config(q8, cfg)
-    assert (cfg.version, cfg.group_size) == (2, 32)
     tokens = tokens_for(wide_model.cfg.vocab_size, wide_model.cfg.seq_len, seed=9)
-    f32 = c_logits(lib, ffi, model, tokens)
+    with loaded_model(lib, ffi, wide_model.model) as model:
+        rc, q8 = quantize(lib, ffi, model)
+        assert rc == 0, last_error(lib, ffi)
+        f32 = c_logits(lib, ffi, model, tokens)
+    cfg = model_config(lib, ffi, q8)
+    assert (cfg.version, cfg.group_size) == (2, 32)
     i8 = c_logits(lib, ffi, q8, tokens)
     top1 = (f32.argmax(1) == i8.argmax(1)).mean()
     cos = cosine_rows(f32, i8).min()
@@ -362,7 +348,6 @@ def test_int8_logits_close_to_float32(lib, ffi, wide_model):
     assert np.array_equal(i8, c_logits(lib, ffi, q8, tokens, threads=2))
     np.testing.assert_allclose(i8, c_logits(lib, ffi, q8, tokens, stepwise=True), atol=1e-4, rtol=0)
     lib.ac_model_free(q8)
-    lib.ac_model_free(model)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -370,8 +355,8 @@ def test_int8_file_round_trip(lib, ffi, make_model, tmp_path, layout):
     """quantize -> save -> load gives the same model (bytes and logits) as quantizing at load;
     group size 16 on the 48-wide layouts exercises the non-SIMD group path."""
     files = make_model(seed=12, **LAYOUTS[layout])
-    rc, model = load(lib, ffi, files.model)
-    rc, q8 = quantize(lib, ffi, model, 16)
+    with loaded_model(lib, ffi, files.model) as model:
+        rc, q8 = quantize(lib, ffi, model, 16)  # the source may be freed afterwards
     assert rc == 0, last_error(lib, ffi)
     path = tmp_path / "q8.bin"
     assert lib.ac_model_save(q8, str(path).encode()) == 0
@@ -384,15 +369,14 @@ def test_int8_file_round_trip(lib, ffi, make_model, tmp_path, layout):
     assert data[36] == int(files.cfg.shared_classifier)
     assert struct.unpack_from("<i", data, 37)[0] == 16
     assert data[41:256] == bytes(215)
-    rc, loaded = load(lib, ffi, path)
-    assert rc == 0, last_error(lib, ffi)
     tokens = tokens_for(files.cfg.vocab_size, 30, seed=1)
-    assert np.array_equal(c_logits(lib, ffi, q8, tokens), c_logits(lib, ffi, loaded, tokens))
-    # an int8 model cannot be quantized again
-    rc, _ = quantize(lib, ffi, loaded)
-    assert rc == lib.AC_ERR_ARG and "already int8" in last_error(lib, ffi)
-    for m in (loaded, q8, model):
-        lib.ac_model_free(m)
+    with loaded_model(lib, ffi, path) as loaded:
+        assert np.array_equal(c_logits(lib, ffi, q8, tokens), c_logits(lib, ffi, loaded, tokens))
+        # an int8 model cannot be quantized again
+        rc, again = quantize(lib, ffi, loaded)
+        assert rc == lib.AC_ERR_ARG and again == ffi.NULL
+        assert last_error(lib, ffi) == "the model is already int8 (group size 16)"
+    lib.ac_model_free(q8)
 
 
 @pytest.mark.parametrize("edge_cases", [False, True], ids=["random", "edge-cases"])
@@ -404,10 +388,7 @@ def test_int8_file_layout_matches_numpy_quantization(lib, ffi, make_model, tmp_p
 
     weights = rounding_edge_cases(formats.random_weights(tiny_config(**WIDE), seed=11)) if edge_cases else None
     wide_model = make_model(seed=11, weights=weights, **WIDE)
-    rc, model = load(lib, ffi, wide_model.model)
-    rc, q8 = quantize(lib, ffi, model)
-    path = tmp_path / "q8.bin"
-    assert lib.ac_model_save(q8, str(path).encode()) == 0
+    path = int8_copy(lib, ffi, wide_model.model, tmp_path / "q8.bin", group_size=0)  # the default: 32
     data, cfg, w = path.read_bytes(), wide_model.cfg, wide_model.weights
     off = 256
     for name in ("rms_att", "rms_ffn", "rms_final"):
@@ -426,18 +407,6 @@ def test_int8_file_layout_matches_numpy_quantization(lib, ffi, make_model, tmp_p
         assert np.array_equal(np.frombuffer(data, np.float32, scale.size, off), scale)
         off += 4 * scale.size
     assert off == len(data)
-    lib.ac_model_free(q8)
-    lib.ac_model_free(model)
-
-
-def v2_file(lib, ffi, files, tmp_path) -> bytes:
-    rc, model = load(lib, ffi, files.model)
-    rc, q8 = quantize(lib, ffi, model, 16)
-    path = tmp_path / "q8.bin"
-    assert lib.ac_model_save(q8, str(path).encode()) == 0
-    lib.ac_model_free(q8)
-    lib.ac_model_free(model)
-    return path.read_bytes()
 
 
 @pytest.mark.parametrize("patch, needle", [
@@ -450,21 +419,24 @@ def v2_file(lib, ffi, files, tmp_path) -> bytes:
     (lambda d: d[:4] + struct.pack("<i", 3) + d[8:], "unknown model file version 3"),
 ])
 def test_int8_loader_errors(lib, ffi, make_model, tmp_path, patch, needle):
-    data = patch(v2_file(lib, ffi, make_model(seed=2), tmp_path))
+    data = patch(int8_copy(lib, ffi, make_model(seed=2).model, tmp_path / "q8.bin", group_size=16).read_bytes())
     bad = tmp_path / "bad.bin"
     bad.write_bytes(data)
-    rc, _ = load(lib, ffi, bad)
-    assert rc == lib.AC_ERR_FORMAT
+    rc, model = load_model(lib, ffi, bad)
+    assert rc == lib.AC_ERR_FORMAT and model == ffi.NULL
     message = last_error(lib, ffi)
     assert needle in message and str(bad) in message
 
 
 def test_quantize_rejects_group_sizes_that_do_not_fit(lib, ffi, make_model):
-    rc, model = load(lib, ffi, make_model().model)  # dim 48, hidden_dim 96
-    for gs, needle in ((32, "does not divide dim 48"), (-4, "group_size"), (6, "multiple of 4")):
-        rc, _ = quantize(lib, ffi, model, gs)
-        assert rc == lib.AC_ERR_ARG and needle in last_error(lib, ffi)
-    lib.ac_model_free(model)
+    with loaded_model(lib, ffi, make_model().model) as model:  # dim 48, hidden_dim 96
+        for gs, needle in ((32, "int8 quantization: group_size 32 does not divide dim 48"),
+                           (-4, "ac_model_quantize: argument group_size is -4, must be 0 (the default, 32) "
+                                "or a positive multiple of 4"),
+                           (6, "ac_model_quantize: argument group_size is 6, must be 0")):
+            rc, q8 = quantize(lib, ffi, model, gs)
+            assert rc == lib.AC_ERR_ARG and q8 == ffi.NULL
+            assert needle in last_error(lib, ffi)
 
 
 def test_python_quantize_and_save(wide_model, tmp_path, built):
@@ -526,42 +498,39 @@ def test_generate_batch_stops_like_generate(make_model, built):
 
 def test_batch_c_api_errors(lib, ffi, make_model):
     files = make_model()
-    rc, model = load(lib, ffi, files.model)
-    tok = ffi.new("ac_tokenizer **")
-    assert lib.ac_tokenizer_load(str(files.tokenizer).encode(), files.cfg.vocab_size, tok) == 0
-    batch = ffi.new("ac_batch **")
-    for n in (0, -1, 100000):
-        assert lib.ac_batch_create(model, tok[0], n, ffi.NULL, batch) == lib.AC_ERR_ARG
-        assert "batch size" in last_error(lib, ffi)
-    params = ffi.new("ac_session_params *", lib.ac_session_default_params())
-    params.max_new_tokens = 10
-    assert lib.ac_batch_create(model, tok[0], 2, params, batch) == 0
-    prompt = b"x" * 200  # far more tokens than seq_len 64
-    c_prompt = ffi.new("char[]", prompt)
-    prompts = ffi.new("const char *[]", [c_prompt, c_prompt])
-    lens = ffi.new("size_t[]", [len(prompt), len(prompt)])
-    out, results = ffi.new("int[]", 20), ffi.new("ac_batch_result[]", 2)
-    assert lib.ac_batch_generate(batch[0], prompts, lens, out, results) == lib.AC_ERR_RANGE
-    assert "seq_len" in last_error(lib, ffi)
-    params.max_new_tokens = -1
-    assert lib.ac_batch_create(model, tok[0], 2, params, ffi.new("ac_batch **")) == lib.AC_ERR_ARG
-    lib.ac_batch_free(batch[0])
-    lib.ac_tokenizer_free(tok[0])
-    lib.ac_model_free(model)
+    max_batch = header_constant("AC_MAX_BATCH")
+    with loaded_model(lib, ffi, files.model) as model:
+        rc, tok = load_tokenizer(lib, ffi, files.tokenizer, files.cfg.vocab_size)
+        assert rc == 0, last_error(lib, ffi)
+        batch = ffi.new("ac_batch **")
+        for n in (0, -1, max_batch + 1, 100000):
+            assert lib.ac_batch_create(model, tok, n, ffi.NULL, batch) == lib.AC_ERR_ARG
+            assert last_error(lib, ffi) == f"batch size {n} is invalid: it must be in 1..{max_batch}"
+        params = ffi.new("ac_session_params *", lib.ac_session_default_params())
+        params.max_new_tokens = 10
+        assert lib.ac_batch_create(model, tok, 2, params, batch) == 0
+        prompt = b"x" * 200  # far more tokens than seq_len 64
+        c_prompt = ffi.new("char[]", prompt)
+        prompts = ffi.new("const char *[]", [c_prompt, c_prompt])
+        lens = ffi.new("size_t[]", [len(prompt), len(prompt)])
+        out, results = ffi.new("int[]", 20), ffi.new("ac_batch_result[]", 2)
+        assert lib.ac_batch_generate(batch[0], prompts, lens, out, results) == lib.AC_ERR_RANGE
+        assert re.fullmatch(r"prompt 0 is \d+ tokens \(BOS included\) but the model's seq_len is 64",
+                            last_error(lib, ffi)), last_error(lib, ffi)
+        params.max_new_tokens = -1
+        assert lib.ac_batch_create(model, tok, 2, params, ffi.new("ac_batch **")) == lib.AC_ERR_ARG
+        assert "max_new_tokens -1 is invalid" in last_error(lib, ffi)
+        lib.ac_batch_free(batch[0])
+        lib.ac_tokenizer_free(tok)
 
 
 # ---------------------------------------------------------------------------- CLI
 
 
-def cli(binary: Path, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True,
-                          errors="replace", timeout=120)
-
-
 def test_cli_threads_and_speed_report(run_binary, wide_model):
     outs = []
     for threads in ("1", "2"):
-        r = cli(run_binary, wide_model.model, "-n", "30", "-t", "0", "-i", "the", "-T", threads)
+        r = run_cli(run_binary, wide_model.model, "-n", "30", "-t", "0", "-i", "the", "-T", threads)
         assert r.returncode == 0, r.stderr
         assert "achieved tok/s: " in r.stderr and "prompt tok/s: " in r.stderr
         outs.append(r.stdout)
@@ -572,7 +541,7 @@ def test_cli_int8_write_and_read(run_binary, wide_model, tmp_path, built):
     from arianna_c import Model
 
     out = tmp_path / "cli_q8.bin"
-    r = cli(run_binary, wide_model.model, "-q", "int8", "-o", out)
+    r = run_cli(run_binary, wide_model.model, "-q", "int8", "-o", out)
     assert r.returncode == 0, r.stderr
     assert r.stdout == ""
     with Model(wide_model.model, wide_model.tokenizer, quantize="int8") as m:
@@ -580,13 +549,13 @@ def test_cli_int8_write_and_read(run_binary, wide_model, tmp_path, built):
         want = m.generate("the", max_new_tokens=20, temperature=0.0)
     assert out.read_bytes() == (tmp_path / "py_q8.bin").read_bytes()
     for model_args in ([wide_model.model, "-q", "int8"], [out], [out, "-q", "int8"]):
-        r = cli(run_binary, *model_args, "-z", wide_model.tokenizer, "-n", "20", "-t", "0", "-i", "the")
+        r = run_cli(run_binary, *model_args, "-z", wide_model.tokenizer, "-n", "20", "-t", "0", "-i", "the")
         assert r.returncode == 0, r.stderr
         assert r.stdout == "the" + want + "\n"
 
 
 def test_cli_batch_prints_each_sequence(run_binary, wide_model, built):
-    r = cli(run_binary, wide_model.model, "-b", "3", "-s", "7", "-n", "20", "-t", "0.9", "-i", "the")
+    r = run_cli(run_binary, wide_model.model, "-b", "3", "-s", "7", "-n", "20", "-t", "0.9", "-i", "the")
     assert r.returncode == 0, r.stderr
     assert "achieved tok/s: " in r.stderr
     parts = r.stdout.split("=== sequence ")[1:]
@@ -594,16 +563,28 @@ def test_cli_batch_prints_each_sequence(run_binary, wide_model, built):
     for i, part in enumerate(parts):
         header, text = part.split("\n", 1)
         assert header == f"{i} (seed {7 + i}) ==="
-        single = cli(run_binary, wide_model.model, "-s", str(7 + i), "-n", "20", "-t", "0.9", "-i", "the")
+        single = run_cli(run_binary, wide_model.model, "-s", str(7 + i), "-n", "20", "-t", "0.9", "-i", "the")
         assert single.returncode == 0
         assert text == single.stdout
 
 
-@pytest.mark.parametrize("args", [
-    ["-T", "0"], ["-T", "x"], ["-T", "-2"], ["-T", "100000"], ["-q", "int4"], ["-q", ""],
-    ["-b", "0"], ["-b", "two"], ["-m", "chat", "-b", "2"], ["-o"],
-])
-def test_cli_bad_speed_flags(run_binary, wide_model, args):
-    r = cli(run_binary, wide_model.model, *args)
-    assert r.returncode == 1
+BAD_SPEED_FLAGS = [
+    (["-T", "0"], f"-T 0: threads must be in 1..{MAX_THREADS}"),
+    (["-T", "x"], "-T x: not a whole number"),
+    (["-T", "-2"], f"-T -2: threads must be in 1..{MAX_THREADS}"),
+    (["-T", "100000"], f"-T 100000: threads must be in 1..{MAX_THREADS}"),
+    (["-q", "int4"], "-q int4: the only quantization is int8"),
+    (["-q", ""], "-q : the only quantization is int8"),
+    (["-b", "0"], f"-b 0: the batch must be in 1..{header_constant('AC_MAX_BATCH')} sequences"),
+    (["-b", "two"], "-b two: not a whole number"),
+    (["-m", "chat", "-b", "2"], "-b applies to generate mode only"),
+    (["-o"], "-o needs a value"),
+]
+
+
+@pytest.mark.parametrize("args, error", BAD_SPEED_FLAGS, ids=[" ".join(args) for args, _ in BAD_SPEED_FLAGS])
+def test_cli_bad_speed_flags(run_binary, wide_model, args, error):
+    r = run_cli(run_binary, wide_model.model, *args)
+    assert r.returncode == 1 and r.stdout == ""
+    assert error_lines(r.stderr) == [f"error: {error}"], r.stderr
     assert "Usage" in r.stderr
