@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from . import chat as chat_templates
 from .errors import AriannaError
+from .paths import DEFAULT_TOKENIZER_LOOKUP
 
 PROG = "arianna-c"
 # The defaults of `arianna-c serve`, which arianna_c.server's create_app and serve share.
@@ -51,7 +52,7 @@ def _add_model(p: argparse.ArgumentParser, optional: bool = True) -> None:
         p.add_argument("model", nargs="?", help="model file (.bin, v0/v1/v2 layouts); default: the bundled persona")
     else:
         p.add_argument("model", help="model file (.bin, v0/v1/v2 layouts)")
-    p.add_argument("-z", "--tokenizer", help="tokenizer file; default: tok4096.bin, then tokenizer.bin next to the model")
+    p.add_argument("-z", "--tokenizer", help=f"tokenizer file; default: {DEFAULT_TOKENIZER_LOOKUP}")
     p.add_argument("-T", "--threads", type=int, help="threads per forward pass; default: all available cores")
     p.add_argument("-q", "--quantize", choices=["int8"], help="quantize a float32 model at load (Q8_0); default: off")
     p.add_argument("-L", "--module", dest="modules", action="append", default=[], type=_module_spec,
@@ -274,13 +275,13 @@ def cmd_bench(argv: list[str]) -> int:
     from pathlib import Path
 
     roots = [Path(__file__).resolve().parent.parent, Path.cwd()]
-    root = next((r for r in roots if (r / "bench" / "__main__.py").is_file()), None)
+    root = next((r for r in roots if (r / "bench" / "harness.py").is_file()), None)
     if root is None:
         print("error: bench needs a source checkout (its bench/ folder); tried: "
               + ", ".join(str(r / "bench") for r in roots), file=sys.stderr)
         return 1
     sys.path.insert(0, str(root))
-    from bench.__main__ import main as bench_main  # type: ignore[import-not-found]
+    from bench.harness import main as bench_main  # type: ignore[import-not-found]
 
     return int(bench_main(argv) or 0)
 

@@ -75,6 +75,10 @@ def check_file(path: str, what: str) -> None:
         raise IsADirectoryError(errno.EISDIR, f"{path}: is a directory, not a {what} file", path)
 
 
+# How find_tokenizer looks when no tokenizer is named, for --help texts (src/paths.c's order).
+DEFAULT_TOKENIZER_LOOKUP = "tokenizer.bin, then tok4096.bin in the model's folder"
+
+
 def find_tokenizer(model_path: Optional[str], name: Optional[str]) -> str:
     """The tokenizer file for a model (model_path None: loaded from memory) and a tokenizer
     name (None: the default names), found by the library's ac_tokenizer_path; a

@@ -77,7 +77,8 @@ class TrainConfig:
 OPTION_HELP = {
     "data": "folder of .bin token shards from `pretokenize` (every shard is used); "
             "with --resume, the checkpoint's folder unless given",
-    "out": "run folder: ckpt/ (the last state), best/ (lowest validation loss), history.json",
+    "out": "run folder: ckpt/ (the last state), best/ (lowest validation loss), history.json; "
+           "a folder that holds a run is continued with --resume, never overwritten",
     "dim": "model width (embedding size); must divide by --n-heads",
     "n_layers": "transformer blocks",
     "n_heads": "attention heads",

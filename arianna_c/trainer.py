@@ -178,6 +178,9 @@ class Trainer:
         self.world = world or join_world(cfg.device)
         self.log = log if self.world.main else (lambda line: None)
         self.folder = self.run_folder()
+        if not cfg.resume and (self.folder / self.CHECKPOINT).exists():
+            raise ConfigError(f"{self.folder / self.CHECKPOINT}: a run is saved there; continue it with "
+                              f"{self.resume_hint()}, or start a new one in another folder")
         self.rows = rows_per_process(cfg, self.world.size)
         self.split = self._load_data(cfg.data, "--data", cfg.batch_size)
         saved = self._load_saved() if cfg.resume else None

@@ -57,15 +57,16 @@ for label, key in rows:
     lines.append(f"| {label} | {losses['base'][key]:.4f} | {losses['with_modules'][key]:.4f} |")
 questions = ["What is justice?", "Is the soul immortal?", "What is virtue, Socrates?", "Why do you weep?"]
 lines += ["", "| prompt | settings | base | + `-L " + module + "` |", "| --- | --- | --- | --- |"]
+# Greedy (with the default repeat penalty) and the library's default sampling, seeded.
 for q in questions:
-    for settings in (["-t", "0"], ["-t", "0.8", "-s", "42"]):
+    for label, settings in (("`-t 0`", ["-t", "0"]), ("defaults, `-s 42`", ["-s", "42"])):
         texts = []
         for extra in ([], ["-L", module]):
             r = subprocess.run(["./run", base, "-z", "tok4096", "-n", "80", "-i", f"Q: {q}\nA:", *settings, *extra],
                                capture_output=True, check=True)
             text = r.stdout.decode("utf-8", "replace").strip()[len(f"Q: {q}\nA:"):].strip()
             texts.append(" ".join(text.split()).replace("|", "\\|"))
-        lines.append(f"| `Q: {q}\\nA:` | `{' '.join(settings)}` | {texts[0]} | {texts[1]} |")
+        lines.append(f"| `Q: {q}\\nA:` | {label} | {texts[0]} | {texts[1]} |")
 report = "\n".join(lines) + "\n"
 (work / "report.md").write_text(report)
 print(report)

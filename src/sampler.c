@@ -30,9 +30,10 @@ struct ac_sampler {
 
 #define DEFAULT_SEED 0x9E3779B97F4A7C15ull
 
-/* The defaults read best on the shipped persona (scripts/sample_quality.py, README Sampling):
- * greedy and plain sampling at temperature 1 fall into loops that a mild repetition penalty
- * over the last 64 tokens removes, and temperature 0.8 invents fewer words than 1.0. */
+/* The defaults were picked on the shipped persona by a measured grid (scripts/sample_quality.py;
+ * README "Command line" and persona/README.md give the numbers): greedy and plain sampling at
+ * temperature 1 fall into loops that a mild repetition penalty over the last 64 tokens
+ * removes, and temperature 0.8 invents fewer words than 1.0. */
 AC_API ac_sampler_params ac_sampler_default_params(void) {
     ac_sampler_params p = {0.8f, 0.9f, 0, 0, 0.0f, 1.1f, 64, 0.0f, 0.0f};
     return p;

@@ -182,3 +182,12 @@ def test_peer_rows_and_ratios(built, tiny_files, tmp_path):
         assert ours["vs_best_peer"]["ratio"] == pytest.approx(ours["median"] / value)
     assert "vs best peer" in r.stdout and "x llamacpp" in r.stdout
     assert res["machine"]["kernels"] in r.stdout
+
+
+def test_console_script_runs_the_benchmark():
+    """`arianna-c bench ARGS` is `python -m bench ARGS` (the same row list)."""
+    direct = _bench(["--list"], timeout=60)
+    via_cli = subprocess.run([sys.executable, "-m", "arianna_c.cli", "bench", "--list"], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+    assert direct.returncode == 0 and via_cli.returncode == 0, via_cli.stderr
+    assert via_cli.stdout == direct.stdout and "decode/cli/f32/T1" in via_cli.stdout

@@ -370,6 +370,19 @@ def test_resume_refuses_other_data_and_a_missing_checkpoint(tmp_path, capsys):
     assert "is not the data the checkpoint in" in one_error_line(capsys)
 
 
+def test_a_saved_run_is_not_overwritten_without_resume(tmp_path, capsys):
+    patterned_shards(tmp_path / "data", 1)
+    out = tmp_path / "o"
+    args = ["train", "--data", str(tmp_path / "data"), "--out", str(out), *TINY_FLAGS, "--max-steps", "2"]
+    assert T.main(args) == 0
+    saved = (out / "ckpt" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert T.main(args[:-1] + ["3"]) == 1
+    assert one_error_line(capsys) == (f"error: {out / 'ckpt'}: a run is saved there; continue it with --resume "
+                                      f"--out {out}, or start a new one in another folder")
+    assert (out / "ckpt" / "model.safetensors").read_bytes() == saved
+
+
 def test_sigint_stops_after_a_step_and_saves_a_checkpoint(tmp_path):
     patterned_shards(tmp_path / "data", 1)
     out = tmp_path / "o"
