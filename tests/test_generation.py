@@ -17,13 +17,10 @@ import pytest
 import arianna_c
 from arianna_c import AriannaError, ErrorCode, Model
 import helpers_parity as hp
+from capi import create_session, last_error, load_model, load_tokenizer
 from conftest import REPO, byte_id, write_synthetic_tokenizer
 
 SEED_RANDOM = 2**64 - 1
-
-
-def last_error(lib, ffi) -> str:
-    return ffi.string(lib.ac_last_error()).decode()
 
 
 class Loaded:
@@ -31,10 +28,10 @@ class Loaded:
 
     def __init__(self, lib, ffi, files):
         self.lib, self.ffi = lib, ffi
-        m, t = ffi.new("ac_model **"), ffi.new("ac_tokenizer **")
-        assert lib.ac_model_load(os.fsencode(files.model), m) == 0
-        assert lib.ac_tokenizer_load(os.fsencode(files.tokenizer), files.cfg.vocab_size, t) == 0
-        self.model, self.tok = m[0], t[0]
+        rc, self.model = load_model(lib, ffi, files.model)
+        assert rc == 0, last_error(lib, ffi)
+        rc, self.tok = load_tokenizer(lib, ffi, files.tokenizer, files.cfg.vocab_size)
+        assert rc == 0, last_error(lib, ffi)
 
     def params(self, **fields):
         p = self.ffi.new("ac_session_params *", self.lib.ac_session_default_params())
@@ -46,10 +43,9 @@ class Loaded:
         return p
 
     def session(self, **fields):
-        out = self.ffi.new("ac_session **")
-        assert self.lib.ac_session_create(self.model, self.tok, self.params(**fields), out) == 0, \
-            last_error(self.lib, self.ffi)
-        return out[0]
+        rc, session = create_session(self.lib, self.ffi, self.model, self.tok, self.params(**fields))
+        assert rc == 0, last_error(self.lib, self.ffi)
+        return session
 
     def run(self, session, limit=1000):
         """(tokens reported by ac_session_next until it ends, the stop reason)."""
