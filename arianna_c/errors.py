@@ -22,7 +22,7 @@ class ErrorCode(IntEnum):
     ARG = ffi.integer_const("AC_ERR_ARG")            # a bad argument
     NOMEM = ffi.integer_const("AC_ERR_NOMEM")        # an allocation failed
     RANGE = ffi.integer_const("AC_ERR_RANGE")        # a value out of range
-    NUMERIC = ffi.integer_const("AC_ERR_NUMERIC")    # a forward pass gave NaN or infinite logits
+    NUMERIC = ffi.integer_const("AC_ERR_NUMERIC")    # NaN or infinite logits; int8 would zero a tensor
 
     @property
     def c_name(self) -> str:

@@ -352,7 +352,13 @@ def train_to_the_end(make_trainer: Callable, threads: int) -> dict:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, stop_after_this_step)
-        return trainer.train()
+        summary = trainer.train()
+        # Rank 0 is still writing the checkpoint when the others return; a process that
+        # tears its process group down meanwhile can abort in gloo's threads ("terminate
+        # called without an active exception").  Not on an exception: a rank that failed
+        # mid-step would meet the others' pending collective instead.
+        trainer.world.wait_for_all()
+        return summary
     finally:
         leave_world()
 

@@ -61,6 +61,11 @@ class World:
         dist.all_reduce(t)
         return t.tolist()
 
+    def wait_for_all(self) -> None:
+        """Returns once every process has called it."""
+        if self.size > 1:
+            dist.barrier()
+
     def from_main(self, flag: bool) -> bool:
         """Rank 0's flag, on every process."""
         return self.sum([float(flag) if self.main else 0.0])[0] > 0

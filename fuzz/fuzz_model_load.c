@@ -91,7 +91,11 @@ static void run_model(const ac_model *m, const ac_config *c, const uint8_t *data
 static void run_quantized(const ac_model *m, const ac_config *c, const uint8_t *data, size_t size) {
     if (c->group_size || c->dim % 4 || c->hidden_dim % 4) return;
     ac_model *q = NULL;
-    fuzz_assert(ac_model_quantize(m, 4, &q) == AC_OK, "quantize with group size 4");
+    int rc = ac_model_quantize(m, 4, &q);
+    /* an embedding of denormals quantizes to zeros, which no model may be */
+    fuzz_assert(rc == AC_OK || (rc == AC_ERR_NUMERIC && !q && strstr(ac_last_error(), "too small for int8")),
+                "quantize with group size 4: a model or AC_ERR_NUMERIC");
+    if (rc) return;
     ac_config qc;
     fuzz_assert(ac_model_config(q, &qc) == AC_OK && qc.version == 2 && qc.group_size == 4,
                 "quantized config");

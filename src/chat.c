@@ -111,17 +111,7 @@ typedef struct {
 
 static void add_text(emitter *e, const char *s, size_t n) {
     if (e->rc || n == 0) return;
-    if (e->len + n > e->cap) {
-        size_t cap = e->cap ? e->cap : 256;
-        while (cap < e->len + n) cap *= 2;
-        char *grown = realloc(e->text, cap);
-        if (!grown) {
-            e->rc = ac_fail(AC_ERR_NOMEM, "out of memory for a chat prompt of %zu bytes", e->len + n);
-            return;
-        }
-        e->text = grown;
-        e->cap = cap;
-    }
+    if ((e->rc = ac_grow((void **)&e->text, &e->cap, e->len + n, 1, "a chat prompt in bytes"))) return;
     memcpy(e->text + e->len, s, n);
     e->len += n;
 }

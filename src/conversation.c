@@ -64,19 +64,8 @@ struct ac_chat_reply {
     int started;              /* a character other than whitespace has come */
 };
 
-static int grow(void **buf, size_t *cap, size_t need, size_t item, const char *what) {
-    if (need <= *cap) return AC_OK;
-    size_t cap2 = *cap ? *cap : 256;
-    while (cap2 < need) cap2 *= 2;
-    void *grown = realloc(*buf, cap2 * item);
-    if (!grown) return ac_fail(AC_ERR_NOMEM, "out of memory for %s (%zu)", what, need);
-    *buf = grown;
-    *cap = cap2;
-    return AC_OK;
-}
-
 static int add_text(ac_chat_reply *r, const void *s, size_t n) {
-    int rc = grow((void **)&r->text, &r->cap, r->len + n, 1, "a reply's text in bytes");
+    int rc = ac_grow((void **)&r->text, &r->cap, r->len + n, 1, "a reply's text in bytes");
     if (rc) return rc;
     memcpy(r->text + r->len, s, n);
     r->len += n;
@@ -110,7 +99,7 @@ AC_API int ac_chat_reply_push(ac_chat_reply *r, const char *piece, size_t len, i
                               size_t *text_len) {
     if (!r || (!piece && len) || !text || !text_len) return ac_fail(AC_ERR_ARG, "ac_chat_reply_push: bad arguments");
     size_t before = r->len, n = r->n_held + len;
-    int rc = grow((void **)&r->work, &r->work_cap, n, 1, "a reply's piece in bytes");
+    int rc = ac_grow((void **)&r->work, &r->work_cap, n, 1, "a reply's piece in bytes");
     if (rc) return rc;
     if (r->n_held) memcpy(r->work, r->held, r->n_held);
     if (len) memcpy(r->work + r->n_held, piece, len);
@@ -241,7 +230,7 @@ AC_API const ac_chat_message *ac_conversation_message(const ac_conversation *c, 
 /* Room for `more` messages. */
 static int reserve_messages(ac_conversation *c, int more) {
     size_t cap = (size_t)c->cap;
-    int rc = grow((void **)&c->messages, &cap, (size_t)c->n + (size_t)more, sizeof *c->messages,
+    int rc = ac_grow((void **)&c->messages, &cap, (size_t)c->n + (size_t)more, sizeof *c->messages,
                   "a conversation's messages");
     c->cap = (int)cap;
     return rc;

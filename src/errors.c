@@ -1,12 +1,14 @@
 /*
  * errors.c - how the library reports failure: every failing call returns an AC_ERR_* code
  * and leaves a message for the calling thread (ac_last_error); ac_strerror names the codes.
- * The version string lives here too, as the one other fact about the library as a whole.
+ * The version string lives here too, as the one other fact about the library as a whole, and
+ * ac_grow, the one realloc, so that every growing buffer fails alike.
  */
 #include "internal.h"
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 
 #define AC_STRINGIFY(x) #x
 #define AC_VERSION_TEXT(major, minor, patch) AC_STRINGIFY(major) "." AC_STRINGIFY(minor) "." AC_STRINGIFY(patch)
@@ -28,6 +30,17 @@ void ac_append_error(const char *text) {
 }
 
 AC_API const char *ac_last_error(void) { return g_error; }
+
+int ac_grow(void **buf, size_t *cap, size_t need, size_t item, const char *what) {
+    if (need <= *cap) return AC_OK;
+    size_t cap2 = *cap ? *cap : 256;
+    while (cap2 < need && cap2 <= SIZE_MAX / 2 / item) cap2 *= 2;
+    void *grown = cap2 >= need ? realloc(*buf, cap2 * item) : NULL;
+    if (!grown) return ac_fail(AC_ERR_NOMEM, "out of memory for %s (%zu)", what, need);
+    *buf = grown;
+    *cap = cap2;
+    return AC_OK;
+}
 
 AC_API const char *ac_strerror(int code) {
     switch (code) {

@@ -255,12 +255,8 @@ static int gen_match(ac_generation *g, const char *piece, size_t n_piece, const 
         *out_len = 0;
         return AC_OK;
     }
-    if (n > g->text_cap) {
-        char *grown = realloc(g->text, n);
-        if (!grown) return ac_fail(AC_ERR_NOMEM, "out of memory for the generated text");
-        g->text = grown;
-        g->text_cap = n;
-    }
+    int rc = ac_grow((void **)&g->text, &g->text_cap, n, 1, "the generated text in bytes");
+    if (rc) return rc;
     memmove(g->text, g->text + g->held_at, g->n_held);
     memcpy(g->text + g->n_held, piece, n_piece);
     const char *buf = g->text;

@@ -43,6 +43,10 @@ int ac_fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3))
 /* Adds text to this thread's message after an ac_fail(), e.g. a hint shared by several
  * errors. */
 void ac_append_error(const char *text);
+/* Makes the array *buf (*cap items of item bytes each) hold at least need items, doubling
+ * from 256; on failure *buf and *cap stay as they were and the AC_ERR_NOMEM message names
+ * what.  The library's one realloc, so every growing buffer fails alike. */
+int ac_grow(void **buf, size_t *cap, size_t need, size_t item, const char *what);
 
 /* ------------------------------------------------------------------------ files (file.c) */
 

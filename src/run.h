@@ -59,8 +59,10 @@ enum {
     AC_ERR_ARG = 4,       /* a bad argument: NULL pointer, NaN temperature, top_p out of (0,1] */
     AC_ERR_NOMEM = 5,     /* an allocation failed */
     AC_ERR_RANGE = 6,     /* a value out of range: token id, position, sequence too long */
-    AC_ERR_NUMERIC = 7    /* a forward pass gave NaN or infinite logits (finite weights so
-                             large that float32 overflows); nothing is sampled from them */
+    AC_ERR_NUMERIC = 7    /* numbers the arithmetic cannot carry: a forward pass gave NaN or
+                             infinite logits (finite weights so large that float32
+                             overflows; nothing is sampled from them), or int8 quantization
+                             would zero the embedding or the classifier */
 };
 
 /* Special token ids of every tokenizer arianna_c reads. */
@@ -156,7 +158,9 @@ AC_API int ac_model_config(const ac_model *model, ac_config *out);
  * and be a multiple of 4).  src may be freed afterwards.  Matrix products then run in int8
  * with the activations quantized per group on the fly.  AC_ERR_ARG if src is already int8;
  * AC_ERR_FORMAT if src's weights are no longer all finite (a changed ac_model_load_memory
- * buffer): quantizing would silently turn NaN into 0. */
+ * buffer): quantizing would silently turn NaN into 0.  AC_ERR_NUMERIC if the embedding or a
+ * separate classifier holds only values too small for an int8 scale (below about 1e-43):
+ * quantized, every token would get the same logits. */
 AC_API int ac_model_quantize(const ac_model *src, int group_size, ac_model **out);
 /* Writes the model's file (its own layout: a quantized model is written as v2) to path,
  * through a temporary path + ".tmp" renamed over path. */

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import numpy as np
 import pytest
 
-from capi import (create_sampler, create_session, create_state, int8_copy, last_error, load_api, load_model,
+from capi import (code_name, create_sampler, create_session, create_state, int8_copy, last_error, load_api, load_model,
                   load_model_bytes, load_model_file, load_tokenizer, load_tokenizer_bytes, loaded_model, mappings_of,
                   model_config, quantize, read_stdout_until, run_cli)
 from conftest import REPO, TINY, byte_id, piece_id, synthetic_tokenizer, tiny_config
@@ -826,6 +826,21 @@ def test_all_zero_int8_embedding_is_refused(lib, ffi, run_binary, good, int8_wei
     bad = write(tmp_path, "zero-embedding.bin", formats.model_bytes(cfg, weights))
     assert_rejected(lib, ffi, run_binary, bad, good.tokenizer, lib.AC_ERR_FORMAT,
                     ": token_embedding is all zeros")
+
+
+def test_an_embedding_too_small_for_int8_scales_is_refused_by_quantization(lib, ffi, make_model):
+    """Denormal weights are finite and load as float32, but each group's int8 scale (its
+    largest |value| / 127) underflows to 0: quantized, the embedding would be all zeros."""
+    base = make_model(seed=3)
+    weights = {k: np.array(v) for k, v in base.weights.items()}
+    weights["token_embedding"][...] = np.float32(1e-44)
+    files = make_model(weights=weights)
+    with loaded_model(lib, ffi, files.model) as model:
+        rc, q = quantize(lib, ffi, model, group_size=16)
+        assert (code_name(lib, ffi, rc), q) == ("AC_ERR_NUMERIC", ffi.NULL)
+        assert last_error(lib, ffi) == ("int8 quantization: token_embedding is all zeros: every token would get "
+                                        "the same logits (once quantized: its float32 values are too small for "
+                                        "int8 scales)")
 
 
 def test_all_zero_layer_tensors_load(make_model):
