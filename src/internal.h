@@ -160,6 +160,9 @@ struct ac_model {
 /* A model over the file image data[0..size) (validated; not copied: it must outlive the
  * model).  name is used in messages.  The caller sets mapped / owned. */
 int ac_model_from_bytes(const void *data, size_t size, const char *name, ac_model **out);
+/* size bytes (> 0) for a model image the library owns (read from a file, quantized, merged
+ * with modules), or NULL; freed with free(). */
+void *ac_alloc_model_image(size_t size);
 
 /* ------------------------------------------------------------------------ forward (forward.c) */
 

@@ -395,8 +395,8 @@ AC_API int ac_model_apply_modules(const ac_model *base, const ac_module *const *
     }
     /* A private copy of the whole image: the base (and its file) stay exactly as they were, and
      * the result is a model like any other (it can be quantized, saved, freed on its own). */
-    void *img = NULL;
-    if (posix_memalign(&img, 64, base->size ? base->size : 1) != 0)
+    void *img = ac_alloc_model_image(base->size);
+    if (!img)
         return ac_fail(AC_ERR_NOMEM, "out of memory for a copy of the model's weights (%zu bytes)",
                        base->size);
     memcpy(img, base->data, base->size);
