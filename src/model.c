@@ -431,9 +431,9 @@ static int check_file_header(int fd, size_t size, const char *path) {
 
 /* Images of 2 MiB and more start on a 2 MiB boundary and ask for transparent huge pages
  * (which Linux then gives whether its policy is "always" or "madvise"): every token reads every
- * weight, and in 4 KiB pages the 28.6 MB persona spans 7,000 pages, more than the TLB holds,
- * so a decode pass kept missing it.  With 2 MiB pages it is 14, and loading faults 14 times
- * instead of 7,000.  Smaller images are 64-byte aligned like a mapping's start (the kernels
+ * weight, and in 4 KiB pages the 28.6 MB persona spans 7,000 pages, more than the TLB holds;
+ * in 2 MiB pages it spans 14, and loading faults 14 times instead of 7,000 (measured: README
+ * "Reading or mapping").  Smaller images are 64-byte aligned like a mapping's start (the kernels
  * need only 4). */
 void *ac_alloc_model_image(size_t size) {
     const size_t huge_page = (size_t)2 << 20;
