@@ -73,6 +73,34 @@ AVX512_FN static void weighted_sum_avx512(float *out, const float *a, const floa
 #define TILE_ROWS 4
 #define TILE_TOKENS 4
 
+/* Pairs up 16-lane vectors for one level of the reduction tree: (a, b) -> a vector whose low
+ * half holds a's lanes added as `lo + hi` and whose high half holds b's, where for the 512-bit
+ * levels lo and hi pick 128-bit quarters (shuffle_f32x4) and for the 128-bit levels floats
+ * within each quarter (shuffle_ps). */
+#define REDUCE_QUARTERS(a, b, lo, hi) _mm512_add_ps(_mm512_shuffle_f32x4(a, b, lo), _mm512_shuffle_f32x4(a, b, hi))
+#define REDUCE_FLOATS(a, b, lo, hi) _mm512_add_ps(_mm512_shuffle_ps(a, b, lo), _mm512_shuffle_ps(a, b, hi))
+
+/* The 16 sums of a full tile at once: acc[r][c] for r, c < 4 reduced with exactly
+ * hsum_avx512's additions (lane k + lane k+8, then + k+4, + k+2, + k+1), so every output has
+ * the bits it has on the one-token path, in 45 instructions instead of 16 x 9.  Fed in row-major
+ * order, the tree leaves token c's 4 rows in quarter c of the result: one 4-float store each. */
+AVX512_TILE void store_tile_sums(float *out, int ldo, __m512 acc[TILE_ROWS][TILE_TOKENS]) {
+    const __m512 *a = &acc[0][0];
+    __m512 half[8], quarter[4], pair[2];
+    for (int i = 0; i < 8; i++) /* lanes 0-7: a[2i]'s k + k+8; lanes 8-15: a[2i+1]'s */
+        half[i] = REDUCE_QUARTERS(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0), _MM_SHUFFLE(3, 2, 3, 2));
+    for (int i = 0; i < 4; i++) /* quarter q: a[4i+q]'s k + k+4 */
+        quarter[i] = REDUCE_QUARTERS(half[2 * i], half[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0), _MM_SHUFFLE(3, 1, 3, 1));
+    for (int i = 0; i < 2; i++) /* quarter q, floats 0-1: a[8i+q]'s k + k+2; floats 2-3: a[8i+4+q]'s */
+        pair[i] = REDUCE_FLOATS(quarter[2 * i], quarter[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0), _MM_SHUFFLE(3, 2, 3, 2));
+    /* quarter q, float j: a[q + 4j]'s whole sum, i.e. token q, row j */
+    __m512 sums = REDUCE_FLOATS(pair[0], pair[1], _MM_SHUFFLE(2, 0, 2, 0), _MM_SHUFFLE(3, 1, 3, 1));
+    _mm_storeu_ps(out, _mm512_extractf32x4_ps(sums, 0));
+    _mm_storeu_ps(out + (size_t)ldo, _mm512_extractf32x4_ps(sums, 1));
+    _mm_storeu_ps(out + 2 * (size_t)ldo, _mm512_extractf32x4_ps(sums, 2));
+    _mm_storeu_ps(out + 3 * (size_t)ldo, _mm512_extractf32x4_ps(sums, 3));
+}
+
 /* R weight rows x C tokens, each accumulator one dot product updated once per 16-float chunk
  * of n (the tail chunk masked).  ahead > 0 prefetches rows ahead.. ahead+R-1 further on, one
  * cache line per row per chunk. */
@@ -91,6 +119,10 @@ AVX512_TILE void tile_f32(int R, int C, float *out, int ldo, const float *W, int
             __m512 w = _mm512_maskz_loadu_ps(mask, W + (size_t)r * ldw + j);
             for (int c = 0; c < C; c++) acc[r][c] = _mm512_fmadd_ps(w, x[c], acc[r][c]);
         }
+    }
+    if (R == TILE_ROWS && C == TILE_TOKENS) {
+        store_tile_sums(out, ldo, acc);
+        return;
     }
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) out[(size_t)c * ldo + r] = hsum_avx512(acc[r][c]);
