@@ -73,10 +73,11 @@ AVX512_FN static void weighted_sum_avx512(float *out, const float *a, const floa
 #define TILE_ROWS 4
 #define TILE_TOKENS 4
 
-/* Pairs up 16-lane vectors for one level of the reduction tree: (a, b) -> a vector whose low
- * half holds a's lanes added as `lo + hi` and whose high half holds b's, where for the 512-bit
- * levels lo and hi pick 128-bit quarters (shuffle_f32x4) and for the 128-bit levels floats
- * within each quarter (shuffle_ps). */
+/* One level of a reduction tree over two 16-lane vectors a and b: the sum of the two shuffles
+ * lo and hi of (a, b), each taking half its elements from a and half from b, so that every
+ * result lane adds two lanes of one input.  REDUCE_QUARTERS shuffles 128-bit quarters
+ * (shuffle_f32x4: quarters 0-1 from a, 2-3 from b), REDUCE_FLOATS floats within each quarter
+ * (shuffle_ps: floats 0-1 from a, 2-3 from b). */
 #define REDUCE_QUARTERS(a, b, lo, hi) _mm512_add_ps(_mm512_shuffle_f32x4(a, b, lo), _mm512_shuffle_f32x4(a, b, hi))
 #define REDUCE_FLOATS(a, b, lo, hi) _mm512_add_ps(_mm512_shuffle_ps(a, b, lo), _mm512_shuffle_ps(a, b, hi))
 
@@ -84,6 +85,7 @@ AVX512_FN static void weighted_sum_avx512(float *out, const float *a, const floa
  * hsum_avx512's additions (lane k + lane k+8, then + k+4, + k+2, + k+1), so every output has
  * the bits it has on the one-token path, in 45 instructions instead of 16 x 9.  Fed in row-major
  * order, the tree leaves token c's 4 rows in quarter c of the result: one 4-float store each. */
+_Static_assert(TILE_ROWS == 4 && TILE_TOKENS == 4, "store_tile_sums reduces a 4 x 4 tile");
 AVX512_TILE void store_tile_sums(float *out, int ldo, __m512 acc[TILE_ROWS][TILE_TOKENS]) {
     const __m512 *a = &acc[0][0];
     __m512 half[8], quarter[4], pair[2];
@@ -237,6 +239,7 @@ VNNI512_TILE void rows_tile_q8(int P, int R, float *out, const int8_t *Wq, const
  * exactly hsum_avx2's additions for each 8-lane half (lane k + k+4, then + k+2, + k+1): 42
  * shuffles and adds instead of 32 horizontal sums.  Fed in row-major order, the tree leaves
  * token t's rows 0-3 in quarter t of the first result and rows 4-7 in quarter t of the second. */
+_Static_assert(Q8_ROWS == 8 && Q8_PAIRS == 2, "store_q8_tile_sums reduces an 8 x 2 tile");
 VNNI512_TILE void store_q8_tile_sums(float *out, int ldo, __m512 acc[Q8_ROWS][Q8_PAIRS]) {
     const __m512 *a = &acc[0][0];
     __m512 fours[8], twos[4], sums[2];
