@@ -585,10 +585,12 @@ AC_API int ac_model_quantize(const ac_model *src, int group_size, ac_model **out
     write_v2_image(img, src, &c);
     rc = ac_model_from_bytes(img, (size_t)bytes, "int8 quantization", out);
     if (rc) {
-        /* src passed every check, so the one check the image can fail is the degenerate
-         * tensor: values so small that every group's scale (its largest |value| / 127)
-         * underflows to 0 and the tensor becomes all zeros */
+        /* src passed every check, so the one format check the image can fail is the
+         * degenerate tensor: values so small that every group's scale (its largest |value| /
+         * 127) underflows to 0 and the tensor becomes all zeros.  Other failures (out of
+         * memory) keep their code. */
         free(img);
+        if (rc != AC_ERR_FORMAT) return rc;
         ac_append_error(" (once quantized: its float32 values are too small for int8 scales)");
         return AC_ERR_NUMERIC;
     }
