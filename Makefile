@@ -27,8 +27,8 @@ LIB_LDFLAGS = -Wl,-z,nodelete
 
 SRC = src/errors.c src/file.c src/model.c src/forward.c src/tokenizer.c src/sampler.c src/generation.c src/session.c src/batch.c \
       src/chat.c src/conversation.c src/paths.c \
-      src/module.c src/blake2b.c src/kernels.c src/kernels_avx2.c src/kernels_avx512.c src/pool.c
-HDR = src/run.h src/testing.h src/internal.h src/kernels.h src/kernels_x86.h src/pool.h src/blake2b.h
+      src/module.c src/blake2b.c src/kernels.c src/kernels_avx2.c src/kernels_avx512.c src/kernels_amx.c src/pool.c
+HDR = src/run.h src/testing.h src/internal.h src/kernels.h src/kernels_x86.h src/kernels_avx512.h src/pool.h src/blake2b.h
 # The CLI ./run: main and its option parser, on top of the library's sources.
 CLI_SRC = src/cli.c src/cli_args.c
 CLI_HDR = src/cli.h

@@ -18,6 +18,8 @@
 
 #if defined(__x86_64__)
 #include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 /* ======================================================================== quantization */
@@ -128,6 +130,7 @@ enum {
     CPU_AVXVNNI = 1 << 1,
     CPU_AVX512 = 1 << 2, /* F, BW and VL, with the OS saving the zmm and mask registers */
     CPU_AVX512VNNI = 1 << 3,
+    CPU_AMXINT8 = 1 << 4, /* AMX-TILE and AMX-INT8, with the OS saving tile state for this process */
 };
 
 typedef struct {
@@ -143,11 +146,13 @@ typedef struct {
  * 1.0-1.12x (float32) and 1.06-1.18x (int8). */
 static const kernel_choice choices[] = {
 #if defined(__x86_64__)
+    {"avx512-amx", &ac_kernels_avx512_amx, CPU_AVX2 | CPU_AVX512 | CPU_AMXINT8, "AVX-512F/BW/VL and AMX-INT8"},
     {"avx512-vnni", &ac_kernels_avx512_vnni, CPU_AVX2 | CPU_AVX512 | CPU_AVX512VNNI, "AVX-512F/BW/VL and AVX-512 VNNI"},
     {"avx512", &ac_kernels_avx512, CPU_AVX2 | CPU_AVX512, "AVX-512F/BW/VL"},
     {"avx2-vnni", &ac_kernels_avx2_vnni, CPU_AVX2 | CPU_AVXVNNI, "AVX2, FMA and AVX-VNNI"},
     {"avx2", &ac_kernels_avx2, CPU_AVX2, "AVX2 and FMA"},
 #else
+    {"avx512-amx", NULL, 0, "an x86-64 CPU"},
     {"avx512-vnni", NULL, 0, "an x86-64 CPU"},
     {"avx512", NULL, 0, "an x86-64 CPU"},
     {"avx2-vnni", NULL, 0, "an x86-64 CPU"},
@@ -165,6 +170,13 @@ static unsigned long long xgetbv0(void) {
     return ((unsigned long long)hi << 32) | lo;
 }
 
+/* Linux lets a process use the AMX tile data only once it asks (arch_prctl ARCH_REQ_XCOMP_PERM
+ * for XFEATURE_XTILEDATA, Linux 5.16 and later); the permission is the whole process's. */
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+static int amx_permitted(void) { return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0; }
+
 /* CPUID feature bits, each counted only when the OS also saves the registers it uses. */
 static unsigned cpu_features(void) {
     unsigned a, b, c, d;
@@ -178,6 +190,8 @@ static unsigned cpu_features(void) {
     if ((b & bit_AVX2) && fma) f |= CPU_AVX2;
     if (zmm && (b & bit_AVX512F) && (b & bit_AVX512BW) && (b & bit_AVX512VL)) f |= CPU_AVX512;
     if (zmm && (c & bit_AVX512VNNI)) f |= CPU_AVX512VNNI;
+    int tiles = (xcr0 & 0x60000) == 0x60000; /* XTILECFG, XTILEDATA */
+    if (tiles && (d & (1u << 24)) && (d & (1u << 25)) && amx_permitted()) f |= CPU_AMXINT8; /* AMX-TILE, AMX-INT8 */
     if (max_subleaf >= 1) {
         __cpuid_count(7, 1, a, b, c, d);
         if (a & (1u << 4)) f |= CPU_AVXVNNI; /* CPUID.(7,1):EAX bit 4 */

@@ -25,14 +25,18 @@
  *   avx2-vnni    the avx2 set with its int8 dot products in AVX-VNNI vpdpbusd (kernels_avx2.c)
  *   avx512       AVX-512F: 16-lane float32 sums; int8 as in avx2 (kernels_avx512.c)
  *   avx512-vnni  the avx512 set with 512-bit AVX-512 VNNI int8 products (kernels_avx512.c)
+ *   avx512-amx   the avx512 set with its int8 products on AMX-INT8 tiles (kernels_amx.c)
  *
  * The best set the CPU supports is picked once, on first use (ac_kernels_get); AC_KERNEL=NAME
  * in the environment forces a set (kernels.c says what happens to a name the CPU lacks).
  * Float32 products are the same within a set, not between sets of different lane counts (the
- * partial sums differ).  int8 products are exact int32 sums, and every x86-64 set scales and
- * adds them in the avx2 set's order, so int8 GEMM results are bitwise equal across the x86-64
- * sets, and two sets with the same float32 lanes (avx2 and avx2-vnni, avx512 and avx512-vnni)
- * give bitwise equal logits for int8 models as well as float32 ones.
+ * partial sums differ).  int8 products are exact int32 sums, and every x86-64 set but
+ * avx512-amx scales and adds them in the avx2 set's order, so their int8 GEMM results are
+ * bitwise equal, and two of them with the same float32 lanes (avx2 and avx2-vnni, avx512 and
+ * avx512-vnni) give bitwise equal logits for int8 models as well as float32 ones.  avx512-amx
+ * sums each group whole (a tile product cannot give avx2's partial sums) and adds the groups
+ * in the scalar set's order: its int8 GEMM gives the scalar set's bits, its float32 logits
+ * avx512's.
  *
  * int8 ("Q8_0"): a tensor of n values in groups of gs is stored as n int8 values q and n/gs
  * float scales s, with value[j] ~= q[j] * s[j / gs].  Activations are quantized the same way
@@ -79,12 +83,14 @@ const ac_kernels *ac_kernels_named(const char *name);
 /* The sets themselves, for kernels.c's choice; use ac_kernels_get() everywhere else. */
 extern const ac_kernels ac_kernels_scalar;
 #if defined(__x86_64__)
-extern const ac_kernels ac_kernels_avx2, ac_kernels_avx2_vnni, ac_kernels_avx512, ac_kernels_avx512_vnni;
+extern const ac_kernels ac_kernels_avx2, ac_kernels_avx2_vnni, ac_kernels_avx512, ac_kernels_avx512_vnni,
+    ac_kernels_avx512_amx;
 #endif
 
 /* Members one set lends another: the portable int8 GEMM (for group sizes that are not
  * multiples of 32) and softmax (with libm's expf, for callers that want it on every CPU), and
- * the avx2 set's int8 GEMM, quantizer and softmax (the avx512 set's). */
+ * the avx2 set's int8 GEMM, quantizer and softmax (the avx512 set's), and the avx512 set's
+ * float32 GEMM, weighted sum and SwiGLU (the avx512-amx set's). */
 void ac_gemm_q8_scalar(float *out, int ldo, const int8_t *Wq, const float *Ws, const int8_t *Xq,
                        const float *Xs, int T, int n, int gs, int r0, int r1);
 float ac_softmax_scalar(float *x, int n);
@@ -93,6 +99,10 @@ void ac_gemm_q8_avx2(float *out, int ldo, const int8_t *Wq, const float *Ws, con
                      const float *Xs, int T, int n, int gs, int r0, int r1);
 void ac_quantize_q8_avx2(int8_t *q, float *s, const float *x, int n, int gs);
 float ac_softmax_avx2(float *x, int n);
+void ac_gemm_f32_avx512(float *out, int ldo, const float *W, int ldw, const float *X, int ldx, int T, int n, int r0,
+                        int r1);
+void ac_weighted_sum_avx512(float *out, const float *a, const float *V, int ldv, int T, int n);
+void ac_swiglu_avx512(float *h, const float *g, int n);
 #endif
 
 /* Symmetric per-group quantization of x[0..n) (gs divides n): s[g] = max|x| / 127 over group

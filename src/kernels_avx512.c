@@ -14,14 +14,9 @@
  * results equal avx2's bit for bit; a 512-bit register carries two such 8-lane accumulators.
  */
 #include "kernels.h"
-#include "kernels_x86.h"
+#include "kernels_avx512.h"
 
 #if defined(__x86_64__)
-
-#define AVX512_FN __attribute__((target("avx512f,avx2,fma")))
-#define AVX512_TILE static inline __attribute__((target("avx512f,avx2,fma"), always_inline))
-#define VNNI512_FN __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma")))
-#define VNNI512_TILE static inline __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma"), always_inline))
 
 /* The low and high 8 lanes. */
 AVX512_TILE __m256 low8(__m512 v) { return _mm512_castps512_ps256(v); }
@@ -29,9 +24,6 @@ AVX512_TILE __m256 high8(__m512 v) { return _mm256_castpd_ps(_mm512_extractf64x4
 
 /* 16 lanes to 8 (lane k + lane k + 8), then hsum_avx2's order. */
 AVX512_TILE float hsum_avx512(__m512 v) { return hsum_avx2(_mm256_add_ps(low8(v), high8(v))); }
-
-/* The first n (< 16) lanes. */
-AVX512_TILE __mmask16 first_lanes(int n) { return (__mmask16)((1u << n) - 1); }
 
 /* ---------------------------------------------------------------- weighted sum */
 
@@ -56,7 +48,7 @@ AVX512_TILE void weighted_block(int B, __mmask16 mask, float *out, const float *
     _mm512_mask_storeu_ps(out + 16 * (B - 1), mask, acc[B - 1]);
 }
 
-AVX512_FN static void weighted_sum_avx512(float *out, const float *a, const float *V, int ldv, int T, int n) {
+AVX512_FN void ac_weighted_sum_avx512(float *out, const float *a, const float *V, int ldv, int T, int n) {
     int j = 0;
     for (; j + 64 <= n; j += 64) weighted_block(4, 0xFFFF, out + j, a, V + j, ldv, T);
     for (; j + 16 <= n; j += 16) weighted_block(1, 0xFFFF, out + j, a, V + j, ldv, T);
@@ -150,8 +142,8 @@ AVX512_TILE void rows_f32(int R, float *out, int ldo, const float *W, int ldw, c
     }
 }
 
-AVX512_FN static void gemm_f32_avx512(float *out, int ldo, const float *W, int ldw, const float *X, int ldx,
-                                      int T, int n, int r0, int r1) {
+AVX512_FN void ac_gemm_f32_avx512(float *out, int ldo, const float *W, int ldw, const float *X, int ldx, int T,
+                                  int n, int r0, int r1) {
     int i = r0;
     if (T == 1) { /* one row at a time with the prefetch (kernels_x86.h).  16 rows at a time, their
                    * sums reduced together, measured the same on the weight matrices (their
@@ -173,17 +165,11 @@ AVX512_FN static void gemm_f32_avx512(float *out, int ldo, const float *W, int l
  * another chunk's.  vpdpbusd multiplies unsigned by signed bytes: the activations go in offset
  * by 128 (x ^ 0x80 = x + 128 as an unsigned byte) and 128 * (the lane's sum of w) comes back off,
  * which one more vpdpbusd per weight vector gives (shared by all the tokens).  All exact. */
-VNNI512_TILE __m512i offset_x(__m512i x) { return _mm512_xor_si512(x, _mm512_set1_epi8((char)0x80)); }
 VNNI512_TILE __m512i weight_offset(__m512i w) { return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8((char)0x80), w); }
 VNNI512_TILE __m512i dot_q8(__m512i x_offset, __m512i w, __m512i w_offset) {
     return _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), x_offset, w), w_offset);
 }
 
-/* Two 32-byte chunks side by side. */
-VNNI512_TILE __m512i pair_bytes(const int8_t *lo, const int8_t *hi) {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)lo)),
-                              _mm256_loadu_si256((const __m256i *)hi), 1);
-}
 /* *lo in the low 8 lanes, *hi in the high 8. */
 VNNI512_TILE __m512 pair_floats(const float *lo, const float *hi) {
     return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(*lo)),
@@ -223,7 +209,7 @@ VNNI512_TILE void rows_tile_q8(int P, int R, float *out, const int8_t *Wq, const
         int g = k / gs;
         if (ahead && (k & 63) == 0)
             for (int r = 0; r < R; r++) _mm_prefetch((const char *)(Wq + (size_t)(ahead + r) * n + k), _MM_HINT_T0);
-        __m512i x = offset_x(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(Xq + k))));
+        __m512i x = offset_bytes(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(Xq + k))));
         __m512 xs = _mm512_set1_ps(Xs[g]);
         for (int p = 0; p < P; p++) {
             __m512i w = pair_bytes(w_row[2 * p] + k, w_row[2 * p + 1] + k);
@@ -282,7 +268,7 @@ VNNI512_TILE void tokens_tile_q8(int R, int Q, int C, float *out, int ldo, const
         __m512i x[Q8_PAIRS];
         __m512 xs[Q8_PAIRS];
         for (int q = 0; q < Q; q++) {
-            x[q] = offset_x(pair_bytes(x_tok[2 * q] + k, x_tok[2 * q + 1] + k));
+            x[q] = offset_bytes(pair_bytes(x_tok[2 * q] + k, x_tok[2 * q + 1] + k));
             xs[q] = pair_floats(xs_tok[2 * q] + g, xs_tok[2 * q + 1] + g);
         }
         for (int r = 0; r < R; r++) {
@@ -373,17 +359,17 @@ AVX512_TILE __m512 swiglu16(__m512 v, __m512 g) {
     return _mm512_mul_ps(_mm512_mul_ps(v, _mm512_div_ps(one, _mm512_add_ps(one, e))), g);
 }
 
-AVX512_FN static void swiglu_avx512(float *h, const float *g, int n) {
+AVX512_FN void ac_swiglu_avx512(float *h, const float *g, int n) {
     for (int i = 0; i < n; i += 16) {
         __mmask16 m = n - i >= 16 ? 0xFFFF : first_lanes(n - i);
         _mm512_mask_storeu_ps(h + i, m, swiglu16(_mm512_maskz_loadu_ps(m, h + i), _mm512_maskz_loadu_ps(m, g + i)));
     }
 }
 
-const ac_kernels ac_kernels_avx512 = {"avx512", gemm_f32_avx512, ac_gemm_q8_avx2, weighted_sum_avx512,
-                                      ac_quantize_q8_avx2, swiglu_avx512, ac_softmax_avx2};
-const ac_kernels ac_kernels_avx512_vnni = {"avx512-vnni", gemm_f32_avx512, gemm_q8_avx512_vnni,
-                                           weighted_sum_avx512, ac_quantize_q8_avx2, swiglu_avx512,
+const ac_kernels ac_kernels_avx512 = {"avx512", ac_gemm_f32_avx512, ac_gemm_q8_avx2, ac_weighted_sum_avx512,
+                                      ac_quantize_q8_avx2, ac_swiglu_avx512, ac_softmax_avx2};
+const ac_kernels ac_kernels_avx512_vnni = {"avx512-vnni", ac_gemm_f32_avx512, gemm_q8_avx512_vnni,
+                                           ac_weighted_sum_avx512, ac_quantize_q8_avx2, ac_swiglu_avx512,
                                            ac_softmax_avx2};
 
 #endif /* __x86_64__ */

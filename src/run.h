@@ -168,7 +168,8 @@ AC_API int ac_model_save(const ac_model *model, const char *path);
 
 /* ------------------------------------------------------------------------ performance */
 
-/* The compute kernels in use, the best set this CPU runs, chosen once: "avx512-vnni"
+/* The compute kernels in use, the best set this CPU runs, chosen once: "avx512-amx"
+ * (AVX-512F/BW/VL + AVX-512 VNNI + AMX-INT8, with Linux granting the tiles), "avx512-vnni"
  * (AVX-512F/BW/VL + AVX-512 VNNI), "avx512" (AVX-512F/BW/VL), "avx2-vnni" (AVX2 + FMA +
  * AVX-VNNI), "avx2" (AVX2 + FMA) or "scalar" (portable C, any CPU).  AC_KERNEL=NAME in the
  * environment forces one of them; a set this CPU lacks (or an unknown name) keeps the

@@ -43,14 +43,19 @@ def wide_model(make_model):
 # Every kernel set with the /proc/cpuinfo flags it needs, best first: the library picks the first
 # one the CPU has (src/kernels.c keeps the same order).
 KERNEL_SETS = {
+    "avx512-amx": ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "amx_tile", "amx_int8"),
     "avx512-vnni": ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
     "avx512": ("avx2", "fma", "avx512f", "avx512bw", "avx512vl"),
     "avx2-vnni": ("avx2", "fma", "avx_vnni"),
     "avx2": ("avx2", "fma"),
     "scalar": (),
 }
-# Sets with the same float32 lanes, promised to give bitwise equal logits (int8 sums are exact).
+# Sets with the same float32 lanes, promised to give bitwise equal logits (int8 sums are exact):
+# for float32 and int8 weights alike, but for avx512-amx, whose int8 products add their groups in
+# the scalar set's order (its int8 GEMM is checked against the scalar set's by kernel_check.c).
 SAME_LANES = [("avx2", "avx2-vnni"), ("avx512", "avx512-vnni")]
+SAME_FLOAT32 = SAME_LANES + [("avx512", "avx512-amx")]
+INT8_IN_SCALAR_ORDER = ("avx512-amx",)
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
@@ -183,14 +188,15 @@ def test_kernel_set_agrees_with_scalar(kernel_results, name, weights):
     assert diff < 1e-4
 
 
-@pytest.mark.parametrize("a, b", SAME_LANES, ids=["-".join(p) for p in SAME_LANES])
-@pytest.mark.parametrize("weights", ["float32", "int8"])
+@pytest.mark.parametrize("a, b, weights", [(a, b, w) for a, b in SAME_FLOAT32 for w in ("float32", "int8")
+                                            if w == "float32" or b not in INT8_IN_SCALAR_ORDER],
+                         ids=lambda v: str(v))
 def test_kernel_sets_with_the_same_lanes_agree_bitwise(kernel_results, a, b, weights):
     need_kernels(a, b)
     assert np.array_equal(kernel_results[a][weights], kernel_results[b][weights])
 
 
-@pytest.mark.parametrize("name", [k for k in KERNEL_SETS if k not in ("scalar", "avx2")])
+@pytest.mark.parametrize("name", [k for k in KERNEL_SETS if k not in ("scalar", "avx2", *INT8_IN_SCALAR_ORDER)])
 def test_int8_products_equal_avx2_bitwise(kernel_results, name):
     """int8 sums are exact and every x86-64 set scales and adds them in avx2's order; with
     attention summing alike (head_size 8), int8 logits are bitwise avx2's."""
@@ -209,7 +215,7 @@ def kernel_check(tmp_path_factory) -> Path:
         pytest.skip("no C compiler")
     binary = tmp_path_factory.mktemp("kernel_check") / "kernel_check"
     sources = sorted(str(p) for p in (REPO / "src").glob("kernels*.c"))
-    r = subprocess.run([cc, "-O2", "-std=gnu11", "-pthread", "-I", str(REPO / "src"), "-o", str(binary),
+    r = subprocess.run([cc, "-O2", "-std=gnu11", "-ffp-contract=off", "-pthread", "-I", str(REPO / "src"), "-o", str(binary),
                         str(REPO / "tests" / "kernel_check.c"), *sources, "-lm"], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr
@@ -218,7 +224,7 @@ def kernel_check(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("name", list(KERNEL_SETS))
 def test_kernels_keep_their_promises(kernel_check, name):
-    """Bitwise: T=1 = T=all = any row split, int8 = avx2's int8; close to float64: GEMMs,
+    """Bitwise: T=1 = T=all = any row split, int8 = avx2's int8 (avx512-amx: the scalar set's); close to float64: GEMMs,
     weighted sum, SwiGLU, softmax (NaN/inf give NaN); the quantizer's bytes."""
     need_kernels(name)
     r = subprocess.run([str(kernel_check), name], capture_output=True, text=True, timeout=300)
@@ -239,7 +245,7 @@ def test_forced_kernel_set_the_cpu_lacks_or_unknown(lib, ffi):
         assert r.stdout.strip() == auto
         assert f"AC_KERNEL={forced}" in r.stderr and f"using {auto}" in r.stderr, r.stderr
         if forced == "avx9000":
-            assert "is not a kernel set (avx512-vnni, avx512, avx2-vnni, avx2, scalar)" in r.stderr
+            assert "is not a kernel set (avx512-amx, avx512-vnni, avx512, avx2-vnni, avx2, scalar)" in r.stderr
         else:
             assert "which this CPU lacks" in r.stderr
 
