@@ -18,6 +18,8 @@
 
 #if defined(__x86_64__)
 #include <cpuid.h>
+#endif
+#if defined(__x86_64__) && defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
@@ -171,11 +173,15 @@ static unsigned long long xgetbv0(void) {
 }
 
 /* Linux lets a process use the AMX tile data only once it asks (arch_prctl ARCH_REQ_XCOMP_PERM
- * for XFEATURE_XTILEDATA, Linux 5.16 and later); the permission is the whole process's. */
+ * for XFEATURE_XTILEDATA, Linux 5.16 and later); the permission is the whole process's.  Other
+ * systems: no AMX set. */
+#if defined(__linux__)
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
-
 static int amx_permitted(void) { return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0; }
+#else
+static int amx_permitted(void) { return 0; }
+#endif
 
 /* CPUID feature bits, each counted only when the OS also saves the registers it uses. */
 static unsigned cpu_features(void) {
