@@ -86,25 +86,22 @@ static int chunk_bytes(int gs) {
 /* sums (16 x 16 int32) = one group's exact products: the group's bytes of 16 weight rows at w
  * (row stride n; with full = 0, the _REST tiles' fewer rows) against the packed tokens at b,
  * kc bytes at a time. */
+#define GROUP_PRODUCTS(c, a) /* into tile c, weights through tile a (register numbers are constants) */ \
+    do {                                                                                             \
+        _tile_zero(c);                                                                               \
+        for (int k = 0; k < gs; k += kc) {                                                           \
+            _tile_loadd(a, w + k, n);                                                                \
+            _tile_loadd(TILE_B, b + (size_t)(k / 4) * AMX_TOKENS, PACKED_STRIDE);                    \
+            _tile_dpbssd(c, a, TILE_B);                                                              \
+        }                                                                                            \
+        _tile_stored(c, sums, PACKED_STRIDE);                                                        \
+    } while (0)
+
 AMX_TILE void group_sums(int full, int32_t *sums, const int8_t *w, int n, const int32_t *b, int gs, int kc) {
-    if (full) {
-        _tile_zero(TILE_C);
-        for (int k = 0; k < gs; k += kc) {
-            _tile_loadd(TILE_A, w + k, n);
-            _tile_loadd(TILE_B, b + (size_t)(k / 4) * AMX_TOKENS, PACKED_STRIDE);
-            _tile_dpbssd(TILE_C, TILE_A, TILE_B);
-        }
-        _tile_stored(TILE_C, sums, PACKED_STRIDE);
-    } else {
-        _tile_zero(TILE_C_REST);
-        for (int k = 0; k < gs; k += kc) {
-            _tile_loadd(TILE_A_REST, w + k, n);
-            _tile_loadd(TILE_B, b + (size_t)(k / 4) * AMX_TOKENS, PACKED_STRIDE);
-            _tile_dpbssd(TILE_C_REST, TILE_A_REST, TILE_B);
-        }
-        _tile_stored(TILE_C_REST, sums, PACKED_STRIDE);
-    }
+    if (full) GROUP_PRODUCTS(TILE_C, TILE_A);
+    else GROUP_PRODUCTS(TILE_C_REST, TILE_A_REST);
 }
+#undef GROUP_PRODUCTS
 
 /* ---------------------------------------------------------------- one token */
 
