@@ -334,9 +334,10 @@ static void attend(const ac_state *s, int l, int r0, int r1, int h, float *score
         int pos = s->row_pos[r];
         for (int t = 0; t <= pos; t++) att[t] /= inv_scale;
         s->kern->softmax(att, pos + 1);
-        float *o = s->xb2 + (size_t)r * D + (size_t)h * head_size;
-        s->kern->weighted_sum(o, att, s->value_cache + off, head_size, pos + 1, head_size);
     }
+    /* the rows' positions are consecutive: row r0 + i weighs positions 0 .. row_pos[r0] + i */
+    s->kern->weighted_sum(s->xb2 + (size_t)r0 * D + (size_t)h * head_size, D, scores, n_pos, s->value_cache + off,
+                          head_size, s->row_pos[r0] + 1, r1 - r0, head_size);
 }
 
 /* Splits rows [0, n) into attention groups: runs of one sequence at consecutive positions,

@@ -67,10 +67,15 @@ static float dot_scalar(const float *a, const float *b, int n) {
     return sum;
 }
 
-static void weighted_sum_scalar(float *out, const float *a, const float *V, int ldv, int T, int n) {
-    memset(out, 0, (size_t)n * sizeof(float));
-    for (int t = 0; t < T; t++)
-        for (int j = 0; j < n; j++) out[j] += a[t] * V[(size_t)t * ldv + j];
+static void weighted_sum_scalar(float *out, int ldo, const float *a, int lda, const float *V, int ldv, int T, int R,
+                                int n) {
+    for (int r = 0; r < R; r++) {
+        float *o = out + (size_t)r * ldo;
+        const float *ar = a + (size_t)r * lda;
+        memset(o, 0, (size_t)n * sizeof(float));
+        for (int t = 0; t < T + r; t++)
+            for (int j = 0; j < n; j++) o[j] += ar[t] * V[(size_t)t * ldv + j];
+    }
 }
 
 static void gemm_f32_scalar(float *out, int ldo, const float *W, int ldw, const float *X, int ldx,

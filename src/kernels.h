@@ -58,9 +58,11 @@ typedef struct {
     void (*gemm_q8)(float *out, int ldo, const int8_t *Wq, const float *Ws, const int8_t *Xq,
                     const float *Xs, int T, int n, int gs, int r0, int r1);
 
-    /* The attention's weighted sum of values: out[j] = sum over t in [0, T) of a[t] * V[t * ldv + j]
-     * for j in [0, n), summed in order of t (out must not overlap a or V). */
-    void (*weighted_sum)(float *out, const float *a, const float *V, int ldv, int T, int n);
+    /* The attention's weighted sums of values for R queries at consecutive positions: query r
+     * (r in [0, R)) weighs the first T + r rows of V, out[r * ldo + j] = sum over t in [0, T + r)
+     * of a[r * lda + t] * V[t * ldv + j] for j in [0, n), summed in order of t (out must not
+     * overlap a or V).  A query's sums have the same bits however many are computed together. */
+    void (*weighted_sum)(float *out, int ldo, const float *a, int lda, const float *V, int ldv, int T, int R, int n);
 
     /* ac_quantize_q8 (below), bitwise the same result, faster (activations on the fly). */
     void (*quantize_q8)(int8_t *q, float *s, const float *x, int n, int gs);
@@ -101,7 +103,8 @@ void ac_quantize_q8_avx2(int8_t *q, float *s, const float *x, int n, int gs);
 float ac_softmax_avx2(float *x, int n);
 void ac_gemm_f32_avx512(float *out, int ldo, const float *W, int ldw, const float *X, int ldx, int T, int n, int r0,
                         int r1);
-void ac_weighted_sum_avx512(float *out, const float *a, const float *V, int ldv, int T, int n);
+void ac_weighted_sum_avx512(float *out, int ldo, const float *a, int lda, const float *V, int ldv, int T, int R,
+                            int n);
 void ac_swiglu_avx512(float *h, const float *g, int n);
 #endif
 

@@ -29,14 +29,19 @@ AVX2_TILE void weighted_block(int B, float *out, const float *a, const float *V,
 }
 
 /* Every column is one chain of FMAs over t, as in every x86-64 set (the same bits). */
-AVX2_FN static void weighted_sum_avx2(float *out, const float *a, const float *V, int ldv, int T, int n) {
-    int j = 0;
-    for (; j + 32 <= n; j += 32) weighted_block(4, out + j, a, V + j, ldv, T);
-    for (; j + 8 <= n; j += 8) weighted_block(1, out + j, a, V + j, ldv, T);
-    for (; j < n; j++) {
-        float sum = 0.0f;
-        for (int t = 0; t < T; t++) sum = fmaf(a[t], V[(size_t)t * ldv + j], sum);
-        out[j] = sum;
+AVX2_FN static void weighted_sum_avx2(float *out, int ldo, const float *a, int lda, const float *V, int ldv, int T,
+                                      int R, int n) {
+    for (int r = 0; r < R; r++) { /* one query at a time */
+        float *o = out + (size_t)r * ldo;
+        const float *ar = a + (size_t)r * lda;
+        int j = 0;
+        for (; j + 32 <= n; j += 32) weighted_block(4, o + j, ar, V + j, ldv, T + r);
+        for (; j + 8 <= n; j += 8) weighted_block(1, o + j, ar, V + j, ldv, T + r);
+        for (; j < n; j++) {
+            float sum = 0.0f;
+            for (int t = 0; t < T + r; t++) sum = fmaf(ar[t], V[(size_t)t * ldv + j], sum);
+            o[j] = sum;
+        }
     }
 }
 

@@ -27,32 +27,56 @@ AVX512_TILE float hsum_avx512(__m512 v) { return hsum_avx2(_mm256_add_ps(low8(v)
 
 /* ---------------------------------------------------------------- weighted sum */
 
-/* Columns [0, 16B) of the weighted sum in B registers over all T rows, one chain of FMAs over
- * t per column as in the avx2 set (the same bits); the last block takes only the lanes of
- * mask.  (Four chains per column added at the end, and one pass over V for head_size 48
- * instead of three, each measured 0.96-1.0x of this: bench/ab.c -c, persona decode and
- * prefill.) */
-AVX512_TILE void weighted_block(int B, __mmask16 mask, float *out, const float *a, const float *V, int ldv,
-                                int T) {
-    __m512 acc[4];
-    for (int b = 0; b < B; b++) acc[b] = _mm512_setzero_ps();
-    for (int t = 0; t < T; t++) {
-        __m512 at = _mm512_set1_ps(a[t]);
+/* Columns [0, 16B) of Q queries' weighted sums (Q <= WEIGHTED_QUERIES) in Q x B registers:
+ * the first T rows of V are read once for all Q queries, then query q takes its own last q
+ * rows; every column is one chain of FMAs over t as in the avx2 set (the same bits), and the
+ * last block takes only the lanes of mask.  (Four chains per column added at the end, and one
+ * pass over V for head_size 48 instead of three, each measured 0.96-1.0x of one query's chain:
+ * bench/ab.c -c, persona decode and prefill.) */
+#define WEIGHTED_QUERIES 4
+AVX512_TILE void weighted_block(int Q, int B, __mmask16 mask, float *out, int ldo, const float *a, int lda,
+                                const float *V, int ldv, int T) {
+    __m512 acc[WEIGHTED_QUERIES][4];
+    for (int q = 0; q < Q; q++)
+        for (int b = 0; b < B; b++) acc[q][b] = _mm512_setzero_ps();
+    for (int t = 0; t < T + Q - 1; t++) {
         const float *v = V + (size_t)t * ldv;
-        for (int b = 0; b < B; b++) {
-            __m512 vb = b + 1 < B ? _mm512_loadu_ps(v + 16 * b) : _mm512_maskz_loadu_ps(mask, v + 16 * b);
-            acc[b] = _mm512_fmadd_ps(at, vb, acc[b]);
+        __m512 vb[4];
+        for (int b = 0; b < B; b++) vb[b] = b + 1 < B ? _mm512_loadu_ps(v + 16 * b) : _mm512_maskz_loadu_ps(mask, v + 16 * b);
+        for (int q = 0; q < Q; q++) {
+            if (t >= T + q) continue; /* query q weighs rows t < T + q */
+            __m512 at = _mm512_set1_ps(a[(size_t)q * lda + t]);
+            for (int b = 0; b < B; b++) acc[q][b] = _mm512_fmadd_ps(at, vb[b], acc[q][b]);
         }
     }
-    for (int b = 0; b + 1 < B; b++) _mm512_storeu_ps(out + 16 * b, acc[b]);
-    _mm512_mask_storeu_ps(out + 16 * (B - 1), mask, acc[B - 1]);
+    for (int q = 0; q < Q; q++) {
+        float *o = out + (size_t)q * ldo;
+        for (int b = 0; b + 1 < B; b++) _mm512_storeu_ps(o + 16 * b, acc[q][b]);
+        _mm512_mask_storeu_ps(o + 16 * (B - 1), mask, acc[q][B - 1]);
+    }
 }
 
-AVX512_FN void ac_weighted_sum_avx512(float *out, const float *a, const float *V, int ldv, int T, int n) {
+/* Columns [0, n) of Q queries' sums. */
+AVX512_TILE void weighted_queries(int Q, float *out, int ldo, const float *a, int lda, const float *V, int ldv, int T,
+                                  int n) {
     int j = 0;
-    for (; j + 64 <= n; j += 64) weighted_block(4, 0xFFFF, out + j, a, V + j, ldv, T);
-    for (; j + 16 <= n; j += 16) weighted_block(1, 0xFFFF, out + j, a, V + j, ldv, T);
-    if (j < n) weighted_block(1, first_lanes(n - j), out + j, a, V + j, ldv, T);
+    for (; j + 64 <= n; j += 64) weighted_block(Q, 4, 0xFFFF, out + j, ldo, a, lda, V + j, ldv, T);
+    for (; j + 16 <= n; j += 16) weighted_block(Q, 1, 0xFFFF, out + j, ldo, a, lda, V + j, ldv, T);
+    if (j < n) weighted_block(Q, 1, first_lanes(n - j), out + j, ldo, a, lda, V + j, ldv, T);
+}
+
+AVX512_FN void ac_weighted_sum_avx512(float *out, int ldo, const float *a, int lda, const float *V, int ldv, int T, int R,
+                                      int n) {
+    for (int r = 0; r < R; r += WEIGHTED_QUERIES) {
+        float *o = out + (size_t)r * ldo;
+        const float *ar = a + (size_t)r * lda;
+        switch (R - r >= WEIGHTED_QUERIES ? WEIGHTED_QUERIES : R - r) { /* a constant query count */
+        case WEIGHTED_QUERIES: weighted_queries(WEIGHTED_QUERIES, o, ldo, ar, lda, V, ldv, T + r, n); break;
+        case 3: weighted_queries(3, o, ldo, ar, lda, V, ldv, T + r, n); break;
+        case 2: weighted_queries(2, o, ldo, ar, lda, V, ldv, T + r, n); break;
+        default: weighted_queries(1, o, ldo, ar, lda, V, ldv, T + r, n); break;
+        }
+    }
 }
 
 /* ---------------------------------------------------------------- float32 GEMM */

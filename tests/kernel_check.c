@@ -131,21 +131,32 @@ static void check_gemm_q8(const ac_kernels *k, const ac_kernels *order, int rows
 
 /* ------------------------------------------------------------------ the rest */
 
+/* R = 5 queries at consecutive positions (query r weighs T + r rows): close to float64, and
+ * each query's sums the same bits as when it is computed alone. */
 static void check_weighted_sum(const ac_kernels *k, int T, int n) {
-    float *a = malloc(sizeof(float) * T), *V = malloc(sizeof(float) * T * (n + 3)), *out = malloc(sizeof(float) * n);
-    fill(a, (size_t)T, 1.0f);
-    fill(V, (size_t)T * (n + 3), 1.0f);
-    k->weighted_sum(out, a, V, n + 3, T, n);
-    for (int j = 0; j < n; j++) {
-        double ref = 0.0, mag = 0.0;
-        for (int t = 0; t < T; t++) {
-            ref += (double)a[t] * V[(size_t)t * (n + 3) + j];
-            mag += fabs((double)a[t] * V[(size_t)t * (n + 3) + j]);
+    enum { R = 5 };
+    int rows = T + R - 1, lda = rows + 2, ldo = n + 1;
+    float *a = malloc(sizeof(float) * R * lda), *V = malloc(sizeof(float) * rows * (n + 3));
+    float *out = malloc(sizeof(float) * R * ldo), *one = malloc(sizeof(float) * n);
+    fill(a, (size_t)R * lda, 1.0f);
+    fill(V, (size_t)rows * (n + 3), 1.0f);
+    k->weighted_sum(out, ldo, a, lda, V, n + 3, T, R, n);
+    for (int r = 0; r < R; r++) {
+        const float *ar = a + (size_t)r * lda, *o = out + (size_t)r * ldo;
+        k->weighted_sum(one, n, ar, lda, V, n + 3, T + r, 1, n);
+        CHECK(memcmp(one, o, sizeof(float) * n) == 0, "weighted_sum %s T %d n %d: query %d of %d != alone", k->name, T,
+              n, r, R);
+        for (int j = 0; j < n; j++) {
+            double ref = 0.0, mag = 0.0;
+            for (int t = 0; t < T + r; t++) {
+                ref += (double)ar[t] * V[(size_t)t * (n + 3) + j];
+                mag += fabs((double)ar[t] * V[(size_t)t * (n + 3) + j]);
+            }
+            CHECK(fabs(o[j] - ref) <= 1e-6 * mag + 1e-30, "weighted_sum %s T %d n %d: query %d column %d %.9g vs %.9g",
+                  k->name, T, n, r, j, o[j], ref);
         }
-        CHECK(fabs(out[j] - ref) <= 1e-6 * mag + 1e-30, "weighted_sum %s T %d n %d: column %d %.9g vs %.9g", k->name, T,
-              n, j, out[j], ref);
     }
-    free(a), free(V), free(out);
+    free(a), free(V), free(out), free(one);
 }
 
 static void check_quantize(const ac_kernels *k, int n, int gs) {
@@ -168,8 +179,8 @@ static void check_like_avx2(const ac_kernels *k, const ac_kernels *avx2, int n) 
               *o2 = malloc(sizeof(float) * n);
         fill(w, (size_t)T, 1.0f);
         fill(V, (size_t)T * n, 1.0f);
-        k->weighted_sum(o1, w, V, n, T, n);
-        avx2->weighted_sum(o2, w, V, n, T, n);
+        k->weighted_sum(o1, n, w, T, V, n, T, 1, n);
+        avx2->weighted_sum(o2, n, w, T, V, n, T, 1, n);
         CHECK(memcmp(o1, o2, sizeof(float) * n) == 0, "weighted_sum %s T %d n %d: not avx2's bits", k->name, T, n);
         free(w), free(V), free(o1), free(o2);
     }
