@@ -257,6 +257,9 @@ AMX_TILE void token_rows(int rows, int C, float *out, int ldo, const int8_t *Wq,
     __m512 acc[AMX_ROWS];
     for (int r = 0; r < AMX_ROWS; r++) acc[r] = _mm512_setzero_ps();
     for (int g = 0; g < ng; g++) {
+        /* group g's share of the next row tile (16 n bytes, contiguous) */
+        const char *pf = (const char *)(Wq + (size_t)AMX_ROWS * n) + (size_t)g * AMX_ROWS * gs;
+        for (int b = 0; b < AMX_ROWS * gs; b += 64) _mm_prefetch(pf + b, _MM_HINT_T0);
         group_sums(rows == AMX_ROWS, sums, Wq + (size_t)g * gs, n, packed + (size_t)g * gs / 4 * AMX_TOKENS, gs, kc);
         __m512 x_scale = _mm512_load_ps(packed_s + g * AMX_TOKENS);
         for (int r = 0; r < AMX_ROWS; r++) {
