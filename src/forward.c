@@ -241,8 +241,9 @@ static void quantize_input(ac_state *s, const float *x, int T, int n) {
         s->kern->quantize_q8(s->xq + (size_t)t * n, s->xs + (size_t)t * (n / gs), x + (size_t)t * n, n, gs);
 }
 
-/* Rows are split between threads in units of this many (a multiple of the kernels' tiles). */
-#define ROW_UNIT 8
+/* Rows are split between threads in units of this many, a multiple of every kernel set's row
+ * tile (16: avx512-amx's int8 tiles, whose part-filled last tile costs a whole one). */
+#define ROW_UNIT 16
 
 /* Up to three matrices with the same input x (T, n), stacked by rows (wq, wk, wv): one
  * parallel job for all of them.  Matrix m's outputs go to columns col[m].. of out. */

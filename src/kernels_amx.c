@@ -41,13 +41,15 @@
 #define AMX_MAX_N 2048
 #define AMX_MAX_GROUPS 256
 
-/* The tile registers this file uses; the _REST ones take a row range's last rows (fewer than
- * 16).  Plain numbers: gcc's tile intrinsics paste them into the instruction's register name. */
-#define TILE_C 0
-#define TILE_A 1
-#define TILE_B 2
-#define TILE_C_REST 3
-#define TILE_A_REST 4
+/* The tile registers this file uses: two sets (C += A . B), so that one group's products run
+ * while the other's come back.  Plain numbers: gcc's tile intrinsics paste them into the
+ * instruction's register name. */
+#define TILE_C0 0
+#define TILE_A0 1
+#define TILE_B0 2
+#define TILE_C1 3
+#define TILE_A1 4
+#define TILE_B1 5
 
 /* The 64-byte operand of ldtilecfg (palette 1): bytes per row and rows of each tile register. */
 typedef struct {
@@ -61,17 +63,16 @@ static void set_tile(tile_config *c, int tile, int rows, int bytes) {
     c->colsb[tile] = (uint16_t)bytes;
 }
 
-/* Shapes for rest_rows (< 16, 0 = none) final rows and kc-byte chunks. */
-AMX_FN static void configure_tiles(int rest_rows, int kc) {
+/* Both sets for kc-byte chunks: A 16 rows x kc bytes, B kc / 4 rows of 16 tokens' 4 bytes, C
+ * 16 rows x 16 int32 sums. */
+AMX_FN static void configure_tiles(int kc) {
     tile_config c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
-    set_tile(&c, TILE_C, AMX_ROWS, PACKED_STRIDE);
-    set_tile(&c, TILE_A, AMX_ROWS, kc);
-    set_tile(&c, TILE_B, kc / 4, PACKED_STRIDE);
-    if (rest_rows) {
-        set_tile(&c, TILE_C_REST, rest_rows, PACKED_STRIDE);
-        set_tile(&c, TILE_A_REST, rest_rows, kc);
+    for (int set = 0; set <= TILE_C1 - TILE_C0; set += TILE_C1 - TILE_C0) {
+        set_tile(&c, set + TILE_C0, AMX_ROWS, PACKED_STRIDE);
+        set_tile(&c, set + TILE_A0, AMX_ROWS, kc);
+        set_tile(&c, set + TILE_B0, kc / 4, PACKED_STRIDE);
     }
     _tile_loadconfig(&c);
 }
@@ -83,25 +84,17 @@ static int chunk_bytes(int gs) {
     return kc;
 }
 
-/* sums (16 x 16 int32) = one group's exact products: the group's bytes of 16 weight rows at w
- * (row stride n; with full = 0, the _REST tiles' fewer rows) against the packed tokens at b,
- * kc bytes at a time. */
-#define GROUP_PRODUCTS(c, a) /* into tile c, weights through tile a (register numbers are constants) */ \
-    do {                                                                                             \
-        _tile_zero(c);                                                                               \
-        for (int k = 0; k < gs; k += kc) {                                                           \
-            _tile_loadd(a, w + k, n);                                                                \
-            _tile_loadd(TILE_B, b + (size_t)(k / 4) * AMX_TOKENS, PACKED_STRIDE);                    \
-            _tile_dpbssd(c, a, TILE_B);                                                              \
-        }                                                                                            \
-        _tile_stored(c, sums, PACKED_STRIDE);                                                        \
+/* Tile c = one group's exact products: the group's bytes of 16 weight rows at w (row stride n)
+ * against the packed tokens at b, kc bytes at a time, through tiles a and bt. */
+#define GROUP_PRODUCTS(c, a, bt, w, b)                                                              \
+    do {                                                                                            \
+        _tile_zero(c);                                                                              \
+        for (int k = 0; k < gs; k += kc) {                                                          \
+            _tile_loadd(a, (w) + k, n);                                                             \
+            _tile_loadd(bt, (b) + (size_t)(k / 4) * AMX_TOKENS, PACKED_STRIDE);                     \
+            _tile_dpbssd(c, a, bt);                                                                 \
+        }                                                                                           \
     } while (0)
-
-AMX_TILE void group_sums(int full, int32_t *sums, const int8_t *w, int n, const int32_t *b, int gs, int kc) {
-    if (full) GROUP_PRODUCTS(TILE_C, TILE_A);
-    else GROUP_PRODUCTS(TILE_C_REST, TILE_A_REST);
-}
-#undef GROUP_PRODUCTS
 
 /* ---------------------------------------------------------------- one token */
 
@@ -247,34 +240,53 @@ AMX_TILE void pack_tokens(int32_t *packed, float *packed_s, const int8_t *Xq, co
         for (int t = 0; t < 16; t++) packed_s[g * 16 + t] = t < C ? Xs[(size_t)t * ng + g] : 0.0f;
 }
 
-/* Rows [i, i + rows) (rows <= 16) for the packed tokens, C of them stored: accumulator r holds
- * row i + r, lane t token t; transposed at the end so each token's rows store together. */
-AMX_TILE void token_rows(int rows, int C, float *out, int ldo, const int8_t *Wq, const float *Ws,
-                         const int32_t *packed, const float *packed_s, int n, int gs, int kc) {
+/* acc[r] += group g's sums of row r (lane t: token t), scaled: the scalar set's
+ * sum += isum * (w_scale * x_scale), lane by lane. */
+AMX_TILE void add_group_sums(__m512 acc[AMX_ROWS], const int32_t *sums, const float *Ws, int ng, int g,
+                             const float *packed_s) {
+    __m512 x_scale = _mm512_load_ps(packed_s + g * AMX_TOKENS);
+    for (int r = 0; r < AMX_ROWS; r++) {
+        __m512 scale = _mm512_mul_ps(_mm512_set1_ps(Ws[(size_t)r * ng + g]), x_scale);
+        __m512 d = _mm512_cvtepi32_ps(_mm512_load_si512(sums + r * AMX_TOKENS));
+        acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(d, scale));
+    }
+}
+
+/* 16 rows for the packed tokens, C of them stored: accumulator r holds row r, lane t token t;
+ * transposed at the end so each token's rows store together.  Groups go in pairs, one per set
+ * of tiles, each step prefetching its share of the next row tile (16 n bytes, contiguous). */
+AMX_TILE void token_rows(int C, float *out, int ldo, const int8_t *Wq, const float *Ws, const int32_t *packed,
+                         const float *packed_s, int n, int gs, int kc) {
     int ng = n / gs;
-    int32_t sums[AMX_ROWS * AMX_TOKENS] __attribute__((aligned(64)));
-    if (rows < AMX_ROWS) memset(sums, 0, sizeof sums);
+    int32_t sums[2][AMX_ROWS * AMX_TOKENS] __attribute__((aligned(64)));
     __m512 acc[AMX_ROWS];
     for (int r = 0; r < AMX_ROWS; r++) acc[r] = _mm512_setzero_ps();
-    for (int g = 0; g < ng; g++) {
-        /* group g's share of the next row tile (16 n bytes, contiguous) */
-        const char *pf = (const char *)(Wq + (size_t)AMX_ROWS * n) + (size_t)g * AMX_ROWS * gs;
-        for (int b = 0; b < AMX_ROWS * gs; b += 64) _mm_prefetch(pf + b, _MM_HINT_T0);
-        group_sums(rows == AMX_ROWS, sums, Wq + (size_t)g * gs, n, packed + (size_t)g * gs / 4 * AMX_TOKENS, gs, kc);
-        __m512 x_scale = _mm512_load_ps(packed_s + g * AMX_TOKENS);
-        for (int r = 0; r < AMX_ROWS; r++) {
-            int row = r < rows ? r : rows - 1; /* rows past the range repeat the last (not stored) */
-            __m512 scale = _mm512_mul_ps(_mm512_set1_ps(Ws[(size_t)row * ng + g]), x_scale);
-            __m512 d = _mm512_cvtepi32_ps(_mm512_load_si512(sums + r * AMX_TOKENS));
-            acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(d, scale));
-        }
+    const char *next_tile = (const char *)(Wq + (size_t)AMX_ROWS * n);
+    int g = 0;
+    for (; g + 1 < ng; g += 2) {
+        for (int b = 0; b < 2 * AMX_ROWS * gs; b += 64) _mm_prefetch(next_tile + (size_t)g * AMX_ROWS * gs + b, _MM_HINT_T0);
+        GROUP_PRODUCTS(TILE_C0, TILE_A0, TILE_B0, Wq + (size_t)g * gs, packed + (size_t)g * gs / 4 * AMX_TOKENS);
+        GROUP_PRODUCTS(TILE_C1, TILE_A1, TILE_B1, Wq + (size_t)(g + 1) * gs, packed + (size_t)(g + 1) * gs / 4 * AMX_TOKENS);
+        _tile_stored(TILE_C0, sums[0], PACKED_STRIDE);
+        _tile_stored(TILE_C1, sums[1], PACKED_STRIDE);
+        add_group_sums(acc, sums[0], Ws, ng, g, packed_s);
+        add_group_sums(acc, sums[1], Ws, ng, g + 1, packed_s);
+    }
+    if (g < ng) {
+        GROUP_PRODUCTS(TILE_C0, TILE_A0, TILE_B0, Wq + (size_t)g * gs, packed + (size_t)g * gs / 4 * AMX_TOKENS);
+        _tile_stored(TILE_C0, sums[0], PACKED_STRIDE);
+        add_group_sums(acc, sums[0], Ws, ng, g, packed_s);
     }
     transpose16(acc);
-    for (int t = 0; t < C; t++) _mm512_mask_storeu_ps(out + (size_t)t * ldo, first_lanes(rows), acc[t]);
+    for (int t = 0; t < C; t++) _mm512_storeu_ps(out + (size_t)t * ldo, acc[t]);
 }
+#undef GROUP_PRODUCTS
 
 /* ---------------------------------------------------------------- the GEMM */
 
+/* Rows past the last whole tile of 16 (a row range's rest: rows are split between threads in
+ * multiples of 16, so only a matrix whose row count is not one has them) and inputs too wide
+ * for the buffers take the scalar set's kernel, whose bits these are. */
 AMX_FN static void gemm_q8_amx(float *out, int ldo, const int8_t *Wq, const float *Ws, const int8_t *Xq,
                                const float *Xs, int T, int n, int gs, int r0, int r1) {
     if (n > AMX_MAX_N || n / gs > AMX_MAX_GROUPS || gs % 4) {
@@ -286,17 +298,20 @@ AMX_FN static void gemm_q8_amx(float *out, int ldo, const int8_t *Wq, const floa
         return;
     }
     int ng = n / gs, kc = chunk_bytes(gs), full_end = r0 + (r1 - r0) / AMX_ROWS * AMX_ROWS;
-    configure_tiles(r1 - full_end, kc);
-    int32_t packed[AMX_MAX_N / 4 * AMX_TOKENS] __attribute__((aligned(64)));
-    float packed_s[AMX_MAX_GROUPS * AMX_TOKENS] __attribute__((aligned(64)));
-    for (int t = 0; t < T; t += AMX_TOKENS) {
-        int C = T - t < AMX_TOKENS ? T - t : AMX_TOKENS;
-        pack_tokens(packed, packed_s, Xq + (size_t)t * n, Xs + (size_t)t * ng, C, n, gs);
-        for (int i = r0; i < r1; i += AMX_ROWS)
-            token_rows(i < full_end ? AMX_ROWS : r1 - i, C, out + (size_t)t * ldo + i, ldo, Wq + (size_t)i * n,
-                       Ws + (size_t)i * ng, packed, packed_s, n, gs, kc);
+    if (full_end > r0) {
+        configure_tiles(kc);
+        int32_t packed[AMX_MAX_N / 4 * AMX_TOKENS] __attribute__((aligned(64)));
+        float packed_s[AMX_MAX_GROUPS * AMX_TOKENS] __attribute__((aligned(64)));
+        for (int t = 0; t < T; t += AMX_TOKENS) {
+            int C = T - t < AMX_TOKENS ? T - t : AMX_TOKENS;
+            pack_tokens(packed, packed_s, Xq + (size_t)t * n, Xs + (size_t)t * ng, C, n, gs);
+            for (int i = r0; i < full_end; i += AMX_ROWS)
+                token_rows(C, out + (size_t)t * ldo + i, ldo, Wq + (size_t)i * n, Ws + (size_t)i * ng, packed, packed_s,
+                           n, gs, kc);
+        }
+        _tile_release();
     }
-    _tile_release();
+    if (full_end < r1) ac_gemm_q8_scalar(out, ldo, Wq, Ws, Xq, Xs, T, n, gs, full_end, r1);
 }
 
 const ac_kernels ac_kernels_avx512_amx = {"avx512-amx", ac_gemm_f32_avx512, gemm_q8_amx, ac_weighted_sum_avx512,

@@ -256,6 +256,7 @@ int main(int argc, char **argv) {
         check_gemm_q8(k, int8_order, 29, 96, T, 32);
         check_gemm_q8(k, int8_order, 29, 128, T, 64);
         check_gemm_q8(k, int8_order, 13, 48, T, 16);
+        check_gemm_q8(k, int8_order, 37, 48, T, 16);
         check_gemm_q8(k, int8_order, 40, 288, T, 96);
     }
     for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
