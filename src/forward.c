@@ -242,7 +242,7 @@ static void quantize_input(ac_state *s, const float *x, int T, int n) {
 }
 
 /* Rows are split between threads in units of this many, a multiple of every kernel set's row
- * tile (16: avx512-amx's int8 tiles; its rows past a whole tile take the slow scalar kernel). */
+ * tile (16: avx512-amx's int8 tiles, whose part-filled last tile costs about a whole one). */
 #define ROW_UNIT 16
 
 /* Up to three matrices with the same input x (T, n), stacked by rows (wq, wk, wv): one

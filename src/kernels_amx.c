@@ -50,6 +50,8 @@
 #define TILE_C1 3
 #define TILE_A1 4
 #define TILE_B1 5
+#define TILE_C_REST 6 /* a row range's last rows, fewer than 16: C and A with that many rows */
+#define TILE_A_REST 7
 
 /* The 64-byte operand of ldtilecfg (palette 1): bytes per row and rows of each tile register. */
 typedef struct {
@@ -64,8 +66,8 @@ static void set_tile(tile_config *c, int tile, int rows, int bytes) {
 }
 
 /* Both sets for kc-byte chunks: A 16 rows x kc bytes, B kc / 4 rows of 16 tokens' 4 bytes, C
- * 16 rows x 16 int32 sums. */
-AMX_FN static void configure_tiles(int kc) {
+ * 16 rows x 16 int32 sums; and the rest tiles for rest_rows (< 16, 0 = none) rows. */
+AMX_FN static void configure_tiles(int kc, int rest_rows) {
     tile_config c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
@@ -73,6 +75,10 @@ AMX_FN static void configure_tiles(int kc) {
         set_tile(&c, set + TILE_C0, AMX_ROWS, PACKED_STRIDE);
         set_tile(&c, set + TILE_A0, AMX_ROWS, kc);
         set_tile(&c, set + TILE_B0, kc / 4, PACKED_STRIDE);
+    }
+    if (rest_rows) {
+        set_tile(&c, TILE_C_REST, rest_rows, PACKED_STRIDE);
+        set_tile(&c, TILE_A_REST, rest_rows, kc);
     }
     _tile_loadconfig(&c);
 }
@@ -241,12 +247,13 @@ AMX_TILE void pack_tokens(int32_t *packed, float *packed_s, const int8_t *Xq, co
 }
 
 /* acc[r] += group g's sums of row r (lane t: token t), scaled: the scalar set's
- * sum += isum * (w_scale * x_scale), lane by lane. */
+ * sum += isum * (w_scale * x_scale), lane by lane.  Rows from `rows` on repeat the last row's
+ * scale (they are not stored). */
 AMX_TILE void add_group_sums(__m512 acc[AMX_ROWS], const int32_t *sums, const float *Ws, int ng, int g,
-                             const float *packed_s) {
+                             const float *packed_s, int rows) {
     __m512 x_scale = _mm512_load_ps(packed_s + g * AMX_TOKENS);
     for (int r = 0; r < AMX_ROWS; r++) {
-        __m512 scale = _mm512_mul_ps(_mm512_set1_ps(Ws[(size_t)r * ng + g]), x_scale);
+        __m512 scale = _mm512_mul_ps(_mm512_set1_ps(Ws[(size_t)(r < rows ? r : rows - 1) * ng + g]), x_scale);
         __m512 d = _mm512_cvtepi32_ps(_mm512_load_si512(sums + r * AMX_TOKENS));
         acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(d, scale));
     }
@@ -269,24 +276,39 @@ AMX_TILE void token_rows(int C, float *out, int ldo, const int8_t *Wq, const flo
         GROUP_PRODUCTS(TILE_C1, TILE_A1, TILE_B1, Wq + (size_t)(g + 1) * gs, packed + (size_t)(g + 1) * gs / 4 * AMX_TOKENS);
         _tile_stored(TILE_C0, sums[0], PACKED_STRIDE);
         _tile_stored(TILE_C1, sums[1], PACKED_STRIDE);
-        add_group_sums(acc, sums[0], Ws, ng, g, packed_s);
-        add_group_sums(acc, sums[1], Ws, ng, g + 1, packed_s);
+        add_group_sums(acc, sums[0], Ws, ng, g, packed_s, AMX_ROWS);
+        add_group_sums(acc, sums[1], Ws, ng, g + 1, packed_s, AMX_ROWS);
     }
     if (g < ng) {
         GROUP_PRODUCTS(TILE_C0, TILE_A0, TILE_B0, Wq + (size_t)g * gs, packed + (size_t)g * gs / 4 * AMX_TOKENS);
         _tile_stored(TILE_C0, sums[0], PACKED_STRIDE);
-        add_group_sums(acc, sums[0], Ws, ng, g, packed_s);
+        add_group_sums(acc, sums[0], Ws, ng, g, packed_s, AMX_ROWS);
     }
     transpose16(acc);
     for (int t = 0; t < C; t++) _mm512_storeu_ps(out + (size_t)t * ldo, acc[t]);
+}
+
+/* The last rows (< 16) of a range, one group at a time through the rest tiles. */
+AMX_TILE void token_rest_rows(int rows, int C, float *out, int ldo, const int8_t *Wq, const float *Ws,
+                              const int32_t *packed, const float *packed_s, int n, int gs, int kc) {
+    int ng = n / gs;
+    int32_t sums[AMX_ROWS * AMX_TOKENS] __attribute__((aligned(64)));
+    memset(sums, 0, sizeof sums); /* the rows past `rows` stay 0 */
+    __m512 acc[AMX_ROWS];
+    for (int r = 0; r < AMX_ROWS; r++) acc[r] = _mm512_setzero_ps();
+    for (int g = 0; g < ng; g++) {
+        GROUP_PRODUCTS(TILE_C_REST, TILE_A_REST, TILE_B0, Wq + (size_t)g * gs, packed + (size_t)g * gs / 4 * AMX_TOKENS);
+        _tile_stored(TILE_C_REST, sums, PACKED_STRIDE);
+        add_group_sums(acc, sums, Ws, ng, g, packed_s, rows);
+    }
+    transpose16(acc);
+    for (int t = 0; t < C; t++) _mm512_mask_storeu_ps(out + (size_t)t * ldo, first_lanes(rows), acc[t]);
 }
 #undef GROUP_PRODUCTS
 
 /* ---------------------------------------------------------------- the GEMM */
 
-/* Rows past the last whole tile of 16 (a row range's rest: rows are split between threads in
- * multiples of 16, so only a matrix whose row count is not one has them) and inputs too wide
- * for the buffers take the scalar set's kernel, whose bits these are. */
+/* Inputs too wide for the buffers take the scalar set's kernel, whose bits these are. */
 AMX_FN static void gemm_q8_amx(float *out, int ldo, const int8_t *Wq, const float *Ws, const int8_t *Xq,
                                const float *Xs, int T, int n, int gs, int r0, int r1) {
     if (n > AMX_MAX_N || n / gs > AMX_MAX_GROUPS || gs % 4) {
@@ -298,20 +320,20 @@ AMX_FN static void gemm_q8_amx(float *out, int ldo, const int8_t *Wq, const floa
         return;
     }
     int ng = n / gs, kc = chunk_bytes(gs), full_end = r0 + (r1 - r0) / AMX_ROWS * AMX_ROWS;
-    if (full_end > r0) {
-        configure_tiles(kc);
-        int32_t packed[AMX_MAX_N / 4 * AMX_TOKENS] __attribute__((aligned(64)));
-        float packed_s[AMX_MAX_GROUPS * AMX_TOKENS] __attribute__((aligned(64)));
-        for (int t = 0; t < T; t += AMX_TOKENS) {
-            int C = T - t < AMX_TOKENS ? T - t : AMX_TOKENS;
-            pack_tokens(packed, packed_s, Xq + (size_t)t * n, Xs + (size_t)t * ng, C, n, gs);
-            for (int i = r0; i < full_end; i += AMX_ROWS)
-                token_rows(C, out + (size_t)t * ldo + i, ldo, Wq + (size_t)i * n, Ws + (size_t)i * ng, packed, packed_s,
-                           n, gs, kc);
-        }
-        _tile_release();
+    configure_tiles(kc, r1 - full_end);
+    int32_t packed[AMX_MAX_N / 4 * AMX_TOKENS] __attribute__((aligned(64)));
+    float packed_s[AMX_MAX_GROUPS * AMX_TOKENS] __attribute__((aligned(64)));
+    for (int t = 0; t < T; t += AMX_TOKENS) {
+        int C = T - t < AMX_TOKENS ? T - t : AMX_TOKENS;
+        float *o = out + (size_t)t * ldo;
+        pack_tokens(packed, packed_s, Xq + (size_t)t * n, Xs + (size_t)t * ng, C, n, gs);
+        for (int i = r0; i < full_end; i += AMX_ROWS)
+            token_rows(C, o + i, ldo, Wq + (size_t)i * n, Ws + (size_t)i * ng, packed, packed_s, n, gs, kc);
+        if (full_end < r1)
+            token_rest_rows(r1 - full_end, C, o + full_end, ldo, Wq + (size_t)full_end * n, Ws + (size_t)full_end * ng,
+                            packed, packed_s, n, gs, kc);
     }
-    if (full_end < r1) ac_gemm_q8_scalar(out, ldo, Wq, Ws, Xq, Xs, T, n, gs, full_end, r1);
+    _tile_release();
 }
 
 const ac_kernels ac_kernels_avx512_amx = {"avx512-amx", ac_gemm_f32_avx512, gemm_q8_amx, ac_weighted_sum_avx512,
