@@ -83,8 +83,16 @@ class _Timed:
 
 def _ignores_eos(method) -> bool:
     """Whether the binding can go on past the model's end of text (every row then times the
-    same number of tokens, whatever the weights emit)."""
-    return "ignore_eos" in inspect.signature(method).parameters
+    same number of tokens, whatever the weights emit): a keyword of the method, or a field of
+    the SamplingParams its **settings take."""
+    if "ignore_eos" in inspect.signature(method).parameters:
+        return True
+    import dataclasses
+
+    import arianna_c
+
+    params = getattr(arianna_c, "SamplingParams", None)
+    return dataclasses.is_dataclass(params) and "ignore_eos" in {f.name for f in dataclasses.fields(params)}
 
 
 def _open_model(spec: dict):

@@ -191,3 +191,14 @@ def test_console_script_runs_the_benchmark():
                              capture_output=True, text=True, timeout=60)
     assert direct.returncode == 0 and via_cli.returncode == 0, via_cli.stderr
     assert via_cli.stdout == direct.stdout and "decode/cli/f32/T1" in via_cli.stdout
+
+
+def test_python_rows_time_past_the_end_of_text():
+    """The binding takes ignore_eos through **settings: the Python decode and batch rows must
+    see it, or they time only up to the model's first paragraph end instead of the CLI's
+    fixed token count."""
+    import arianna_c
+    from bench import worker
+
+    assert worker._ignores_eos(arianna_c.Model.generate)
+    assert worker._ignores_eos(arianna_c.Model.generate_batch)
