@@ -153,7 +153,8 @@ typedef struct {
  * 1.0-1.12x (float32) and 1.06-1.18x (int8). */
 static const kernel_choice choices[] = {
 #if defined(__x86_64__)
-    {"avx512-amx", &ac_kernels_avx512_amx, CPU_AVX2 | CPU_AVX512 | CPU_AMXINT8, "AVX-512F/BW/VL and AMX-INT8"},
+    {"avx512-amx", &ac_kernels_avx512_amx, CPU_AVX2 | CPU_AVX512 | CPU_AVX512VNNI | CPU_AMXINT8,
+     "AVX-512F/BW/VL, AVX-512 VNNI and AMX-INT8"},
     {"avx512-vnni", &ac_kernels_avx512_vnni, CPU_AVX2 | CPU_AVX512 | CPU_AVX512VNNI, "AVX-512F/BW/VL and AVX-512 VNNI"},
     {"avx512", &ac_kernels_avx512, CPU_AVX2 | CPU_AVX512, "AVX-512F/BW/VL"},
     {"avx2-vnni", &ac_kernels_avx2_vnni, CPU_AVX2 | CPU_AVXVNNI, "AVX2, FMA and AVX-VNNI"},

@@ -27,7 +27,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define AMX_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,amx-tile,amx-int8,avx2,fma"
+#define AMX_TARGET "avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8,avx2,fma"
 #define AMX_FN __attribute__((target(AMX_TARGET)))
 #define AMX_TILE static inline __attribute__((target(AMX_TARGET), always_inline))
 
@@ -311,12 +311,12 @@ AMX_TILE void token_rest_rows(int rows, int C, float *out, int ldo, const int8_t
 /* Inputs too wide for the buffers take the scalar set's kernel, whose bits these are. */
 AMX_FN static void gemm_q8_amx(float *out, int ldo, const int8_t *Wq, const float *Ws, const int8_t *Xq,
                                const float *Xs, int T, int n, int gs, int r0, int r1) {
-    if (n > AMX_MAX_N || n / gs > AMX_MAX_GROUPS || gs % 4) {
-        ac_gemm_q8_scalar(out, ldo, Wq, Ws, Xq, Xs, T, n, gs, r0, r1);
+    if (T == 1 && gs % 32 == 0 && n / gs <= AMX_MAX_GROUPS) { /* no buffer of n bytes: any width */
+        gemv_grouped(out, Wq, Ws, Xq, Xs, n, gs, r0, r1);
         return;
     }
-    if (T == 1 && gs % 32 == 0) {
-        gemv_grouped(out, Wq, Ws, Xq, Xs, n, gs, r0, r1);
+    if (n > AMX_MAX_N || n / gs > AMX_MAX_GROUPS || gs % 4) {
+        ac_gemm_q8_scalar(out, ldo, Wq, Ws, Xq, Xs, T, n, gs, r0, r1);
         return;
     }
     int ng = n / gs, kc = chunk_bytes(gs), full_end = r0 + (r1 - r0) / AMX_ROWS * AMX_ROWS;

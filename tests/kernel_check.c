@@ -258,6 +258,7 @@ int main(int argc, char **argv) {
         check_gemm_q8(k, int8_order, 13, 48, T, 16);
         check_gemm_q8(k, int8_order, 37, 48, T, 16);
         check_gemm_q8(k, int8_order, 40, 288, T, 96);
+        check_gemm_q8(k, int8_order, 20, 2560, T, 32); /* wider than avx512-amx's token buffers */
     }
     for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
         check_weighted_sum(k, 1 + (int)s * 9, sizes[s]);
