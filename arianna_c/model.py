@@ -86,7 +86,6 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
-        self.dropout = args.dropout
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
@@ -99,9 +98,7 @@ class Attention(nn.Module):
             k = k.repeat_interleave(repeat, dim=2)
             v = v.repeat_interleave(repeat, dim=2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -123,10 +120,11 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args.dim, args.resolved_hidden_dim())
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.residual_dropout = nn.Dropout(args.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h = x + self.residual_dropout(self.attention(self.attention_norm(x), cos, sin))
+        return h + self.residual_dropout(self.feed_forward(self.ffn_norm(h)))
 
 
 class Transformer(nn.Module):
@@ -147,6 +145,14 @@ class Transformer(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith("wo.weight") or name.endswith("w2.weight"):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers))
+
+    def set_dropout(self, p: float) -> None:
+        """Dropout while training on both residual branches of every block (not on the
+        attention weights: that takes PyTorch's CPU attention off its fused kernel, ~3.5x
+        slower training); evaluation and export never drop anything."""
+        self.args.dropout = p
+        for layer in self.layers:
+            layer.residual_dropout.p = p
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

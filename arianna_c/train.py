@@ -57,6 +57,7 @@ class TrainConfig:
     time_budget: float = 0.0  # minutes; 0 = steps only
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    dropout: float = 0.0
     val_fraction: float = 0.05
     eval_interval: int = 200
     eval_batches: int = 20
@@ -96,6 +97,8 @@ OPTION_HELP = {
                    "of steps and time runs out first)",
     "weight_decay": "AdamW weight decay of the matrices (not of the norms)",
     "grad_clip": "largest gradient norm; 0 = no clipping",
+    "dropout": "probability of dropping an activation of a block's attention or feed-forward "
+               "output while training (a regulariser for many passes over a small corpus); 0 = none",
     "val_fraction": "fraction of each shard's tail held out for validation",
     "eval_interval": "optimizer steps between validation runs",
     "eval_batches": "batches of --batch-size rows per validation run",
@@ -125,7 +128,7 @@ RESUME_MAY_CHANGE = ("data", "out", "resume", "max_steps", "time_budget", "eval_
 
 POSITIVE = ("dim", "n_layers", "n_heads", "vocab_size", "seq_len", "batch_size", "grad_accum",
             "max_steps", "eval_interval", "eval_batches", "log_interval", "lr")
-NOT_NEGATIVE = ("warmup_steps", "time_budget", "weight_decay", "grad_clip", "save_interval",
+NOT_NEGATIVE = ("warmup_steps", "time_budget", "weight_decay", "grad_clip", "dropout", "save_interval",
                 "threads", "min_lr", "guard_margin")
 
 
@@ -228,6 +231,8 @@ def check_ranges(cfg: TrainConfig) -> None:
     for name in NOT_NEGATIVE:
         if not getattr(cfg, name) >= 0:
             raise ConfigError(f"{flag(name)} {getattr(cfg, name)} is invalid: it must be 0 or more")
+    if not cfg.dropout < 1:
+        raise ConfigError(f"--dropout {cfg.dropout} is invalid: it must be below 1")
     if cfg.dim % cfg.n_heads:
         raise ConfigError(f"--dim {cfg.dim} does not divide by --n-heads {cfg.n_heads}")
     if cfg.n_kv_heads is not None and (cfg.n_kv_heads <= 0 or cfg.n_heads % cfg.n_kv_heads):

@@ -139,6 +139,7 @@ def build_model(cfg: TrainConfig, saved: Optional[checkpoint.Checkpoint] = None)
         model = Transformer(ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                                       n_kv_heads=cfg.n_kv_heads, vocab_size=cfg.vocab_size,
                                       max_seq_len=cfg.seq_len))
+    model.set_dropout(cfg.dropout)
     return model.train()
 
 

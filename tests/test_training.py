@@ -244,12 +244,29 @@ def test_warmup_longer_than_the_run_is_clamped_with_a_warning(tmp_path):
     ("--lr", "-1", "--lr -1.0 is invalid: it must be above 0"),
     ("--dim", "30", "--dim 30 does not divide by --n-heads 4"),
     ("--n-kv-heads", "3", "--n-kv-heads 3 must be above 0 and divide --n-heads 4"),
+    ("--dropout", "1", "--dropout 1.0 is invalid: it must be below 1"),
+    ("--dropout", "-0.1", "--dropout -0.1 is invalid: it must be 0 or more"),
 ])
 def test_bad_settings_are_errors_naming_the_option(tmp_path, capsys, flag, value, says):
     patterned_shards(tmp_path / "data", 1)
     args = ["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o"), *TINY_FLAGS, flag, value]
     assert T.main(args) == 1
     assert says in one_error_line(capsys)
+
+
+def test_dropout_acts_while_training_only_and_resumes_with_the_run(tmp_path):
+    patterned_shards(tmp_path / "data", 1)
+    trainer = Trainer(tiny_config(tmp_path / "data", tmp_path / "o", max_steps=2, dropout=0.5), log=quiet)
+    model, tokens = trainer.model, torch.arange(16).remainder(64)[None]
+    torch.manual_seed(0)
+    assert not torch.equal(model(tokens), model(tokens))  # a fresh mask every call
+    model.eval()
+    assert torch.equal(model(tokens), model(tokens))
+    trainer.model.train()
+    trainer.train()
+    assert C.read_meta(tmp_path / "o" / "ckpt")["settings"]["dropout"] == 0.5
+    resumed = Trainer(T.resolve_config(dict(out=str(tmp_path / "o"), resume=True, max_steps=3)), log=quiet)
+    assert resumed.cfg.dropout == 0.5 and resumed.model.layers[0].residual_dropout.p == 0.5
 
 
 def test_vocab_size_must_match_the_shards(sp_model, tmp_path, capsys):
