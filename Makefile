@@ -54,7 +54,8 @@ bench: all
 
 clean:
 	rm -f run libarianna.so
-	rm -rf $(SAN_DIR) $(FUZZ_DIR) $(AARCH64_DIR)
+	rm -rf $(SAN_DIR) $(FUZZ_DIR) $(AARCH64_DIR) $(X86_DIR)
+	rm -f build/logits_dump
 
 # ------------------------------------------------------------------ hardening (README "Hardening")
 # `make sanitize`        library + CLI with ASan + UBSan (UBSan fatal) into build-san/
@@ -170,8 +171,12 @@ $(AARCH64_DIR)/logits_dump: tests/logits_dump.c $(SRC) $(HDR)
 	@mkdir -p $(AARCH64_DIR)
 	$(AARCH64_CC) $(CFLAGS) -Isrc -o $@ tests/logits_dump.c $(SRC) $(LDFLAGS) $(LDLIBS)
 
-$(AARCH64_DIR)/native_logits_dump: tests/logits_dump.c $(SRC) $(HDR)
+$(AARCH64_DIR)/native_logits_dump: build/logits_dump
 	@mkdir -p $(AARCH64_DIR)
+	cp $< $@
+
+build/logits_dump: tests/logits_dump.c $(SRC) $(HDR)
+	@mkdir -p build
 	$(CC) $(CFLAGS) -Isrc -o $@ tests/logits_dump.c $(SRC) $(LDFLAGS) $(LDLIBS)
 
 check-aarch64: run $(AARCH64_DIR)/libarianna.so $(AARCH64_DIR)/run $(AARCH64_DIR)/logits_dump $(AARCH64_DIR)/native_logits_dump
@@ -185,4 +190,30 @@ check-aarch64: run $(AARCH64_DIR)/libarianna.so $(AARCH64_DIR)/run $(AARCH64_DIR
 	  $(AARCH64_EMU) $(AARCH64_DIR)/run $(PERSONA_RUN) $$flags > $(AARCH64_DIR)/aarch64-$$q.txt 2>/dev/null || exit 1; \
 	  cmp $(AARCH64_DIR)/native-$$q.txt $(AARCH64_DIR)/aarch64-$$q.txt || exit 1; \
 	  echo "aarch64 $$q: greedy text identical to the native CLI's ($$(wc -c < $(AARCH64_DIR)/aarch64-$$q.txt) bytes)"; \
+	done
+
+# ------------------------------------------------------------- older x86-64 CPUs (README "Portability")
+# `make check-x86-cpus` runs tests/logits_dump.c under qemu-x86_64 as CPUs without AVX-512
+# (qemu's emulator has none of AVX-512, VNNI or AMX): each CPU:SET pair says which kernel set the
+# library must pick there, and its logits, float32 and int8, must be bit for bit what the
+# native machine gives with AC_KERNEL=SET.  So the automatic choice never lands on a set the
+# CPU lacks, and the sets it does land on compute the same there as here.  Needs qemu-user.
+
+.PHONY: check-x86-cpus
+
+X86_EMU ?= qemu-x86_64
+X86_CPUS ?= Haswell:avx2 Nehalem:scalar
+X86_DIR = build/x86-cpus
+
+check-x86-cpus: build/logits_dump
+	@mkdir -p $(X86_DIR)
+	@for pair in $(X86_CPUS); do \
+	  cpu=$${pair%%:*}; set=$${pair##*:}; \
+	  AC_KERNEL=$$set build/logits_dump persona/arianna_v1_base.bin > $(X86_DIR)/native-$$set.raw 2>/dev/null || exit 1; \
+	  env -u AC_KERNEL $(X86_EMU) -cpu $$cpu build/logits_dump persona/arianna_v1_base.bin \
+	    > $(X86_DIR)/$$cpu.raw 2> $(X86_DIR)/$$cpu.err || { cat $(X86_DIR)/$$cpu.err; exit 1; }; \
+	  picked=$$(sed -n 's/^kernels: //p' $(X86_DIR)/$$cpu.err); \
+	  [ "$$picked" = "$$set" ] || { echo "x86-64 $$cpu: the library picked '$$picked', not $$set"; exit 1; }; \
+	  cmp $(X86_DIR)/native-$$set.raw $(X86_DIR)/$$cpu.raw || exit 1; \
+	  echo "x86-64 $$cpu (qemu): picked $$set; logits, float32 and int8, bit for bit the native $$set set's"; \
 	done

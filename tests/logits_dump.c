@@ -3,6 +3,8 @@
  * library's own quantization), to stdout as raw floats.  `make check-aarch64` runs it built
  * natively (with AC_KERNEL=scalar) and built for aarch64 (under qemu), and requires the two
  * outputs to be equal byte for byte: the portable kernels give the same bits on both CPUs.
+ * `make check-x86-cpus` runs it under qemu-x86_64 as older x86-64 CPUs, each against the
+ * native run of the set that CPU should get.  The kernel set used goes to stderr.
  *
  * usage: logits_dump MODEL.bin > logits.raw
  */
@@ -38,6 +40,7 @@ int main(int argc, char **argv) {
     ac_model *m = NULL, *q = NULL;
     ac_config c;
     if (ac_model_load(argv[1], &m) || ac_model_config(m, &c)) return fail(argv[1]);
+    fprintf(stderr, "kernels: %s\n", ac_kernel_name());
     int tokens[N_TOKENS];
     for (int i = 0; i < N_TOKENS; i++) tokens[i] = (1 + 37 * i) % c.vocab_size; /* spread over the vocabulary */
     int n = c.seq_len < N_TOKENS ? c.seq_len : N_TOKENS;
