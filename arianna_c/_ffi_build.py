@@ -96,6 +96,7 @@ int ac_decode_piece(const ac_tokenizer *tok, int prev, int token, const char **p
 int ac_tokenizer_piece(const ac_tokenizer *tok, int id, const char **piece, size_t *len,
                        float *score);
 int ac_tokenizer_path(const char *model_path, const char *name, char *buf, size_t cap);
+const char *ac_tokenizer_lookup(void);
 
 #define AC_CHAT_MAX_STOPS 4
 typedef struct {
@@ -163,6 +164,7 @@ void ac_session_reset(ac_session *session);
 int ac_session_position(const ac_session *session);
 int ac_session_feed(ac_session *session, const char *text, size_t len, int bos);
 int ac_session_feed_tokens(ac_session *session, const int *tokens, int n_tokens);
+int ac_session_next_text(ac_session *session, int max_tokens, const char **text, size_t *len, int *n_generated);
 int ac_session_next(ac_session *session, int *token, const char **piece, size_t *len);
 ac_stop_reason ac_session_stop_reason(const ac_session *session);
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from . import chat as chat_templates
 from .errors import AriannaError
-from .paths import DEFAULT_TOKENIZER_LOOKUP
+from .paths import tokenizer_lookup_text
 
 PROG = "arianna-c"
 # The defaults of `arianna-c serve`, which arianna_c.server's create_app and serve share.
@@ -52,7 +52,7 @@ def _add_model(p: argparse.ArgumentParser, optional: bool = True) -> None:
         p.add_argument("model", nargs="?", help="model file (.bin, v0/v1/v2 layouts); default: the bundled persona")
     else:
         p.add_argument("model", help="model file (.bin, v0/v1/v2 layouts)")
-    p.add_argument("-z", "--tokenizer", help=f"tokenizer file; default: {DEFAULT_TOKENIZER_LOOKUP}")
+    p.add_argument("-z", "--tokenizer", help=f"tokenizer file; default: {tokenizer_lookup_text()}")
     p.add_argument("-T", "--threads", type=int, help="threads per forward pass; default: all available cores")
     p.add_argument("-q", "--quantize", choices=["int8"], help="quantize a float32 model at load (Q8_0); default: off")
     p.add_argument("-L", "--module", dest="modules", action="append", default=[], type=_module_spec,

@@ -37,7 +37,7 @@ from . import formats
 from .export import TOLERANCE, ExportError, c_logits, check_sequence
 from .formats import FormatError, ModelConfig
 from .interop import ConvertError
-from .paths import DEFAULT_TOKENIZER_LOOKUP
+from .paths import tokenizer_lookup_text
 from .vocab import Vocab
 
 PathLike = Union[str, os.PathLike]
@@ -414,7 +414,7 @@ def build_parser(prog: str = "python -m arianna_c.convert") -> argparse.Argument
         p.add_argument("out", help=out_help)
         p.add_argument("--tokenizer", metavar="TOK", help="tokenizer: the runtime's .bin, or a SentencePiece "
                        ".model / tokenizer.json; looked up like ./run -z (default: "
-                       f"{DEFAULT_TOKENIZER_LOOKUP})")
+                       f"{tokenizer_lookup_text()})")
         p.add_argument("--no-verify", action="store_true", help="skip loading the output back")
         return p
 

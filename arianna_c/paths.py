@@ -75,8 +75,15 @@ def check_file(path: str, what: str) -> None:
         raise IsADirectoryError(errno.EISDIR, f"{path}: is a directory, not a {what} file", path)
 
 
-# How find_tokenizer looks when no tokenizer is named, for --help texts (src/paths.c's order).
-DEFAULT_TOKENIZER_LOOKUP = "tokenizer.bin, then tok4096.bin in the model's folder"
+def tokenizer_lookup_text() -> str:
+    """How find_tokenizer looks when no tokenizer is named, in the library's words (for --help
+    texts); without a built library, a pointer to the library's lookup (--help still works)."""
+    from ._lib import ffi, load
+
+    try:
+        return ffi.string(load().ac_tokenizer_lookup()).decode()
+    except ImportError:
+        return "the library's lookup beside the model"
 
 
 def find_tokenizer(model_path: Optional[str], name: Optional[str]) -> str:

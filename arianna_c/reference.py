@@ -52,7 +52,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from .formats import FormatError, ModelConfig, read_model, read_tokenizer, rope_tables, weight_shapes
-from .paths import DEFAULT_TOKENIZER_LOOKUP
+from .paths import tokenizer_lookup_text
 
 BOS, EOS = 1, 2
 NORM_EPS = 1e-5
@@ -848,7 +848,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                  "(the defaults are the C library's, as ./run's).")
     parser.add_argument("model", help="model .bin (v0, v1 or int8 v2, dequantized) or .npz")
     parser.add_argument("-z", "--tokenizer", help="tokenizer .bin, looked up as ./run -z does; default: "
-                                                  f"{DEFAULT_TOKENIZER_LOOKUP}")
+                                                  f"{tokenizer_lookup_text()}")
     parser.add_argument("-i", "--prompt", default="", help="prompt text; default: empty (from BOS)")
     parser.add_argument("-n", "--steps", type=int, default=defaults.max_new_tokens,
                         help="tokens to generate at most (prompt + generated <= seq_len); default %(default)s")

@@ -376,9 +376,9 @@ class Model(_Closing):
         :class:`arianna_c.session.Completion` instead: the same text, the tokens, the
         finish_reason, and each token's log-probability with the N most likely
         alternatives."""
-        if logprobs is None:
-            return "".join(self.stream(prompt, max_new_tokens, params=params, **settings))
         p = _settings(params, max_new_tokens, settings)
+        if logprobs is None:
+            return _generate_text(self, _text_bytes(prompt, "prompt"), p)
         with self.session() as session:
             session.feed(prompt)
             return session.generate(p, logprobs=logprobs)
@@ -476,10 +476,11 @@ class _TextStream(Iterator[str], _Closing):
     def __init__(self, model: Model, prompt: bytes, params: SamplingParams) -> None:
         self._lease = _Lease(model._h)
         try:
-            self._pieces = _start(model, self._lease, prompt, params)
+            _open_session(model, self._lease, prompt, params)
         except BaseException:
             self._lease.free()
             raise
+        self._pieces = _pieces(model._lib, self._lease)
 
     def __next__(self) -> str:
         return next(self._pieces)
@@ -492,10 +493,9 @@ class _TextStream(Iterator[str], _Closing):
         self._lease.free()
 
 
-def _start(model: Model, lease: _Lease, prompt: bytes, params: SamplingParams) -> Iterator[str]:
-    """Sets up a session with params and feeds it the prompt now (bad settings and a prompt
-    longer than the context raise here, from the library) and returns the generator that
-    samples from it."""
+def _open_session(model: Model, lease: _Lease, prompt: bytes, params: SamplingParams) -> None:
+    """Gives the lease a session with params and feeds it the prompt (bad settings and a prompt
+    longer than the context raise here, from the library)."""
     lib, h = model._lib, model._h
     c_params = _c_params(lib, params, model._threads)
     lease.session = h.take_session()
@@ -508,7 +508,30 @@ def _start(model: Model, lease: _Lease, prompt: bytes, params: SamplingParams) -
         lib.ac_session_reset(lease.session)
     _set_text_rules(lib, lib.ac_session_set_stops, lib.ac_session_set_logit_bias, lease.session, params)
     _error_check(lib.ac_session_feed(lease.session, prompt, len(prompt), 1))
-    return _pieces(lib, lease)
+
+
+# Tokens per ac_session_next_text call in generate(): the Python work of a call is spread over
+# that many tokens, and Ctrl-C is seen between calls.
+TEXT_CHUNK_TOKENS = 64
+
+
+def _generate_text(model: Model, prompt: bytes, params: SamplingParams) -> str:
+    """The whole continuation as stream() would give it, gathered in C a chunk of tokens per
+    call: after each token's forward pass the caches hold weights, and a return to the
+    interpreter costs 15-25 us there (measured: 3-5% of a persona token)."""
+    lease = _Lease(model._h)
+    try:
+        _open_session(model, lease, prompt, params)
+        lib, chunks = model._lib, []
+        text, size, n = ffi.new("const char **"), ffi.new("size_t *"), ffi.new("int *")
+        while True:
+            rc = lib.ac_session_next_text(lease.session, TEXT_CHUNK_TOKENS, text, size, n)
+            chunks.append(ffi.unpack(text[0], size[0]))
+            _error_check(rc)
+            if n[0] < TEXT_CHUNK_TOKENS:
+                return b"".join(chunks).decode("utf-8", "replace")
+    finally:
+        lease.free()
 
 
 def _pieces(lib: Any, lease: _Lease) -> Iterator[str]:

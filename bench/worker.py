@@ -58,7 +58,8 @@ def _model_kwargs(spec: dict) -> tuple[dict, str]:
 
 class _Timed:
     """Stands in for the binding's cffi library object: every attribute passes through, and
-    the named C functions are timed (end time, and the token an ac_session_next produced)."""
+    the named C functions are timed (start and end time, and the token an ac_session_next
+    produced or the token count of an ac_session_next_text)."""
 
     def __init__(self, lib, names: tuple[str, ...]) -> None:
         self._lib = lib
@@ -75,6 +76,8 @@ class _Timed:
             rc = attr(*args)
             t1 = clock()
             token = int(args[1][0]) if name == "ac_session_next" else None
+            if name == "ac_session_next_text":
+                token = int(args[4][0])  # tokens in the call
             log.append((t0, t1, token))
             return rc
 
@@ -107,12 +110,23 @@ def python_decode(spec: dict) -> dict:
     model, threads_via = _open_model(spec)
     timed = None
     if hasattr(model, "_lib"):
-        timed = _Timed(model._lib, ("ac_session_next",))
+        timed = _Timed(model._lib, ("ac_session_next", "ac_session_next_text"))
         model._lib = timed
     extra = {"ignore_eos": True} if _ignores_eos(model.generate) else {}
     t0 = time.perf_counter()
     text = model.generate(spec["prompt"], max_new_tokens=spec["tokens"], temperature=0.0, repeat_penalty=1.0, **extra)
     total = time.perf_counter() - t0
+    chunks = timed.log["ac_session_next_text"] if timed else []
+    produced = sum(n for (_, _, n) in chunks)
+    if produced >= 2:
+        # from the first call's start (the first token is sampled from the prompt's logits) to
+        # the last one's end, the Python between the calls included: produced - 1 forward
+        # passes, as in the CLI's first-to-last-token rate
+        span = chunks[-1][1] - chunks[0][0]
+        return {"value": (produced - 1) / span, "tokens": produced, "total_s": total,
+                "timing": "first ac_session_next_text call to the last (a chunk of tokens each), timed "
+                          "through the binding",
+                "threads_via": threads_via}
     calls = timed.log["ac_session_next"] if timed else []
     ends_text = () if extra else (BOS, EOS)  # with ignore_eos those are tokens like any other
     produced = [t1 for (_, t1, tok) in calls if tok is not None and tok >= 0 and tok not in ends_text]

@@ -38,7 +38,7 @@ void usage(FILE *f) {
             "              default %d; prompt plus generated tokens never exceed seq_len\n"
             "  -i <string> prompt (in chat: the first user turn); default: empty (from BOS)\n"
             "  -z <string> tokenizer file: NAME, NAME.bin, then both in the model's folder;\n"
-            "              default: tokenizer.bin, then tok4096.bin in the model's folder\n"
+            "              default: %s\n"
             "  -m <string> mode: generate or chat (turns read from stdin); default generate\n"
             "  -y <string> chat: system prompt; default: asked on stdin\n"
             "  -T <int>    threads, 1..%d; default: all available cores (%d here)\n"
@@ -65,7 +65,7 @@ void usage(FILE *f) {
             "                              part of it; repeatable (up to %d, in chat with the\n"
             "                              template's own); default: none\n"
             "  --chat-template <string>    chat: the template of the turns:",
-            (double)d.sampler.temperature, (double)d.sampler.top_p, d.sampler.top_k, d.max_new_tokens, AC_MAX_THREADS,
+            (double)d.sampler.temperature, (double)d.sampler.top_p, d.sampler.top_k, d.max_new_tokens, ac_tokenizer_lookup(), AC_MAX_THREADS,
             ac_default_threads(), AC_MAX_MODULES, AC_MAX_BATCH, (double)d.sampler.min_p,
             (double)d.sampler.repeat_penalty, d.sampler.repeat_last_n, (double)d.sampler.presence_penalty,
             (double)d.sampler.frequency_penalty, AC_MAX_STOPS);

@@ -9,8 +9,12 @@
 #include <stdlib.h>
 #include <sys/stat.h>
 
-/* Tokenizer files looked for in the model's folder when none is named, in order. */
-static const char *const DEFAULT_TOKENIZERS[] = {"tokenizer.bin", "tok4096.bin"};
+/* Tokenizer files looked for in the model's folder when none is named, in order; and the same
+ * in words, for help texts (ac_tokenizer_lookup). */
+#define DEFAULT_TOKENIZER_1 "tokenizer.bin"
+#define DEFAULT_TOKENIZER_2 "tok4096.bin"
+static const char *const DEFAULT_TOKENIZERS[] = {DEFAULT_TOKENIZER_1, DEFAULT_TOKENIZER_2};
+static const char DEFAULT_LOOKUP_TEXT[] = DEFAULT_TOKENIZER_1 ", then " DEFAULT_TOKENIZER_2 " in the model's folder";
 enum { MAX_CANDIDATES = 4 };
 
 /* folder (the first folder_len bytes of a path, "" or ending in '/') + name + suffix, malloc'd. */
@@ -44,6 +48,8 @@ static int candidates(const char *model_path, const char *name, char *out[MAX_CA
         }
     return n;
 }
+
+AC_API const char *ac_tokenizer_lookup(void) { return DEFAULT_LOOKUP_TEXT; }
 
 AC_API int ac_tokenizer_path(const char *model_path, const char *name, char *buf, size_t cap) {
     if (!buf || cap == 0) return ac_fail(AC_ERR_ARG, "ac_tokenizer_path: no buffer");

@@ -45,7 +45,7 @@ extern "C" {
 /* The library's version, and its ABI number: it changes whenever a declaration below changes
  * incompatibly, and bindings compare it with ac_abi_version() when they load the library. */
 #define AC_VERSION_MAJOR 0
-#define AC_VERSION_MINOR 3
+#define AC_VERSION_MINOR 4
 #define AC_VERSION_PATCH 0
 #define AC_ABI_VERSION 3
 
@@ -88,9 +88,9 @@ enum { AC_TOKEN_UNK = 0, AC_TOKEN_BOS = 1, AC_TOKEN_EOS = 2 };
 AC_API const char *ac_last_error(void);
 /* The symbolic name of a result code, e.g. "AC_ERR_FORMAT". */
 AC_API const char *ac_strerror(int code);
-/* The library's version as text, "MAJOR.MINOR.PATCH" (e.g. "0.3.0"). */
+/* The library's version as text, "MAJOR.MINOR.PATCH" (e.g. "0.4.0"). */
 AC_API const char *ac_version(void);
-/* The same as one number: MAJOR * 10000 + MINOR * 100 + PATCH (0.3.0 is 300). */
+/* The same as one number: MAJOR * 10000 + MINOR * 100 + PATCH (0.4.0 is 400). */
 AC_API int ac_version_number(void);
 /* AC_ABI_VERSION of the library as built (a binding written for another ABI must not use it). */
 AC_API int ac_abi_version(void);
@@ -240,12 +240,16 @@ AC_API int ac_tokenizer_piece(const ac_tokenizer *tok, int id, const char **piec
 
 /* The tokenizer file to load for a model, the one lookup order of every front end: a name
  * tries NAME, NAME.bin, then (a relative NAME) both in model_path's folder; no name (NULL)
- * tries tokenizer.bin, then tok4096.bin in model_path's folder.  The first candidate that
+ * tries the default names in model_path's folder (ac_tokenizer_lookup says which, in order).  The first candidate that
  * exists (whatever it is: a directory is chosen and then refused by ac_tokenizer_load) is
  * written to buf (cap bytes, NUL-terminated).  model_path may be NULL (a model loaded from
  * memory): then only a name can be looked up.  AC_ERR_IO when no candidate exists (the
  * message lists every path tried), AC_ERR_RANGE when buf is too small. */
 AC_API int ac_tokenizer_path(const char *model_path, const char *name, char *buf, size_t cap);
+
+/* The lookup without a name, in words, for help texts: "tokenizer.bin, then tok4096.bin in the
+ * model's folder" (a static string). */
+AC_API const char *ac_tokenizer_lookup(void);
 
 /* ------------------------------------------------------------------------ chat templates */
 
@@ -474,6 +478,14 @@ AC_API int ac_session_feed_tokens(ac_session *session, const int *tokens, int n_
 AC_API int ac_session_next(ac_session *session, int *token, const char **piece, size_t *len);
 /* Why the session's generation ended, AC_STOP_NONE while it goes on. */
 AC_API ac_stop_reason ac_session_stop_reason(const ac_session *session);
+/* Up to max_tokens (>= 1) steps of ac_session_next in one call: the tokens' bytes, and at the
+ * end the bytes held back for the stop strings, gathered at *text / *len (a buffer of the
+ * session's, valid until the next call on it).  *n_generated (may be NULL) receives the number
+ * of tokens; fewer than max_tokens means the generation has ended (ac_session_stop_reason
+ * says why; an error returns the text up to it).  For callers to whom each call costs, e.g.
+ * Python's generate(): the tokens in between never leave C. */
+AC_API int ac_session_next_text(ac_session *session, int max_tokens, const char **text, size_t *len,
+                                int *n_generated);
 
 /* Called once per generated token with its decoded bytes (len may be 0), and once more with
  * token -1 when the generation ends with bytes held back for the stop strings.  Return

@@ -2,7 +2,8 @@
  * session.c - a session: one sequence over a model and tokenizer, with its own state (the KV
  * cache) and its own generation (generation.c: sampler, stop rule, stop strings).  The caller
  * feeds text or tokens, then asks for one token at a time (ac_session_next); ac_generate is
- * the loop over it that hands each piece to a callback.
+ * the loop over it that hands each piece to a callback, ac_session_next_text the loop that
+ * gathers many tokens' text for one call.
  *
  * A sampled token waits as `pending` and runs through the model only when the next token or
  * feed needs its logits: a generation that ends after it never pays for that forward pass.
@@ -11,6 +12,7 @@
 
 #include <limits.h>
 #include <stdlib.h>
+#include <string.h>
 
 struct ac_session {
     const ac_model *model;
@@ -20,12 +22,15 @@ struct ac_session {
     int pos;            /* positions already in the KV cache */
     int pending;        /* sampled but not yet run through the model, or -1 */
     int has_logits;     /* the state's logits belong to the token at pos - 1 */
+    char *text;         /* ac_session_next_text's bytes */
+    size_t text_cap;
 };
 
 AC_API void ac_session_free(ac_session *s) {
     if (!s) return;
     ac_state_free(s->state);
     ac_generation_free(s->gen);
+    free(s->text);
     free(s);
 }
 
@@ -159,6 +164,35 @@ AC_API int ac_session_next(ac_session *s, int *token, const char **piece, size_t
     if (piece) *piece = p;
     if (len) *len = n;
     return AC_OK;
+}
+
+AC_API int ac_session_next_text(ac_session *s, int max_tokens, const char **text, size_t *len, int *n_generated) {
+    if (n_generated) *n_generated = 0;
+    if (text) *text = "";
+    if (len) *len = 0;
+    if (!s || !text || !len) return ac_fail(AC_ERR_ARG, "ac_session_next_text: NULL argument");
+    if (max_tokens < 1) return ac_fail(AC_ERR_ARG, "ac_session_next_text: max_tokens %d is invalid: it must be "
+                                                   "1 or more", max_tokens);
+    size_t used = 0;
+    int n = 0, rc = AC_OK;
+    while (n < max_tokens) {
+        int token;
+        const char *piece;
+        size_t piece_len;
+        if ((rc = ac_session_next(s, &token, &piece, &piece_len))) break;
+        if (piece_len > 0) {
+            if ((rc = ac_grow((void **)&s->text, &s->text_cap, used + piece_len, 1, "a generation's text in bytes")))
+                break;
+            memcpy(s->text + used, piece, piece_len);
+            used += piece_len;
+        }
+        if (token < 0) break; /* ended: the held-back bytes came last */
+        n++;
+    }
+    if (used > 0) *text = s->text;
+    *len = used;
+    if (n_generated) *n_generated = n;
+    return rc;
 }
 
 AC_API int ac_generate(ac_session *s, const char *prompt, size_t len, ac_piece_fn on_piece,

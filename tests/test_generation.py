@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,6 +195,46 @@ def test_session_stop_strings_through_ac_generate(lib, ffi, scripted_model):
         c.close()
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 3, 4, 100])
+def test_next_text_gathers_what_next_gives_and_says_when_it_ended(lib, ffi, scripted_model, chunk):
+    """ac_session_next_text(chunk): the bytes of `chunk` ac_session_next steps (and the held-back
+    bytes at the end), fewer than chunk tokens once the generation has ended."""
+    files = scripted_model([1] + ALPHABET[:5] + [2], seq_len=12)  # BOS a b c d e EOS
+    c = Loaded(lib, ffi, files)
+    try:
+        s = c.session(temperature=0.0)
+        text, size, n = ffi.new("const char **"), ffi.new("size_t *"), ffi.new("int *")
+        assert lib.ac_session_next_text(s, chunk, text, size, n) == 0 and (size[0], n[0]) == (0, 0)  # nothing fed
+        stops = [ffi.new("char[]", b"ex")]  # "e" is held back for it, then comes out at the end
+        assert lib.ac_session_set_stops(s, ffi.new("const char *[]", stops), ffi.new("size_t[]", [2]), 1) == 0
+        assert lib.ac_session_feed(s, b"", 0, 1) == 0
+        calls = []
+        while True:
+            assert lib.ac_session_next_text(s, chunk, text, size, n) == 0
+            calls.append((ffi.unpack(text[0], size[0]), n[0]))
+            if n[0] < chunk:
+                break
+        assert b"".join(t for t, _ in calls) == b"abcde" and sum(k for _, k in calls) == 5
+        assert all(k == chunk for _, k in calls[:-1]) and lib.ac_session_stop_reason(s) == lib.AC_STOP_END
+        assert lib.ac_session_next_text(s, 0, text, size, n) == lib.AC_ERR_ARG
+        assert "max_tokens 0 is invalid" in last_error(lib, ffi)
+        assert lib.ac_session_next_text(s, 1, ffi.NULL, size, n) == lib.AC_ERR_ARG
+        lib.ac_session_free(s)
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("max_new", [1, 63, 64, 65, 128, 200])
+def test_generate_equals_stream_across_chunk_boundaries(make_model, max_new):
+    """Model.generate gathers its text in chunks of tokens in C; stream() goes token by token:
+    one text, whether the generation ends inside a chunk or right at its end."""
+    files = make_model(seed=4, seq_len=256)
+    with Model(files.model, files.tokenizer) as m:
+        for settings in (dict(temperature=0.0, ignore_eos=True), dict(temperature=1.0, seed=9, stop=["e t"])):
+            want = "".join(m.stream("the", max_new, **settings))
+            assert m.generate("the", max_new, **settings) == want
+
+
 def test_prompt_too_long_is_refused_by_the_feed(lib, ffi, make_model):
     files = make_model(seq_len=8)
     c = Loaded(lib, ffi, files)
@@ -322,6 +363,23 @@ def test_one_tokenizer_lookup_order(lib, ffi, make_model, run_binary, tmp_path):
     assert lib.ac_tokenizer_path(os.fsencode(files.model), b"x", buf, 4) == lib.AC_ERR_IO  # nothing named x
     (folder / "xyz.bin").write_bytes(b"")
     assert lib.ac_tokenizer_path(os.fsencode(files.model), b"xyz", buf, 8) == lib.AC_ERR_RANGE  # buffer too small
+
+
+def test_help_texts_state_the_library_s_lookup_in_its_order(lib, ffi, run_binary, tmp_path):
+    """The default lookup's words come from the library: the names it tries, in that order, and
+    what ./run, the Python CLI, the reference and the converter say in --help."""
+    words = ffi.string(lib.ac_tokenizer_lookup()).decode()
+    model = tmp_path / "m.bin"
+    assert lib.ac_tokenizer_path(os.fsencode(model), ffi.NULL, ffi.new("char[]", 64), 64) == lib.AC_ERR_IO
+    tried = last_error(lib, ffi).split("tried: ")[1].split(", ")
+    assert re.findall(r"[\w.]+\.bin", words) == [Path(p).name for p in tried] == ["tokenizer.bin", "tok4096.bin"]
+    cli = subprocess.run([str(run_binary), "--help"], capture_output=True, text=True, timeout=60)
+    assert f"default: {words}" in cli.stdout
+    env = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="300")
+    for command in (["arianna_c.cli", "generate"], ["arianna_c.reference"], ["arianna_c.convert", "to-gguf"]):
+        r = subprocess.run([sys.executable, "-m", *command, "--help"], capture_output=True, text=True, env=env,
+                           timeout=120)
+        assert r.returncode == 0 and words in " ".join(r.stdout.split()), (command, r.stdout)
 
 
 def test_one_version(lib, ffi):
