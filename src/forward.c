@@ -344,6 +344,22 @@ static void attend(const ac_state *s, int l, int r0, int r1, int h, float *score
                           head_size, s->row_pos[r0] + 1, r1 - r0, head_size);
 }
 
+/* Row r's queries of heads [h0, h1) and keys of kv heads [k0, k1) rotated by its position, and
+ * those keys and values written to its sequence's layer-l cache. */
+static void rotate_and_cache(const ac_state *s, int l, int r, int h0, int h1, int k0, int k1) {
+    const ac_config *c = &s->model->config;
+    int D = c->dim, head_size = D / c->n_heads, kv_dim = head_size * c->n_kv_heads;
+    float *q = s->qkv + (size_t)r * (D + 2 * kv_dim), *k = q + D, *v = k + kv_dim;
+    size_t rot = (size_t)s->row_pos[r] * (head_size / 2);
+    rope(q + (size_t)h0 * head_size, h1 - h0, head_size, s->rope_cos + rot, s->rope_sin + rot);
+    rope(k + (size_t)k0 * head_size, k1 - k0, head_size, s->rope_cos + rot, s->rope_sin + rot);
+    for (int kh = k0; kh < k1; kh++) {
+        size_t row = cache_offset(s, s->row_seq[r], l, kh) + (size_t)s->row_pos[r] * head_size;
+        memcpy(s->key_cache + row, k + (size_t)kh * head_size, (size_t)head_size * sizeof(float));
+        memcpy(s->value_cache + row, v + (size_t)kh * head_size, (size_t)head_size * sizeof(float));
+    }
+}
+
 /* Splits rows [0, n) into attention groups: runs of one sequence at consecutive positions,
  * at most ATTENTION_ROWS long.  Returns the count; group g is [start[g], start[g + 1]). */
 static int attention_groups(const ac_state *s, int n, int *start) {
@@ -358,7 +374,8 @@ static int attention_groups(const ac_state *s, int n, int *start) {
 
 typedef struct {
     const ac_state *s;
-    int l, n_groups;
+    const ac_layer *layer;
+    int l, n_rows, n_groups;
 } attention_job;
 
 /* Blocks of (group, head) pairs. */
@@ -373,6 +390,29 @@ static void attention_task(void *arg, int block, int n_blocks, int thread) {
         int g = item / n_heads;
         attend(s, j->l, s->group_start[g], s->group_start[g + 1], item % n_heads, scores);
     }
+}
+
+/* Queries, keys and values of a share of the kv heads (each with its query heads) for every
+ * row, rotated and cached, then those heads' attention: one job instead of a matrix product
+ * and an attention pass with a wait between them, for thread counts that divide the kv heads
+ * (every block the same work).  Each number is computed as in the two-job path. */
+static void qkv_attention_task(void *arg, int block, int n_blocks, int thread) {
+    const attention_job *j = arg;
+    const ac_state *s = j->s;
+    const ac_config *c = &s->model->config;
+    int D = c->dim, head_size = D / c->n_heads, kv_dim = head_size * c->n_kv_heads;
+    int kv_mul = c->n_heads / c->n_kv_heads, qkv_width = D + 2 * kv_dim, n = j->n_rows;
+    int k0, k1;
+    ac_split(c->n_kv_heads, 1, block, n_blocks, &k0, &k1);
+    if (k0 == k1) return;
+    int h0 = k0 * kv_mul, h1 = k1 * kv_mul;
+    matmul_rows(s, &j->layer->wq, s->qkv, qkv_width, s->xb, n, D, h0 * head_size, h1 * head_size);
+    matmul_rows(s, &j->layer->wk, s->qkv + D, qkv_width, s->xb, n, D, k0 * head_size, k1 * head_size);
+    matmul_rows(s, &j->layer->wv, s->qkv + D + kv_dim, qkv_width, s->xb, n, D, k0 * head_size, k1 * head_size);
+    for (int r = 0; r < n; r++) rotate_and_cache(s, j->l, r, h0, h1, k0, k1);
+    float *scores = s->att + (size_t)thread * ATTENTION_ROWS * c->seq_len;
+    for (int g = 0; g < j->n_groups; g++)
+        for (int h = h0; h < h1; h++) attend(s, j->l, s->group_start[g], s->group_start[g + 1], h, scores);
 }
 
 /* Row x (D) = the embedding of token (dequantized for int8 models). */
@@ -410,7 +450,7 @@ static int check_logits(const ac_state *s, const float *out, int first, int n) {
 static int forward_rows(ac_state *s, const int *tokens, int n, int first, float *out) {
     const ac_config *c = &s->model->config;
     const ac_weights *w = &s->model->w;
-    int D = c->dim, H = c->hidden_dim, head_size = D / c->n_heads, half = head_size / 2;
+    int D = c->dim, H = c->hidden_dim, head_size = D / c->n_heads;
     int kv_dim = head_size * c->n_kv_heads, qkv_width = D + 2 * kv_dim;
     for (int r = 0; r < n; r++) embed(s, tokens[r], s->x + (size_t)r * D);
     int n_groups = attention_groups(s, n, s->group_start);
@@ -418,22 +458,17 @@ static int forward_rows(ac_state *s, const int *tokens, int n, int first, float 
         const ac_layer *layer = &w->layers[l];
         for (int r = 0; r < n; r++)
             rmsnorm(s->xb + (size_t)r * D, s->x + (size_t)r * D, w->rms_att + (size_t)l * D, D);
-        matmul_job qkv = {s, 3, {&layer->wq, &layer->wk, &layer->wv}, {D, kv_dim, kv_dim},
-                          {0, D, D + kv_dim}, s->xb, n, D, s->qkv, qkv_width};
-        matmul(s, &qkv);
-        for (int r = 0; r < n; r++) {
-            float *q = s->qkv + (size_t)r * qkv_width, *k = q + D, *v = k + kv_dim;
-            size_t rot = (size_t)s->row_pos[r] * half;
-            rope(q, c->n_heads, head_size, s->rope_cos + rot, s->rope_sin + rot);
-            rope(k, c->n_kv_heads, head_size, s->rope_cos + rot, s->rope_sin + rot);
-            for (int kh = 0; kh < c->n_kv_heads; kh++) {
-                size_t row = cache_offset(s, s->row_seq[r], l, kh) + (size_t)s->row_pos[r] * head_size;
-                memcpy(s->key_cache + row, k + (size_t)kh * head_size, (size_t)head_size * sizeof(float));
-                memcpy(s->value_cache + row, v + (size_t)kh * head_size, (size_t)head_size * sizeof(float));
-            }
+        attention_job att = {s, layer, l, n, n_groups};
+        if (s->n_threads > 1 && c->n_kv_heads % s->n_threads == 0) {
+            quantize_input(s, s->xb, n, D);
+            ac_pool_run(s->pool, qkv_attention_task, &att, s->n_threads);
+        } else {
+            matmul_job qkv = {s, 3, {&layer->wq, &layer->wk, &layer->wv}, {D, kv_dim, kv_dim},
+                              {0, D, D + kv_dim}, s->xb, n, D, s->qkv, qkv_width};
+            matmul(s, &qkv);
+            for (int r = 0; r < n; r++) rotate_and_cache(s, l, r, 0, c->n_heads, 0, c->n_kv_heads);
+            run_job(s, attention_task, &att, n_groups * c->n_heads);
         }
-        attention_job att = {s, l, n_groups};
-        run_job(s, attention_task, &att, n_groups * c->n_heads);
         matmul1(s, &layer->wo, s->xb, s->xb2, n, D, D);
         for (size_t i = 0; i < (size_t)n * D; i++) s->x[i] += s->xb[i];
         for (int r = 0; r < n; r++)
