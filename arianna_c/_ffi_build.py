@@ -66,6 +66,7 @@ typedef struct {
     int rank; float alpha; int n_targets; uint64_t n_params; ac_config base;
     unsigned char base_fingerprint[32];
 } ac_module_info;
+int ac_module_spec(const char *spec, size_t *path_len, float *scale);
 int ac_module_load(const char *path, ac_module **out);
 int ac_module_load_memory(const void *data, size_t size, const char *name, ac_module **out);
 void ac_module_free(ac_module *module);

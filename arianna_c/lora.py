@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,14 +70,16 @@ def parse_targets(matrices: str, layers: str, n_layers: int) -> list[tuple[int, 
 
 
 def split_spec(spec: str) -> tuple[str, float]:
-    """"m.bin" -> ("m.bin", 1.0); "m.bin:0.5" -> ("m.bin", 0.5) (as ./run -L reads it)."""
-    path, sep, scale = spec.rpartition(":")
-    if sep and path:
-        try:
-            return path, float(scale)
-        except ValueError:
-            pass
-    return spec, 1.0
+    """"m.bin" -> ("m.bin", 1.0); "m.bin:0.5" -> ("m.bin", 0.5): the library's rule
+    (ac_module_spec, as ./run -L reads it); the scale as the float32 the library uses."""
+    from ._lib import _error_check, ffi, load
+
+    raw = os.fsencode(spec)
+    if b"\0" in raw:
+        raise ValueError(f"module {spec!r} contains a NUL byte")
+    path_len, scale = ffi.new("size_t *"), ffi.new("float *")
+    _error_check(load().ac_module_spec(raw, path_len, scale))
+    return os.fsdecode(raw[: path_len[0]]), float(scale[0])
 
 
 

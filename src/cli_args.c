@@ -151,17 +151,11 @@ static int find_option(const char *flag) {
     return -1;
 }
 
-/* -L MODULE[:SCALE]: the scale is what follows the last ':' when that is a number (so a path
- * may hold ':' too), else 1. */
+/* -L MODULE[:SCALE], split by the library's rule (ac_module_spec). */
 static const char *parse_module(const char *val, options *o) {
     if (o->n_modules == AC_MAX_MODULES) return "too many modules (the most is " STRINGIFY(AC_MAX_MODULES) ")";
-    double scale = 1.0;
-    const char *colon = strrchr(val, ':');
-    size_t len = strlen(val);
-    if (colon && colon > val && !parse_float(colon + 1, &scale)) len = (size_t)(colon - val);
-    o->module[o->n_modules] = val;
-    o->module_path_len[o->n_modules] = len;
-    o->module_scale[o->n_modules++] = (float)scale;
+    ac_module_spec(val, &o->module_path_len[o->n_modules], &o->module_scale[o->n_modules]);
+    o->module[o->n_modules++] = val;
     return NULL;
 }
 

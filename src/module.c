@@ -30,6 +30,9 @@
 
 #include "blake2b.h"
 
+#include <ctype.h>
+#include <errno.h>
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -226,6 +229,27 @@ AC_API int ac_module_load_memory(const void *data, size_t size, const char *name
     if (!copy) return ac_fail(AC_ERR_NOMEM, "%s: out of memory for %zu module bytes", name, size);
     if (size) memcpy(copy, data, size);
     return module_from_bytes(copy, size, name, out);
+}
+
+/* The text is a finite float32 number, written out whole (no leading space, nothing after it). */
+static int whole_float(const char *s, double *out) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (end == s || *end || isspace((unsigned char)s[0]) || !isfinite(v) || errno == ERANGE || fabs(v) > FLT_MAX ||
+        (v != 0.0 && fabs(v) < FLT_MIN))
+        return 0;
+    *out = v;
+    return 1;
+}
+
+AC_API int ac_module_spec(const char *spec, size_t *path_len, float *scale) {
+    if (!spec || !path_len || !scale) return ac_fail(AC_ERR_ARG, "ac_module_spec: NULL argument");
+    const char *colon = strrchr(spec, ':');
+    double v = 1.0;
+    *path_len = colon && colon > spec && whole_float(colon + 1, &v) ? (size_t)(colon - spec) : strlen(spec);
+    *scale = (float)v;
+    return AC_OK;
 }
 
 AC_API int ac_module_load(const char *path, ac_module **out) {

@@ -664,6 +664,12 @@ typedef struct {
     unsigned char base_fingerprint[AC_FINGERPRINT_BYTES];
 } ac_module_info;
 
+/* A module argument MODULE[:SCALE] as every front end reads it (./run -L, Python's -L and
+ * module lists): the scale is what follows the last ':' when that is a finite float32 number
+ * written out whole (so a path may hold ':' too), else the whole text is the path and the
+ * scale 1.  *path_len receives the path's length in bytes.  AC_ERR_ARG for a NULL argument. */
+AC_API int ac_module_spec(const char *spec, size_t *path_len, float *scale);
+
 /* Reads and validates a module file: AC_ERR_FORMAT naming the field for a bad magic, version,
  * rank, alpha, base shape, target table, size, or a non-finite value in A or B. */
 AC_API int ac_module_load(const char *path, ac_module **out);

@@ -509,6 +509,23 @@ def test_targets_and_layers_options():
     assert split_spec("dir:x/m.bin") == ("dir:x/m.bin", 1.0)
 
 
+# What is not a finite float32 written out whole stays part of the path (Python's float() would
+# take all but the first four; before the library's rule served both, Python did).
+NOT_SCALES = ["m.bin:inf", "m.bin:nan", "m.bin: 0.5", "m.bin:1e400", "m.bin:1_0", "m.bin:0x", "m.bin:"]
+
+
+def test_module_specs_split_by_the_library_s_rule_in_python_and_in_run(run_binary, base, tmp_path):
+    from arianna_c.lora import split_spec
+
+    assert split_spec("m.bin:-1.5") == ("m.bin", -1.5) and split_spec("m.bin:0.3") == ("m.bin", float(np.float32(0.3)))
+    assert split_spec(":0.5") == (":0.5", 1.0)  # nothing before the ':': no path to split off
+    for spec in NOT_SCALES:
+        assert split_spec(spec) == (spec, 1.0)
+        r = run_cli(run_binary, base.model, "-z", base.tokenizer, "-L", tmp_path / spec)
+        assert error_lines(r.stderr) == [f"error: {tmp_path / spec}: cannot open module file: No such file or "
+                                         f"directory"], r.stderr
+
+
 # ---------------------------------------------------------------------------- the dialogue data
 
 
