@@ -8,7 +8,9 @@
  * scale 0 the result must give the base's logits bit for bit, and at scale 1 it must run (or
  * be refused with AC_ERR_RANGE when a merged weight overflows).  Inputs are tried twice: as
  * given, and with the base's shape and fingerprint written into the header, so that mutations
- * of the rest of the file reach the merge.
+ * of the rest of the file reach the merge.  The bytes (up to a NUL) are also split as a
+ * MODULE[:SCALE] argument: the path is all of it, or what comes before a ':', and the scale
+ * is finite.
  */
 #include <math.h>
 #include <stdint.h>
@@ -125,7 +127,22 @@ static void try_module(const uint8_t *data, size_t size) {
     ac_module_free(m);
 }
 
+/* ac_module_spec on the bytes as a C string. */
+static void try_spec(const uint8_t *data, size_t size) {
+    char *spec = malloc(size + 1);
+    fuzz_assert(spec != NULL, "copy");
+    memcpy(spec, data, size);
+    spec[size] = '\0';
+    size_t len = strlen(spec), path_len = 0;
+    float scale = 0.0f;
+    fuzz_assert(ac_module_spec(spec, &path_len, &scale) == AC_OK, "ac_module_spec");
+    fuzz_assert(path_len == len || (path_len > 0 && spec[path_len] == ':'), "the path is all or ends before a ':'");
+    fuzz_assert(isfinite(scale) && (path_len < len || scale == 1.0f), "a finite scale, 1 without one");
+    free(spec);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    try_spec(data, size);
     try_module(data, size);
     if (size < HEADER_BYTES) return 0;
     uint8_t *patched = malloc(size);
