@@ -461,7 +461,7 @@ static int forward_rows(ac_state *s, const int *tokens, int n, int first, float 
         attention_job att = {s, layer, l, n, n_groups};
         if (s->n_threads > 1 && c->n_kv_heads % s->n_threads == 0) {
             quantize_input(s, s->xb, n, D);
-            ac_pool_run(s->pool, qkv_attention_task, &att, s->n_threads);
+            run_job(s, qkv_attention_task, &att, c->n_kv_heads);
         } else {
             matmul_job qkv = {s, 3, {&layer->wq, &layer->wk, &layer->wv}, {D, kv_dim, kv_dim},
                               {0, D, D + kv_dim}, s->xb, n, D, s->qkv, qkv_width};

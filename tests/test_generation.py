@@ -224,7 +224,10 @@ def test_next_text_gathers_what_next_gives_and_says_when_it_ended(lib, ffi, scri
         c.close()
 
 
-@pytest.mark.parametrize("max_new", [1, 63, 64, 65, 128, 200])
+CHUNK = arianna_c.runtime.TEXT_CHUNK_TOKENS
+
+
+@pytest.mark.parametrize("max_new", [1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK, 200])
 def test_generate_equals_stream_across_chunk_boundaries(make_model, max_new):
     """Model.generate gathers its text in chunks of tokens in C; stream() goes token by token:
     one text, whether the generation ends inside a chunk or right at its end."""
