@@ -186,19 +186,25 @@ AVX512_FN void ac_gemm_f32_avx512(float *out, int ldo, const float *W, int ldw, 
 
 /* The int32 lane sums of int8 products, 64 bytes at a time: lane l sums bytes 4l .. 4l+3, so
  * lanes 0-7 hold a 32-byte chunk's 8 sums exactly as avx2's dot32_q8 gives them, and lanes 8-15
- * another chunk's.  vpdpbusd multiplies unsigned by signed bytes: the activations go in offset
- * by 128 (x ^ 0x80 = x + 128 as an unsigned byte) and 128 * (the lane's sum of w) comes back off,
- * which one more vpdpbusd per weight vector gives (shared by all the tokens).  All exact. */
-VNNI512_TILE __m512i weight_offset(__m512i w) { return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8((char)0x80), w); }
-VNNI512_TILE __m512i dot_q8(__m512i x_offset, __m512i w, __m512i w_offset) {
-    return _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), x_offset, w), w_offset);
+ * another chunk's.  vpdpbusd multiplies unsigned by signed bytes: the weights go in offset by
+ * 128 (w ^ 0x80 = w + 128 as an unsigned byte, offset_bytes), which adds 128 * (the lane's sum
+ * of x), the same for every weight row: the sums start from minus that, computed once per
+ * chunk of x (one more vpdpbusd), and come out exact.  (Offsetting x instead costs that
+ * vpdpbusd per weight vector; measured, bench/ab.c, the persona in int8, 2-core AMD EPYC Zen 5:
+ * prefill 1.10x, batched decode 1.03x, and with rows_tile_q8's scales decode 1.11x at one
+ * thread, 1.31x at two.) */
+VNNI512_TILE __m512i minus_weight_offset(__m512i x) {
+    return _mm512_sub_epi32(_mm512_setzero_si512(),
+                            _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8((char)0x80), x));
+}
+
+/* Two 8-float vectors side by side. */
+VNNI512_TILE __m512 pair_halves(__m256 lo, __m256 hi) {
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
 }
 
 /* *lo in the low 8 lanes, *hi in the high 8. */
-VNNI512_TILE __m512 pair_floats(const float *lo, const float *hi) {
-    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(*lo)),
-                                               _mm256_castps_pd(_mm256_set1_ps(*hi)), 1));
-}
+VNNI512_TILE __m512 pair_floats(const float *lo, const float *hi) { return pair_halves(_mm256_set1_ps(*lo), _mm256_set1_ps(*hi)); }
 
 /* Stores the two 8-lane sums of acc: the low one to *lo, the high one to *hi unless hi is NULL. */
 VNNI512_TILE void store_pair(float *lo, float *hi, __m512 acc) {
@@ -208,14 +214,19 @@ VNNI512_TILE void store_pair(float *lo, float *hi, __m512 acc) {
 
 /* Tiles: decode, Q8_DECODE_PAIRS row pairs; more tokens, Q8_ROWS rows x Q8_PAIRS token pairs.
  * Measured (bench/kernel_bench.c built -O3 like the library, persona shapes, weights from L3):
- * decode 1 or 2 pairs 53-55 GOP/s, 4 pairs 48-50, 6 or 8 pairs 47-54; T = 16 and 64: 8 x 2
- * 98-100, 6 x 2 95, 4 x 4 92-96, 8 x 1 86-94, 4 x 2 77-93, 4 x 3 83-87. */
-#define Q8_DECODE_PAIRS 2
+ * decode (rows_tile_q8 below, 2-core AMD EPYC Zen 5) 4 pairs 77-130 GOP/s, 6 or 8 about the
+ * same, 2 pairs 65-115, the earlier kernel (a second vpdpbusd per weight vector for its offset,
+ * scales multiplied chunk by chunk) 62-84; T = 16 and 64 (Xeon): 8 x 2 98-100, 6 x 2 95, 4 x 4
+ * 92-96, 8 x 1 86-94, 4 x 2 77-93, 4 x 3 83-87. */
+#define Q8_DECODE_PAIRS 4
 #define Q8_ROWS 8
 #define Q8_PAIRS 2
 
 /* One token, P pairs of weight rows: pair p holds rows 2p (low lanes) and 2p + 1 (high lanes),
- * rows >= R repeat row R - 1 (and are not stored).  ahead > 0 prefetches as tile_q8 in avx2. */
+ * rows >= R repeat row R - 1 (and are not stored).  ahead > 0 prefetches as tile_q8 in avx2.
+ * The scales w_scale * x_scale are multiplied SCALE_GROUPS groups at a time (the same
+ * products) and each chunk's pair of them is broadcast with one permute. */
+#define SCALE_GROUPS 8
 VNNI512_TILE void rows_tile_q8(int P, int R, float *out, const int8_t *Wq, const float *Ws, const int8_t *Xq,
                                const float *Xs, int n, int gs, int ahead) {
     int ng = n / gs;
@@ -227,19 +238,29 @@ VNNI512_TILE void rows_tile_q8(int P, int R, float *out, const int8_t *Wq, const
         ws_row[r] = Ws + (size_t)row * ng;
         if (ahead) _mm_prefetch((const char *)(Ws + (size_t)(ahead + row) * ng), _MM_HINT_T0);
     }
+    const __m512i high_half = _mm512_set_epi32(8, 8, 8, 8, 8, 8, 8, 8, 0, 0, 0, 0, 0, 0, 0, 0);
     __m512 acc[Q8_DECODE_PAIRS];
     for (int p = 0; p < P; p++) acc[p] = _mm512_setzero_ps();
-    for (int k = 0; k < n; k += 32) {
-        int g = k / gs;
-        if (ahead && (k & 63) == 0)
-            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(Wq + (size_t)(ahead + r) * n + k), _MM_HINT_T0);
-        __m512i x = offset_bytes(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(Xq + k))));
-        __m512 xs = _mm512_set1_ps(Xs[g]);
-        for (int p = 0; p < P; p++) {
-            __m512i w = pair_bytes(w_row[2 * p] + k, w_row[2 * p + 1] + k);
-            __m512 d = _mm512_cvtepi32_ps(dot_q8(x, w, weight_offset(w)));
-            __m512 scale = _mm512_mul_ps(pair_floats(ws_row[2 * p] + g, ws_row[2 * p + 1] + g), xs);
-            acc[p] = _mm512_fmadd_ps(d, scale, acc[p]);
+    for (int g0 = 0; g0 < ng; g0 += SCALE_GROUPS) {
+        int groups = ng - g0 < SCALE_GROUPS ? ng - g0 : SCALE_GROUPS;
+        __mmask8 loaded = (__mmask8)((1u << groups) - 1);
+        __m256 xs = _mm256_maskz_loadu_ps(loaded, Xs + g0);
+        __m512 scales[Q8_DECODE_PAIRS]; /* lane j: group g0 + j of row 2p; lane 8 + j: of row 2p + 1 */
+        for (int p = 0; p < P; p++)
+            scales[p] = _mm512_mul_ps(pair_halves(_mm256_maskz_loadu_ps(loaded, ws_row[2 * p] + g0),
+                                                  _mm256_maskz_loadu_ps(loaded, ws_row[2 * p + 1] + g0)),
+                                      pair_halves(xs, xs));
+        for (int k = g0 * gs; k < (g0 + groups) * gs; k += 32) {
+            if (ahead && (k & 63) == 0)
+                for (int r = 0; r < R; r++) _mm_prefetch((const char *)(Wq + (size_t)(ahead + r) * n + k), _MM_HINT_T0);
+            __m512i x = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(Xq + k)));
+            __m512i start = minus_weight_offset(x);
+            __m512i lane = _mm512_add_epi32(_mm512_set1_epi32(k / gs - g0), high_half);
+            for (int p = 0; p < P; p++) {
+                __m512i w = offset_bytes(pair_bytes(w_row[2 * p] + k, w_row[2 * p + 1] + k));
+                __m512 d = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, w, x));
+                acc[p] = _mm512_fmadd_ps(d, _mm512_permutexvar_ps(lane, scales[p]), acc[p]);
+            }
         }
     }
     for (int p = 0; p < P; p++) store_pair(out + 2 * p, 2 * p + 1 < R ? out + 2 * p + 1 : NULL, acc[p]);
@@ -289,18 +310,18 @@ VNNI512_TILE void tokens_tile_q8(int R, int Q, int C, float *out, int ldo, const
         int g = k / gs;
         if (ahead && (k & 63) == 0)
             for (int r = 0; r < R; r++) _mm_prefetch((const char *)(Wq + (size_t)(ahead + r) * n + k), _MM_HINT_T0);
-        __m512i x[Q8_PAIRS];
+        __m512i x[Q8_PAIRS], start[Q8_PAIRS];
         __m512 xs[Q8_PAIRS];
         for (int q = 0; q < Q; q++) {
-            x[q] = offset_bytes(pair_bytes(x_tok[2 * q] + k, x_tok[2 * q + 1] + k));
+            x[q] = pair_bytes(x_tok[2 * q] + k, x_tok[2 * q + 1] + k);
+            start[q] = minus_weight_offset(x[q]);
             xs[q] = pair_floats(xs_tok[2 * q] + g, xs_tok[2 * q + 1] + g);
         }
         for (int r = 0; r < R; r++) {
-            __m512i w = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(Wq + (size_t)r * n + k)));
-            __m512i w_offset = weight_offset(w);
+            __m512i w = offset_bytes(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(Wq + (size_t)r * n + k))));
             __m512 ws = _mm512_set1_ps(Ws[(size_t)r * ng + g]);
             for (int q = 0; q < Q; q++) {
-                __m512 d = _mm512_cvtepi32_ps(dot_q8(x[q], w, w_offset));
+                __m512 d = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start[q], w, x[q]));
                 acc[r][q] = _mm512_fmadd_ps(d, _mm512_mul_ps(ws, xs[q]), acc[r][q]);
             }
         }

@@ -254,6 +254,7 @@ int main(int argc, char **argv) {
         for (int T = 1; T <= 19; T += 6) check_gemm_f32(k, 37, sizes[s], T);
     for (int T = 1; T <= 19; T += 3) {
         check_gemm_q8(k, int8_order, 29, 96, T, 32);
+        check_gemm_q8(k, int8_order, 29, 288, T, 32); /* 9 groups: avx512-vnni's 8 scales at a time, and one */
         check_gemm_q8(k, int8_order, 29, 128, T, 64);
         check_gemm_q8(k, int8_order, 13, 48, T, 16);
         check_gemm_q8(k, int8_order, 37, 48, T, 16);
