@@ -30,9 +30,10 @@ AVX512_TILE float hsum_avx512(__m512 v) { return hsum_avx2(_mm256_add_ps(low8(v)
 /* Columns [0, 16B) of Q queries' weighted sums (Q <= WEIGHTED_QUERIES) in Q x B registers:
  * the first T rows of V are read once for all Q queries, then query q takes its own last q
  * rows; every column is one chain of FMAs over t as in the avx2 set (the same bits), and the
- * last block takes only the lanes of mask.  (Four chains per column added at the end, and one
- * pass over V for head_size 48 instead of three, each measured 0.96-1.0x of one query's chain:
- * bench/ab.c -c, persona decode and prefill.) */
+ * last block takes only the lanes of mask.  (Four chains per column added at the end measured
+ * 0.96-1.0x of one chain on a Xeon; one pass over V for head_size 48 instead of three, 0.96-1.0x
+ * there but 1.18x float32 prefill and 1.03x int8 decode on an AMD EPYC Zen 5: bench/ab.c -c,
+ * the persona.) */
 #define WEIGHTED_QUERIES 4
 AVX512_TILE void weighted_block(int Q, int B, __mmask16 mask, float *out, int ldo, const float *a, int lda,
                                 const float *V, int ldv, int T) {
@@ -56,12 +57,18 @@ AVX512_TILE void weighted_block(int Q, int B, __mmask16 mask, float *out, int ld
     }
 }
 
-/* Columns [0, n) of Q queries' sums. */
+/* Columns [0, n) of Q queries' sums: 64 at a time, the rest of the whole vectors (a head of 48
+ * for one) in one more pass over V, and the last n % 16 columns. */
 AVX512_TILE void weighted_queries(int Q, float *out, int ldo, const float *a, int lda, const float *V, int ldv, int T,
                                   int n) {
     int j = 0;
     for (; j + 64 <= n; j += 64) weighted_block(Q, 4, 0xFFFF, out + j, ldo, a, lda, V + j, ldv, T);
-    for (; j + 16 <= n; j += 16) weighted_block(Q, 1, 0xFFFF, out + j, ldo, a, lda, V + j, ldv, T);
+    switch ((n - j) / 16) { /* a constant block count */
+    case 3: weighted_block(Q, 3, 0xFFFF, out + j, ldo, a, lda, V + j, ldv, T); break;
+    case 2: weighted_block(Q, 2, 0xFFFF, out + j, ldo, a, lda, V + j, ldv, T); break;
+    case 1: weighted_block(Q, 1, 0xFFFF, out + j, ldo, a, lda, V + j, ldv, T); break;
+    }
+    j += (n - j) / 16 * 16;
     if (j < n) weighted_block(Q, 1, first_lanes(n - j), out + j, ldo, a, lda, V + j, ldv, T);
 }
 
@@ -119,25 +126,36 @@ AVX512_TILE void store_tile_sums(float *out, int ldo, __m512 acc[TILE_ROWS][TILE
     _mm_storeu_ps(out + 3 * (size_t)ldo, _mm512_extractf32x4_ps(sums, 3));
 }
 
+/* 16 floats at p, the lanes outside mask as zeros (a plain load for a constant full mask). */
+AVX512_TILE __m512 load16(__mmask16 mask, const float *p) {
+    return mask == 0xFFFF ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(mask, p);
+}
+
+/* Chunk j (16 floats, the lanes of mask) of R weight rows x C tokens into acc; ahead > 0
+ * prefetches rows ahead.. ahead+R-1 further on, one cache line per row. */
+AVX512_TILE void tile_chunk_f32(int R, int C, __m512 acc[TILE_ROWS][TILE_TOKENS], const float *W, int ldw,
+                                const float *X, int ldx, int j, __mmask16 mask, int ahead) {
+    __m512 x[TILE_TOKENS];
+    if (ahead)
+        for (int r = 0; r < R; r++) _mm_prefetch((const char *)(W + (size_t)(ahead + r) * ldw + j), _MM_HINT_T0);
+    for (int c = 0; c < C; c++) x[c] = load16(mask, X + (size_t)c * ldx + j);
+    for (int r = 0; r < R; r++) {
+        __m512 w = load16(mask, W + (size_t)r * ldw + j);
+        for (int c = 0; c < C; c++) acc[r][c] = _mm512_fmadd_ps(w, x[c], acc[r][c]);
+    }
+}
+
 /* R weight rows x C tokens, each accumulator one dot product updated once per 16-float chunk
- * of n (the tail chunk masked).  ahead > 0 prefetches rows ahead.. ahead+R-1 further on, one
- * cache line per row per chunk. */
+ * of n: the whole chunks, then the tail chunk masked (so the loop over whole chunks computes
+ * no mask: float32 prefill 1.13x, decode 1.02x, bench/ab.c -c, AMD EPYC Zen 5). */
 AVX512_TILE void tile_f32(int R, int C, float *out, int ldo, const float *W, int ldw, const float *X,
                           int ldx, int n, int ahead) {
     __m512 acc[TILE_ROWS][TILE_TOKENS];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
-    for (int j = 0; j < n; j += 16) {
-        __mmask16 mask = n - j >= 16 ? 0xFFFF : first_lanes(n - j);
-        __m512 x[TILE_TOKENS];
-        if (ahead)
-            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(W + (size_t)(ahead + r) * ldw + j), _MM_HINT_T0);
-        for (int c = 0; c < C; c++) x[c] = _mm512_maskz_loadu_ps(mask, X + (size_t)c * ldx + j);
-        for (int r = 0; r < R; r++) {
-            __m512 w = _mm512_maskz_loadu_ps(mask, W + (size_t)r * ldw + j);
-            for (int c = 0; c < C; c++) acc[r][c] = _mm512_fmadd_ps(w, x[c], acc[r][c]);
-        }
-    }
+    int whole = n & ~15;
+    for (int j = 0; j < whole; j += 16) tile_chunk_f32(R, C, acc, W, ldw, X, ldx, j, 0xFFFF, ahead);
+    if (whole < n) tile_chunk_f32(R, C, acc, W, ldw, X, ldx, whole, first_lanes(n - whole), ahead);
     if (R == TILE_ROWS && C == TILE_TOKENS) {
         store_tile_sums(out, ldo, acc);
         return;
