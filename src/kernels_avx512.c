@@ -32,10 +32,9 @@ AVX512_TILE float hsum_avx512(__m512 v) { return hsum_avx2(_mm256_add_ps(low8(v)
  * rows; every column is one chain of FMAs over t as in the avx2 set (the same bits), and the
  * last block takes only the lanes of mask.  (Four chains per column added at the end measured
  * 0.96-1.0x of one chain on a Xeon; one pass over V for head_size 48 instead of three, 0.96-1.0x
- * there but 1.18x float32 prefill and 1.03x int8 decode on an AMD EPYC Zen 5: bench/ab.c -c,
- * the persona.)  V is prefetched about PREFETCH_BYTES ahead: in batched decode every sequence's
- * cache comes from memory (16 sequences' caches are ~57 MB): batched decode 1.04-1.06x (twice as far:
- * 0.92x), decode the same. */
+ * there and float32 prefill 1.02-1.03x on an AMD EPYC Zen 5: bench/ab.c -c, the persona.)  V is
+ * prefetched about PREFETCH_BYTES ahead: in batched decode every sequence's cache comes from
+ * memory (16 sequences' caches are ~57 MB), 1.04-1.06x (twice as far: 0.92x); decode the same. */
 #define WEIGHTED_QUERIES 4
 AVX512_TILE void weighted_block(int Q, int B, __mmask16 mask, float *out, int ldo, const float *a, int lda,
                                 const float *V, int ldv, int T) {
