@@ -232,8 +232,10 @@ static void run_job(ac_state *s, ac_pool_fn job, void *arg, int n_units) {
  * int8 matrices read the quantized copy of x that quantize_input() left in s->xq / s->xs. */
 static void matmul_rows(const ac_state *s, const ac_matrix *W, float *out, int ldo,
                         const float *x, int T, int n, int r0, int r1) {
+    int gs = s->model->config.group_size;
     if (W->f) s->kern->gemm_f32(out, ldo, W->f, n, x, n, T, n, r0, r1);
-    else s->kern->gemm_q8(out, ldo, W->q, W->s, s->xq, s->xs, T, n, s->model->config.group_size, r0, r1);
+    else if (W->packed) s->kern->gemm_q8(out, ldo, W->packed, NULL, s->xq, s->xs, T, n, gs, r0, r1);
+    else s->kern->gemm_q8(out, ldo, W->q, W->s, s->xq, s->xs, T, n, gs, r0, r1);
 }
 
 /* For int8 models: quantizes the T rows of x (T, n) into s->xq / s->xs. */
@@ -245,7 +247,8 @@ static void quantize_input(ac_state *s, const float *x, int T, int n) {
 }
 
 /* Rows are split between threads in units of this many, a multiple of every kernel set's row
- * tile (16: avx512-amx's int8 tiles, whose part-filled last tile costs about a whole one). */
+ * tile (16: avx512-amx's int8 tiles and avx512-vnni's packed int8 blocks, whose part-filled
+ * last one costs about a whole one). */
 #define ROW_UNIT 16
 
 /* Up to three matrices with the same input x (T, n), stacked by rows (wq, wk, wv): one

@@ -107,9 +107,10 @@ static inline double shown_value(float x) { return isnan(x) ? (double)NAN : (dou
 /* One layer's weight matrix, (out, in) row-major: float32, or (v2) int8 values with one
  * float scale per group of group_size values along each row. */
 typedef struct {
-    const float *f;  /* float32 weights, or NULL for int8 */
-    const int8_t *q; /* int8 weights */
-    const float *s;  /* (out, in / group_size) scales of q */
+    const float *f;     /* float32 weights, or NULL for int8 */
+    const int8_t *q;    /* int8 weights */
+    const float *s;     /* (out, in / group_size) scales of q */
+    const void *packed; /* q and s in the kernel set's own layout (kernels.h), or NULL */
 } ac_matrix;
 
 typedef struct {
@@ -155,6 +156,7 @@ struct ac_model {
     size_t size;
     int mapped;       /* 1: data is our mmap and is unmapped on free */
     int owned;        /* 1: data is our heap image (an int8 quantization) and is freed */
+    void *packed;     /* the int8 matrices in the kernel set's layout (one allocation), or NULL */
 };
 
 /* A model over the file image data[0..size) (validated; not copied: it must outlive the

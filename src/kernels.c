@@ -127,7 +127,7 @@ float ac_softmax_scalar(float *x, int n) {
 }
 
 const ac_kernels ac_kernels_scalar = {"scalar", gemm_f32_scalar, ac_gemm_q8_scalar, weighted_sum_scalar,
-                                      ac_quantize_q8, swiglu_scalar, ac_softmax_scalar};
+                                      ac_quantize_q8, swiglu_scalar, ac_softmax_scalar, NULL, NULL};
 
 /* ======================================================================== dispatch */
 

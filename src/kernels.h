@@ -24,19 +24,20 @@
  *   avx2         AVX2 + FMA: 8-lane float32 sums, int8 through maddubs (kernels_avx2.c)
  *   avx2-vnni    the avx2 set with its int8 dot products in AVX-VNNI vpdpbusd (kernels_avx2.c)
  *   avx512       AVX-512F: 16-lane float32 sums; int8 as in avx2 (kernels_avx512.c)
- *   avx512-vnni  the avx512 set with 512-bit AVX-512 VNNI int8 products (kernels_avx512.c)
+ *   avx512-vnni  the avx512 set with its int8 products in 512-bit AVX-512 VNNI vpdpbusd, on
+ *                weights packed for it at load (kernels_avx512.c)
  *   avx512-amx   the avx512 set with its int8 products on AMX-INT8 tiles (kernels_amx.c)
  *
  * The best set the CPU supports is picked once, on first use (ac_kernels_get); AC_KERNEL=NAME
  * in the environment forces a set (kernels.c says what happens to a name the CPU lacks).
  * Float32 products are the same within a set, not between sets of different lane counts (the
- * partial sums differ).  int8 products are exact int32 sums, and every x86-64 set but
- * avx512-amx scales and adds them in the avx2 set's order, so their int8 GEMM results are
- * bitwise equal, and two of them with the same float32 lanes (avx2 and avx2-vnni, avx512 and
- * avx512-vnni) give bitwise equal logits for int8 models as well as float32 ones.  avx512-amx
- * sums each group whole (a tile product cannot give avx2's partial sums) and adds the groups
- * in the scalar set's order: its int8 GEMM gives the scalar set's bits, its float32 logits
- * avx512's.
+ * partial sums differ).  int8 products are exact int32 sums.  avx2, avx2-vnni and avx512 scale
+ * and add them in the avx2 set's order (8 partial sums per 32-value chunk), so their int8 GEMM
+ * results are bitwise equal, and avx2 and avx2-vnni, with the same float32 lanes, give bitwise
+ * equal logits for int8 models as well as float32 ones.  avx512-vnni and avx512-amx sum each
+ * group whole (a 16-row vpdpbusd or a tile product cannot give avx2's partial sums) and add the
+ * groups in the scalar set's order: their int8 GEMM gives the scalar set's bits, and the two
+ * give bitwise equal logits for int8 models, and avx512's for float32 ones.
  *
  * int8 ("Q8_0"): a tensor of n values in groups of gs is stored as n int8 values q and n/gs
  * float scales s, with value[j] ~= q[j] * s[j / gs].  Activations are quantized the same way
@@ -45,6 +46,7 @@
 #ifndef ARIANNA_KERNELS_H
 #define ARIANNA_KERNELS_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 typedef struct {
@@ -74,6 +76,13 @@ typedef struct {
      * unless x held an infinity or a NaN (then it is NaN and so is every x[i]).  The SIMD sets'
      * e^x is within 2 ulp of expf's. */
     float (*softmax)(float *x, int n);
+
+    /* int8 matrices in the set's own layout (NULL members: the row layout above everywhere):
+     * the bytes a rows x n matrix in groups of gs takes packed (0: that shape stays in the row
+     * layout), and the packing (dst 64-byte aligned).  The model packs each int8 matrix once;
+     * gemm_q8 then gets the packed matrix as Wq and NULL as Ws. */
+    size_t (*packed_q8_bytes)(int rows, int n, int gs);
+    void (*pack_q8)(void *dst, const int8_t *Wq, const float *Ws, int rows, int n, int gs);
 } ac_kernels;
 
 /* The kernel set in use (chosen once, thread-safe). */

@@ -337,6 +337,6 @@ AMX_FN static void gemm_q8_amx(float *out, int ldo, const int8_t *Wq, const floa
 }
 
 const ac_kernels ac_kernels_avx512_amx = {"avx512-amx", ac_gemm_f32_avx512, gemm_q8_amx, ac_weighted_sum_avx512,
-                                          ac_quantize_q8_avx2, ac_swiglu_avx512, ac_softmax_avx2};
+                                          ac_quantize_q8_avx2, ac_swiglu_avx512, ac_softmax_avx2, NULL, NULL};
 
 #endif /* __x86_64__ */

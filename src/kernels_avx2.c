@@ -307,8 +307,8 @@ AVX2_FN float ac_softmax_avx2(float *x, int n) {
 }
 
 const ac_kernels ac_kernels_avx2 = {"avx2", gemm_f32_avx2, ac_gemm_q8_avx2, weighted_sum_avx2,
-                                    ac_quantize_q8_avx2, swiglu_avx2, ac_softmax_avx2};
+                                    ac_quantize_q8_avx2, swiglu_avx2, ac_softmax_avx2, NULL, NULL};
 const ac_kernels ac_kernels_avx2_vnni = {"avx2-vnni", gemm_f32_avx2, gemm_q8_avx2_vnni, weighted_sum_avx2,
-                                         ac_quantize_q8_avx2, swiglu_avx2, ac_softmax_avx2};
+                                         ac_quantize_q8_avx2, swiglu_avx2, ac_softmax_avx2, NULL, NULL};
 
 #endif /* __x86_64__ */

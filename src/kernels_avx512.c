@@ -1,7 +1,7 @@
 /*
  * kernels_avx512.c - the avx512 kernel set (AVX-512F: 16-lane float32 sums; int8, the int8
- * quantizer and softmax from the avx2 set) and avx512-vnni, the same with 512-bit AVX-512 VNNI
- * int8 products.
+ * quantizer and softmax from the avx2 set) and avx512-vnni, the same with its int8 products in
+ * 512-bit AVX-512 VNNI on weights packed for it (see "int8 GEMM" below).
  *
  * Float sums: each dot product keeps 16 partial sums (lane k takes the terms j = k mod 16;
  * the last n mod 16 terms enter through a masked load, as zeros elsewhere), reduced in one
@@ -9,12 +9,13 @@
  * element with that one sequence, so the set's own bitwise promises hold; its float32 results
  * differ from avx2's by rounding (different partial sums).
  *
- * int8 products keep the avx2 set's order exactly (8 int32 lane sums per 32-value chunk,
- * converted and added to 8 float lanes with w_scale * x_scale, chunk after chunk) so their
- * results equal avx2's bit for bit; a 512-bit register carries two such 8-lane accumulators.
+ * int8 products of avx512 are the avx2 set's kernel (its order, its bits); avx512-vnni's sum
+ * each group whole and add the groups in the scalar set's order (its bits).
  */
 #include "kernels.h"
 #include "kernels_avx512.h"
+
+#include <string.h>
 
 #if defined(__x86_64__)
 
@@ -205,197 +206,150 @@ AVX512_FN void ac_gemm_f32_avx512(float *out, int ldo, const float *W, int ldw, 
 
 /* ---------------------------------------------------------------- int8 GEMM (AVX-512 VNNI) */
 
-/* The int32 lane sums of int8 products, 64 bytes at a time: lane l sums bytes 4l .. 4l+3, so
- * lanes 0-7 hold a 32-byte chunk's 8 sums exactly as avx2's dot32_q8 gives them, and lanes 8-15
- * another chunk's.  vpdpbusd multiplies unsigned by signed bytes: the weights go in offset by
- * 128 (w ^ 0x80 = w + 128 as an unsigned byte, offset_bytes), which adds 128 * (the lane's sum
- * of x), the same for every weight row: the sums start from minus that, computed once per
- * chunk of x (one more vpdpbusd), and come out exact.  (Offsetting x instead costs that
- * vpdpbusd per weight vector; measured, bench/ab.c, the persona in int8, 2-core AMD EPYC Zen 5:
- * prefill 1.10x, batched decode 1.03x, and with rows_tile_q8's scales decode 1.11x at one
- * thread, 1.31x at two.) */
-VNNI512_TILE __m512i minus_weight_offset(__m512i x) {
-    return _mm512_sub_epi32(_mm512_setzero_si512(),
-                            _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8((char)0x80), x));
+/* The avx512-vnni set keeps its int8 matrices packed (the model packs each once, at load):
+ * blocks of PACK_ROWS rows, each block n / 4 vectors of 64 bytes, vector j holding 4-byte word
+ * j of every row of the block (row r's bytes 4j .. 4j+3 at 4r), offset by 128 (w ^ 0x80 =
+ * w + 128 as an unsigned byte, vpdpbusd's unsigned side), then the block's scales, 16 floats
+ * per group (lane r: row r's).  Rows past the matrix are zero weights with zero scales.
+ *
+ * So one vpdpbusd of vector j against word j of x broadcast adds that word's four products to
+ * every row of the block at once, exactly in int32, and a group's sums for 16 rows come out in
+ * 16 lanes with no reduction; the offset adds 128 * (the group's sum of x), the same for every
+ * row, so the sums start from minus that.  Each group is then added in the scalar set's order,
+ * sum += (float)isum * (w_scale * x_scale): this set's int8 GEMM gives the scalar set's bits
+ * (as avx512-amx's), on every path.  (The row-layout kernel before it kept the avx2 set's 8
+ * partial sums per chunk, about 8 instructions per 64 weight bytes; against it, bench/ab.c, the
+ * persona in int8, 2-core AMD EPYC Zen 5: decode 1.29x, 1.23x with 2 threads, prefill 1.32x,
+ * batched decode 1.19x; the products alone, kernel_bench, 1.1-1.5x for one token, 2-3x for 16
+ * and 64.  Tiles of 8 tokens instead of 4: prefill 0.97x, batched 1.09x.) */
+#define PACK_ROWS 16
+/* x's group sums are computed once per call for up to this many values (token count times
+ * groups); matrices with more groups than that stay in the row layout (the scalar kernel). */
+#define PACK_SUMS 8192
+
+static size_t packed_block_bytes(int n, int gs) {
+    return (size_t)PACK_ROWS * n + (size_t)(n / gs) * PACK_ROWS * sizeof(float);
 }
 
-/* Two 8-float vectors side by side. */
-VNNI512_TILE __m512 pair_halves(__m256 lo, __m256 hi) {
-    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
+static size_t packed_q8_bytes_vnni(int rows, int n, int gs) {
+    if (gs % 4 || n / gs > PACK_SUMS) return 0;
+    return (size_t)((rows + PACK_ROWS - 1) / PACK_ROWS) * packed_block_bytes(n, gs);
 }
 
-/* *lo in the low 8 lanes, *hi in the high 8. */
-VNNI512_TILE __m512 pair_floats(const float *lo, const float *hi) { return pair_halves(_mm256_set1_ps(*lo), _mm256_set1_ps(*hi)); }
-
-/* Stores the two 8-lane sums of acc: the low one to *lo, the high one to *hi unless hi is NULL. */
-VNNI512_TILE void store_pair(float *lo, float *hi, __m512 acc) {
-    *lo = hsum_avx2(low8(acc));
-    if (hi) *hi = hsum_avx2(high8(acc));
-}
-
-/* Tiles: decode, Q8_DECODE_PAIRS row pairs; more tokens, Q8_ROWS rows x Q8_PAIRS token pairs.
- * Measured (bench/kernel_bench.c built -O3 like the library, persona shapes, weights from L3):
- * decode (rows_tile_q8 below, 2-core AMD EPYC Zen 5) 4 pairs 77-130 GOP/s, 6 or 8 about the
- * same, 2 pairs 65-115, the earlier kernel (a second vpdpbusd per weight vector for its offset,
- * scales multiplied chunk by chunk) 62-84; T = 16 and 64 (Xeon): 8 x 2 98-100, 6 x 2 95, 4 x 4
- * 92-96, 8 x 1 86-94, 4 x 2 77-93, 4 x 3 83-87. */
-#define Q8_DECODE_PAIRS 4
-#define Q8_ROWS 8
-#define Q8_PAIRS 2
-
-/* One token, P pairs of weight rows: pair p holds rows 2p (low lanes) and 2p + 1 (high lanes),
- * rows >= R repeat row R - 1 (and are not stored).  ahead > 0 prefetches as tile_q8 in avx2.
- * The scales w_scale * x_scale are multiplied SCALE_GROUPS groups at a time (the same
- * products) and each chunk's pair of them is broadcast with one permute. */
-#define SCALE_GROUPS 8
-VNNI512_TILE void rows_tile_q8(int P, int R, float *out, const int8_t *Wq, const float *Ws, const int8_t *Xq,
-                               const float *Xs, int n, int gs, int ahead) {
-    int ng = n / gs;
-    const int8_t *w_row[2 * Q8_DECODE_PAIRS];
-    const float *ws_row[2 * Q8_DECODE_PAIRS];
-    for (int r = 0; r < 2 * P; r++) {
-        int row = r < R ? r : R - 1;
-        w_row[r] = Wq + (size_t)row * n;
-        ws_row[r] = Ws + (size_t)row * ng;
-        if (ahead) _mm_prefetch((const char *)(Ws + (size_t)(ahead + row) * ng), _MM_HINT_T0);
+static void pack_q8_vnni(void *dst, const int8_t *Wq, const float *Ws, int rows, int n, int gs) {
+    int ng = n / gs, words = n / 4;
+    unsigned char *blk = dst;
+    for (int b = 0; b * PACK_ROWS < rows; b++, blk += packed_block_bytes(n, gs)) {
+        float *scale = (float *)(blk + (size_t)PACK_ROWS * n);
+        for (int r = 0; r < PACK_ROWS; r++) {
+            int row = b * PACK_ROWS + r;
+            const int8_t *w = Wq + (size_t)(row < rows ? row : 0) * n;
+            for (int j = 0; j < words; j++)
+                for (int k = 0; k < 4; k++)
+                    blk[((size_t)j * PACK_ROWS + r) * 4 + k] = row < rows ? (unsigned char)(w[4 * j + k] ^ 0x80) : 0x80;
+            for (int g = 0; g < ng; g++)
+                scale[(size_t)g * PACK_ROWS + r] = row < rows ? Ws[(size_t)row * ng + g] : 0.0f;
+        }
     }
-    const __m512i high_half = _mm512_set_epi32(8, 8, 8, 8, 8, 8, 8, 8, 0, 0, 0, 0, 0, 0, 0, 0);
-    __m512 acc[Q8_DECODE_PAIRS];
-    for (int p = 0; p < P; p++) acc[p] = _mm512_setzero_ps();
-    for (int g0 = 0; g0 < ng; g0 += SCALE_GROUPS) {
-        int groups = ng - g0 < SCALE_GROUPS ? ng - g0 : SCALE_GROUPS;
-        __mmask8 loaded = (__mmask8)((1u << groups) - 1);
-        __m256 xs = _mm256_maskz_loadu_ps(loaded, Xs + g0);
-        __m512 scales[Q8_DECODE_PAIRS]; /* lane j: group g0 + j of row 2p; lane 8 + j: of row 2p + 1 */
-        for (int p = 0; p < P; p++)
-            scales[p] = _mm512_mul_ps(pair_halves(_mm256_maskz_loadu_ps(loaded, ws_row[2 * p] + g0),
-                                                  _mm256_maskz_loadu_ps(loaded, ws_row[2 * p + 1] + g0)),
-                                      pair_halves(xs, xs));
-        for (int k = g0 * gs; k < (g0 + groups) * gs; k += 32) {
-            if (ahead && (k & 63) == 0)
-                for (int r = 0; r < R; r++) _mm_prefetch((const char *)(Wq + (size_t)(ahead + r) * n + k), _MM_HINT_T0);
-            __m512i x = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(Xq + k)));
-            __m512i start = minus_weight_offset(x);
-            __m512i lane = _mm512_add_epi32(_mm512_set1_epi32(k / gs - g0), high_half);
-            for (int p = 0; p < P; p++) {
-                __m512i w = offset_bytes(pair_bytes(w_row[2 * p] + k, w_row[2 * p + 1] + k));
-                __m512 d = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, w, x));
-                acc[p] = _mm512_fmadd_ps(d, _mm512_permutexvar_ps(lane, scales[p]), acc[p]);
+}
+
+/* sums[t * ng + g] = 128 * (group g's sum of token t's values), for T tokens. */
+VNNI512_TILE void offset_sums(int32_t *sums, const int8_t *Xq, int T, int n, int gs) {
+    int ng = n / gs;
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int t = 0; t < T; t++)
+        for (int g = 0; g < ng; g++) {
+            const int8_t *x = Xq + (size_t)t * n + (size_t)g * gs;
+            __m512i acc = _mm512_setzero_si512();
+            int k = 0;
+            for (; k + 64 <= gs; k += 64) acc = _mm512_dpbusd_epi32(acc, ones, _mm512_loadu_si512(x + k));
+            if (k < gs) /* the last 4-60 bytes */
+                acc = _mm512_dpbusd_epi32(acc, ones, _mm512_maskz_loadu_epi8(((__mmask64)1 << (gs - k)) - 1, x + k));
+            sums[t * ng + g] = 128 * _mm512_reduce_add_epi32(acc);
+        }
+}
+
+/* Rows of one packed block (the lanes of store) for C tokens (C <= PACKED_TILE_TOKENS): token
+ * c's x at Xq + c * n, its scales at Xs + c * ng, its offset sums at sums + c * ng; A int32
+ * accumulators per token over a group's words (added at the end: exact).  ahead > 0 prefetches
+ * that many bytes further on in the packed matrix. */
+#define PACKED_TILE_TOKENS 4
+VNNI512_TILE void packed_tile(int C, int A, float *out, int ldo, const unsigned char *blk, const int8_t *Xq,
+                              const float *Xs, const int32_t *sums, int n, int gs, __mmask16 store, int ahead) {
+    int ng = n / gs, per_group = gs / 4;
+    const __m512i *w = (const __m512i *)blk;
+    const float *scale = (const float *)(blk + (size_t)PACK_ROWS * n);
+    __m512 acc[PACKED_TILE_TOKENS];
+    for (int c = 0; c < C; c++) acc[c] = _mm512_setzero_ps();
+    for (int g = 0; g < ng; g++) {
+        __m512i isum[PACKED_TILE_TOKENS][4];
+        for (int c = 0; c < C; c++) {
+            isum[c][0] = _mm512_set1_epi32(-sums[(size_t)c * ng + g]);
+            for (int a = 1; a < A; a++) isum[c][a] = _mm512_setzero_si512();
+        }
+        for (int j = 0; j < per_group; j += A)
+            for (int a = 0; a < A && j + a < per_group; a++) {
+                int word = g * per_group + j + a;
+                if (ahead) _mm_prefetch((const char *)(w + word) + ahead, _MM_HINT_T0);
+                __m512i wv = _mm512_load_si512(w + word);
+                for (int c = 0; c < C; c++) {
+                    int32_t xw;
+                    memcpy(&xw, Xq + (size_t)c * n + 4 * (size_t)word, sizeof xw);
+                    isum[c][a] = _mm512_dpbusd_epi32(isum[c][a], wv, _mm512_set1_epi32(xw));
+                }
+            }
+        __m512 s = _mm512_load_ps(scale + (size_t)g * PACK_ROWS);
+        for (int c = 0; c < C; c++) {
+            __m512i total = isum[c][0];
+            for (int a = 1; a < A; a++) total = _mm512_add_epi32(total, isum[c][a]);
+            __m512 d = _mm512_cvtepi32_ps(total);
+            acc[c] = _mm512_add_ps(acc[c], _mm512_mul_ps(d, _mm512_mul_ps(s, _mm512_set1_ps(Xs[(size_t)c * ng + g]))));
+        }
+    }
+    for (int c = 0; c < C; c++) _mm512_mask_storeu_ps(out + (size_t)c * ldo, store, acc[c]);
+}
+
+/* Rows [r0, r1) of a packed matrix for T tokens: token chunks whose offset sums fit PACK_SUMS,
+ * each row block against all the chunk's tokens, PACKED_TILE_TOKENS at a time (one token:
+ * four accumulators per group, several: two). */
+VNNI512_TILE void gemm_q8_packed(float *out, int ldo, const unsigned char *P, const int8_t *Xq, const float *Xs, int T,
+                                 int n, int gs, int r0, int r1) {
+    int ng = n / gs, chunk = PACK_SUMS / ng;
+    size_t block = packed_block_bytes(n, gs);
+    int32_t sums[PACK_SUMS];
+    for (int t0 = 0; t0 < T; t0 += chunk) {
+        int tokens = T - t0 < chunk ? T - t0 : chunk;
+        offset_sums(sums, Xq + (size_t)t0 * n, tokens, n, gs);
+        for (int b = r0 / PACK_ROWS; b * PACK_ROWS < r1; b++) {
+            int lo = b * PACK_ROWS < r0 ? r0 - b * PACK_ROWS : 0;
+            int hi = (b + 1) * PACK_ROWS > r1 ? r1 - b * PACK_ROWS : PACK_ROWS;
+            __mmask16 store = (__mmask16)(((1u << hi) - 1) & ~((1u << lo) - 1));
+            const unsigned char *blk = P + (size_t)b * block;
+            float *o = out + (size_t)t0 * ldo + (size_t)b * PACK_ROWS;
+            for (int t = 0; t < tokens; t += PACKED_TILE_TOKENS) {
+                const int8_t *x = Xq + (size_t)(t0 + t) * n;
+                const float *xs = Xs + (size_t)(t0 + t) * ng;
+                const int32_t *sm = sums + (size_t)t * ng;
+                float *ot = o + (size_t)t * ldo;
+                switch (tokens - t >= PACKED_TILE_TOKENS ? PACKED_TILE_TOKENS : tokens - t) { /* constant sizes */
+                case 4: packed_tile(4, 2, ot, ldo, blk, x, xs, sm, n, gs, store, 0); break;
+                case 3: packed_tile(3, 2, ot, ldo, blk, x, xs, sm, n, gs, store, 0); break;
+                case 2: packed_tile(2, 2, ot, ldo, blk, x, xs, sm, n, gs, store, 0); break;
+                default: packed_tile(1, 4, ot, ldo, blk, x, xs, sm, n, gs, store, T == 1 ? PREFETCH_BYTES : 0); break;
+                }
             }
         }
     }
-    for (int p = 0; p < P; p++) store_pair(out + 2 * p, 2 * p + 1 < R ? out + 2 * p + 1 : NULL, acc[p]);
 }
 
-/* The 32 sums of a full tile (Q8_ROWS rows x Q8_PAIRS token pairs, C = 4 tokens) at once, with
- * exactly hsum_avx2's additions for each 8-lane half (lane k + k+4, then + k+2, + k+1): 42
- * shuffles and adds instead of 32 horizontal sums.  Fed in row-major order, the tree leaves
- * token t's rows 0-3 in quarter t of the first result and rows 4-7 in quarter t of the second. */
-_Static_assert(Q8_ROWS == 8 && Q8_PAIRS == 2, "store_q8_tile_sums reduces an 8 x 2 tile");
-VNNI512_TILE void store_q8_tile_sums(float *out, int ldo, __m512 acc[Q8_ROWS][Q8_PAIRS]) {
-    const __m512 *a = &acc[0][0];
-    __m512 fours[8], twos[4], sums[2];
-    for (int i = 0; i < 8; i++) /* quarters: a[2i]'s two halves' k + k+4, then a[2i+1]'s */
-        fours[i] = REDUCE_QUARTERS(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0), _MM_SHUFFLE(3, 1, 3, 1));
-    for (int i = 0; i < 4; i++)
-        twos[i] = REDUCE_FLOATS(fours[2 * i], fours[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0), _MM_SHUFFLE(3, 2, 3, 2));
-    for (int i = 0; i < 2; i++)
-        sums[i] = REDUCE_FLOATS(twos[2 * i], twos[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0), _MM_SHUFFLE(3, 1, 3, 1));
-    for (int half = 0; half < 2; half++) { /* the quarter index must be a constant */
-        float *o = out + 4 * half;
-        _mm_storeu_ps(o, _mm512_extractf32x4_ps(sums[half], 0));
-        _mm_storeu_ps(o + (size_t)ldo, _mm512_extractf32x4_ps(sums[half], 1));
-        _mm_storeu_ps(o + 2 * (size_t)ldo, _mm512_extractf32x4_ps(sums[half], 2));
-        _mm_storeu_ps(o + 3 * (size_t)ldo, _mm512_extractf32x4_ps(sums[half], 3));
-    }
-}
-
-/* R weight rows, Q pairs of tokens: pair q holds tokens 2q (low lanes) and 2q + 1 (high),
- * tokens >= C repeat token C - 1 (and are not stored). */
-VNNI512_TILE void tokens_tile_q8(int R, int Q, int C, float *out, int ldo, const int8_t *Wq, const float *Ws,
-                                 const int8_t *Xq, const float *Xs, int n, int gs, int ahead) {
-    int ng = n / gs;
-    if (ahead)
-        for (int r = 0; r < R; r++) _mm_prefetch((const char *)(Ws + (size_t)(ahead + r) * ng), _MM_HINT_T0);
-    const int8_t *x_tok[2 * Q8_PAIRS];
-    const float *xs_tok[2 * Q8_PAIRS];
-    for (int c = 0; c < 2 * Q; c++) {
-        int tok = c < C ? c : C - 1;
-        x_tok[c] = Xq + (size_t)tok * n;
-        xs_tok[c] = Xs + (size_t)tok * ng;
-    }
-    __m512 acc[Q8_ROWS][Q8_PAIRS];
-    for (int r = 0; r < R; r++)
-        for (int q = 0; q < Q; q++) acc[r][q] = _mm512_setzero_ps();
-    for (int k = 0; k < n; k += 32) {
-        int g = k / gs;
-        if (ahead && (k & 63) == 0)
-            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(Wq + (size_t)(ahead + r) * n + k), _MM_HINT_T0);
-        __m512i x[Q8_PAIRS], start[Q8_PAIRS];
-        __m512 xs[Q8_PAIRS];
-        for (int q = 0; q < Q; q++) {
-            x[q] = pair_bytes(x_tok[2 * q] + k, x_tok[2 * q + 1] + k);
-            start[q] = minus_weight_offset(x[q]);
-            xs[q] = pair_floats(xs_tok[2 * q] + g, xs_tok[2 * q + 1] + g);
-        }
-        for (int r = 0; r < R; r++) {
-            __m512i w = offset_bytes(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(Wq + (size_t)r * n + k))));
-            __m512 ws = _mm512_set1_ps(Ws[(size_t)r * ng + g]);
-            for (int q = 0; q < Q; q++) {
-                __m512 d = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start[q], w, x[q]));
-                acc[r][q] = _mm512_fmadd_ps(d, _mm512_mul_ps(ws, xs[q]), acc[r][q]);
-            }
-        }
-    }
-    if (R == Q8_ROWS && Q == Q8_PAIRS && C == 2 * Q8_PAIRS) {
-        store_q8_tile_sums(out, ldo, acc);
-        return;
-    }
-    for (int r = 0; r < R; r++)
-        for (int q = 0; q < Q; q++)
-            store_pair(out + (size_t)(2 * q) * ldo + r, 2 * q + 1 < C ? out + (size_t)(2 * q + 1) * ldo + r : NULL,
-                       acc[r][q]);
-}
-
-/* Decode (T = 1): rows in tiles of Q8_DECODE_PAIRS pairs, prefetching about PREFETCH_BYTES
- * ahead.  More tokens: tiles of Q8_ROWS rows x Q8_PAIRS token pairs, prefetching 8 rows on (as
- * avx2's int8 kernel). */
-VNNI512_TILE void gemm_q8_pairs(float *out, int ldo, const int8_t *Wq, const float *Ws, const int8_t *Xq,
-                                const float *Xs, int T, int n, int gs, int r0, int r1) {
-    int ng = n / gs;
-    if (T == 1) {
-        int ahead = prefetch_rows(n);
-        int i = r0;
-        for (; i + 2 * Q8_DECODE_PAIRS <= r1; i += 2 * Q8_DECODE_PAIRS)
-            rows_tile_q8(Q8_DECODE_PAIRS, 2 * Q8_DECODE_PAIRS, out + i, Wq + (size_t)i * n, Ws + (size_t)i * ng, Xq, Xs, n,
-                         gs, ahead);
-        for (; i < r1; i += 2)
-            rows_tile_q8(1, r1 - i >= 2 ? 2 : 1, out + i, Wq + (size_t)i * n, Ws + (size_t)i * ng, Xq, Xs, n, gs, ahead);
-        return;
-    }
-    for (int i = r0; i < r1;) {
-        int R = r1 - i >= Q8_ROWS ? Q8_ROWS : 1;
-        const int8_t *w = Wq + (size_t)i * n;
-        const float *ws = Ws + (size_t)i * ng;
-        for (int t = 0; t < T; t += 2 * Q8_PAIRS) {
-            float *o = out + (size_t)t * ldo + i;
-            const int8_t *x = Xq + (size_t)t * n;
-            const float *xs = Xs + (size_t)t * ng;
-            int C = T - t >= 2 * Q8_PAIRS ? 2 * Q8_PAIRS : T - t, pf = t == 0 ? 8 : 0, Q = (C + 1) / 2;
-            if (R == Q8_ROWS && Q == Q8_PAIRS) tokens_tile_q8(Q8_ROWS, Q8_PAIRS, C, o, ldo, w, ws, x, xs, n, gs, pf);
-            else if (R == Q8_ROWS) tokens_tile_q8(Q8_ROWS, Q, C, o, ldo, w, ws, x, xs, n, gs, pf);
-            else tokens_tile_q8(1, Q, C, o, ldo, w, ws, x, xs, n, gs, pf);
-        }
-        i += R;
-    }
-}
-
+/* Packed matrices (Ws NULL, see above) and the row layout of shapes that stay unpacked both in
+ * the scalar set's order. */
 VNNI512_FN static void gemm_q8_avx512_vnni(float *out, int ldo, const int8_t *Wq, const float *Ws,
                                            const int8_t *Xq, const float *Xs, int T, int n, int gs, int r0,
                                            int r1) {
-    if (gs % 32) ac_gemm_q8_scalar(out, ldo, Wq, Ws, Xq, Xs, T, n, gs, r0, r1);
-    else if (gs == 32) gemm_q8_pairs(out, ldo, Wq, Ws, Xq, Xs, T, n, 32, r0, r1);
-    else gemm_q8_pairs(out, ldo, Wq, Ws, Xq, Xs, T, n, gs, r0, r1);
+    if (Ws) ac_gemm_q8_scalar(out, ldo, Wq, Ws, Xq, Xs, T, n, gs, r0, r1);
+    else if (gs == 32) gemm_q8_packed(out, ldo, (const unsigned char *)Wq, Xq, Xs, T, n, 32, r0, r1);
+    else gemm_q8_packed(out, ldo, (const unsigned char *)Wq, Xq, Xs, T, n, gs, r0, r1);
 }
 
 /* ---------------------------------------------------------------- SwiGLU */
@@ -433,9 +387,9 @@ AVX512_FN void ac_swiglu_avx512(float *h, const float *g, int n) {
 }
 
 const ac_kernels ac_kernels_avx512 = {"avx512", ac_gemm_f32_avx512, ac_gemm_q8_avx2, ac_weighted_sum_avx512,
-                                      ac_quantize_q8_avx2, ac_swiglu_avx512, ac_softmax_avx2};
+                                      ac_quantize_q8_avx2, ac_swiglu_avx512, ac_softmax_avx2, NULL, NULL};
 const ac_kernels ac_kernels_avx512_vnni = {"avx512-vnni", ac_gemm_f32_avx512, gemm_q8_avx512_vnni,
                                            ac_weighted_sum_avx512, ac_quantize_q8_avx2, ac_swiglu_avx512,
-                                           ac_softmax_avx2};
+                                           ac_softmax_avx2, packed_q8_bytes_vnni, pack_q8_vnni};
 
 #endif /* __x86_64__ */

@@ -204,7 +204,7 @@ static const float *take_floats(cursor *cur, uint64_t n) {
 
 static ac_matrix take_matrix(cursor *cur, int rows, int cols) {
     uint64_t n = (uint64_t)rows * (uint64_t)cols;
-    ac_matrix m = {NULL, NULL, NULL};
+    ac_matrix m = {NULL, NULL, NULL, NULL};
     if (!cur->group_size) {
         m.f = take_floats(cur, n);
         return m;
@@ -304,7 +304,7 @@ static int all_zero(const ac_matrix *m, size_t n) {
  * is a working (if pruned) model. */
 static int degenerate_tensor(const char *file, const ac_weights *w, const ac_config *c) {
     size_t D = (size_t)c->dim, VD = (size_t)c->vocab_size * D;
-    const ac_matrix rms_final = {w->rms_final, NULL, NULL};
+    const ac_matrix rms_final = {w->rms_final, NULL, NULL, NULL};
     const char *what = all_zero(&w->token_embedding, VD) ? "token_embedding"
                        : all_zero(&rms_final, D)           ? "rms_final"
                        : !c->shared_classifier && all_zero(&w->wcls, VD) ? "wcls"
@@ -376,6 +376,55 @@ static int check_header(const unsigned char *data, size_t size, const char *name
     return rc;
 }
 
+/* The int8 matrices of m (all layers' and an unshared classifier's: a classifier shared with
+ * the embedding is packed as the classifier, the embedding keeps its rows) in their shapes. */
+typedef struct {
+    ac_matrix *m;
+    int rows, cols;
+} int8_matrix;
+
+static int int8_matrices(ac_model *m, int8_matrix *list) {
+    const ac_config *c = &m->config;
+    int shape[] = {c->dim, c->hidden_dim, c->dim / c->n_heads * c->n_kv_heads}, count = 0;
+    for (int l = 0; l < c->n_layers; l++)
+        for (int i = 0; i < AC_N_LAYER_MATRICES; i++) {
+            const ac_layer_matrix_info *info = &AC_LAYER_MATRICES[i];
+            int rows = shape[info->rows == 'D' ? 0 : info->rows == 'H' ? 1 : 2];
+            int cols = shape[info->cols == 'D' ? 0 : info->cols == 'H' ? 1 : 2];
+            list[count++] = (int8_matrix){layer_matrix(&m->w.layers[l], i), rows, cols};
+        }
+    list[count++] = (int8_matrix){&m->w.wcls, c->vocab_size, c->dim};
+    return count;
+}
+
+/* Packs m's int8 matrices for the kernel set that will multiply them, if it packs (kernels.h):
+ * once, here, so that every state and thread shares them. */
+static int pack_int8(ac_model *m, const char *name) {
+    const ac_kernels *k = ac_kernels_get();
+    int gs = m->config.group_size;
+    if (gs == 0 || !k->packed_q8_bytes) return AC_OK;
+    int8_matrix *list = calloc((size_t)m->config.n_layers * AC_N_LAYER_MATRICES + 1, sizeof *list);
+    if (!list) return ac_fail(AC_ERR_NOMEM, "%s: out of memory packing the int8 matrices", name);
+    int count = int8_matrices(m, list);
+    size_t total = 0;
+    for (int i = 0; i < count; i++) total += (k->packed_q8_bytes(list[i].rows, list[i].cols, gs) + 63) & ~(size_t)63;
+    if (total) m->packed = aligned_alloc(64, total);
+    if (total && !m->packed) {
+        free(list);
+        return ac_fail(AC_ERR_NOMEM, "%s: out of memory packing the int8 matrices (%zu bytes)", name, total);
+    }
+    unsigned char *at = m->packed;
+    for (int i = 0; i < count; i++) {
+        size_t bytes = k->packed_q8_bytes(list[i].rows, list[i].cols, gs);
+        if (!bytes) continue;
+        k->pack_q8(at, list[i].m->q, list[i].m->s, list[i].rows, list[i].cols, gs);
+        list[i].m->packed = at;
+        at += (bytes + 63) & ~(size_t)63;
+    }
+    free(list);
+    return AC_OK;
+}
+
 int ac_model_from_bytes(const void *data, size_t size, const char *name, ac_model **out) {
     const unsigned char *bytes = data;
     ac_config c;
@@ -392,7 +441,7 @@ int ac_model_from_bytes(const void *data, size_t size, const char *name, ac_mode
     m->data = data;
     m->size = size;
     map_weights(&m->w, &c, bytes + header_bytes);
-    if ((rc = check_weights(&m->w, &c, name))) {
+    if ((rc = check_weights(&m->w, &c, name)) || (rc = pack_int8(m, name))) {
         ac_model_free(m); /* neither mapped nor owned yet: the caller keeps data */
         return rc;
     }
@@ -505,6 +554,7 @@ AC_API void ac_model_free(ac_model *m) {
     if (!m) return;
     if (m->mapped) munmap((void *)m->data, m->size);
     if (m->owned) free((void *)m->data);
+    free(m->packed);
     free(m->w.layers);
     free(m);
 }

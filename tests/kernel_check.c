@@ -8,8 +8,8 @@
  * Checked: every output of a GEMM is the same bits whatever the token count T, the row range
  * and the tile it falls in (one token at a time = all tokens together = any split of the rows);
  * float32 GEMM and the weighted sum close to float64; int8 GEMM bitwise equal to the set whose
- * order it keeps (avx512-amx: the scalar set's, any group size; the other x86-64 sets: the avx2
- * set's, group sizes that are multiples of 32; scalar: close to float64); the quantizer bitwise equal to ac_quantize_q8;
+ * order it keeps (avx512-amx and avx512-vnni: the scalar set's, any group size; the other x86-64
+ * sets: the avx2 set's, group sizes that are multiples of 32; scalar: close to float64); the quantizer bitwise equal to ac_quantize_q8;
  * SwiGLU and softmax close to float64 (a few ulp), and softmax's NaN for a NaN or +inf input;
  * every x86-64 set's weighted sum, SwiGLU and softmax bitwise the avx2 set's.
  */
@@ -77,10 +77,21 @@ static void check_gemm_f32(const ac_kernels *k, int rows, int n, int T) {
 
 /* ------------------------------------------------------------------ int8 GEMM */
 
-/* out (T, rows) of set k; W and X quantized in groups of gs. */
+/* out (T, rows) of set k; W and X quantized in groups of gs (W packed first where the set
+ * packs its int8 matrices, as the model does). */
 static void gemm_q8(const ac_kernels *k, float *out, const int8_t *Wq, const float *Ws, const int8_t *Xq,
                     const float *Xs, int rows, int n, int T, int gs, int r0, int r1) {
-    k->gemm_q8(out, rows, Wq, Ws, Xq, Xs, T, n, gs, r0, r1);
+    size_t bytes = k->packed_q8_bytes ? k->packed_q8_bytes(rows, n, gs) : 0;
+    if (!bytes) {
+        k->gemm_q8(out, rows, Wq, Ws, Xq, Xs, T, n, gs, r0, r1);
+        return;
+    }
+    void *packed = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+    CHECK(packed != NULL, "out of memory");
+    if (!packed) return;
+    k->pack_q8(packed, Wq, Ws, rows, n, gs);
+    k->gemm_q8(out, rows, packed, NULL, Xq, Xs, T, n, gs, r0, r1);
+    free(packed);
 }
 
 static void check_gemm_q8(const ac_kernels *k, const ac_kernels *order, int rows, int n, int T, int gs) {
@@ -248,7 +259,7 @@ int main(int argc, char **argv) {
         return 0;
     }
     const ac_kernels *avx2 = strcmp(k->name, "scalar") ? ac_kernels_named("avx2") : NULL;
-    const ac_kernels *int8_order = strcmp(k->name, "avx512-amx") ? avx2 : &ac_kernels_scalar;
+    const ac_kernels *int8_order = strcmp(k->name, "avx512-amx") && strcmp(k->name, "avx512-vnni") ? avx2 : &ac_kernels_scalar;
     const int sizes[] = {1, 5, 8, 16, 23, 48, 100, 288};
     for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++)
         for (int T = 1; T <= 19; T += 6) check_gemm_f32(k, 37, sizes[s], T);

@@ -51,11 +51,12 @@ KERNEL_SETS = {
     "scalar": (),
 }
 # Sets with the same float32 lanes, promised to give bitwise equal logits (int8 sums are exact):
-# for float32 and int8 weights alike, but for avx512-amx, whose int8 products add their groups in
-# the scalar set's order (its int8 GEMM is checked against the scalar set's by kernel_check.c).
+# for float32 and int8 weights alike where they add their int8 products in the same order: the
+# avx2 set's, or the scalar set's for avx512-vnni and avx512-amx (their int8 GEMM is checked
+# against the scalar set's by kernel_check.c).
 SAME_LANES = [("avx2", "avx2-vnni"), ("avx512", "avx512-vnni")]
-SAME_FLOAT32 = SAME_LANES + [("avx512", "avx512-amx")]
-INT8_IN_SCALAR_ORDER = ("avx512-amx",)
+SAME_FLOAT32 = SAME_LANES + [("avx512", "avx512-amx"), ("avx512-vnni", "avx512-amx")]
+INT8_IN_SCALAR_ORDER = ("avx512-vnni", "avx512-amx")
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
@@ -189,7 +190,7 @@ def test_kernel_set_agrees_with_scalar(kernel_results, name, weights):
 
 
 @pytest.mark.parametrize("a, b, weights", [(a, b, w) for a, b in SAME_FLOAT32 for w in ("float32", "int8")
-                                            if w == "float32" or b not in INT8_IN_SCALAR_ORDER],
+                                            if w == "float32" or (a in INT8_IN_SCALAR_ORDER) == (b in INT8_IN_SCALAR_ORDER)],
                          ids=lambda v: str(v))
 def test_kernel_sets_with_the_same_lanes_agree_bitwise(kernel_results, a, b, weights):
     need_kernels(a, b)
@@ -198,8 +199,8 @@ def test_kernel_sets_with_the_same_lanes_agree_bitwise(kernel_results, a, b, wei
 
 @pytest.mark.parametrize("name", [k for k in KERNEL_SETS if k not in ("scalar", "avx2", *INT8_IN_SCALAR_ORDER)])
 def test_int8_products_equal_avx2_bitwise(kernel_results, name):
-    """int8 sums are exact and every x86-64 set scales and adds them in avx2's order; with
-    attention summing alike (head_size 8), int8 logits are bitwise avx2's."""
+    """int8 sums are exact and the x86-64 sets outside INT8_IN_SCALAR_ORDER scale and add them in
+    avx2's order; with attention summing alike (head_size 8), their int8 logits are bitwise avx2's."""
     need_kernels("avx2", name)
     assert np.array_equal(kernel_results[name]["int8"], kernel_results["avx2"]["int8"])
 
