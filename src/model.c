@@ -376,8 +376,9 @@ static int check_header(const unsigned char *data, size_t size, const char *name
     return rc;
 }
 
-/* The int8 matrices of m (all layers' and an unshared classifier's: a classifier shared with
- * the embedding is packed as the classifier, the embedding keeps its rows) in their shapes. */
+/* The int8 matrices of m that are multiplied (every layer's and the classifier, also when it
+ * shares the embedding's weights: the embedding's lookups keep reading the rows), with their
+ * shapes. */
 typedef struct {
     ac_matrix *m;
     int rows, cols;
@@ -385,14 +386,11 @@ typedef struct {
 
 static int int8_matrices(ac_model *m, int8_matrix *list) {
     const ac_config *c = &m->config;
-    int shape[] = {c->dim, c->hidden_dim, c->dim / c->n_heads * c->n_kv_heads}, count = 0;
+    int count = 0;
     for (int l = 0; l < c->n_layers; l++)
-        for (int i = 0; i < AC_N_LAYER_MATRICES; i++) {
-            const ac_layer_matrix_info *info = &AC_LAYER_MATRICES[i];
-            int rows = shape[info->rows == 'D' ? 0 : info->rows == 'H' ? 1 : 2];
-            int cols = shape[info->cols == 'D' ? 0 : info->cols == 'H' ? 1 : 2];
-            list[count++] = (int8_matrix){layer_matrix(&m->w.layers[l], i), rows, cols};
-        }
+        for (int i = 0; i < AC_N_LAYER_MATRICES; i++)
+            list[count++] = (int8_matrix){layer_matrix(&m->w.layers[l], i), dim_of(c, AC_LAYER_MATRICES[i].rows),
+                                          dim_of(c, AC_LAYER_MATRICES[i].cols)};
     list[count++] = (int8_matrix){&m->w.wcls, c->vocab_size, c->dim};
     return count;
 }
