@@ -98,7 +98,7 @@ int main(int argc, char **argv) {
                     if (q && !strcmp(shapes[s].name, "keys")) continue; /* the KV cache is float32 */
                     if (q) ac_quantize_q8(Xq, Xs, X, T * n, 32);
                     /* int8 weights in the set's own layout where it has one, as the model packs them */
-                    size_t packed_bytes = q && k->packed_q8_bytes ? (k->packed_q8_bytes(rows, n, 32) + 63) & ~(size_t)63 : 0;
+                    size_t packed_bytes = q && k->packed_q8_bytes ? k->packed_q8_bytes(rows, n, 32) : 0;
                     unsigned char *packed = packed_bytes ? aligned_alloc(64, packed_bytes * copies) : NULL;
                     if (packed_bytes && !packed) return 1;
                     for (int c = 0; packed && c < copies; c++)

@@ -227,6 +227,7 @@ AVX512_FN void ac_gemm_f32_avx512(float *out, int ldo, const float *W, int ldw, 
  * groups); matrices with more groups than that stay in the row layout (the scalar kernel). */
 #define PACK_SUMS 8192
 
+/* A multiple of 64 for every packed shape (gs % 4 == 0, so n % 4 == 0). */
 static size_t packed_block_bytes(int n, int gs) {
     return (size_t)PACK_ROWS * n + (size_t)(n / gs) * PACK_ROWS * sizeof(float);
 }

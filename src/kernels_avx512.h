@@ -13,8 +13,8 @@
 
 #define AVX512_FN __attribute__((target("avx512f,avx2,fma")))
 #define AVX512_TILE static inline __attribute__((target("avx512f,avx2,fma"), always_inline))
-#define VNNI512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
-#define VNNI512_TILE static inline __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"), always_inline))
+#define VNNI512_FN __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma")))
+#define VNNI512_TILE static inline __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma"), always_inline))
 
 /* The first n (<= 16) lanes. */
 AVX512_TILE __mmask16 first_lanes(int n) { return (__mmask16)((1u << n) - 1); }

@@ -405,7 +405,7 @@ static int pack_int8(ac_model *m, const char *name) {
     if (!list) return ac_fail(AC_ERR_NOMEM, "%s: out of memory packing the int8 matrices", name);
     int count = int8_matrices(m, list);
     size_t total = 0;
-    for (int i = 0; i < count; i++) total += (k->packed_q8_bytes(list[i].rows, list[i].cols, gs) + 63) & ~(size_t)63;
+    for (int i = 0; i < count; i++) total += k->packed_q8_bytes(list[i].rows, list[i].cols, gs);
     if (total) m->packed = aligned_alloc(64, total);
     if (total && !m->packed) {
         free(list);
@@ -417,7 +417,7 @@ static int pack_int8(ac_model *m, const char *name) {
         if (!bytes) continue;
         k->pack_q8(at, list[i].m->q, list[i].m->s, list[i].rows, list[i].cols, gs);
         list[i].m->packed = at;
-        at += (bytes + 63) & ~(size_t)63;
+        at += bytes;
     }
     free(list);
     return AC_OK;

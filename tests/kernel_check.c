@@ -86,7 +86,8 @@ static void gemm_q8(const ac_kernels *k, float *out, const int8_t *Wq, const flo
         k->gemm_q8(out, rows, Wq, Ws, Xq, Xs, T, n, gs, r0, r1);
         return;
     }
-    void *packed = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+    CHECK(bytes % 64 == 0, "packed_q8_bytes %s rows %d n %d gs %d: %zu, not a multiple of 64", k->name, rows, n, gs, bytes);
+    void *packed = aligned_alloc(64, bytes);
     CHECK(packed != NULL, "out of memory");
     if (!packed) return;
     k->pack_q8(packed, Wq, Ws, rows, n, gs);
@@ -265,7 +266,7 @@ int main(int argc, char **argv) {
         for (int T = 1; T <= 19; T += 6) check_gemm_f32(k, 37, sizes[s], T);
     for (int T = 1; T <= 19; T += 3) {
         check_gemm_q8(k, int8_order, 29, 96, T, 32);
-        check_gemm_q8(k, int8_order, 29, 288, T, 32); /* 9 groups: avx512-vnni's 8 scales at a time, and one */
+        check_gemm_q8(k, int8_order, 29, 288, T, 32); /* the persona's shape: 9 groups */
         check_gemm_q8(k, int8_order, 29, 128, T, 64);
         check_gemm_q8(k, int8_order, 13, 48, T, 16);
         check_gemm_q8(k, int8_order, 37, 48, T, 16);
