@@ -340,14 +340,19 @@ def run_training(options: dict) -> dict:
 
 def train_to_the_end(make_trainer: Callable, threads: int) -> dict:
     """Builds a trainer (Trainer or ModuleTrainer) and trains; SIGINT / SIGTERM stop it after
-    the current step with a checkpoint saved; torchrun's process group is left however the
-    run ends."""
+    the current step with a checkpoint saved; the caller's signal handlers come back and
+    torchrun's process group is left however the run ends."""
+    import gc
+
     import torch
 
     from .trainer import leave_world
 
     if threads > 0:
         torch.set_num_threads(threads)
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    callers_handlers = [signal.getsignal(sig) for sig in stop_signals]
+    trainer = None
     try:
         trainer = make_trainer()
 
@@ -355,7 +360,7 @@ def train_to_the_end(make_trainer: Callable, threads: int) -> dict:
             trainer.request_stop()
             signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: at once
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in stop_signals:
             signal.signal(sig, stop_after_this_step)
         summary = trainer.train()
         # Rank 0 is still writing the checkpoint when the others return; a process that
@@ -365,6 +370,14 @@ def train_to_the_end(make_trainer: Callable, threads: int) -> dict:
         trainer.world.wait_for_all()
         return summary
     finally:
+        for sig, handler in zip(stop_signals, callers_handlers):
+            signal.signal(sig, handler)
+        # The trainer's DistributedDataParallel wrapper holds the process group: dropped
+        # first (with any reference cycle through it), the group is torn down here rather
+        # than by the interpreter at exit, where gloo's threads can abort the process the
+        # same way.
+        trainer = None
+        gc.collect()
         leave_world()
 
 

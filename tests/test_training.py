@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -422,6 +423,33 @@ def test_sigint_stops_after_a_step_and_saves_a_checkpoint(tmp_path):
     step = int(stopped[0].split()[3].rstrip(";"))
     meta = C.read_meta(out / "ckpt")
     assert meta["step"] == step >= 3 and len(meta["history"]["train"]) == step
+
+
+def test_training_in_process_gives_back_the_signal_handlers_and_the_trainer(tmp_path, monkeypatch):
+    from arianna_c import trainer as trainer_module
+
+    patterned_shards(tmp_path / "data", 1)
+    built = []
+
+    class Recorded(trainer_module.Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(weakref.ref(self))
+
+    monkeypatch.setattr(trainer_module, "Trainer", Recorded)
+    alive_when_leaving = []
+    monkeypatch.setattr(trainer_module, "leave_world", lambda: alive_when_leaving.append(built[0]() is not None))
+    own = lambda signum, frame: None  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, own)
+    try:
+        assert T.main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o"), *TINY_FLAGS,
+                       "--max-steps", "2"]) == 0
+        assert signal.getsignal(signal.SIGTERM) is own
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    # gone before the process group is left (a DistributedDataParallel wrapper holds the group)
+    assert len(built) == 1 and alive_when_leaving == [False]
 
 
 def test_finetune_guard_stops_and_keeps_the_best_checkpoint(tmp_path):
