@@ -441,11 +441,12 @@ def test_training_in_process_gives_back_the_signal_handlers_and_the_trainer(tmp_
     monkeypatch.setattr(trainer_module, "leave_world", lambda: alive_when_leaving.append(built[0]() is not None))
     own = lambda signum, frame: None  # noqa: E731
     previous = signal.signal(signal.SIGTERM, own)
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         assert T.main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o"), *TINY_FLAGS,
                        "--max-steps", "2"]) == 0
         assert signal.getsignal(signal.SIGTERM) is own
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) is sigint
     finally:
         signal.signal(signal.SIGTERM, previous)
     # gone before the process group is left (a DistributedDataParallel wrapper holds the group)
