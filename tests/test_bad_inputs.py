@@ -444,6 +444,36 @@ def test_extreme_temperatures_and_non_finite_logits_sample_greedily(lib, ffi, go
             assert token[0] == want, (logits, top_p, top_k)
 
 
+def first_largest(logits: list[float]) -> int:
+    """The greedy token: the first index of the largest value that is not NaN (0 if none is)."""
+    numbers = [v for v in logits if not math.isnan(v)]
+    return logits.index(max(numbers)) if numbers else 0
+
+
+def test_greedy_sampling_takes_the_first_largest_logit_and_never_a_nan(lib, ffi):
+    inf, nan = math.inf, math.nan
+    below = [-5.0] * 21  # 21 logits: two whole blocks of 8 and a tail of 5
+    cases = {"largest in the tail": {19: 2.0}, "a tie: the first": {3: 1.0, 17: 1.0},
+             "NaN first": {0: nan, 9: 0.5}, "only -inf and NaN": {i: (nan if i % 3 else -inf) for i in range(21)},
+             "-0 before +0": {i: -9.0 for i in range(21)} | {4: -0.0, 12: 0.0},
+             "+0 before -0": {i: -9.0 for i in range(21)} | {4: 0.0, 12: -0.0},
+             "every value NaN": {i: nan for i in range(21)}, "two +inf": {13: inf, 20: inf, 2: nan}}
+    vectors = [(name, [changes.get(i, v) for i, v in enumerate(below)]) for name, changes in cases.items()]
+    rng = np.random.default_rng(11)
+    for n in range(1, 41):  # every length around the blocks, values drawn from a few so ties occur
+        vectors.append((f"random {n}", [float(v) for v in rng.choice([nan, -inf, inf, -1.0, 0.0, 2.0, 3.0], n,
+                                                                      p=[.1, .1, .02, .2, .2, .2, .18])]))
+    for name, logits in vectors:
+        rc, sampler = create_sampler(lib, ffi, {"temperature": 0.0, "top_p": 1.0}, len(logits))
+        assert rc == 0, last_error(lib, ffi)
+        token = ffi.new("int *")
+        try:
+            assert lib.ac_sample(sampler, ffi.new("float[]", logits), token) == 0
+        finally:
+            lib.ac_sampler_free(sampler)
+        assert token[0] == first_largest(logits), (name, logits)
+
+
 def test_nul_bytes_in_a_prompt_are_byte_tokens(good):
     with Model(good.model, good.tokenizer) as m:
         ids = m.encode("a\x00b")
