@@ -434,14 +434,19 @@ def test_extreme_temperatures_and_non_finite_logits_sample_greedily(lib, ffi, go
     for logits, want in cases:
         for top_p, top_k in ((1.0, 0), (0.5, 0), (1.0, 2)):
             params = {"temperature": 1.0, "top_p": top_p, "top_k": top_k, "seed": 3}
-            rc, sampler = create_sampler(lib, ffi, params, 5)
-            assert rc == 0, last_error(lib, ffi)
-            token = ffi.new("int *")
-            try:
-                assert lib.ac_sample(sampler, ffi.new("float[]", logits), token) == 0
-            finally:
-                lib.ac_sampler_free(sampler)
-            assert token[0] == want, (logits, top_p, top_k)
+            assert sample_once(lib, ffi, params, logits) == want, (logits, top_p, top_k)
+
+
+def sample_once(lib, ffi, params: dict, logits: list[float]) -> int:
+    """The token a new sampler with params picks from logits."""
+    rc, sampler = create_sampler(lib, ffi, params, len(logits))
+    assert rc == 0, last_error(lib, ffi)
+    token = ffi.new("int *")
+    try:
+        assert lib.ac_sample(sampler, ffi.new("float[]", logits), token) == 0, last_error(lib, ffi)
+    finally:
+        lib.ac_sampler_free(sampler)
+    return token[0]
 
 
 def first_largest(logits: list[float]) -> int:
@@ -464,14 +469,7 @@ def test_greedy_sampling_takes_the_first_largest_logit_and_never_a_nan(lib, ffi)
         vectors.append((f"random {n}", [float(v) for v in rng.choice([nan, -inf, inf, -1.0, 0.0, 2.0, 3.0], n,
                                                                       p=[.1, .1, .02, .2, .2, .2, .18])]))
     for name, logits in vectors:
-        rc, sampler = create_sampler(lib, ffi, {"temperature": 0.0, "top_p": 1.0}, len(logits))
-        assert rc == 0, last_error(lib, ffi)
-        token = ffi.new("int *")
-        try:
-            assert lib.ac_sample(sampler, ffi.new("float[]", logits), token) == 0
-        finally:
-            lib.ac_sampler_free(sampler)
-        assert token[0] == first_largest(logits), (name, logits)
+        assert sample_once(lib, ffi, {"temperature": 0.0, "top_p": 1.0}, logits) == first_largest(logits), (name, logits)
 
 
 def test_nul_bytes_in_a_prompt_are_byte_tokens(good):
