@@ -79,8 +79,8 @@ typedef struct {
 
     /* int8 matrices in the set's own layout (NULL members: the row layout above everywhere):
      * the bytes a rows x n matrix in groups of gs takes packed, a multiple of 64 (0: that shape
-     * stays in the row layout), and the packing (dst 64-byte aligned).  The model packs each int8 matrix once;
-     * gemm_q8 then gets the packed matrix as Wq and NULL as Ws. */
+     * stays in the row layout), and the packing (dst 64-byte aligned).  The model packs each
+     * int8 matrix once; gemm_q8 then gets the packed matrix as Wq and NULL as Ws. */
     size_t (*packed_q8_bytes)(int rows, int n, int gs);
     void (*pack_q8)(void *dst, const int8_t *Wq, const float *Ws, int rows, int n, int gs);
 } ac_kernels;

@@ -9,8 +9,9 @@
  * and the tile it falls in (one token at a time = all tokens together = any split of the rows);
  * float32 GEMM and the weighted sum close to float64; int8 GEMM bitwise equal to the set whose
  * order it keeps (avx512-amx and avx512-vnni: the scalar set's, any group size; the other x86-64
- * sets: the avx2 set's, group sizes that are multiples of 32; scalar: close to float64); the quantizer bitwise equal to ac_quantize_q8;
- * SwiGLU and softmax close to float64 (a few ulp), and softmax's NaN for a NaN or +inf input;
+ * sets: the avx2 set's, group sizes that are multiples of 32; scalar: close to float64); the
+ * quantizer bitwise equal to ac_quantize_q8; SwiGLU and softmax close to float64 (a few ulp),
+ * and softmax's NaN for a NaN or +inf input;
  * every x86-64 set's weighted sum, SwiGLU and softmax bitwise the avx2 set's.
  */
 #include "kernels.h"
