@@ -21,23 +21,21 @@
  * target attributes so the library itself needs no -mavx2 or -march):
  *
  *   scalar       portable C, any CPU (kernels.c)
- *   avx2         AVX2 + FMA: 8-lane float32 sums, int8 through maddubs (kernels_avx2.c)
+ *   avx2         AVX2 + FMA: 8-lane float32 sums, int8 through maddubs on weights packed for
+ *                it at load, 8 rows to a vector (kernels_avx2.c)
  *   avx2-vnni    the avx2 set with its int8 dot products in AVX-VNNI vpdpbusd (kernels_avx2.c)
  *   avx512       AVX-512F: 16-lane float32 sums; int8 as in avx2 (kernels_avx512.c)
  *   avx512-vnni  the avx512 set with its int8 products in 512-bit AVX-512 VNNI vpdpbusd, on
- *                weights packed for it at load (kernels_avx512.c)
+ *                weights packed for it at load, 16 rows to a vector (kernels_avx512.c)
  *   avx512-amx   the avx512 set with its int8 products on AMX-INT8 tiles (kernels_amx.c)
  *
  * The best set the CPU supports is picked once, on first use (ac_kernels_get); AC_KERNEL=NAME
  * in the environment forces a set (kernels.c says what happens to a name the CPU lacks).
  * Float32 products are the same within a set, not between sets of different lane counts (the
- * partial sums differ).  int8 products are exact int32 sums.  avx2, avx2-vnni and avx512 scale
- * and add them in the avx2 set's order (8 partial sums per 32-value chunk), so their int8 GEMM
- * results are bitwise equal, and avx2 and avx2-vnni, with the same float32 lanes, give bitwise
- * equal logits for int8 models as well as float32 ones.  avx512-vnni and avx512-amx sum each
- * group whole (a 16-row vpdpbusd or a tile product cannot give avx2's partial sums) and add the
- * groups in the scalar set's order: their int8 GEMM gives the scalar set's bits, and the two
- * give bitwise equal logits for int8 models, and avx512's for float32 ones.
+ * partial sums differ).  int8 products are exact int32 sums, one per group, and every set
+ * scales and adds them in the scalar set's order: every set's int8 GEMM gives the scalar set's
+ * bits.  So sets with the same float32 lanes (avx2 and avx2-vnni; avx512, avx512-vnni and
+ * avx512-amx) give bitwise equal logits for int8 models as well as float32 ones.
  *
  * int8 ("Q8_0"): a tensor of n values in groups of gs is stored as n int8 values q and n/gs
  * float scales s, with value[j] ~= q[j] * s[j / gs].  Activations are quantized the same way
@@ -98,9 +96,9 @@ extern const ac_kernels ac_kernels_avx2, ac_kernels_avx2_vnni, ac_kernels_avx512
     ac_kernels_avx512_amx;
 #endif
 
-/* Members one set lends another: the portable int8 GEMM (for group sizes that are not
- * multiples of 32) and softmax (with libm's expf, for callers that want it on every CPU), and
- * the avx2 set's int8 GEMM, quantizer and softmax (the avx512 set's), and the avx512 set's
+/* Members one set lends another: the portable int8 GEMM (for shapes that stay in the row
+ * layout) and softmax (with libm's expf, for callers that want it on every CPU), and the avx2
+ * set's int8 GEMM, packing, quantizer and softmax (the avx512 set's), and the avx512 set's
  * float32 GEMM, weighted sum and SwiGLU (the avx512-amx set's). */
 void ac_gemm_q8_scalar(float *out, int ldo, const int8_t *Wq, const float *Ws, const int8_t *Xq,
                        const float *Xs, int T, int n, int gs, int r0, int r1);
@@ -108,6 +106,8 @@ float ac_softmax_scalar(float *x, int n);
 #if defined(__x86_64__)
 void ac_gemm_q8_avx2(float *out, int ldo, const int8_t *Wq, const float *Ws, const int8_t *Xq,
                      const float *Xs, int T, int n, int gs, int r0, int r1);
+size_t ac_packed_q8_bytes_avx2(int rows, int n, int gs);
+void ac_pack_q8_avx2(void *dst, const int8_t *Wq, const float *Ws, int rows, int n, int gs);
 void ac_quantize_q8_avx2(int8_t *q, float *s, const float *x, int n, int gs);
 float ac_softmax_avx2(float *x, int n);
 void ac_gemm_f32_avx512(float *out, int ldo, const float *W, int ldw, const float *X, int ldx, int T, int n, int r0,

@@ -5,9 +5,8 @@
  * An AMX tile product (tdpbssd) multiplies int8 by int8 and sums in int32, exactly, whatever
  * the tile's shape.  So this set sums each group's products exactly and then adds the groups
  * in the scalar set's order: sum += (float)isum * (w_scale * x_scale), group after group.  Its
- * int8 GEMM therefore gives the scalar set's bits (the avx2 set's order, 8 partial int32 sums
- * per chunk converted one by one, cannot be had from a tile), on every path: one token,
- * several, any row range.
+ * int8 GEMM therefore gives the scalar set's bits, as every set's does, on every path: one
+ * token, several, any row range.
  *
  * Tiles (tdpbssd C += A . B): A holds 16 weight rows x kc bytes of a group, read in place with
  * the row stride n; B holds kc / 4 rows of 4-byte columns, one column per token: a block of 16

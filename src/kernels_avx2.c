@@ -3,9 +3,10 @@
  * maddubs) and avx2-vnni, the same set with its int8 dot products in AVX-VNNI's vpdpbusd.
  *
  * Float sums keep kernels.c's lane structure (lane k of 8 takes the terms j = k mod 8, reduced
- * by hsum_avx2 in hsum8's order), so this set differs from scalar only by FMA rounding.  The
- * two int8 dot products give the same exact int32 lane sums, so avx2 and avx2-vnni agree bit
- * for bit.  Compiled per function for its targets: the library needs no -mavx2.
+ * by hsum_avx2 in hsum8's order), so this set's float32 sums differ from scalar's only by FMA
+ * rounding.  The two int8 dot products give the same exact int32 sums, which both add in the
+ * scalar set's order, so their int8 products are the scalar set's bits.  Compiled per function
+ * for its targets: the library needs no -mavx2.
  */
 #include "kernels.h"
 #include "kernels_x86.h"
@@ -107,109 +108,154 @@ AVX2_FN static void gemm_f32_avx2(float *out, int ldo, const float *W, int ldw, 
 
 /* ---------------------------------------------------------------- int8 GEMM */
 
-/* The 8 int32 lane sums of the 32 products w[k] * x[k] (lane l sums k = 4l .. 4l+3).  Both
- * instructions need an unsigned left operand, so it gets |w| and x carries w's sign
- * (x * sign(w)).  avx2: maddubs adds pairs into int16 (at most 2 * 128 * 127, no saturation
- * for quantized activations, |x| <= 127), madd pairs of those into int32.  vnni: AVX-VNNI's
- * vpdpbusd adds the four products of a lane into int32 in one instruction; it is written as
- * inline assembly ({vex}: the AVX-VNNI encoding, not AVX-512's) so that this tile keeps the
- * avx2 target and the avx2 set never contains the instruction. */
-AVX2_TILE __m256i dot32_q8(int vnni, __m256i abs_w, __m256i w, __m256i x) {
+/* int8 matrices are packed at load for these sets, in blocks of PACK8_ROWS rows: first the
+ * rows' values, 4 at a time (word j of the block = bytes 4j .. 4j+3 of its 8 rows, 32 bytes:
+ * row r's at offset 4r, so one load holds a word of every row), then their scales by group
+ * (8 floats per group), padded to a multiple of 64 bytes.  A broadcast word of x then meets
+ * all 8 rows in one vector, and each lane sums its row's groups in order, one group at a
+ * time: the scalar set's order, so the results are the scalar set's bits.  Rows past the
+ * matrix's end are zeros.  (The row-layout kernel before it took 4 rows at a time, with 8
+ * partial sums per row and a conversion, a scaling and a reduction of them per 32 values;
+ * against it, bench/ab.c, the persona in int8, 2-core AMD EPYC Zen 3 (AVX2 only), both
+ * orders: decode 1.44-1.45x on one thread and 1.34-1.55x on two, prefill 1.21-1.23x, batched
+ * decode 1.08-1.14x.  Packing costs about 9 ms at load, mostly page faults.) */
+#define PACK8_ROWS 8
+
+static size_t pack8_block_bytes(int n, int gs) {
+    size_t bytes = (size_t)PACK8_ROWS * n + (size_t)(n / gs) * PACK8_ROWS * sizeof(float);
+    return (bytes + 63) & ~(size_t)63;
+}
+
+/* Groups of whole words (gs % 4 == 0, so n % 4 == 0) pack; other shapes stay in the row
+ * layout, which the scalar kernel multiplies. */
+size_t ac_packed_q8_bytes_avx2(int rows, int n, int gs) {
+    if (gs % 4) return 0;
+    return (size_t)((rows + PACK8_ROWS - 1) / PACK8_ROWS) * pack8_block_bytes(n, gs);
+}
+
+void ac_pack_q8_avx2(void *dst, const int8_t *Wq, const float *Ws, int rows, int n, int gs) {
+    int ng = n / gs, words = n / 4;
+    size_t block = pack8_block_bytes(n, gs), tail = block - (size_t)PACK8_ROWS * (n + 4 * ng);
+    unsigned char *out = dst;
+    for (int b = 0; b * PACK8_ROWS < rows; b++) { /* written in order, a block at a time */
+        int in_block = rows - b * PACK8_ROWS < PACK8_ROWS ? rows - b * PACK8_ROWS : PACK8_ROWS;
+        const int8_t *w = Wq + (size_t)b * PACK8_ROWS * n;
+        const float *ws = Ws + (size_t)b * PACK8_ROWS * ng;
+        for (int j = 0; j < words; j++, out += 4 * PACK8_ROWS) {
+            for (int r = 0; r < in_block; r++) memcpy(out + 4 * r, w + (size_t)r * n + 4 * j, 4);
+            memset(out + 4 * in_block, 0, 4 * (size_t)(PACK8_ROWS - in_block));
+        }
+        float *scale = (float *)out;
+        for (int g = 0; g < ng; g++)
+            for (int r = 0; r < PACK8_ROWS; r++) scale[g * PACK8_ROWS + r] = r < in_block ? ws[(size_t)r * ng + g] : 0.0f;
+        out += (size_t)ng * PACK8_ROWS * sizeof(float);
+        memset(out, 0, tail);
+        out += tail;
+    }
+}
+
+/* acc + the products w[k] * x[k] summed by 4 in int32 (lane l adds k = 4l .. 4l+3: in the
+ * packed layout, a word of row l times the broadcast word of x).  Both instructions need an
+ * unsigned left operand, so it gets |w| and x carries w's sign (x * sign(w)).  avx2: maddubs
+ * adds pairs into int16 (at most 2 * 128 * 127, no saturation for quantized activations,
+ * |x| <= 127), madd pairs of those into int32.  vnni: AVX-VNNI's vpdpbusd adds the four
+ * products of a lane into acc in one instruction; it is written as inline assembly ({vex}: the
+ * AVX-VNNI encoding, not AVX-512's) so that this tile keeps the avx2 target and the avx2 set
+ * never contains the instruction. */
+AVX2_TILE __m256i dot_add_q8(int vnni, __m256i acc, __m256i abs_w, __m256i w, __m256i x) {
     __m256i signed_x = _mm256_sign_epi8(x, w);
     if (vnni) {
-        __m256i acc = _mm256_setzero_si256();
         __asm__("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(abs_w), "x"(signed_x));
         return acc;
     }
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(abs_w, signed_x), _mm256_set1_epi16(1));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(abs_w, signed_x), _mm256_set1_epi16(1)));
 }
 
-/* R weight rows x C tokens of int8; each 32-value chunk's int32 lane sums are converted to
- * float and accumulated scaled by w_scale * x_scale of their group.  Callers pass gs as the
- * constant 32 where they can (then k / gs is a shift and the loop a single stream of chunks).
- * ahead > 0 prefetches the quantized rows and scales ahead rows further on, as tile_f32. */
-AVX2_TILE void tile_q8(int vnni, int R, int C, float *out, int ldo, const int8_t *Wq, const float *Ws,
-                       const int8_t *Xq, const float *Xs, int n, int gs, int ahead) {
-    int ng = n / gs;
-    if (ahead)
-        for (int r = 0; r < R; r++) _mm_prefetch((const char *)(Ws + (size_t)(ahead + r) * ng), _MM_HINT_T0);
-    __m256 acc[4][2];
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
-    for (int k = 0; k < n; k += 32) {
-        int g = k / gs;
-        if (ahead && (k & 63) == 0)
-            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(Wq + (size_t)(ahead + r) * n + k), _MM_HINT_T0);
-        __m256i x[2];
-        __m256 xs[2];
+/* The rows of one packed block (the lanes in store) for C tokens: token c's x at Xq + c * n,
+ * its scales at Xs + c * ng.  A int32 accumulators per token over a group's words (added at
+ * the end: exact), so that vpdpbusd's latency overlaps.  ahead > 0 prefetches that many bytes
+ * further on in the packed matrix. */
+#define PACK8_TILE_TOKENS 4
+AVX2_TILE void packed8_tile(int vnni, int C, int A, float *out, int ldo, const unsigned char *blk,
+                            const int8_t *Xq, const float *Xs, int n, int gs, __m256i store, int ahead) {
+    int ng = n / gs, per_group = gs / 4;
+    const __m256i *w = (const __m256i *)blk;
+    const float *scale = (const float *)(blk + (size_t)PACK8_ROWS * n);
+    __m256 acc[PACK8_TILE_TOKENS];
+    for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
+    for (int g = 0; g < ng; g++) {
+        __m256i isum[PACK8_TILE_TOKENS][2];
+        for (int c = 0; c < C; c++)
+            for (int a = 0; a < A; a++) isum[c][a] = _mm256_setzero_si256();
+        for (int j = 0; j < per_group; j += A)
+            for (int a = 0; a < A && j + a < per_group; a++) {
+                int word = g * per_group + j + a;
+                if (ahead && (word & 1) == 0) _mm_prefetch((const char *)(w + word) + ahead, _MM_HINT_T0);
+                __m256i wv = _mm256_load_si256(w + word);
+                __m256i abs_w = _mm256_sign_epi8(wv, wv);
+                for (int c = 0; c < C; c++) {
+                    int32_t xw;
+                    memcpy(&xw, Xq + (size_t)c * n + 4 * (size_t)word, sizeof xw);
+                    isum[c][a] = dot_add_q8(vnni, isum[c][a], abs_w, wv, _mm256_set1_epi32(xw));
+                }
+            }
+        __m256 s = _mm256_load_ps(scale + (size_t)g * PACK8_ROWS);
         for (int c = 0; c < C; c++) {
-            x[c] = _mm256_loadu_si256((const __m256i *)(Xq + (size_t)c * n + k));
-            xs[c] = _mm256_broadcast_ss(Xs + (size_t)c * ng + g);
+            __m256i total = A > 1 ? _mm256_add_epi32(isum[c][0], isum[c][1]) : isum[c][0];
+            __m256 d = _mm256_cvtepi32_ps(total);
+            acc[c] = _mm256_add_ps(acc[c], _mm256_mul_ps(d, _mm256_mul_ps(s, _mm256_broadcast_ss(Xs + (size_t)c * ng + g))));
         }
-        for (int r = 0; r < R; r++) {
-            __m256i w = _mm256_loadu_si256((const __m256i *)(Wq + (size_t)r * n + k));
-            __m256i abs_w = _mm256_sign_epi8(w, w);
-            __m256 ws = _mm256_broadcast_ss(Ws + (size_t)r * ng + g);
-            for (int c = 0; c < C; c++) {
-                __m256 d = _mm256_cvtepi32_ps(dot32_q8(vnni, abs_w, w, x[c]));
-                acc[r][c] = _mm256_fmadd_ps(d, _mm256_mul_ps(ws, xs[c]), acc[r][c]);
+    }
+    for (int c = 0; c < C; c++) _mm256_maskstore_ps(out + (size_t)c * ldo, store, acc[c]);
+}
+
+/* Rows [r0, r1) of a packed matrix for T tokens: each row block against all the tokens,
+ * PACK8_TILE_TOKENS at a time. */
+AVX2_TILE void gemm_q8_packed8(int vnni, float *out, int ldo, const unsigned char *P, const int8_t *Xq,
+                               const float *Xs, int T, int n, int gs, int r0, int r1) {
+    int ng = n / gs, A = vnni ? 2 : 1;
+    size_t block = pack8_block_bytes(n, gs);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int b = r0 / PACK8_ROWS; b * PACK8_ROWS < r1; b++) {
+        int lo = r0 - b * PACK8_ROWS, hi = r1 - b * PACK8_ROWS;
+        __m256i store = _mm256_and_si256(_mm256_cmpgt_epi32(lane, _mm256_set1_epi32(lo - 1)),
+                                         _mm256_cmpgt_epi32(_mm256_set1_epi32(hi), lane));
+        const unsigned char *blk = P + (size_t)b * block;
+        float *o = out + (size_t)b * PACK8_ROWS;
+        for (int t = 0; t < T; t += PACK8_TILE_TOKENS) {
+            const int8_t *x = Xq + (size_t)t * n;
+            const float *xs = Xs + (size_t)t * ng;
+            float *ot = o + (size_t)t * ldo;
+            switch (T - t >= PACK8_TILE_TOKENS ? PACK8_TILE_TOKENS : T - t) { /* constant sizes */
+            case 4: packed8_tile(vnni, 4, A, ot, ldo, blk, x, xs, n, gs, store, 0); break;
+            case 3: packed8_tile(vnni, 3, A, ot, ldo, blk, x, xs, n, gs, store, 0); break;
+            case 2: packed8_tile(vnni, 2, A, ot, ldo, blk, x, xs, n, gs, store, 0); break;
+            default: packed8_tile(vnni, 1, A, ot, ldo, blk, x, xs, n, gs, store, T == 1 ? PREFETCH_BYTES : 0); break;
             }
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) out[(size_t)c * ldo + r] = hsum_avx2(acc[r][c]);
 }
 
-/* Rows [r0, r1) against all T tokens: tiles of 4 rows x 2 tokens; ahead as in tile_q8. */
-AVX2_TILE void gemm_q8_tiles(int vnni, float *out, int ldo, const int8_t *Wq, const float *Ws,
-                             const int8_t *Xq, const float *Xs, int T, int n, int gs, int r0, int r1,
-                             int ahead) {
-    int ng = n / gs;
-    for (int i = r0; i < r1;) {
-        int R = r1 - i >= 4 ? 4 : 1;
-        const int8_t *w = Wq + (size_t)i * n;
-        const float *ws = Ws + (size_t)i * ng;
-        for (int t = 0; t < T;) {
-            float *o = out + (size_t)t * ldo + i;
-            const int8_t *x = Xq + (size_t)t * n;
-            const float *xs = Xs + (size_t)t * ng;
-            int pf = t == 0 ? ahead : 0;
-            if (T - t >= 2 && R == 4) tile_q8(vnni, 4, 2, o, ldo, w, ws, x, xs, n, gs, pf);
-            else if (T - t >= 2) tile_q8(vnni, 1, 2, o, ldo, w, ws, x, xs, n, gs, pf);
-            else if (R == 4) tile_q8(vnni, 4, 1, o, ldo, w, ws, x, xs, n, gs, pf);
-            else tile_q8(vnni, 1, 1, o, ldo, w, ws, x, xs, n, gs, pf);
-            t += T - t >= 2 ? 2 : 1;
-        }
-        i += R;
-    }
-}
-
-/* decode prefetches about PREFETCH_BYTES ahead; with more tokens a row group takes longer,
- * and two groups (8 rows) on is far enough (int8 weights are a quarter of the bytes and
- * mostly stay in L3: rows_f32's spread prefetch measured no faster here).  gs = 32, the
- * default, gets its own copy with the group size a constant. */
-AVX2_TILE void gemm_q8_x8(int vnni, float *out, int ldo, const int8_t *Wq, const float *Ws,
-                          const int8_t *Xq, const float *Xs, int T, int n, int gs, int r0, int r1) {
-    int ahead = T == 1 ? prefetch_rows(n) : 8;
-    if (gs == 32) gemm_q8_tiles(vnni, out, ldo, Wq, Ws, Xq, Xs, T, n, 32, r0, r1, ahead);
-    else gemm_q8_tiles(vnni, out, ldo, Wq, Ws, Xq, Xs, T, n, gs, r0, r1, ahead);
+/* Packed matrices (Ws NULL, see above) in gemm_q8_packed8, gs = 32, the default, in a copy
+ * of its own with the group size a constant; shapes that stay in the row layout in the scalar
+ * kernel (the same order). */
+AVX2_TILE void gemm_q8_any(int vnni, float *out, int ldo, const int8_t *Wq, const float *Ws, const int8_t *Xq,
+                           const float *Xs, int T, int n, int gs, int r0, int r1) {
+    const unsigned char *P = (const unsigned char *)Wq;
+    if (Ws) ac_gemm_q8_scalar(out, ldo, Wq, Ws, Xq, Xs, T, n, gs, r0, r1);
+    else if (gs == 32) gemm_q8_packed8(vnni, out, ldo, P, Xq, Xs, T, n, 32, r0, r1);
+    else gemm_q8_packed8(vnni, out, ldo, P, Xq, Xs, T, n, gs, r0, r1);
 }
 
 AVX2_FN void ac_gemm_q8_avx2(float *out, int ldo, const int8_t *Wq, const float *Ws, const int8_t *Xq,
                              const float *Xs, int T, int n, int gs, int r0, int r1) {
-    if (gs % 32) /* groups that are not whole 32-byte vectors: the portable kernel */
-        ac_gemm_q8_scalar(out, ldo, Wq, Ws, Xq, Xs, T, n, gs, r0, r1);
-    else
-        gemm_q8_x8(0, out, ldo, Wq, Ws, Xq, Xs, T, n, gs, r0, r1);
+    gemm_q8_any(0, out, ldo, Wq, Ws, Xq, Xs, T, n, gs, r0, r1);
 }
 
 __attribute__((target("avx2,fma,avxvnni"))) static void gemm_q8_avx2_vnni(
     float *out, int ldo, const int8_t *Wq, const float *Ws, const int8_t *Xq, const float *Xs, int T,
     int n, int gs, int r0, int r1) {
-    if (gs % 32)
-        ac_gemm_q8_scalar(out, ldo, Wq, Ws, Xq, Xs, T, n, gs, r0, r1);
-    else
-        gemm_q8_x8(1, out, ldo, Wq, Ws, Xq, Xs, T, n, gs, r0, r1);
+    gemm_q8_any(1, out, ldo, Wq, Ws, Xq, Xs, T, n, gs, r0, r1);
 }
 
 /* ---------------------------------------------------------------- int8 quantization */
@@ -307,8 +353,10 @@ AVX2_FN float ac_softmax_avx2(float *x, int n) {
 }
 
 const ac_kernels ac_kernels_avx2 = {"avx2", gemm_f32_avx2, ac_gemm_q8_avx2, weighted_sum_avx2,
-                                    ac_quantize_q8_avx2, swiglu_avx2, ac_softmax_avx2, NULL, NULL};
+                                    ac_quantize_q8_avx2, swiglu_avx2, ac_softmax_avx2, ac_packed_q8_bytes_avx2,
+                                    ac_pack_q8_avx2};
 const ac_kernels ac_kernels_avx2_vnni = {"avx2-vnni", gemm_f32_avx2, gemm_q8_avx2_vnni, weighted_sum_avx2,
-                                         ac_quantize_q8_avx2, swiglu_avx2, ac_softmax_avx2, NULL, NULL};
+                                         ac_quantize_q8_avx2, swiglu_avx2, ac_softmax_avx2,
+                                         ac_packed_q8_bytes_avx2, ac_pack_q8_avx2};
 
 #endif /* __x86_64__ */

@@ -1,6 +1,6 @@
 /*
- * kernels_avx512.c - the avx512 kernel set (AVX-512F: 16-lane float32 sums; int8, the int8
- * quantizer and softmax from the avx2 set) and avx512-vnni, the same with its int8 products in
+ * kernels_avx512.c - the avx512 kernel set (AVX-512F: 16-lane float32 sums; int8 products,
+ * their packing, the int8 quantizer and softmax from the avx2 set) and avx512-vnni, the same with its int8 products in
  * 512-bit AVX-512 VNNI on weights packed for it (see "int8 GEMM" below).
  *
  * Float sums: each dot product keeps 16 partial sums (lane k takes the terms j = k mod 16;
@@ -9,8 +9,8 @@
  * element with that one sequence, so the set's own bitwise promises hold; its float32 results
  * differ from avx2's by rounding (different partial sums).
  *
- * int8 products of avx512 are the avx2 set's kernel (its order, its bits); avx512-vnni's sum
- * each group whole and add the groups in the scalar set's order (its bits).
+ * int8 products of avx512 are the avx2 set's kernel; avx512-vnni's sum each group whole
+ * likewise, 16 rows at a time; both add the groups in the scalar set's order (its bits).
  */
 #include "kernels.h"
 #include "kernels_avx512.h"
@@ -388,7 +388,8 @@ AVX512_FN void ac_swiglu_avx512(float *h, const float *g, int n) {
 }
 
 const ac_kernels ac_kernels_avx512 = {"avx512", ac_gemm_f32_avx512, ac_gemm_q8_avx2, ac_weighted_sum_avx512,
-                                      ac_quantize_q8_avx2, ac_swiglu_avx512, ac_softmax_avx2, NULL, NULL};
+                                      ac_quantize_q8_avx2, ac_swiglu_avx512, ac_softmax_avx2, ac_packed_q8_bytes_avx2,
+                                      ac_pack_q8_avx2};
 const ac_kernels ac_kernels_avx512_vnni = {"avx512-vnni", ac_gemm_f32_avx512, gemm_q8_avx512_vnni,
                                            ac_weighted_sum_avx512, ac_quantize_q8_avx2, ac_swiglu_avx512,
                                            ac_softmax_avx2, packed_q8_bytes_vnni, pack_q8_vnni};

@@ -382,6 +382,7 @@ static int check_header(const unsigned char *data, size_t size, const char *name
 typedef struct {
     ac_matrix *m;
     int rows, cols;
+    size_t packed_bytes; /* in the kernel set's layout (0: the matrix stays in the row layout) */
 } int8_matrix;
 
 static int int8_matrices(ac_model *m, int8_matrix *list) {
@@ -390,8 +391,8 @@ static int int8_matrices(ac_model *m, int8_matrix *list) {
     for (int l = 0; l < c->n_layers; l++)
         for (int i = 0; i < AC_N_LAYER_MATRICES; i++)
             list[count++] = (int8_matrix){layer_matrix(&m->w.layers[l], i), dim_of(c, AC_LAYER_MATRICES[i].rows),
-                                          dim_of(c, AC_LAYER_MATRICES[i].cols)};
-    list[count++] = (int8_matrix){&m->w.wcls, c->vocab_size, c->dim};
+                                          dim_of(c, AC_LAYER_MATRICES[i].cols), 0};
+    list[count++] = (int8_matrix){&m->w.wcls, c->vocab_size, c->dim, 0};
     return count;
 }
 
@@ -405,7 +406,10 @@ static int pack_int8(ac_model *m, const char *name) {
     if (!list) return ac_fail(AC_ERR_NOMEM, "%s: out of memory packing the int8 matrices", name);
     int count = int8_matrices(m, list);
     size_t total = 0;
-    for (int i = 0; i < count; i++) total += k->packed_q8_bytes(list[i].rows, list[i].cols, gs);
+    for (int i = 0; i < count; i++) {
+        list[i].packed_bytes = k->packed_q8_bytes(list[i].rows, list[i].cols, gs);
+        total += list[i].packed_bytes;
+    }
     if (total) m->packed = aligned_alloc(64, total);
     if (total && !m->packed) {
         free(list);
@@ -413,11 +417,10 @@ static int pack_int8(ac_model *m, const char *name) {
     }
     unsigned char *at = m->packed;
     for (int i = 0; i < count; i++) {
-        size_t bytes = k->packed_q8_bytes(list[i].rows, list[i].cols, gs);
-        if (!bytes) continue;
+        if (!list[i].packed_bytes) continue;
         k->pack_q8(at, list[i].m->q, list[i].m->s, list[i].rows, list[i].cols, gs);
         list[i].m->packed = at;
-        at += bytes;
+        at += list[i].packed_bytes;
     }
     free(list);
     return AC_OK;
