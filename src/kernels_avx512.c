@@ -1,7 +1,8 @@
 /*
  * kernels_avx512.c - the avx512 kernel set (AVX-512F: 16-lane float32 sums; int8 products,
- * their packing, the int8 quantizer and softmax from the avx2 set) and avx512-vnni, the same with its int8 products in
- * 512-bit AVX-512 VNNI on weights packed for it (see "int8 GEMM" below).
+ * their packing, the int8 quantizer and softmax from the avx2 set) and avx512-vnni, the same
+ * with its int8 products in 512-bit AVX-512 VNNI on weights packed for it (see "int8 GEMM"
+ * below).
  *
  * Float sums: each dot product keeps 16 partial sums (lane k takes the terms j = k mod 16;
  * the last n mod 16 terms enter through a masked load, as zeros elsewhere), reduced in one

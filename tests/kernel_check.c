@@ -8,8 +8,8 @@
  * Checked: every output of a GEMM is the same bits whatever the token count T, the row range
  * and the tile it falls in (one token at a time = all tokens together = any split of the rows);
  * float32 GEMM and the weighted sum close to float64; int8 GEMM close to float64 and bitwise
- * equal to the scalar set's (every group size); the quantizer bitwise equal to ac_quantize_q8; SwiGLU and softmax close to float64 (a few ulp),
- * and softmax's NaN for a NaN or +inf input;
+ * equal to the scalar set's (every group size); the quantizer bitwise equal to ac_quantize_q8;
+ * SwiGLU and softmax close to float64 (a few ulp), and softmax's NaN for a NaN or +inf input;
  * every x86-64 set's weighted sum, SwiGLU and softmax bitwise the avx2 set's.
  */
 #include "kernels.h"

@@ -193,6 +193,14 @@ def test_kernel_sets_with_the_same_lanes_agree_bitwise(kernel_results, a, b, wei
     assert np.array_equal(kernel_results[a][weights], kernel_results[b][weights])
 
 
+@pytest.mark.parametrize("name", [k for k in KERNEL_SETS if k not in ("scalar", "avx2")])
+def test_int8_products_equal_avx2_bitwise(kernel_results, name):
+    """int8 sums are exact and every set adds them in the scalar set's order; with attention summing
+    alike (head_size 8), every x86-64 set's int8 logits are bitwise avx2's."""
+    need_kernels("avx2", name)
+    assert np.array_equal(kernel_results[name]["int8"], kernel_results["avx2"]["int8"])
+
+
 @pytest.fixture(scope="module")
 def kernel_check(tmp_path_factory) -> Path:
     """tests/kernel_check.c built against the kernel sources (every set's promises, at the
