@@ -27,7 +27,8 @@
  *   avx512       AVX-512F: 16-lane float32 sums; int8 as in avx2 (kernels_avx512.c)
  *   avx512-vnni  the avx512 set with its int8 products in 512-bit AVX-512 VNNI vpdpbusd, on
  *                weights packed for it at load, 16 rows to a vector (kernels_avx512.c)
- *   avx512-amx   the avx512 set with its int8 products on AMX-INT8 tiles (kernels_amx.c)
+ *   avx512-amx   the avx512-vnni set with its int8 products over several tokens on AMX-INT8
+ *                tiles, on the same packed weights (kernels_amx.c)
  *
  * The best set the CPU supports is picked once, on first use (ac_kernels_get); AC_KERNEL=NAME
  * in the environment forces a set (kernels.c says what happens to a name the CPU lacks).
@@ -99,7 +100,8 @@ extern const ac_kernels ac_kernels_avx2, ac_kernels_avx2_vnni, ac_kernels_avx512
 /* Members one set lends another: the portable int8 GEMM (for shapes that stay in the row
  * layout) and softmax (with libm's expf, for callers that want it on every CPU), and the avx2
  * set's int8 GEMM, packing, quantizer and softmax (the avx512 set's), and the avx512 set's
- * float32 GEMM, weighted sum and SwiGLU (the avx512-amx set's). */
+ * float32 GEMM, weighted sum and SwiGLU and the avx512-vnni set's int8 GEMM and packing (the
+ * avx512-amx set's). */
 void ac_gemm_q8_scalar(float *out, int ldo, const int8_t *Wq, const float *Ws, const int8_t *Xq,
                        const float *Xs, int T, int n, int gs, int r0, int r1);
 float ac_softmax_scalar(float *x, int n);
@@ -115,6 +117,10 @@ void ac_gemm_f32_avx512(float *out, int ldo, const float *W, int ldw, const floa
 void ac_weighted_sum_avx512(float *out, int ldo, const float *a, int lda, const float *V, int ldv, int T, int R,
                             int n);
 void ac_swiglu_avx512(float *h, const float *g, int n);
+void ac_gemm_q8_avx512_vnni(float *out, int ldo, const int8_t *Wq, const float *Ws, const int8_t *Xq,
+                            const float *Xs, int T, int n, int gs, int r0, int r1);
+size_t ac_packed_q8_bytes_avx512_vnni(int rows, int n, int gs);
+void ac_pack_q8_avx512_vnni(void *dst, const int8_t *Wq, const float *Ws, int rows, int n, int gs);
 #endif
 
 /* Symmetric per-group quantization of x[0..n) (gs divides n): s[g] = max|x| / 127 over group

@@ -207,15 +207,10 @@ AVX512_FN void ac_gemm_f32_avx512(float *out, int ldo, const float *W, int ldw, 
 
 /* ---------------------------------------------------------------- int8 GEMM (AVX-512 VNNI) */
 
-/* The avx512-vnni set keeps its int8 matrices packed (the model packs each once, at load):
- * blocks of PACK_ROWS rows, each block n / 4 vectors of 64 bytes, vector j holding 4-byte word
- * j of every row of the block (row r's bytes 4j .. 4j+3 at 4r), offset by 128 (w ^ 0x80 =
- * w + 128 as an unsigned byte, vpdpbusd's unsigned side), then the block's scales, 16 floats
- * per group (lane r: row r's).  Rows past the matrix are zero weights with zero scales.
- *
- * So one vpdpbusd of vector j against word j of x broadcast adds that word's four products to
- * every row of the block at once, exactly in int32, and a group's sums for 16 rows come out in
- * 16 lanes with no reduction; the offset adds 128 * (the group's sum of x), the same for every
+/* The avx512-vnni set keeps its int8 matrices packed (the layout: kernels_avx512.h).  One
+ * vpdpbusd of vector j against word j of x broadcast adds that word's four products to every
+ * row of the block at once, exactly in int32, and a group's sums for 16 rows come out in 16
+ * lanes with no reduction; the offset adds 128 * (the group's sum of x), the same for every
  * row, so the sums start from minus that.  Each group is then added in the scalar set's order,
  * sum += (float)isum * (w_scale * x_scale): this set's int8 GEMM gives the scalar set's bits
  * (as avx512-amx's), on every path.  (The row-layout kernel before it kept the avx2 set's 8
@@ -223,22 +218,12 @@ AVX512_FN void ac_gemm_f32_avx512(float *out, int ldo, const float *W, int ldw, 
  * persona in int8, 2-core AMD EPYC Zen 5: decode 1.29x, 1.23x with 2 threads, prefill 1.32x,
  * batched decode 1.19x; the products alone, kernel_bench, 1.1-1.5x for one token, 2-3x for 16
  * and 64.  Tiles of 8 tokens instead of 4: prefill 0.97x, batched 1.09x.) */
-#define PACK_ROWS 16
-/* x's group sums are computed once per call for up to this many values (token count times
- * groups); matrices with more groups than that stay in the row layout (the scalar kernel). */
-#define PACK_SUMS 8192
-
-/* A multiple of 64 for every packed shape (gs % 4 == 0, so n % 4 == 0). */
-static size_t packed_block_bytes(int n, int gs) {
-    return (size_t)PACK_ROWS * n + (size_t)(n / gs) * PACK_ROWS * sizeof(float);
-}
-
-static size_t packed_q8_bytes_vnni(int rows, int n, int gs) {
+size_t ac_packed_q8_bytes_avx512_vnni(int rows, int n, int gs) {
     if (gs % 4 || n / gs > PACK_SUMS) return 0;
     return (size_t)((rows + PACK_ROWS - 1) / PACK_ROWS) * packed_block_bytes(n, gs);
 }
 
-static void pack_q8_vnni(void *dst, const int8_t *Wq, const float *Ws, int rows, int n, int gs) {
+void ac_pack_q8_avx512_vnni(void *dst, const int8_t *Wq, const float *Ws, int rows, int n, int gs) {
     int ng = n / gs, words = n / 4;
     unsigned char *blk = dst;
     for (int b = 0; b * PACK_ROWS < rows; b++, blk += packed_block_bytes(n, gs)) {
@@ -253,22 +238,6 @@ static void pack_q8_vnni(void *dst, const int8_t *Wq, const float *Ws, int rows,
                 scale[(size_t)g * PACK_ROWS + r] = row < rows ? Ws[(size_t)row * ng + g] : 0.0f;
         }
     }
-}
-
-/* sums[t * ng + g] = 128 * (group g's sum of token t's values), for T tokens. */
-VNNI512_TILE void offset_sums(int32_t *sums, const int8_t *Xq, int T, int n, int gs) {
-    int ng = n / gs;
-    const __m512i ones = _mm512_set1_epi8(1);
-    for (int t = 0; t < T; t++)
-        for (int g = 0; g < ng; g++) {
-            const int8_t *x = Xq + (size_t)t * n + (size_t)g * gs;
-            __m512i acc = _mm512_setzero_si512();
-            int k = 0;
-            for (; k + 64 <= gs; k += 64) acc = _mm512_dpbusd_epi32(acc, ones, _mm512_loadu_si512(x + k));
-            if (k < gs) /* the last 4-60 bytes */
-                acc = _mm512_dpbusd_epi32(acc, ones, _mm512_maskz_loadu_epi8(((__mmask64)1 << (gs - k)) - 1, x + k));
-            sums[t * ng + g] = 128 * _mm512_reduce_add_epi32(acc);
-        }
 }
 
 /* Rows of one packed block (the lanes of store) for C tokens (C <= PACKED_TILE_TOKENS): token
@@ -346,9 +315,8 @@ VNNI512_TILE void gemm_q8_packed(float *out, int ldo, const unsigned char *P, co
 
 /* Packed matrices (Ws NULL, see above) and the row layout of shapes that stay unpacked both in
  * the scalar set's order. */
-VNNI512_FN static void gemm_q8_avx512_vnni(float *out, int ldo, const int8_t *Wq, const float *Ws,
-                                           const int8_t *Xq, const float *Xs, int T, int n, int gs, int r0,
-                                           int r1) {
+VNNI512_FN void ac_gemm_q8_avx512_vnni(float *out, int ldo, const int8_t *Wq, const float *Ws, const int8_t *Xq,
+                                       const float *Xs, int T, int n, int gs, int r0, int r1) {
     if (Ws) ac_gemm_q8_scalar(out, ldo, Wq, Ws, Xq, Xs, T, n, gs, r0, r1);
     else if (gs == 32) gemm_q8_packed(out, ldo, (const unsigned char *)Wq, Xq, Xs, T, n, 32, r0, r1);
     else gemm_q8_packed(out, ldo, (const unsigned char *)Wq, Xq, Xs, T, n, gs, r0, r1);
@@ -391,8 +359,8 @@ AVX512_FN void ac_swiglu_avx512(float *h, const float *g, int n) {
 const ac_kernels ac_kernels_avx512 = {"avx512", ac_gemm_f32_avx512, ac_gemm_q8_avx2, ac_weighted_sum_avx512,
                                       ac_quantize_q8_avx2, ac_swiglu_avx512, ac_softmax_avx2, ac_packed_q8_bytes_avx2,
                                       ac_pack_q8_avx2};
-const ac_kernels ac_kernels_avx512_vnni = {"avx512-vnni", ac_gemm_f32_avx512, gemm_q8_avx512_vnni,
+const ac_kernels ac_kernels_avx512_vnni = {"avx512-vnni", ac_gemm_f32_avx512, ac_gemm_q8_avx512_vnni,
                                            ac_weighted_sum_avx512, ac_quantize_q8_avx2, ac_swiglu_avx512,
-                                           ac_softmax_avx2, packed_q8_bytes_vnni, pack_q8_vnni};
+                                           ac_softmax_avx2, ac_packed_q8_bytes_avx512_vnni, ac_pack_q8_avx512_vnni};
 
 #endif /* __x86_64__ */

@@ -1,6 +1,6 @@
 /*
  * kernels_avx512.h - what the AVX-512 kernel sets (kernels_avx512.c, kernels_amx.c) share:
- * their target attributes, lane masks, byte helpers for vpdpbusd and a 16 x 16 transpose.
+ * their target attributes, lane masks and the layout of int8 matrices packed for VNNI.
  */
 #ifndef ARIANNA_KERNELS_AVX512_H
 #define ARIANNA_KERNELS_AVX512_H
@@ -19,40 +19,39 @@
 /* The first n (<= 16) lanes. */
 AVX512_TILE __mmask16 first_lanes(int n) { return (__mmask16)((1u << n) - 1); }
 
-/* Signed bytes as unsigned ones offset by 128 (b ^ 0x80 = b + 128), for vpdpbusd's unsigned
- * operand: what the offset adds comes back off as 128 * (the other operand's sum). */
-VNNI512_TILE __m512i offset_bytes(__m512i b) { return _mm512_xor_si512(b, _mm512_set1_epi8((char)0x80)); }
+/* ---------------------------------------------------------------- int8 matrices packed for VNNI */
 
-/* Two 32-byte chunks side by side. */
-VNNI512_TILE __m512i pair_bytes(const int8_t *lo, const int8_t *hi) {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)lo)),
-                              _mm256_loadu_si256((const __m256i *)hi), 1);
+/* The avx512-vnni and avx512-amx sets keep their int8 matrices packed (the model packs each
+ * once, at load): blocks of PACK_ROWS rows, each block n / 4 vectors of 64 bytes, vector j
+ * holding 4-byte word j of every row of the block (row r's bytes 4j .. 4j+3 at 4r), offset by
+ * 128 (w ^ 0x80 = w + 128 as an unsigned byte, the unsigned side of vpdpbusd and tdpbsud), then
+ * the block's scales, 16 floats per group (lane r: row r's).  Rows past the matrix are zero
+ * weights with zero scales.  What the offset adds to a product with x is 128 * (the sum of x's
+ * bytes), the same for all 16 rows, and comes back off per token and group (offset_sums). */
+#define PACK_ROWS 16
+/* x's group sums are computed once per call for up to this many values (token count times
+ * groups); matrices with more groups than that stay in the row layout (the scalar kernel). */
+#define PACK_SUMS 8192
+
+/* A multiple of 64 for every packed shape (gs % 4 == 0, so n % 4 == 0). */
+static inline size_t packed_block_bytes(int n, int gs) {
+    return (size_t)PACK_ROWS * n + (size_t)(n / gs) * PACK_ROWS * sizeof(float);
 }
 
-/* The 16 x 16 transpose of r (rows become columns), in place, in 64 shuffles: each step
- * reads a few registers and writes the same ones, so nothing is copied. */
-AVX512_TILE void transpose16(__m512 r[16]) {
-    for (int i = 0; i < 8; i++) { /* in each 128-bit quarter: rows 2i, 2i+1 interleaved */
-        __m512 a = r[2 * i], b = r[2 * i + 1];
-        r[2 * i] = _mm512_unpacklo_ps(a, b);
-        r[2 * i + 1] = _mm512_unpackhi_ps(a, b);
-    }
-    for (int i = 0; i < 4; i++) { /* quarter q of r[4i + c]: column 4q + c of rows 4i..4i+3 */
-        __m512d a = _mm512_castps_pd(r[4 * i]), b = _mm512_castps_pd(r[4 * i + 1]);
-        __m512d c = _mm512_castps_pd(r[4 * i + 2]), d = _mm512_castps_pd(r[4 * i + 3]);
-        r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-    }
-    for (int c = 0; c < 4; c++) { /* quarter q of r[c], r[4 + c], r[8 + c], r[12 + c] -> column 4q + c */
-        __m512 u0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88), u1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xDD);
-        __m512 u2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88), u3 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xDD);
-        r[c] = _mm512_shuffle_f32x4(u0, u2, 0x88);
-        r[8 + c] = _mm512_shuffle_f32x4(u0, u2, 0xDD);
-        r[4 + c] = _mm512_shuffle_f32x4(u1, u3, 0x88);
-        r[12 + c] = _mm512_shuffle_f32x4(u1, u3, 0xDD);
-    }
+/* sums[t * ng + g] = 128 * (group g's sum of token t's values), for T tokens. */
+VNNI512_TILE void offset_sums(int32_t *sums, const int8_t *Xq, int T, int n, int gs) {
+    int ng = n / gs;
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int t = 0; t < T; t++)
+        for (int g = 0; g < ng; g++) {
+            const int8_t *x = Xq + (size_t)t * n + (size_t)g * gs;
+            __m512i acc = _mm512_setzero_si512();
+            int k = 0;
+            for (; k + 64 <= gs; k += 64) acc = _mm512_dpbusd_epi32(acc, ones, _mm512_loadu_si512(x + k));
+            if (k < gs) /* the last 4-60 bytes */
+                acc = _mm512_dpbusd_epi32(acc, ones, _mm512_maskz_loadu_epi8(((__mmask64)1 << (gs - k)) - 1, x + k));
+            sums[t * ng + g] = 128 * _mm512_reduce_add_epi32(acc);
+        }
 }
 
 #endif /* __x86_64__ */

@@ -268,7 +268,7 @@ int main(int argc, char **argv) {
         check_gemm_q8(k, 13, 48, T, 16);
         check_gemm_q8(k, 37, 48, T, 16);
         check_gemm_q8(k, 40, 288, T, 96);
-        check_gemm_q8(k, 20, 2560, T, 32); /* wider than avx512-amx's token buffers */
+        check_gemm_q8(k, 20, 2560, T, 32); /* a wide input: 80 groups */
     }
     for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
         check_weighted_sum(k, 1 + (int)s * 9, sizes[s]);
