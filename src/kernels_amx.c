@@ -9,10 +9,11 @@
  * as one B tile with no reordering, and the tokens' bytes load as the A tile straight from the
  * quantized activations (row stride n).  tdpbsud (A signed, B unsigned) then leaves C[t][r] =
  * token t's exact int32 sum over the group with row r, plus the offset's 128 * (the group's sum
- * of token t's bytes), which a second product in the same tile takes back off.  C comes back through memory as one
- * 16-lane vector per token (lane r: row r), so each group is scaled and added in the scalar
- * set's order, sum += (float)isum * (w_scale * x_scale), and a token's 16 outputs store
- * together.  This set's int8 GEMM therefore gives the scalar set's bits, as every set's does.
+ * of token t's bytes), which a second product in the same tile takes back off.  C comes back
+ * through memory as one 16-lane vector per token (lane r: row r), so each group is scaled and
+ * added in the scalar set's order, sum += (float)isum * (w_scale * x_scale), and a token's 16
+ * outputs store together.  This set's int8 GEMM therefore gives the scalar set's bits, as every
+ * set's does.
  *
  * Fewer than AMX_MIN_TOKENS tokens (decode, and the last tokens of a prompt) take the VNNI
  * kernel instead: a tile product costs about the same for 1 token as for 16.
@@ -28,7 +29,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define AMX_TARGET "avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8,avx2,fma"
+#define AMX_TARGET "avx512f,avx512bw,avx512vnni,amx-tile,amx-int8,avx2,fma"
 #define AMX_FN __attribute__((target(AMX_TARGET)))
 #define AMX_TILE static inline __attribute__((target(AMX_TARGET), always_inline))
 
@@ -48,7 +49,7 @@
 #define TILE_C1 3
 #define TILE_A1 4
 #define TILE_B1 5
-#define TILE_MINUS 6
+#define TILE_MINUS 6 /* B: bytes of -128, for the offset */
 
 /* The 64-byte operand of ldtilecfg (palette 1): bytes per row and rows of each tile register. */
 typedef struct {

@@ -218,6 +218,11 @@ AVX512_FN void ac_gemm_f32_avx512(float *out, int ldo, const float *W, int ldw, 
  * persona in int8, 2-core AMD EPYC Zen 5: decode 1.29x, 1.23x with 2 threads, prefill 1.32x,
  * batched decode 1.19x; the products alone, kernel_bench, 1.1-1.5x for one token, 2-3x for 16
  * and 64.  Tiles of 8 tokens instead of 4: prefill 0.97x, batched 1.09x.) */
+
+/* x's group sums are computed once per call for up to this many values (token count times
+ * groups); matrices with more groups than that stay in the row layout (the scalar kernel). */
+#define PACK_SUMS 8192
+
 size_t ac_packed_q8_bytes_avx512_vnni(int rows, int n, int gs) {
     if (gs % 4 || n / gs > PACK_SUMS) return 0;
     return (size_t)((rows + PACK_ROWS - 1) / PACK_ROWS) * packed_block_bytes(n, gs);
@@ -238,6 +243,22 @@ void ac_pack_q8_avx512_vnni(void *dst, const int8_t *Wq, const float *Ws, int ro
                 scale[(size_t)g * PACK_ROWS + r] = row < rows ? Ws[(size_t)row * ng + g] : 0.0f;
         }
     }
+}
+
+/* sums[t * ng + g] = 128 * (group g's sum of token t's values), for T tokens. */
+VNNI512_TILE void offset_sums(int32_t *sums, const int8_t *Xq, int T, int n, int gs) {
+    int ng = n / gs;
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int t = 0; t < T; t++)
+        for (int g = 0; g < ng; g++) {
+            const int8_t *x = Xq + (size_t)t * n + (size_t)g * gs;
+            __m512i acc = _mm512_setzero_si512();
+            int k = 0;
+            for (; k + 64 <= gs; k += 64) acc = _mm512_dpbusd_epi32(acc, ones, _mm512_loadu_si512(x + k));
+            if (k < gs) /* the last 4-60 bytes */
+                acc = _mm512_dpbusd_epi32(acc, ones, _mm512_maskz_loadu_epi8(((__mmask64)1 << (gs - k)) - 1, x + k));
+            sums[t * ng + g] = 128 * _mm512_reduce_add_epi32(acc);
+        }
 }
 
 /* Rows of one packed block (the lanes of store) for C tokens (C <= PACKED_TILE_TOKENS): token
