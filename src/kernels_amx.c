@@ -95,8 +95,8 @@ static void block_scales(float *x_scale, const float *Xs, int C, int ng) {
  * block's packed words at w, kc bytes at a time, through tiles a and b: each chunk's product
  * with the offset weights, less its product with bytes of -128 (tile TILE_MINUS), which takes
  * the offset back off in the tile unit.  (Subtracting 128 * x's sums in the vector code after
- * the products instead: 0.9x the products alone, kernel_bench at 16 and 250 tokens, as the
- * vector code bounds them.) */
+ * the products instead: 0.85-0.96x the products alone, kernel_bench at 16 and 250 tokens, as
+ * the vector code bounds them.) */
 #define GROUP_PRODUCTS(c, a, b, g)                                                                                   \
     do {                                                                                                             \
         _tile_zero(c);                                                                                               \
