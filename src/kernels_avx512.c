@@ -194,8 +194,8 @@ AVX512_FN void ac_gemm_f32_avx512(float *out, int ldo, const float *W, int ldw, 
     int i = r0;
     if (T == 1) { /* one row at a time with the prefetch (kernels_x86.h).  16 rows at a time, their
                    * sums reduced together, measured the same on the weight matrices (their
-                   * reads from L3 bound them) and 1.6x on one head's keys, too small a part of
-                   * decode for the code (kernel_bench -c 8) */
+                   * reads from L3 bound them) and 1.6x on one head's keys (kernel_bench -c 8),
+                   * but 1.00x in int8 decode, 8% of whose time is the keys (bench/ab.c, Xeon) */
         int ahead = prefetch_rows(n * (int)sizeof(float));
         for (; i < r1; i++) tile_f32(1, 1, out + i, ldo, W + (size_t)i * ldw, ldw, X, ldx, n, ahead);
         return;
