@@ -175,9 +175,7 @@ AMX_FN static void gemm_q8_amx(float *out, int ldo, const int8_t *Wq, const floa
         const int8_t *x = Xq + (size_t)t * n;
         block_scales(x_scale, Xs + (size_t)t * ng, C, ng);
         for (int b = r0 / PACK_ROWS; b * PACK_ROWS < r1; b++) {
-            int lo = b * PACK_ROWS < r0 ? r0 - b * PACK_ROWS : 0;
-            int hi = (b + 1) * PACK_ROWS > r1 ? r1 - b * PACK_ROWS : PACK_ROWS;
-            __mmask16 store = (__mmask16)(((1u << hi) - 1) & ~((1u << lo) - 1));
+            __mmask16 store = block_lanes(b, r0, r1);
             block_tokens(C, out + (size_t)t * ldo + (size_t)b * PACK_ROWS, ldo, P + (size_t)b * block, x, x_scale,
                          n, gs, kc, store);
         }

@@ -313,9 +313,7 @@ VNNI512_TILE void gemm_q8_packed(float *out, int ldo, const unsigned char *P, co
         int tokens = T - t0 < chunk ? T - t0 : chunk;
         offset_sums(sums, Xq + (size_t)t0 * n, tokens, n, gs);
         for (int b = r0 / PACK_ROWS; b * PACK_ROWS < r1; b++) {
-            int lo = b * PACK_ROWS < r0 ? r0 - b * PACK_ROWS : 0;
-            int hi = (b + 1) * PACK_ROWS > r1 ? r1 - b * PACK_ROWS : PACK_ROWS;
-            __mmask16 store = (__mmask16)(((1u << hi) - 1) & ~((1u << lo) - 1));
+            __mmask16 store = block_lanes(b, r0, r1);
             const unsigned char *blk = P + (size_t)b * block;
             float *o = out + (size_t)t0 * ldo + (size_t)b * PACK_ROWS;
             for (int t = 0; t < tokens; t += PACKED_TILE_TOKENS) {

@@ -35,6 +35,13 @@ static inline size_t packed_block_bytes(int n, int gs) {
     return (size_t)PACK_ROWS * n + (size_t)(n / gs) * PACK_ROWS * sizeof(float);
 }
 
+/* The lanes of packed block b that hold rows of the range [r0, r1). */
+AVX512_TILE __mmask16 block_lanes(int b, int r0, int r1) {
+    int lo = b * PACK_ROWS < r0 ? r0 - b * PACK_ROWS : 0;
+    int hi = (b + 1) * PACK_ROWS > r1 ? r1 - b * PACK_ROWS : PACK_ROWS;
+    return (__mmask16)(((1u << hi) - 1) & ~((1u << lo) - 1));
+}
+
 #endif /* __x86_64__ */
 
 #endif /* ARIANNA_KERNELS_AVX512_H */
