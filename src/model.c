@@ -410,7 +410,7 @@ static int pack_int8(ac_model *m, const char *name) {
         list[i].packed_bytes = k->packed_q8_bytes(list[i].rows, list[i].cols, gs);
         total += list[i].packed_bytes;
     }
-    if (total) m->packed = aligned_alloc(64, total);
+    if (total) m->packed = ac_alloc_model_image(total); /* every token reads it whole: huge pages */
     if (total && !m->packed) {
         free(list);
         return ac_fail(AC_ERR_NOMEM, "%s: out of memory packing the int8 matrices (%zu bytes)", name, total);
