@@ -41,7 +41,7 @@ static const shape shapes[] = {{"wqkv", 864, 288}, {"wo", 288, 288}, {"w1", 768,
 #define N_SHAPES (int)(sizeof shapes / sizeof shapes[0])
 
 /* Buffers start on a cache line, as the library's weights and activations do (a 64-byte load
- * across two lines costs the float32 GEMM up to 1.4x). */
+ * across two lines costs the float32 GEMM up to 1.6x). */
 static void *lines(size_t bytes) { return aligned_alloc(64, (bytes + 63) & ~(size_t)63); }
 
 static float frand(unsigned *state) {
