@@ -55,7 +55,7 @@ struct ac_state {
 /* Zeroed memory for count elements of size bytes, with an overflow check, starting on a cache
  * line (freed by free_array).  Then no 64-byte vector load of an activation or cache row
  * straddles two lines: at calloc's 16-byte alignment every one of them did (the float32 GEMM
- * alone 1.1-1.6x faster aligned, bench/kernel_bench.c at 16 and 250 tokens, Xeon).  calloc
+ * alone 1.1-1.6x faster aligned, bench/kernel_bench.c at 250 tokens, Xeon).  calloc
  * underneath keeps a large block zeroed lazily (a KV cache is touched only as it fills); the
  * pointer it gave sits just below the aligned one. */
 #define CACHE_LINE 64
