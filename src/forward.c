@@ -253,12 +253,86 @@ static void matmul_rows(const ac_state *s, const ac_matrix *W, float *out, int l
     else s->kern->gemm_q8(out, ldo, W->q, W->s, s->xq, s->xs, T, n, gs, r0, r1);
 }
 
+/* ---------------------------------------------------------------- work row by row
+ * Between the matrix products each row needs work of its own (a residual add, an RMS norm,
+ * int8 quantization of the next product's input, RoPE).  One row's arithmetic is sequential,
+ * but rows are independent: several rows (prefill, batched decode) are split between the
+ * threads, while a lone row (decode) runs on the caller with no synchronisation.  Either way
+ * each row is computed as on one thread. */
+typedef void (*row_fn)(const ac_state *s, const void *ctx, int r);
+
+typedef struct {
+    const ac_state *s;
+    row_fn fn;
+    const void *ctx;
+    int n;
+} rows_job;
+
+static void rows_task(void *arg, int block, int n_blocks, int thread) {
+    (void)thread;
+    const rows_job *j = arg;
+    int r0, r1;
+    ac_split(j->n, 1, block, n_blocks, &r0, &r1);
+    for (int r = r0; r < r1; r++) j->fn(j->s, j->ctx, r);
+}
+
+/* Rows per block, at least.  On the Xeon VM a row's RMS norm took ~0.4 us (a chain of
+ * dependent adds) and its int8 quantization ~0.15 us, while a job costs the pool ~0.2 us and
+ * the other thread ~0.5 us to start, so a block of one or two rows would gain little or
+ * nothing.  Rows split between two threads against all of them on the caller (bench/ab.c,
+ * the persona, 9-11 rounds): int8 prefill 1.06-1.08x (both orders); float32 prefill 1.01x,
+ * batched decode (16 rows) 0.98-1.01x, within the noise. */
+#define ROWS_PER_BLOCK 4
+
+/* fn(s, ctx, r) for every r in [0, n). */
+static void for_each_row(ac_state *s, int n, row_fn fn, const void *ctx) {
+    rows_job job = {s, fn, ctx, n};
+    run_job(s, rows_task, &job, (n + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK);
+}
+
+/* Row r of x (rows of n floats) quantized into s->xq / s->xs. */
+typedef struct {
+    const float *x;
+    int n;
+} quantize_ctx;
+
+static void quantize_row(const ac_state *s, const void *ctx, int r) {
+    const quantize_ctx *q = ctx;
+    int gs = s->model->config.group_size;
+    size_t n = (size_t)q->n;
+    s->kern->quantize_q8(s->xq + r * n, s->xs + r * (n / gs), q->x + r * n, q->n, gs);
+}
+
 /* For int8 models: quantizes the T rows of x (T, n) into s->xq / s->xs. */
 static void quantize_input(ac_state *s, const float *x, int T, int n) {
-    int gs = s->model->config.group_size;
-    if (gs == 0) return;
-    for (int t = 0; t < T; t++)
-        s->kern->quantize_q8(s->xq + (size_t)t * n, s->xs + (size_t)t * (n / gs), x + (size_t)t * n, n, gs);
+    if (s->model->config.group_size == 0) return;
+    quantize_ctx q = {x, n};
+    for_each_row(s, T, quantize_row, &q);
+}
+
+/* Row r of the residual stream: x += add (when add is not NULL), then out = rmsnorm(x) * w;
+ * rows of dim floats. */
+typedef struct {
+    float *x;
+    const float *add;
+    const float *w;
+    float *out;
+} norm_ctx;
+
+static void norm_row(const ac_state *s, const void *ctx, int r) {
+    const norm_ctx *c = ctx;
+    int D = s->model->config.dim;
+    float *x = c->x + (size_t)r * D;
+    if (c->add) {
+        const float *a = c->add + (size_t)r * D;
+        for (int i = 0; i < D; i++) x[i] += a[i];
+    }
+    rmsnorm(c->out + (size_t)r * D, x, c->w, D);
+}
+
+static void add_and_norm(ac_state *s, int n, float *x, const float *add, const float *w, float *out) {
+    norm_ctx c = {x, add, w, out};
+    for_each_row(s, n, norm_row, &c);
 }
 
 /* Rows are split between threads in units of this many, a multiple of every kernel set's row
@@ -378,6 +452,12 @@ static void rotate_and_cache(const ac_state *s, int l, int r, int h0, int h1, in
     }
 }
 
+/* Row r's queries and keys of every head rotated and cached, in layer *(const int *)ctx. */
+static void rotate_row(const ac_state *s, const void *ctx, int r) {
+    const ac_config *c = &s->model->config;
+    rotate_and_cache(s, *(const int *)ctx, r, 0, c->n_heads, 0, c->n_kv_heads);
+}
+
 /* Splits rows [0, n) into attention groups: runs of one sequence at consecutive positions,
  * at most ATTENTION_ROWS long.  Returns the count; group g is [start[g], start[g + 1]). */
 static int attention_groups(const ac_state *s, int n, int *start) {
@@ -474,8 +554,8 @@ static int forward_rows(ac_state *s, const int *tokens, int n, int first, float 
     int n_groups = attention_groups(s, n, s->group_start);
     for (int l = 0; l < c->n_layers; l++) {
         const ac_layer *layer = &w->layers[l];
-        for (int r = 0; r < n; r++)
-            rmsnorm(s->xb + (size_t)r * D, s->x + (size_t)r * D, w->rms_att + (size_t)l * D, D);
+        /* the previous layer's FFN output (in xb) joins the residual stream first */
+        add_and_norm(s, n, s->x, l > 0 ? s->xb : NULL, w->rms_att + (size_t)l * D, s->xb);
         attention_job att = {s, layer, l, n, n_groups};
         if (s->n_threads > 1 && c->n_kv_heads % s->n_threads == 0) {
             quantize_input(s, s->xb, n, D);
@@ -484,22 +564,20 @@ static int forward_rows(ac_state *s, const int *tokens, int n, int first, float 
             matmul_job qkv = {s, 3, {&layer->wq, &layer->wk, &layer->wv}, {D, kv_dim, kv_dim},
                               {0, D, D + kv_dim}, s->xb, n, D, s->qkv, qkv_width};
             matmul(s, &qkv);
-            for (int r = 0; r < n; r++) rotate_and_cache(s, l, r, 0, c->n_heads, 0, c->n_kv_heads);
+            for_each_row(s, n, rotate_row, &l);
             run_job(s, attention_task, &att, n_groups * c->n_heads);
         }
         matmul1(s, &layer->wo, s->xb, s->xb2, n, D, D);
-        for (size_t i = 0; i < (size_t)n * D; i++) s->x[i] += s->xb[i];
-        for (int r = 0; r < n; r++)
-            rmsnorm(s->xb + (size_t)r * D, s->x + (size_t)r * D, w->rms_ffn + (size_t)l * D, D);
+        add_and_norm(s, n, s->x, s->xb, w->rms_ffn + (size_t)l * D, s->xb);
         quantize_input(s, s->xb, n, D);
         ffn_job ffn = {s, layer, n};
         run_job(s, ffn_up_task, &ffn, (H + ROW_UNIT - 1) / ROW_UNIT);
         matmul1(s, &layer->w2, s->xb, s->hb, n, H, D);
-        for (size_t i = 0; i < (size_t)n * D; i++) s->x[i] += s->xb[i];
     }
     if (first >= n) return AC_OK;
+    /* the last FFN output joins the rows that give logits, normalized in place */
     float *xf = s->x + (size_t)first * D;
-    for (int r = 0; r < n - first; r++) rmsnorm(xf + (size_t)r * D, xf + (size_t)r * D, w->rms_final, D);
+    add_and_norm(s, n - first, xf, s->xb + (size_t)first * D, w->rms_final, xf);
     matmul1(s, &w->wcls, out, xf, n - first, D, c->vocab_size);
     return check_logits(s, out, first, n);
 }
