@@ -47,7 +47,8 @@ void ac_quantize_q8(int8_t *q, float *s, const float *x, int n, int gs) {
 }
 
 void ac_dequantize_q8(float *x, const int8_t *q, const float *s, int n, int gs) {
-    for (int j = 0; j < n; j++) x[j] = (float)q[j] * s[j / gs];
+    for (int g = 0; g < n / gs; g++) /* a loop per group, which the compiler vectorizes */
+        for (int j = g * gs; j < (g + 1) * gs; j++) x[j] = (float)q[j] * s[g];
 }
 
 /* ======================================================================== scalar set */

@@ -128,7 +128,7 @@ void ac_pack_q8_avx512_vnni(void *dst, const int8_t *Wq, const float *Ws, int ro
  * result on every CPU, used for weights at load time and for activations. */
 void ac_quantize_q8(int8_t *q, float *s, const float *x, int n, int gs);
 
-/* x[j] = q[j] * s[j / gs] for j in [0, n). */
+/* x[j] = q[j] * s[j / gs] for j in [0, n); gs divides n. */
 void ac_dequantize_q8(float *x, const int8_t *q, const float *s, int n, int gs);
 
 #endif /* ARIANNA_KERNELS_H */
