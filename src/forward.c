@@ -205,13 +205,25 @@ AC_API int ac_state_create(const ac_model *m, ac_state **out) {
 
 /* ======================================================================== forward */
 
-/* o = x * (1 / sqrt(mean(x^2) + 1e-5)) * w;  o may alias x. */
-static void rmsnorm(float *o, const float *x, const float *w, int n) {
-    float ss = 0.0f;
-    for (int j = 0; j < n; j++) ss += x[j] * x[j];
-    ss = ss / (float)n + 1e-5f;
-    float scale = 1.0f / sqrtf(ss);
-    for (int j = 0; j < n; j++) o[j] = (x[j] * scale) * w[j];
+/* Rows rmsnorm() takes together, at most.  Against one row at a time (248 persona rows, the
+ * Xeon VM): 1.5-1.7x for the norm alone, int8 prefill 1.01-1.02x (bench/ab.c -c, both orders,
+ * 11 rounds). */
+#define NORM_ROWS 8
+
+/* o = x * (1 / sqrt(mean(x^2) + 1e-5)) * w for rows [0, m) of x and o (rows of n floats,
+ * m <= NORM_ROWS); o may alias x.  A row's sum of squares is one chain of dependent adds
+ * (j = 0, 1, ... in order); the m rows' chains advance together, so the CPU overlaps their
+ * latencies, and each row gets the bits it gets alone.  Inlined, so that a constant m
+ * unrolls into registers. */
+static inline __attribute__((always_inline)) void rmsnorm(float *o, const float *x, const float *w, int n,
+                                                          int m) {
+    float ss[NORM_ROWS] = {0.0f};
+    for (int j = 0; j < n; j++)
+        for (int r = 0; r < m; r++) ss[r] += x[(size_t)r * n + j] * x[(size_t)r * n + j];
+    for (int r = 0; r < m; r++) {
+        float scale = 1.0f / sqrtf(ss[r] / (float)n + 1e-5f);
+        for (int j = 0; j < n; j++) o[(size_t)r * n + j] = (x[(size_t)r * n + j] * scale) * w[j];
+    }
 }
 
 /* The sampler's softmax: libm's expf on every CPU, so a given set of logits samples the same
@@ -259,11 +271,11 @@ static void matmul_rows(const ac_state *s, const ac_matrix *W, float *out, int l
  * but rows are independent: several rows (prefill, batched decode) are split between the
  * threads, while a lone row (decode) runs on the caller with no synchronisation.  Either way
  * each row is computed as on one thread. */
-typedef void (*row_fn)(const ac_state *s, const void *ctx, int r);
+typedef void (*rows_fn)(const ac_state *s, const void *ctx, int r0, int r1);
 
 typedef struct {
     const ac_state *s;
-    row_fn fn;
+    rows_fn fn;
     const void *ctx;
     int n;
 } rows_job;
@@ -273,45 +285,46 @@ static void rows_task(void *arg, int block, int n_blocks, int thread) {
     const rows_job *j = arg;
     int r0, r1;
     ac_split(j->n, 1, block, n_blocks, &r0, &r1);
-    for (int r = r0; r < r1; r++) j->fn(j->s, j->ctx, r);
+    if (r0 < r1) j->fn(j->s, j->ctx, r0, r1);
 }
 
-/* Rows per block, at least.  On the Xeon VM a row's RMS norm took ~0.4 us (a chain of
- * dependent adds) and its int8 quantization ~0.15 us, while a job costs the pool ~0.2 us and
+/* Rows per block, at least.  On the Xeon VM a lone row's RMS norm took ~0.35 us (a chain of
+ * dependent adds; ~0.2 us a row in groups of NORM_ROWS) and its int8 quantization ~0.15 us, while a job costs the pool ~0.2 us and
  * the other thread ~0.5 us to start, so a block of one or two rows would gain little or
  * nothing.  Rows split between two threads against all of them on the caller (bench/ab.c,
  * the persona, 9-11 rounds): int8 prefill 1.06-1.08x (both orders); float32 prefill 1.01x,
  * batched decode (16 rows) 0.98-1.01x, within the noise. */
 #define ROWS_PER_BLOCK 4
 
-/* fn(s, ctx, r) for every r in [0, n). */
-static void for_each_row(ac_state *s, int n, row_fn fn, const void *ctx) {
+/* fn(s, ctx, r0, r1) over ranges that cover [0, n). */
+static void for_each_row(ac_state *s, int n, rows_fn fn, const void *ctx) {
     rows_job job = {s, fn, ctx, n};
     run_job(s, rows_task, &job, (n + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK);
 }
 
-/* Row r of x (rows of n floats) quantized into s->xq / s->xs. */
+/* Rows [r0, r1) of x (rows of n floats) quantized into s->xq / s->xs. */
 typedef struct {
     const float *x;
     int n;
 } quantize_ctx;
 
-static void quantize_row(const ac_state *s, const void *ctx, int r) {
+static void quantize_rows(const ac_state *s, const void *ctx, int r0, int r1) {
     const quantize_ctx *q = ctx;
     int gs = s->model->config.group_size;
     size_t n = (size_t)q->n;
-    s->kern->quantize_q8(s->xq + r * n, s->xs + r * (n / gs), q->x + r * n, q->n, gs);
+    for (size_t r = (size_t)r0; r < (size_t)r1; r++)
+        s->kern->quantize_q8(s->xq + r * n, s->xs + r * (n / gs), q->x + r * n, q->n, gs);
 }
 
 /* For int8 models: quantizes the T rows of x (T, n) into s->xq / s->xs. */
 static void quantize_input(ac_state *s, const float *x, int T, int n) {
     if (s->model->config.group_size == 0) return;
     quantize_ctx q = {x, n};
-    for_each_row(s, T, quantize_row, &q);
+    for_each_row(s, T, quantize_rows, &q);
 }
 
-/* Row r of the residual stream: x += add (when add is not NULL), then out = rmsnorm(x) * w;
- * rows of dim floats. */
+/* Rows [r0, r1) of the residual stream: x += add (when add is not NULL), then
+ * out = rmsnorm(x) * w; rows of dim floats. */
 typedef struct {
     float *x;
     const float *add;
@@ -319,20 +332,24 @@ typedef struct {
     float *out;
 } norm_ctx;
 
-static void norm_row(const ac_state *s, const void *ctx, int r) {
+static void norm_rows(const ac_state *s, const void *ctx, int r0, int r1) {
     const norm_ctx *c = ctx;
-    int D = s->model->config.dim;
-    float *x = c->x + (size_t)r * D;
+    size_t D = (size_t)s->model->config.dim;
+    float *x = c->x + r0 * D, *out = c->out + r0 * D;
+    size_t n = (size_t)(r1 - r0) * D;
     if (c->add) {
-        const float *a = c->add + (size_t)r * D;
-        for (int i = 0; i < D; i++) x[i] += a[i];
+        const float *a = c->add + r0 * D;
+        for (size_t i = 0; i < n; i++) x[i] += a[i];
     }
-    rmsnorm(c->out + (size_t)r * D, x, c->w, D);
+    int r = r0;
+    for (; r + NORM_ROWS <= r1; r += NORM_ROWS, x += NORM_ROWS * D, out += NORM_ROWS * D)
+        rmsnorm(out, x, c->w, (int)D, NORM_ROWS);
+    if (r < r1) rmsnorm(out, x, c->w, (int)D, r1 - r);
 }
 
 static void add_and_norm(ac_state *s, int n, float *x, const float *add, const float *w, float *out) {
     norm_ctx c = {x, add, w, out};
-    for_each_row(s, n, norm_row, &c);
+    for_each_row(s, n, norm_rows, &c);
 }
 
 /* Rows are split between threads in units of this many, a multiple of every kernel set's row
@@ -452,10 +469,10 @@ static void rotate_and_cache(const ac_state *s, int l, int r, int h0, int h1, in
     }
 }
 
-/* Row r's queries and keys of every head rotated and cached, in layer *(const int *)ctx. */
-static void rotate_row(const ac_state *s, const void *ctx, int r) {
+/* Rows [r0, r1): queries and keys of every head rotated and cached, in layer *(const int *)ctx. */
+static void rotate_rows(const ac_state *s, const void *ctx, int r0, int r1) {
     const ac_config *c = &s->model->config;
-    rotate_and_cache(s, *(const int *)ctx, r, 0, c->n_heads, 0, c->n_kv_heads);
+    for (int r = r0; r < r1; r++) rotate_and_cache(s, *(const int *)ctx, r, 0, c->n_heads, 0, c->n_kv_heads);
 }
 
 /* Splits rows [0, n) into attention groups: runs of one sequence at consecutive positions,
@@ -564,7 +581,7 @@ static int forward_rows(ac_state *s, const int *tokens, int n, int first, float 
             matmul_job qkv = {s, 3, {&layer->wq, &layer->wk, &layer->wv}, {D, kv_dim, kv_dim},
                               {0, D, D + kv_dim}, s->xb, n, D, s->qkv, qkv_width};
             matmul(s, &qkv);
-            for_each_row(s, n, rotate_row, &l);
+            for_each_row(s, n, rotate_rows, &l);
             run_job(s, attention_task, &att, n_groups * c->n_heads);
         }
         matmul1(s, &layer->wo, s->xb, s->xb2, n, D, D);
