@@ -213,8 +213,8 @@ AC_API int ac_state_create(const ac_model *m, ac_state **out) {
 /* o = x * (1 / sqrt(mean(x^2) + 1e-5)) * w for rows [0, m) of x and o (rows of n floats,
  * m <= NORM_ROWS); o may alias x.  A row's sum of squares is one chain of dependent adds
  * (j = 0, 1, ... in order); the m rows' chains advance together, so the CPU overlaps their
- * latencies, and each row gets the bits it gets alone.  Inlined, so that a constant m
- * unrolls into registers. */
+ * latencies, and each row gets the bits it gets alone.  Inlined, so that the calls with
+ * m = NORM_ROWS compile to a loop of constant width. */
 static inline __attribute__((always_inline)) void rmsnorm(float *o, const float *x, const float *w, int n,
                                                           int m) {
     float ss[NORM_ROWS] = {0.0f};
