@@ -63,7 +63,8 @@ AVX2_TILE void store_tile_sums(float *out, int ldo, __m256 a0, __m256 a1, __m256
     __m256 h1 = _mm256_add_ps(_mm256_permute2f128_ps(a1, b1, 0x20), _mm256_permute2f128_ps(a1, b1, 0x31));
     __m256 h2 = _mm256_add_ps(_mm256_permute2f128_ps(a2, b2, 0x20), _mm256_permute2f128_ps(a2, b2, 0x31));
     __m256 h3 = _mm256_add_ps(_mm256_permute2f128_ps(a3, b3, 0x20), _mm256_permute2f128_ps(a3, b3, 0x31));
-    /* per half, floats 0-1: h0's (k + k+4) + (k+2 + k+6) for k = 0, 1; floats 2-3: h1's (q1 likewise) */
+    /* per half, floats 0-1: row 0's (k + k+4) + (k+2 + k+6) for k = 0, 1; floats 2-3: row 1's
+     * (q1: rows 2 and 3) */
     __m256 q0 = _mm256_add_ps(_mm256_shuffle_ps(h0, h1, _MM_SHUFFLE(1, 0, 1, 0)),
                               _mm256_shuffle_ps(h0, h1, _MM_SHUFFLE(3, 2, 3, 2)));
     __m256 q1 = _mm256_add_ps(_mm256_shuffle_ps(h2, h3, _MM_SHUFFLE(1, 0, 1, 0)),
