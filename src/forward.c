@@ -289,9 +289,9 @@ static void rows_task(void *arg, int block, int n_blocks, int thread) {
 }
 
 /* Rows per block, at least.  On the Xeon VM a lone row's RMS norm took ~0.35 us (a chain of
- * dependent adds; ~0.2 us a row in groups of NORM_ROWS) and its int8 quantization ~0.15 us, while a job costs the pool ~0.2 us and
- * the other thread ~0.5 us to start, so a block of one or two rows would gain little or
- * nothing.  Rows split between two threads against all of them on the caller (bench/ab.c,
+ * dependent adds; ~0.2 us a row in groups of NORM_ROWS) and its int8 quantization ~0.15 us,
+ * while a job costs the pool ~0.2 us and the other thread ~0.5 us to start, so a block of one
+ * or two rows would gain little or nothing.  Rows split between two threads against all of them on the caller (bench/ab.c,
  * the persona, 9-11 rounds): int8 prefill 1.06-1.08x (both orders); float32 prefill 1.01x,
  * batched decode (16 rows) 0.98-1.01x, within the noise. */
 #define ROWS_PER_BLOCK 4

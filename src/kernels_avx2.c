@@ -96,7 +96,8 @@ AVX2_TILE void tile_f32(int R, int C, float *out, int ldo, const float *W, int l
             for (int c = 0; c < C; c++) acc[r][c] = _mm256_fmadd_ps(w, x[c], acc[r][c]);
         }
     }
-    if (R == 4 && j == n) { /* a full-height tile and no leftover terms */
+    if (R == 4 && j == n) { /* a full-height tile and no leftover terms; with one token, the b
+                              * operands repeat the a ones and are not stored */
         store_tile_sums(out, ldo, acc[0][0], acc[1][0], acc[2][0], acc[3][0], acc[0][C > 1], acc[1][C > 1],
                         acc[2][C > 1], acc[3][C > 1], C > 1);
         if (C == 3) store_tile_sums(out + 2 * (size_t)ldo, ldo, acc[0][2], acc[1][2], acc[2][2], acc[3][2],
