@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 from . import peers as pr
 from . import roofline as rl
 from .report import format_table
-from .targets import TARGETS
+from .targets import apply_targets
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = REPO / "run"
@@ -490,6 +490,7 @@ class Bench:
             out_rows.append(self._row_summary(row, roof))
         self._add_ratios(out_rows)
         pr.add_peer_ratios(out_rows)
+        apply_targets(out_rows, roof)
         return {
             "schema": 1,
             "tool": "python -m bench",
@@ -616,14 +617,6 @@ class Bench:
         cold = self._roofline_for(row, roof, "cold_bandwidth_gbs") if row.group in ("decode", "batch16") else None
         entry["cold_roofline"] = cold
         entry["cold_roofline_fraction"] = (entry["median"] / cold) if (cold and entry["median"]) else None
-        target = TARGETS.get(f"{row.group}/{row.impl}/{row.dtype}/T{row.threads}")
-        entry["target"] = target
-        if target and target["kind"] == "min" and entry["median"] is not None:
-            entry["pass"] = entry["median"] >= target["value"]
-        elif target and target["kind"] == "max" and entry["median"] is not None:
-            entry["pass"] = entry["median"] < target["value"]
-        else:
-            entry["pass"] = None  # ratio targets are settled in _add_ratios
         return entry
 
     def _add_ratios(self, rows: list[dict]) -> None:
@@ -644,9 +637,6 @@ class Bench:
             ratio = r["median"] / cli["median"]
             r["vs_cli"] = {"ratio_of_medians": ratio,
                            "median_paired_ratio": statistics.median(per_round) if per_round else None}
-            target = r.get("target")
-            if target and target["kind"] == "ratio":
-                r["pass"] = ratio >= target["value"]
 
 
 def _background_load() -> dict:

@@ -71,9 +71,40 @@ def _vs_peer(row: dict, missing: str = "-") -> str:
     return f"{v['ratio']:.2f}x {v['peer'].split('/')[1]}" if v else missing
 
 
+VERDICT = {True: "PASS", False: "FAIL", None: "n/a"}
+
+
+def _target(t: dict) -> str:
+    """A target with its verdict and, where no other column shows it, the number it compared:
+    ">= 1.5x best peer: PASS", ">= 1.8x of 1 thread: FAIL (1.73x)"."""
+    text = f"{t['text']}: {VERDICT[t['pass']]}"
+    m = t.get("measured")
+    if m is not None and t["kind"] == "scaling":
+        text += f" ({m:.2f}x)"
+    elif m is not None and t["kind"] == "roofline":  # of roof or of cold roof, whichever applies
+        text += f" ({m:.0%})"
+    return text
+
+
+def _targets(row: dict) -> str:
+    """Each of the row's targets with its own verdict."""
+    return "; ".join(_target(t) for t in row.get("targets", []))
+
+
+def _passed(row: dict) -> str:
+    """All of the row's targets: PASS, FAIL, or n/a (some not judged, none missed)."""
+    return VERDICT[row.get("pass")] if row.get("targets") else ""
+
+
+def _target_count(rows: list[dict]) -> str:
+    verdicts = [t["pass"] for r in rows for t in r.get("targets", [])]
+    return (f"targets: {verdicts.count(True)} met, {verdicts.count(False)} missed, "
+            f"{verdicts.count(None)} n/a (of {len(verdicts)})")
+
+
 def format_table(result: dict) -> str:
     cols = ["row", "median", "min-max", "unit", "peak RSS", "roofline", "of roof", "of cold roof", "vs best peer",
-            "target", "pass", "notes"]
+            "targets", "pass", "notes"]
     table: list[list[str]] = []
     for r in result["rows"]:
         unit = "ms" if r["metric"] == "ms" else ("tok/s total" if r["group"] == "batch16" else "tok/s")
@@ -91,8 +122,6 @@ def format_table(result: dict) -> str:
         if r.get("note"):
             notes.append(r["note"])
         rss = r.get("peak_rss_mb")
-        target = r.get("target")
-        passed = {True: "PASS", False: "FAIL", None: "-" if target else ""}[r.get("pass")]
         table.append([
             r["id"],
             _num(r["median"], r["metric"]),
@@ -103,8 +132,8 @@ def format_table(result: dict) -> str:
             _percent(r.get("roofline_fraction"), "-"),
             _percent(r.get("cold_roofline_fraction"), "-"),
             _vs_peer(r),
-            target["text"] if target else "",
-            passed,
+            _targets(r),
+            _passed(r),
             "; ".join(notes),
         ])
     widths = [max(len(c), *(len(row[i]) for row in table)) if table else len(c) for i, c in enumerate(cols)]
@@ -115,6 +144,7 @@ def format_table(result: dict) -> str:
         return "  ".join(cells).rstrip()
 
     lines = header(result) + ["", fmt(cols), fmt(["-" * w for w in widths])] + [fmt(row) for row in table]
+    lines.append(_target_count(result["rows"]))
     for note in result.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)
@@ -122,11 +152,10 @@ def format_table(result: dict) -> str:
 
 def markdown_table(result: dict) -> str:
     """The same rows as a Markdown table (for README.md)."""
-    out = ["| row | median | min–max | peak RSS | roofline | of roof | of cold roof | vs best peer | target | pass |",
+    out = ["| row | median | min–max | peak RSS | roofline | of roof | of cold roof | vs best peer | targets | pass |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in result["rows"]:
         rss = r.get("peak_rss_mb")
-        target = r.get("target")
         status = "" if r["status"] == "ok" else f" ({r['status']})"
         unit = " ms" if r["metric"] == "ms" else ""
         ratio = f" ({r['vs_cli']['ratio_of_medians']:.3f}× CLI)" if r.get("vs_cli") else ""
@@ -136,7 +165,7 @@ def markdown_table(result: dict) -> str:
             f"{rss['max']:.1f} MB" if rss else "–", _num(r.get("roofline")),
             _percent(r.get("roofline_fraction"), "–"),
             _percent(r.get("cold_roofline_fraction"), "–"), _vs_peer(r, "–"),
-            target["text"] if target else "", {True: "PASS", False: "FAIL", None: ""}[r.get("pass")]))
+            _targets(r), _passed(r)))
     return "\n".join(out)
 
 

@@ -44,7 +44,7 @@ def _bench(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess
 
 ROW_KEYS = {"id", "group", "impl", "dtype", "threads", "metric", "status", "samples", "values", "median",
             "min", "max", "peak_rss_mb", "roofline", "roofline_fraction", "cold_roofline",
-            "cold_roofline_fraction", "target", "pass"}
+            "cold_roofline_fraction", "targets", "pass"}
 
 
 def test_quick_run_writes_results_json(built, tiny_files, tmp_path):
@@ -55,6 +55,7 @@ def test_quick_run_writes_results_json(built, tiny_files, tmp_path):
                 "--json", str(out), "--roofline-ms", "5", "--quiet"])
     assert r.returncode == 0, r.stderr
     assert "decode/cli/f32/T1" in r.stdout and "roofline" in r.stdout  # the table was printed
+    assert "targets: " in r.stdout and " met, " in r.stdout
 
     res = json.loads(out.read_text())
     assert res["schema"] == 1
@@ -90,12 +91,51 @@ def test_quick_run_writes_results_json(built, tiny_files, tmp_path):
     assert 0 < rows["decode/cli/f32/T1"]["roofline_fraction"]
     assert rows["decode/cli/f32/T1"]["cold_roofline"] > 0 and rows["decode/cli/f32/T1"]["cold_roofline_fraction"] > 0
     assert rows["startup/python/f32/T1"]["cold_roofline"] is None  # only rows that read the weights per step
-    assert rows["decode/cli/f32/T1"]["target"]["value"] == 880
-    assert rows["decode/cli/f32/T1"]["pass"] in (True, False)
+    by_kind = {t["kind"]: t for t in rows["decode/cli/f32/T1"]["targets"]}
+    assert by_kind["min"]["value"] == 880 and by_kind["min"]["pass"] in (True, False)
+    assert by_kind["vs_peer"]["pass"] is None  # no --peers: neither met nor missed
+    assert by_kind["roofline"]["measured"] is not None
     assert "ratio_of_medians" in rows["decode/python/f32/T1"]["vs_cli"]
     assert rows["decode/python/f32/T1"]["pass"] in (True, False)
     startup = rows["startup/python/f32/T1"]["samples"][0]
     assert {"import_ms", "load_ms", "first_token_ms"} <= set(startup)
+
+
+def _row(rid: str, median: float, **extra) -> dict:
+    group, impl, dtype, threads = rid.split("/")
+    return dict(id=rid, group=group, impl=impl, dtype=dtype, threads=int(threads[1:]), median=median, **extra)
+
+
+def test_targets_judge_each_kind_from_the_run():
+    from bench.targets import apply_targets
+
+    rows = [_row("decode/cli/int8/T1", 1000.0, roofline_fraction=0.9, cold_roofline_fraction=1.5,
+                 vs_best_peer={"ratio": 1.6}),
+            _row("decode/cli/int8/T2", 1700.0, roofline_fraction=0.5, cold_roofline_fraction=0.8,
+                 vs_best_peer={"ratio": 1.4}),
+            _row("decode/python/int8/T1", 960.0, vs_cli={"ratio_of_medians": 0.96}),
+            _row("prefill/cli/f32/T1", 5000.0, roofline_fraction=0.4, cold_roofline_fraction=None),
+            _row("startup/cli/f32/T1", 61.0),
+            _row("decode/torch/f32/T1", 10.0)]
+    apply_targets(rows, {"weights_fit_l3": {"f32": True, "int8": True}})
+    verdicts = {r["id"]: {t["kind"]: (t["measured"], t["pass"]) for t in r["targets"]} for r in rows}
+    one, two = verdicts["decode/cli/int8/T1"], verdicts["decode/cli/int8/T2"]
+    assert one == {"min": (1000.0, False), "vs_peer": (1.6, True), "roofline": (0.9, True)}
+    assert two["scaling"] == (1.7, False) and two["vs_peer"] == (1.4, False)
+    assert two["roofline"] == (0.5, False)  # the weights fit in the L3: the back-to-back roofline
+    assert verdicts["decode/python/int8/T1"] == {"vs_cli": (0.96, True)}
+    assert verdicts["prefill/cli/f32/T1"]["vs_peer"] == (None, None)  # no peer rows in this run
+    assert verdicts["startup/cli/f32/T1"] == {"max": (61.0, False)}
+    passes = {r["id"]: r["pass"] for r in rows}
+    assert passes == {"decode/cli/int8/T1": False, "decode/cli/int8/T2": False, "decode/python/int8/T1": True,
+                      "prefill/cli/f32/T1": False, "startup/cli/f32/T1": False, "decode/torch/f32/T1": None}
+
+    # weights larger than the L3: the roofline from memory applies; unknown L3: not judged
+    apply_targets(rows, {"weights_fit_l3": {"f32": False, "int8": False}})
+    assert rows[1]["targets"][-1]["kind"] == "scaling"
+    assert next(t for t in rows[1]["targets"] if t["kind"] == "roofline")["measured"] == 0.8
+    apply_targets(rows, {})
+    assert next(t for t in rows[0]["targets"] if t["kind"] == "roofline")["pass"] is None
 
 
 def test_list_rows(built, tiny_files):
@@ -180,6 +220,9 @@ def test_peer_rows_and_ratios(built, tiny_files, tmp_path):
         assert ours["status"] == "ok", (rid, ours["samples"])
         assert ours["vs_best_peer"]["peer"] == peer
         assert ours["vs_best_peer"]["ratio"] == pytest.approx(ours["median"] / value)
+        judged = next(t for t in ours["targets"] if t["kind"] == "vs_peer")
+        assert judged["measured"] == ours["vs_best_peer"]["ratio"]
+        assert judged["pass"] == (judged["measured"] >= judged["value"])
     assert "vs best peer" in r.stdout and "x llamacpp" in r.stdout
     assert res["machine"]["kernels"] in r.stdout
 
