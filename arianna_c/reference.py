@@ -591,8 +591,9 @@ class Sampler:
             cand = cand[: self.top_k]
         p = probs[cand]
         total = np.cumsum(p, dtype=np.float32)[-1]
-        if use_p:
-            cum = np.cumsum(p / total, dtype=np.float32)
+        if use_p:   # mass of the top-k after top-k, else of the whole distribution (as C)
+            whole = total if use_k else np.float32(1)
+            cum = np.cumsum(p / whole, dtype=np.float32)
             over = np.flatnonzero(cum > self.top_p)
             if over.size and over[0] + 1 < len(cand):
                 cand, p = cand[: over[0] + 1], p[: over[0] + 1]
@@ -636,7 +637,10 @@ class Tokenizer:
         self.pieces, self.scores = read_tokenizer(path)
         self.vocab_size = len(self.pieces)
         self.byte_value = [_byte_piece_value(p) for p in self.pieces]
-        self.byte_ids = {b: i for i, b in enumerate(self.byte_value) if b >= 0 and i > EOS}
+        self.byte_ids: dict[int, int] = {}   # a byte's token: the first piece for it, never a special
+        for i, b in enumerate(self.byte_value):
+            if b >= 0 and i > EOS:
+                self.byte_ids.setdefault(b, i)
         self.lookup: dict[bytes, int] = {}
         for i, p in enumerate(self.pieces):
             if i > EOS and self.byte_value[i] < 0:

@@ -252,9 +252,11 @@ static int add_part_tokens(void *user, int token, const char *text, size_t len) 
         s->n++;
         return AC_OK;
     }
-    int room = s->n < s->cap ? s->cap - s->n : 0, got = 0;
+    int room = s->n < s->cap ? s->cap - s->n : 0, got = -1;
     int rc = ac_encode(s->tok, text, len, 0, 0, room ? s->tokens + s->n : NULL, room, &got);
-    if (rc && rc != AC_ERR_RANGE) return rc;
+    /* AC_ERR_RANGE with a count: the tokens did not fit, and are counted; without one (a
+     * text too long to encode) it is an error like any other */
+    if (rc && !(rc == AC_ERR_RANGE && got >= 0)) return rc;
     s->n += got;
     return AC_OK;
 }

@@ -56,7 +56,7 @@ void usage(FILE *f) {
             "                              --repeat-last-n tokens by this (multiply when\n"
             "                              negative), >= 0 (1 = off); default %g\n"
             "  --repeat-last-n <int>       the window of recent tokens (prompt included) the\n"
-            "                              penalties look at, >= 0 (0 = none); default %d\n"
+            "                              penalties look at, 0..%d (0 = none); default %d\n"
             "  --presence-penalty <float>  subtracted once from the logit of every token in\n"
             "                              the window (0 = off); default %g\n"
             "  --frequency-penalty <float> subtracted from a token's logit per time it is in\n"
@@ -67,7 +67,7 @@ void usage(FILE *f) {
             "  --chat-template <string>    chat: the template of the turns:",
             (double)d.sampler.temperature, (double)d.sampler.top_p, d.sampler.top_k, d.max_new_tokens, ac_tokenizer_lookup(), AC_MAX_THREADS,
             ac_default_threads(), AC_MAX_MODULES, AC_MAX_BATCH, (double)d.sampler.min_p,
-            (double)d.sampler.repeat_penalty, d.sampler.repeat_last_n, (double)d.sampler.presence_penalty,
+            (double)d.sampler.repeat_penalty, AC_MAX_SEQ_LEN, d.sampler.repeat_last_n, (double)d.sampler.presence_penalty,
             (double)d.sampler.frequency_penalty, AC_MAX_STOPS);
     for (int i = 0; i < ac_chat_template_count(); i++)
         fprintf(f, "%s%s", i ? ", " : " ", ac_chat_template_at(i)->name);
@@ -116,7 +116,8 @@ static const char *parse_u64(const char *s, unsigned long long *out) {
     unsigned long long v = strtoull(s, &end, 10);
     if (end == s || *end || isspace((unsigned char)s[0])) return "not a whole number";
     if (s[0] == '-') return "the seed must be >= 0";
-    if (errno == ERANGE) return "too large (the largest is 18446744073709551615)";
+    /* AC_SEED_RANDOM asks for a random seed: it cannot be one */
+    if (errno == ERANGE || v == AC_SEED_RANDOM) return "too large (the largest is 18446744073709551614)";
     *out = v;
     return NULL;
 }

@@ -101,7 +101,8 @@ AC_API void ac_generation_free(ac_generation *g) {
     free(g);
 }
 
-/* A new sampler for params (seed resolved here), with the logit bias given to it. */
+/* A new sampler for params (seed resolved here), with the logit bias given to it and the
+ * recent tokens of the one it replaces (the context is the same, so are its penalties). */
 static int gen_new_sampler(ac_generation *g, const ac_session_params *p, uint64_t seed) {
     ac_sampler *sampler;
     int rc = make_sampler(p, seed, g->model->config.vocab_size, &sampler);
@@ -110,6 +111,7 @@ static int gen_new_sampler(ac_generation *g, const ac_session_params *p, uint64_
         ac_sampler_free(sampler);
         return rc;
     }
+    if (g->sampler) ac_sampler_copy_history(sampler, g->sampler);
     ac_sampler_free(g->sampler);
     g->sampler = sampler;
     return AC_OK;

@@ -155,7 +155,8 @@ struct ac_model {
     const void *data; /* the whole file */
     size_t size;
     int mapped;       /* 1: data is our mmap and is unmapped on free */
-    int owned;        /* 1: data is our heap image (an int8 quantization) and is freed */
+    int owned;        /* 1: data is our heap image (a file read in, an int8 quantization, a
+                         merge of modules) and is freed */
     void *packed;     /* the int8 matrices in the kernel set's layout (one allocation), or NULL */
 };
 
@@ -224,6 +225,10 @@ struct ac_generation {
     int n_reported;      /* tokens reported since the generation began */
     ac_stop_reason stop; /* why it ended; AC_STOP_NONE while it goes on */
 };
+
+/* Records in `to` the tokens `from` recorded, oldest first (the last repeat_last_n of `to`
+ * stay): a sampler that replaces another for the same context keeps its penalties' view. */
+void ac_sampler_copy_history(ac_sampler *to, const ac_sampler *from);
 
 /* The seed a sampler starts from: seed itself, or for AC_SEED_RANDOM a fresh one. */
 uint64_t ac_resolve_seed(uint64_t seed);

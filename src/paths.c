@@ -25,7 +25,7 @@ static char *join(const char *folder, size_t folder_len, const char *name, const
     return p;
 }
 
-/* The candidates in lookup order; returns how many (0 when out of memory). */
+/* The candidates in lookup order; returns how many (-1 when out of memory). */
 static int candidates(const char *model_path, const char *name, char *out[MAX_CANDIDATES]) {
     const char *slash = model_path ? strrchr(model_path, '/') : NULL;
     size_t folder_len = slash ? (size_t)(slash - model_path) + 1 : 0;

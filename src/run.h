@@ -24,7 +24,8 @@
  * Errors: every function that can fail returns an int result code (AC_OK = 0, the AC_ERR_*
  * values below).  On failure the library also records a human-readable message for the
  * calling thread, read with ac_last_error().  The message names the file, the field, and the
- * expected vs actual values where that applies.  The library never prints and never exits.
+ * expected vs actual values where that applies.  The library never exits, and prints only
+ * one line to stderr, when the AC_KERNEL variable names a kernel set it cannot use.
  */
 #ifndef ARIANNA_RUN_H
 #define ARIANNA_RUN_H
@@ -356,7 +357,8 @@ AC_API int ac_sampler_set_logit_bias(ac_sampler *sampler, const int *ids, const 
 /* Log-probabilities of the model's distribution softmax(logits) (no temperature, bias or
  * penalty): *token_logprob (may be NULL) that of token, and the top_n (0..n_vocab) most
  * likely tokens' ids and log-probabilities in top_ids / top_logprobs, most likely first,
- * equal ones in increasing id order.  AC_ERR_RANGE if a logit is NaN or +inf. */
+ * equal ones in increasing id order.  AC_ERR_RANGE if a logit is NaN or +inf, or every one
+ * is -inf. */
 AC_API int ac_logprobs(const float *logits, int n_vocab, int token, int top_n, float *token_logprob,
                        int *top_ids, float *top_logprobs);
 
@@ -451,7 +453,8 @@ AC_API int ac_session_create(const ac_model *model, const ac_tokenizer *tok,
                              const ac_session_params *params, ac_session **out);
 AC_API void ac_session_free(ac_session *session);
 /* New settings for the next ac_session_next: the sampler starts again from params' seed,
- * the count towards max_new_tokens starts again, the context is kept. */
+ * the count towards max_new_tokens starts again, the context is kept (and so are the
+ * penalties' recent tokens, those the previous settings' repeat_last_n window held). */
 AC_API int ac_session_set_params(ac_session *session, const ac_session_params *params);
 /* Stop strings and logit bias, as ac_generation_set_stops / ac_generation_set_logit_bias:
  * kept across feeds, resets and new settings until replaced. */

@@ -148,6 +148,12 @@ AC_API int ac_sampler_accept(ac_sampler *s, int token) {
     return AC_OK;
 }
 
+void ac_sampler_copy_history(ac_sampler *to, const ac_sampler *from) {
+    int window = from->params.repeat_last_n;
+    int oldest = from->n_recent == window ? from->next_recent : 0;
+    for (int i = 0; i < from->n_recent; i++) ac_sampler_accept(to, from->recent[(oldest + i) % window]);
+}
+
 AC_API void ac_sampler_reset_history(ac_sampler *s) {
     if (!s) return;
     for (int i = 0; i < s->n_recent; i++) s->counts[s->recent[i]] = 0;
@@ -316,11 +322,15 @@ AC_API int ac_sample(ac_sampler *s, const float *logits, int *token) {
     if (use_k && n > p->top_k) n = p->top_k;
     float total = 0.0f;
     for (int i = 0; i < n; i++) total += probs[s->order[i]];
-    if (use_p) { /* the smallest prefix whose (renormalized) mass exceeds top_p */
+    if (use_p) {
+        /* the smallest prefix whose mass exceeds top_p: of the top-k mass after top-k (as
+         * llama.cpp and Hugging Face renormalize), else of the whole distribution (1): the
+         * tokens the cutoff skipped still count in it */
+        float whole = use_k ? total : 1.0f;
         float cum = 0.0f, mass = 0.0f;
         int keep = n;
         for (int i = 0; i < n; i++) {
-            cum += probs[s->order[i]] / total;
+            cum += probs[s->order[i]] / whole;
             mass += probs[s->order[i]];
             if (cum > p->top_p) {
                 keep = i + 1;
@@ -355,6 +365,8 @@ AC_API int ac_logprobs(const float *logits, int n_vocab, int token, int top_n, f
                         (double)logits[i]);
         if (logits[i] > max) max = logits[i];
     }
+    if (max == -INFINITY) /* probabilities 0 / 0: no distribution */
+        return ac_fail(AC_ERR_RANGE, "every logit is -inf: log-probabilities need a finite logit");
     double sum = 0.0; /* in double: 2^24 terms of float would lose the small ones */
     for (int i = 0; i < n_vocab; i++) sum += exp((double)logits[i] - (double)max);
     double log_total = (double)max + log(sum);

@@ -130,7 +130,8 @@ static int index_tokenizer(ac_tokenizer *t, const char *name) {
         pos += 8 + (size_t)t->lens[i];
         int b = parse_byte_piece(t->pieces[i], t->lens[i]);
         t->byte_value[i] = (short)b;
-        if (b >= 0 && t->byte_id[b] < 0) t->byte_id[b] = i;
+        /* a byte's token is the first piece for it, never a special (0..2 are markers) */
+        if (b >= 0 && i > AC_TOKEN_EOS && t->byte_id[b] < 0) t->byte_id[b] = i;
         /* "normal" pieces are the ones merges may produce: not the specials, not bytes */
         if (i > AC_TOKEN_EOS && b < 0) t->sorted[t->n_sorted++] = i;
     }

@@ -164,7 +164,8 @@ BAD_ARGUMENTS = [
     (["-e", "2"], "error: -e 2: must be 0 or 1"),
     (["-s", "abc"], "error: -s abc: not a whole number"),
     (["-s", "-1"], "error: -s -1: the seed must be >= 0"),
-    (["-s", "18446744073709551616"], "error: -s 18446744073709551616: too large (the largest is 18446744073709551615)"),
+    (["-s", "18446744073709551616"], "error: -s 18446744073709551616: too large (the largest is 18446744073709551614)"),
+    (["-s", "18446744073709551615"], "error: -s 18446744073709551615: too large (the largest is 18446744073709551614)"),
     (["-m", "poem"], "error: -m poem: the mode must be generate or chat"),
     (["-q", "1"], "error: -q 1: the only quantization is int8"),
     (["-t"], "error: -t needs a value"),
@@ -190,7 +191,7 @@ def test_bad_arguments_name_the_flag_and_value_then_print_usage(run_binary, make
 
 @pytest.mark.parametrize("args", [["-t", "0"], ["-t", "-0"], ["-t", "1e-30"], ["-t", "3.4e38"],
                                   ["-p", "1"], ["-p", "1e-30"], ["-k", "0"], ["-n", "0"],
-                                  ["-T", "1"], ["-T", "256"], ["-s", "18446744073709551615"],
+                                  ["-T", "1"], ["-T", "256"], ["-s", "18446744073709551614"],
                                   ["-s", "0"], ["-e", "0"], ["--min-p", "0"], ["--min-p", "1"],
                                   ["--repeat-penalty", "0"], ["--repeat-last-n", "0"],
                                   ["--repeat-last-n", "1048576"], ["--presence-penalty", "-3.4e38"],
@@ -228,7 +229,7 @@ def test_help_goes_to_stdout_with_units_and_defaults(run_binary, make_model, lib
     assert f"(0 = off); default {defaults.top_k}\n" in usage
     assert f"the likeliest, in [0, 1] (0 = off); default {defaults.min_p:g}\n" in usage
     assert f"negative), >= 0 (1 = off); default {defaults.repeat_penalty:g}\n" in usage
-    assert f"penalties look at, >= 0 (0 = none); default {defaults.repeat_last_n}\n" in usage
+    assert f"penalties look at, 0..{2**20} (0 = none); default {defaults.repeat_last_n}\n" in usage
     assert f"the window (0 = off); default {defaults.presence_penalty:g}\n" in usage
     assert f"the window (0 = off); default {defaults.frequency_penalty:g}\n" in usage
     assert ("part of it; repeatable (up to 64, in chat with the\n"
@@ -479,6 +480,22 @@ def test_library_chat_tokens_are_what_arianna_c_feeds(lib, ffi, make_model):
         for messages, message in bad:
             assert c_chat_tokens(lib, ffi, "qa", tok, messages, 16)[0] == lib.AC_ERR_ARG
             assert message in last_error(lib, ffi)
+    lib.ac_tokenizer_free(tok)
+
+
+def test_library_chat_tokens_refuse_a_message_too_long_to_encode(lib, ffi, make_model):
+    """A message above ac_encode's limit (INT_MAX / 4 bytes) is an error, not a prompt without it."""
+    files = make_model(seq_len=64)
+    rc, tok = load_tokenizer(lib, ffi, files.tokenizer, files.cfg.vocab_size)
+    assert rc == 0
+    size = (2**31 - 1) // 4 + 1
+    role, content = ffi.new("char[]", b"user"), ffi.new("char[]", size)
+    message = ffi.new("ac_chat_message[]", 1)
+    message[0].role, message[0].content, message[0].content_len = role, content, size
+    out, n = ffi.new("int[]", 64), ffi.new("int *")
+    rc = lib.ac_chat_tokens(lib.ac_chat_template_get(b"qa"), tok, message, 1, 1, out, 64, n)
+    assert rc == lib.AC_ERR_RANGE
+    assert "bytes is too long" in last_error(lib, ffi)
     lib.ac_tokenizer_free(tok)
 
 

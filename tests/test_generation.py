@@ -580,3 +580,30 @@ def test_persona_front_ends_agree_with_the_default_penalty(run_binary, prompt, f
     assert ref.stdout.decode("utf-8", "replace") == text
     if "temperature" in settings:  # the default penalty takes greedy decoding off its loop
         assert python != greedy_plain
+
+
+def test_new_settings_keep_the_penalties_view_of_the_context(lib, ffi, make_model):
+    """ac_session_set_params after a feed samples as a session created with those settings: the
+    penalties still see the fed tokens (here a presence penalty strong enough to decide)."""
+    c = Loaded(lib, ffi, make_model(seed=3, seq_len=64))
+    text = b"abcabc hello"
+    try:
+        def settings(p):
+            p.sampler.temperature, p.sampler.presence_penalty, p.sampler.repeat_last_n = 0.0, -1000.0, 64
+            return p
+
+        given_at_create = c.session()
+        assert lib.ac_session_set_params(given_at_create, settings(c.params(max_new_tokens=8))) == 0
+        assert lib.ac_session_feed(given_at_create, text, len(text), 1) == 0
+        set_after_feed = c.session(temperature=0.0, max_new_tokens=8)
+        assert lib.ac_session_feed(set_after_feed, text, len(text), 1) == 0
+        assert lib.ac_session_set_params(set_after_feed, settings(c.params(max_new_tokens=8))) == 0
+        want, got = c.run(given_at_create), c.run(set_after_feed)
+        assert want == got and len(want[0]) == 8
+        plain = c.session(temperature=0.0, max_new_tokens=8)
+        assert lib.ac_session_feed(plain, text, len(text), 1) == 0
+        assert c.run(plain)[0] != want[0]  # the penalty decides these tokens
+        for s in (given_at_create, set_after_feed, plain):
+            lib.ac_session_free(s)
+    finally:
+        c.close()

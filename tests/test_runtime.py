@@ -354,6 +354,28 @@ def test_top_p_keeps_the_nucleus(lib, ffi):
     lib.ac_sampler_free(s)
 
 
+def test_top_p_counts_the_mass_of_the_tokens_it_skips(lib, ffi):
+    # top-p alone skips tokens below (1 - p) / (V - 1) = 0.167 (here 0.149 and 0.001), but the
+    # nucleus is a share of the whole distribution: 0.45 < 0.5 < 0.45 + 0.40, so {0, 1}
+    logits = np.log(np.array([0.45, 0.40, 0.149, 0.001], np.float32))
+    for top_k in (0, 3):
+        rc, s = make_sampler(lib, ffi, 4, top_p=0.5, top_k=top_k, seed=8)
+        assert rc == 0, last_error(lib, ffi)
+        got = draw(lib, ffi, s, logits, 400)
+        assert set(got) == {0, 1}, top_k
+        lib.ac_sampler_free(s)
+
+
+def test_logprobs_refuse_logits_that_are_all_minus_infinity(lib, ffi):
+    logits = ffi.new("float[]", [float("-inf")] * 3)
+    lp, ids, lps = ffi.new("float *"), ffi.new("int[]", 3), ffi.new("float[]", 3)
+    assert lib.ac_logprobs(logits, 3, 0, 3, lp, ids, lps) == lib.AC_ERR_RANGE
+    assert "every logit is -inf" in last_error(lib, ffi)
+    logits[1] = 0.0  # one finite logit: a distribution again
+    assert lib.ac_logprobs(logits, 3, 1, 3, lp, ids, lps) == 0
+    assert lp[0] == 0.0 and ids[0] == 1 and lps[1] == float("-inf")
+
+
 @pytest.mark.parametrize(
     "kwargs, needle",
     [

@@ -172,3 +172,20 @@ def test_synthetic_tokenizer_merges_by_score(make_model):
     with Model(files.model, files.tokenizer) as m:
         assert m.encode("the", bos=False) == [piece_id(b" the")]
         assert m.decode(m.encode("the cat in the hat")) == "the cat in the hat"
+
+
+def test_byte_fallback_takes_the_first_byte_piece_and_never_a_special(lib, ffi, tmp_path):
+    """A "<0x61>" piece in a special slot (id 2, EOS) is not byte a's token: the first later
+    one is, in C and in the reference alike (an EOS inside a prompt would end it)."""
+    from arianna_c.reference import Tokenizer
+    from capi import load_tokenizer
+
+    pieces = [b"<unk>", b"<s>", b"<0x61>", b" ", b"<0x62>", b"<0x62>", b"<0x61>"]
+    path = tmp_path / "tok.bin"
+    formats.write_tokenizer(path, pieces, [0.0] * len(pieces))
+    rc, tok = load_tokenizer(lib, ffi, path, len(pieces))
+    assert rc == 0
+    n, out = ffi.new("int *"), ffi.new("int[]", 8)
+    assert lib.ac_encode(tok, b"ab", 2, 1, 0, out, 8, n) == 0
+    assert list(out[0:n[0]]) == [1, 3, 6, 4] == Tokenizer(path, sp_model=False).encode("ab")
+    lib.ac_tokenizer_free(tok)
