@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 from ._lib import _error_check, ffi, load
+from .runtime import _text_bytes
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,8 @@ def choose_template(name: Optional[str] = None, pieces: Iterable[str] = ()) -> T
 
 def _c_messages(messages: Sequence[Message]) -> tuple[Any, list]:
     """messages as C ac_chat_message values (the types checked here, the values by the
-    library), and the buffers they point into (keep them alive)."""
+    library; contents encoded as prompts are), and the buffers they point into (keep them
+    alive)."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise TypeError(f"messages must be a list of {{'role', 'content'}} dicts, not {type(messages).__name__}")
     c = ffi.new("ac_chat_message[]", max(len(messages), 1))
@@ -144,7 +146,7 @@ def _c_messages(messages: Sequence[Message]) -> tuple[Any, list]:
             raise ValueError(f"messages[{i}].role {role!r} is invalid: it must be one of system, user, assistant")
         if not isinstance(content, str):
             raise TypeError(f"messages[{i}].content must be a str, not {type(content).__name__}")
-        data = content.encode("utf-8")
+        data = _text_bytes(content)
         keep += [ffi.new("char[]", role.encode("utf-8")), ffi.new("char[]", data)]
         c[i].role, c[i].content, c[i].content_len = keep[-2], keep[-1], len(data)
     return c, keep
@@ -161,7 +163,7 @@ def render(template: Template, messages: Sequence[Message], add_generation_promp
 
     @ffi.callback("int(void *, int, const char *, size_t)")
     def on_part(user: Any, token: int, text: Any, size: int) -> int:
-        parts.append(Special(token) if token >= 0 else ffi.unpack(text, size).decode("utf-8"))
+        parts.append(Special(token) if token >= 0 else ffi.unpack(text, size).decode("utf-8", "surrogatepass"))
         return 0
 
     _error_check(lib.ac_chat_render(c_template, c_messages, len(messages), int(add_generation_prompt), on_part,

@@ -14,10 +14,12 @@ defaults.  (``./run``, built by ``make``, stays the llama2.c-compatible CLI.)
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Callable, Optional, Sequence
 
 from . import chat as chat_templates
+from ._ffi import ffi
 from .errors import AriannaError
 from .paths import tokenizer_lookup_text
 
@@ -25,6 +27,9 @@ PROG = "arianna-c"
 # The defaults of `arianna-c serve`, which arianna_c.server's create_app and serve share.
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8080
 DEFAULT_PARALLEL, DEFAULT_QUEUE = 16, 64
+MAX_PORT = 65535
+# The seed the library reads as "draw a random one" (src/run.h); -s takes the seeds below it.
+AC_SEED_RANDOM = ffi.integer_const("AC_SEED_RANDOM")
 
 
 # ---------------------------------------------------------------------------- shared options
@@ -107,10 +112,39 @@ def _add_sampling(p: argparse.ArgumentParser, defaults: dict, max_tokens_default
                    help=f"subtracted from the logit of a token seen in the window; default: {_default(defaults, 'presence_penalty')}")
     g.add_argument("--frequency-penalty", dest="frequency_penalty", type=float,
                    help=f"subtracted per occurrence in the window; default: {_default(defaults, 'frequency_penalty')}")
-    g.add_argument("-s", "--seed", type=int, help="sampler seed (0 .. 2^64-1); default: random")
+    g.add_argument("-s", "--seed", type=_seed, help=f"sampler seed, 0..{AC_SEED_RANDOM - 1}; default: random")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when the text contains TEXT (not printed; repeatable); default: none")
     g.add_argument("--ignore-eos", action="store_true", help="go on past the model's end of text; default: off")
+
+
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def _seed(text: str) -> int:
+    """-s SEED: arianna_c.sampling's seed rule, less AC_SEED_RANDOM, which the library reads as
+    "a random seed" (leaving -s out asks for one)."""
+    from .sampling import _seed as check_seed
+
+    try:
+        seed = check_seed("seed", _whole(text))
+    except AriannaError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if seed == AC_SEED_RANDOM:
+        raise argparse.ArgumentTypeError(f"seed {seed} is the library's AC_SEED_RANDOM (a random seed); the fixed "
+                                         f"seeds are 0..{AC_SEED_RANDOM - 1}, and leaving -s out picks a random one")
+    return seed
+
+
+def _port(text: str) -> int:
+    port = _whole(text)
+    if not 0 <= port <= MAX_PORT:
+        raise argparse.ArgumentTypeError(f"port {port} is invalid: it must be in 0..{MAX_PORT}")
+    return port
 
 
 _SAMPLING = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n",
@@ -135,14 +169,27 @@ def _load(args: argparse.Namespace, modules: Optional[Sequence[tuple[str, float]
 # ---------------------------------------------------------------------------- commands
 
 
+def _write_bytes(out: Any, data: bytes) -> None:
+    """data to the text stream out as they are (./run echoes a prompt's bytes so), whatever
+    out's encoding errors; a stream without bytes underneath gets them decoded."""
+    buffer = getattr(out, "buffer", None)
+    if buffer is None:
+        out.write(data.decode("utf-8", "replace"))
+        return
+    out.flush()
+    buffer.write(data)
+    buffer.flush()
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import time
 
     model = _load(args)
     with model.session() as session:
-        session.feed(args.prompt)
+        prompt = os.fsencode(args.prompt)  # the bytes typed, valid UTF-8 or not, as ./run reads them
+        session.feed(prompt)
         out = sys.stdout
-        out.write(args.prompt)
+        _write_bytes(out, prompt)
         start = time.perf_counter()
         for text in session.stream(**_settings(args)):
             out.write(text)
@@ -226,7 +273,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     from . import perplexity
 
     model = _load(args)
-    with open(args.file, encoding="utf-8", errors="surrogateescape") as f:
+    with open(args.file, "rb") as f:  # the file's bytes, as ./run's tokenizer would read them
         text = f.read()
     bar = _progress_bar()
     result = perplexity.evaluate(model, text, context=args.ctx_size, stride=args.stride, progress=bar)
@@ -324,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("serve", cmd_serve, "serve the OpenAI API (completions, chat) and a chat page over HTTP")
     _add_model(p)
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on; default: {DEFAULT_HOST}")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port; default: {DEFAULT_PORT}")
+    p.add_argument("--port", type=_port, default=DEFAULT_PORT,
+                   help=f"TCP port, 0..{MAX_PORT}; default: {DEFAULT_PORT}")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests; default: none")
     p.add_argument("--model-name", help="the model's id in the API (MODEL with -L's modules; it answers requests "
                                         "that name no model); default: the model file's name without suffix")

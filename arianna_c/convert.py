@@ -338,8 +338,8 @@ def _check_hf_tokenizer(folder: Path, model: PathLike, vocab: Vocab) -> None:
 
 def export_gguf(model: PathLike, out: PathLike, tokenizer: Optional[PathLike] = None,
                 out_type: str = "f32", name: Optional[str] = None, verify: bool = True) -> Result:
-    """A model file + tokenizer -> a llama GGUF (F32 or Q8_0 matrices), checked by reading it
-    back: F32 bit for bit, Q8_0 within its quantization error."""
+    """A model file + tokenizer -> a llama GGUF (F32, F16 or Q8_0 matrices), checked by reading
+    it back: F32 bit for bit, F16 within half a float16 step, Q8_0 within its quantization error."""
     from . import gguf_io
 
     cfg, weights, vocab = _read_runtime_files(model, tokenizer)
@@ -361,20 +361,30 @@ def _check_gguf(path: Path, cfg: ModelConfig, weights: dict, vocab: Vocab, out_t
     back = gguf_io.read_gguf(path)
     if back.vocab != vocab or back.cfg.seq_len != cfg.seq_len:
         raise ConvertError("the GGUF read back has another vocabulary or context length; nothing was written")
+    # the most writing a matrix as out_type may move each value, and the bound's name (f32: bit for bit)
+    bounds = {"f16": (_f16_error_bound, "float16's rounding (half a float16 step)"),
+              "q8_0": (gguf_io.q8_0_error_bound, "Q8_0's bound")}
+    bound, bound_name = bounds.get(out_type, (None, ""))
     worst = 0.0
     for key, array in weights.items():
         got, want = back.weights[key], np.asarray(array, np.float32)
-        if out_type == "f32" or want.ndim == 1 or key.startswith("rms"):
+        if bound is None or want.ndim == 1 or key.startswith("rms"):
             if not np.array_equal(got, want):
                 raise ConvertError(f"the GGUF read back changed {key}; nothing was written")
             continue
-        excess = np.abs(got - want) - gguf_io.q8_0_error_bound(want)
-        if excess.max() > 0:
-            raise ConvertError(f"the GGUF read back moved {key} past Q8_0's error bound; nothing was written")
-        worst = max(worst, float(np.abs(got - want).max()))
-    if out_type == "f32":
+        change = np.abs(got.astype(np.float64) - want)
+        if not (change <= bound(want)).all():  # also catches nan, and inf past float16's range
+            raise ConvertError(f"the GGUF read back moved {key} past {bound_name}; nothing was written")
+        worst = max(worst, float(change.max()))
+    if bound is None:
         return "read back: every tensor bit for bit"
-    return f"read back: norms bit for bit, matrices within Q8_0's bound (largest change {worst:.3g})"
+    return f"read back: norms bit for bit, matrices within {bound_name} (largest change {worst:.3g})"
+
+
+def _f16_error_bound(weights: np.ndarray) -> np.ndarray:
+    """Per element, the most a float16 round trip may move it: half a float16 step, at most
+    2^-11 of the value (2^-25 for float16's subnormals, whose step is 2^-24)."""
+    return np.maximum(np.abs(np.asarray(weights, np.float64)) * 2.0 ** -11, 2.0 ** -25)
 
 
 # ============================================================================ command line

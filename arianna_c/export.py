@@ -12,10 +12,11 @@ Model files default to the legacy v0 layout, which stock llama2.c ``run`` reads 
 writes the "ak42" v1 layout.  A classifier tied to the embedding (``output.weight`` is, or equals,
 ``tok_embeddings.weight``) is written as a shared classifier.
 
-After writing a .bin the exporter loads it back through the C library (``arianna_c.Model``) and
-compares its logits on a short token sequence with the PyTorch model's; if the largest difference
-exceeds ``tolerance`` (1e-4) it removes the file and raises :class:`ExportError`.  When the C
-library cannot be loaded at all the export fails too (pass ``verify=False`` to skip the check).
+After writing a .bin (as OUT.tmp, renamed to OUT once checked) the exporter loads it back
+through the C library (``arianna_c.Model``) and compares its logits on a short token sequence
+with the PyTorch model's; if the largest difference exceeds ``tolerance`` (1e-4) it removes the
+file, leaves OUT as it was, and raises :class:`ExportError`.  When the C library cannot be
+loaded at all the export fails too (pass ``verify=False`` to skip the check).
 
 torch is imported lazily: the tokenizer exporter and the NumPy helpers work without it.
 """
@@ -159,24 +160,41 @@ def _as_model(source):
 def export_bin(source, out_path: PathLike, version: int = 0, verify: bool = True,
                tolerance: float = TOLERANCE, check_tokens: Optional[Sequence[int]] = None) -> float:
     """Writes source (a Transformer or checkpoint path) as a model .bin; returns the checked
-    max |C - torch| logit difference (nan when verify=False)."""
+    max |C - torch| logit difference (nan when verify=False).  The file is written beside
+    out_path and checked there, then renamed into place: a failed export leaves out_path as it
+    was."""
+    out_path = _output_file(out_path)
     model = _as_model(source)
     cfg, weights = weights_from_torch(model, version=version)
-    out_path = Path(out_path)
     tmp = out_path.with_name(out_path.name + ".tmp")
-    formats.write_model(tmp, cfg, weights)
-    os.replace(tmp, out_path)
-    if not verify:
-        return float("nan")
     try:
-        return verify_bin(out_path, model, tolerance=tolerance, tokens=check_tokens)
-    except BaseException:
-        out_path.unlink(missing_ok=True)
-        raise
+        formats.write_model(tmp, cfg, weights)
+        diff = _verify_written(tmp, out_path, model, tolerance, check_tokens) if verify else float("nan")
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return diff
+
+
+def _verify_written(tmp: Path, out_path: Path, model, tolerance: float, tokens: Optional[Sequence[int]]) -> float:
+    """verify_bin on the file written as tmp, its failure naming out_path as not written."""
+    try:
+        return verify_bin(tmp, model, tolerance=tolerance, tokens=tokens)
+    except ExportError as exc:
+        raise ExportError(f"{out_path} was not written: {exc}") from exc
+
+
+def _output_file(out_path: PathLike) -> Path:
+    """out_path as a Path; ValueError when it is a folder (an export writes one file)."""
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        raise ValueError(f"output {out_path} is a folder: name the file to write")
+    return out_path
 
 
 def export_npz(source, out_path: PathLike) -> None:
     """Writes source (a Transformer or checkpoint path) as an .npz the NumPy reference reads."""
+    out_path = _output_file(out_path)
     cfg, weights = weights_from_torch(_as_model(source))
     save_npz(out_path, cfg, weights)
 
@@ -312,8 +330,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     tok.add_argument("model", help="SentencePiece .model")
     tok.add_argument("out", help="output tokenizer .bin")
     chk = sub.add_parser("check", help="compare a model .bin's C logits with a checkpoint's")
-    chk.add_argument("bin")
-    chk.add_argument("checkpoint")
+    chk.add_argument("bin", help="model .bin to check (its logits through the C library)")
+    chk.add_argument("checkpoint", help="what it must reproduce: a checkpoint folder (RUN/best, RUN/ckpt), a .pt "
+                                        "of an older version, or a model .bin / .npz")
     args = parser.parse_args(argv)
     try:
         if args.command in ("model", "check") and importlib.util.find_spec("torch") is None:

@@ -254,7 +254,21 @@ def main_eval(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+USAGE = ("usage: python -m arianna_c.lora eval ... (its options: python -m arianna_c.lora eval --help; "
+         "training a module: python -m arianna_c.train module ...)")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`python -m arianna_c.lora`: the eval command; --help (or -h) prints the usage."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:
+        return main_eval(argv[1:])
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
+    print(USAGE, file=sys.stderr)
+    return 1
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] != ["eval"]:
-        sys.exit("usage: python -m arianna_c.lora eval ... (training: python -m arianna_c.train module ...)")
-    sys.exit(main_eval(sys.argv[2:]))
+    sys.exit(main())

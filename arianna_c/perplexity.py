@@ -26,9 +26,10 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 from .errors import AriannaError, ErrorCode
+from .sampling import _count
 
 if TYPE_CHECKING:
     import numpy as np
@@ -73,7 +74,9 @@ class Window:
 
 
 def windows(tokens: Sequence[int], context: int, stride: Optional[int] = None, bos: int = 1) -> list[Window]:
-    """The forward passes of either method over tokens (the text's ids, BOS first)."""
+    """The forward passes of either method over tokens (the text's ids, BOS first); stride
+    None or an int (TypeError for anything else, bool included)."""
+    stride = _count("stride", stride)
     n = len(tokens)
     if stride is None:
         if n < 2 * context:
@@ -133,12 +136,13 @@ def _byte_lengths(model: "Model") -> list[int]:
     return out
 
 
-def evaluate(model: "Model", text: str, context: Optional[int] = None, stride: Optional[int] = None,
+def evaluate(model: "Model", text: Union[str, bytes], context: Optional[int] = None, stride: Optional[int] = None,
              progress: Optional[Callable[[int, int, float], None]] = None) -> Result:
-    """Perplexity of model on text (see the module's description).  ``context``: tokens per
-    window (default: the model's seq_len; at most seq_len).  ``stride``: None for
-    llama-perplexity's chunks, else the sliding window's step.  ``progress(done, total,
-    running_ppl)`` is called after each window."""
+    """Perplexity of model on text (see the module's description): a str, or bytes tokenized
+    as they are, valid UTF-8 or not (as ./run reads a file).  ``context``: tokens per window
+    (default: the model's seq_len; at most seq_len).  ``stride``: None for llama-perplexity's
+    chunks, else the sliding window's step (an int).  ``progress(done, total, running_ppl)``
+    is called after each window."""
     seq_len = model.config.seq_len
     context = seq_len if context is None else context
     if isinstance(context, bool) or not isinstance(context, int) or not 4 <= context <= seq_len:

@@ -17,7 +17,7 @@ from . import paths
 from ._lib import _error_check, ffi, load
 from .errors import AriannaError, ErrorCode
 from .formats import ModelConfig
-from .sampling import SamplingParams, _count, sampling_params
+from .sampling import SamplingParams, _count, _int, sampling_params
 
 if TYPE_CHECKING:  # numpy is imported by the calls that use it: it is most of the import time
     import numpy as np
@@ -45,9 +45,9 @@ def _text_bytes(text: Text, what: str = "text") -> bytes:
 def _token_list(tokens: Any) -> list[int]:
     """Token ids as C ints; TypeError for anything but ints (bool and float are not token
     ids).  Which ids exist is the library's to check."""
-    if isinstance(tokens, (str, *_BUFFERS)):
+    if isinstance(tokens, (str, *_BUFFERS)) or not hasattr(tokens, "__iter__"):
         raise TypeError(f"tokens must be a sequence of ints, not {type(tokens).__name__}")
-    ids = [_count(f"tokens[{i}]", t) for i, t in enumerate(tokens)]
+    ids = [_int(f"tokens[{i}]", t) for i, t in enumerate(tokens)]
     for i, t in enumerate(ids):
         if not -INT_MAX - 1 <= t <= INT_MAX:
             raise AriannaError(f"token {t} (at index {i}) is outside the vocabulary", ErrorCode.RANGE)
@@ -160,7 +160,7 @@ class Model(_Closing):
 
     ``path``: a model file (v0, v1 or int8 v2 layout), or the file's bytes; default: the
     bundled persona.  ``tokenizer``: a tokenizer file (resolved like the CLI's ``-z``), or its
-    bytes; default: ``tok4096.bin`` then ``tokenizer.bin`` next to the model.
+    bytes; default: ``tokenizer.bin``, then ``tok4096.bin`` next to the model.
 
     ``threads``: threads per call (its matrix products and attention); default: all available
     cores.  Results do not depend on it.
@@ -372,7 +372,7 @@ class Model(_Closing):
         top_k, seed (None = random), ignore_eos, min_p, repeat_penalty, repeat_last_n,
         presence_penalty, frequency_penalty, stop, logit_bias.
 
-        Returns the text (a str); with ``logprobs=N`` (N >= 0) a
+        Returns the text (a str); with ``logprobs=N`` (0 <= N <= vocab_size) a
         :class:`arianna_c.session.Completion` instead: the same text, the tokens, the
         finish_reason, and each token's log-probability with the N most likely
         alternatives."""
@@ -583,16 +583,35 @@ def _c_params(lib: Any, p: SamplingParams, threads: int) -> Any:
     """The C ac_session_params for p: the library's defaults, with p's settings over them
     (the sampler's own settings are the fields of SamplingParams that ac_sampler_params has)."""
     c = ffi.new("ac_session_params *", lib.ac_session_default_params())
+    changed = {}  # the settings a C type holds only approximately (a clamped int, a float32)
     for name, c_type in SAMPLER_FIELDS.items():
         value = getattr(p, name)
         if value is not None:
             setattr(c.sampler, name, _c_int(name, value) if c_type == "int" else value)
+            if getattr(c.sampler, name) != value:
+                changed[name] = value
     if p.max_new_tokens is not None:
         c.max_new_tokens = _c_int("max_new_tokens", p.max_new_tokens)
     if p.ignore_eos is not None:
         c.ignore_eos = int(p.ignore_eos)
     c.n_threads = threads
+    if changed:
+        _check_as_given(lib, c, changed)
     return c
+
+
+def _check_as_given(lib: Any, c: Any, given: dict[str, Any]) -> None:
+    """The library's check of c, whose settings in given are not exactly what the caller gave
+    (2**70 is INT_MAX in C, 1e39 a float inf): a refusal of one of them names the value as
+    given, with the library's rule (as the CLI names the value as typed)."""
+    try:
+        _error_check(lib.ac_session_check_params(c))
+    except AriannaError as e:
+        what, _, rule = str(e).partition(" is invalid: ")
+        name = what.split(" ")[0]
+        if not rule or name not in given:
+            raise
+        raise AriannaError(f"{name} {given[name]} is invalid: {rule}", e.code) from None
 
 
 # The settings SamplingParams shares with the C sampler, and their C types.
@@ -681,4 +700,5 @@ def generate(prompt: Text = "", max_new_tokens: Optional[int] = None, *,
 def stream(prompt: Text = "", max_new_tokens: Optional[int] = None, *,
            params: Optional[SamplingParams] = None, **settings: Any) -> Iterator[str]:
     """Model.stream on the bundled persona."""
-    return default_model().stream(prompt, params=_settings(params, max_new_tokens, settings))
+    p = _settings(params, max_new_tokens, _no_logprobs(settings, "stream"))
+    return default_model().stream(prompt, params=p)

@@ -16,16 +16,19 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 from .errors import AriannaError, ErrorCode
 
 
-def _count(name: str, value: Any) -> Optional[int]:
-    """An int setting (bool is not a count)."""
-    if value is None:
-        return None
+def _int(name: str, value: Any) -> int:
+    """An int argument: an int or any integer type (NumPy's), but not bool."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int, not bool")
     try:
         return operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
+
+
+def _count(name: str, value: Any) -> Optional[int]:
+    """An int setting (None: not set)."""
+    return None if value is None else _int(name, value)
 
 
 def _real(name: str, value: Any) -> Optional[float]:

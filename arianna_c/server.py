@@ -37,7 +37,7 @@ from ._lib import ffi
 from .cli import DEFAULT_HOST, DEFAULT_PARALLEL, DEFAULT_PORT, DEFAULT_QUEUE
 from .errors import AriannaError
 from .runtime import _c_generation
-from .sampling import SamplingParams
+from .sampling import NAMES as SAMPLING_NAMES, SamplingParams
 from .session import Completion, Generation, Session, Slots, TokenLogprob, chat_prompt, with_stops
 from .session import chat_template as session_chat_template
 
@@ -48,9 +48,7 @@ try:
 except ImportError as e:  # pragma: no cover - the message is the point
     raise ImportError("the server needs the 'server' extra: pip install 'arianna_c[server]'") from e
 
-# The library's limits (src/run.h, read from the cffi declarations): stop strings one
-# generation holds, chat template's included, and the seed that means "a random one".
-AC_MAX_STOPS = ffi.integer_const("AC_MAX_STOPS")
+# The seed that means "a random one" (src/run.h, read from the cffi declarations).
 AC_SEED_RANDOM = ffi.integer_const("AC_SEED_RANDOM")
 # OpenAI's limits on alternatives per token (completions / chat)
 MAX_COMPLETION_LOGPROBS = 5
@@ -458,19 +456,11 @@ def _choice(body: _Body, max_tokens: Optional[int], logprobs: Optional[int], ind
             repeat_last_n=body.repeat_last_n, presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty, stop=stop, logit_bias=bias)
     except (TypeError, AriannaError) as e:
-        raise APIError(400, str(e)) from None
-    _check_stop_count(params, template_stops)
-    return (with_stops(params, template_stops) if template_stops else params), logprobs
-
-
-def _check_stop_count(params: SamplingParams, template_stops: tuple[str, ...]) -> None:
-    """The library holds at most AC_MAX_STOPS stop strings per generation, the chat
-    template's among them."""
-    added = len([s for s in dict.fromkeys(template_stops) if s and s not in params.stop])
-    if len(params.stop) + added > AC_MAX_STOPS:
-        of_template = f", less the chat template's {added}" if added else ""
-        raise APIError(400, f"stop has {len(params.stop)} strings; at most {AC_MAX_STOPS - added} (the library's "
-                            f"AC_MAX_STOPS, {AC_MAX_STOPS} per generation{of_template})", param="stop")
+        raise _settings_error(e) from None
+    try:
+        return with_stops(params, template_stops), logprobs
+    except AriannaError as e:  # more stop strings than the library holds
+        raise APIError(400, str(e), param="stop") from None
 
 
 def _check_settings(model: Any, choice: Choice) -> None:
@@ -479,9 +469,30 @@ def _check_settings(model: Any, choice: Choice) -> None:
     try:
         _c_generation(model, params)
     except AriannaError as e:
-        message = str(e)
-        param = "logit_bias" if "logit bias" in message else "stop" if "stop string" in message else None
-        raise APIError(400, message, param=param) from None
+        raise _settings_error(e) from None
+
+
+# A refused setting's field in a request, by how the message that refuses it starts:
+# SamplingParams' and the library's messages start with the setting's name, the library's
+# in words for these two.
+_SETTING_FIELDS = {**{name: name for name in SAMPLING_NAMES if name in _Body.model_fields},
+                   "logit bias": "logit_bias", "stop string": "stop"}
+
+
+def _settings_error(e: Exception) -> APIError:
+    """A 400 for settings SamplingParams or the library refused, naming the field when the
+    message does."""
+    message = str(e)
+    param = next((name for words, name in _SETTING_FIELDS.items() if message.startswith(words)), None)
+    return APIError(400, message, param=param)
+
+
+def _request_template(name: str) -> chat_templates.Template:
+    """The chat template a request's chat_template names."""
+    try:
+        return chat_templates.get_template(name)
+    except ValueError as e:
+        raise APIError(400, str(e), param="chat_template") from None
 
 
 def create_app(model: Union[Any, Instance, Sequence[Instance]], model_name: str = "arianna_c",
@@ -716,14 +727,14 @@ def create_app(model: Union[Any, Instance, Sequence[Instance]], model_name: str 
                     "top_logprobs": [{a[1]: a[3] for a in t.top} for t in items], "text_offset": offsets}
 
         if body.stream:
-            offsets = [len(echo)] * body.n
+            offsets = [len(echo)] * body.n  # where each choice's next token starts, as in the whole answer
 
             def chunk(index, text, items, finish, usage_=None):
                 base = header(rid, "text_completion", instance.name)
                 if index is None:
                     return dict(base, choices=[], usage=usage_)
                 lp = logprobs_of(items, offsets[index])
-                offsets[index] += len(text)
+                offsets[index] += sum(len(t.text) for t in items)
                 return dict(base, choices=[{"text": text, "index": index, "logprobs": lp, "finish_reason": finish}])
 
             first = (lambda index: chunk(index, echo, [], None)) if echo else None
@@ -742,8 +753,8 @@ def create_app(model: Union[Any, Instance, Sequence[Instance]], model_name: str 
         instance = pick(body)
         model, seq_len, template = instance.model, instance.seq_len, instance.template
         check_n(body)
+        tmpl = _request_template(body.chat_template) if body.chat_template else template
         try:
-            tmpl = chat_templates.get_template(body.chat_template) if body.chat_template else template
             tokens = chat_prompt(model, [m.model_dump() for m in body.messages], tmpl)
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e), param="messages") from None

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 from . import chat
 from ._lib import _error_check, ffi
 from .errors import AriannaError, ErrorCode
-from .runtime import _c_generation, _c_params, _Closing
-from .sampling import SamplingParams, _count, sampling_params
+from .runtime import _c_generation, _c_params, _Closing, _text_bytes, _token_list
+from .sampling import SamplingParams, _count, _int, sampling_params
 
 if TYPE_CHECKING:
     from . import Model
@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 __all__ = ["Chat", "Completion", "Generation", "Session", "Slots", "TokenLogprob", "chat_completion"]
 
 Text = Union[str, bytes]
+
+# The stop strings one generation holds (src/run.h), a chat template's among them.
+AC_MAX_STOPS = ffi.integer_const("AC_MAX_STOPS")
 
 # ---------------------------------------------------------------------------- KV caches
 
@@ -154,8 +157,15 @@ FINISH_REASONS = {"AC_STOP_END": "stop", "AC_STOP_STRING": "stop", "AC_STOP_LENG
 
 def with_stops(params: SamplingParams, extra: Sequence[str]) -> SamplingParams:
     """params with the stop strings in extra added (e.g. where a chat template's next turn
-    starts)."""
-    return sampling_params(params, {"stop": params.stop + tuple(extra)})
+    starts).  AriannaError (AC_ERR_ARG) when they are more than the library's AC_MAX_STOPS,
+    saying how many the caller may give."""
+    combined = sampling_params(params, {"stop": params.stop + tuple(extra)})
+    added = len(combined.stop) - len(params.stop)
+    if len(combined.stop) > AC_MAX_STOPS:
+        of_template = f", less the chat template's {added}" if added else ""
+        raise AriannaError(f"stop has {len(params.stop)} strings; at most {AC_MAX_STOPS - added} (the library's "
+                           f"AC_MAX_STOPS, {AC_MAX_STOPS} per generation{of_template})", ErrorCode.ARG)
+    return combined
 
 
 class Generation:
@@ -165,21 +175,19 @@ class Generation:
     step's logits with :meth:`step`, which samples the next token and returns it while the
     generation goes on.  Final text comes out of :meth:`take_text` as it is produced.
 
-    ``logprobs``: None, or report each token's log-probability with that many alternatives."""
+    ``logprobs``: None, or report each token's log-probability with that many alternatives
+    (0..vocab_size; more is an AriannaError before anything runs)."""
 
     def __init__(self, session: "Session", params: SamplingParams, logprobs: Optional[int] = None) -> None:
         lib = session.lib
         self.session, self.params, self.lib = session, params, lib
-        n_top = _count("logprobs", logprobs)
-        if n_top is not None and n_top < 0:
-            raise AriannaError(f"logprobs {n_top} is invalid: it must be >= 0 (None = off)", ErrorCode.ARG)
-        self.n_top = n_top
+        self.n_top = _logprobs_count(logprobs, session.vocab_size)
         self._gen = _c_generation(session.model, params)
         context = ffi.new("int[]", session.tokens)
         _error_check(lib.ac_generation_begin(self._gen, context, len(session.tokens)))
         self.prompt_tokens = session.position
         self.tokens: list[int] = []
-        self.logprobs: Optional[list[TokenLogprob]] = [] if n_top is not None else None
+        self.logprobs: Optional[list[TokenLogprob]] = [] if self.n_top is not None else None
         self.finish_reason: Optional[str] = None
         self._reasons = {getattr(lib, name): reason for name, reason in FINISH_REASONS.items()}
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
@@ -247,10 +255,32 @@ class Generation:
         return TokenLogprob(token, piece.decode("utf-8", "replace"), piece, lp[0], top)
 
 
+def _logprobs_count(logprobs: Any, vocab_size: int) -> Optional[int]:
+    """How many alternatives each token's log-probability comes with: None (none asked for)
+    or 0..vocab_size."""
+    n = _count("logprobs", logprobs)
+    if n is not None and not 0 <= n <= vocab_size:
+        raise AriannaError(f"logprobs {n} is invalid: it must be in 0..{vocab_size} (the vocabulary's size; "
+                           "None = off)", ErrorCode.ARG)
+    return n
+
+
 # ---------------------------------------------------------------------------- session
 
 
-class Session(_Closing):
+class _Open(_Closing):
+    """A _Closing with ``closed``: once it is closed, every method but close() raises
+    ValueError ("the session is closed", "the chat is closed"), as a Model's do."""
+
+    kind: str
+    closed: bool
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError(f"the {self.kind} is closed")
+
+
+class Session(_Open):
     """A context kept in a KV cache between calls.
 
     ``feed(text)`` appends text (BOS first when the context is empty), ``generate(...)``
@@ -262,8 +292,11 @@ class Session(_Closing):
     A Session owns one sequence of ``slots`` (a batch of one of its own by default) and is
     meant for one thread at a time.  ``position``: tokens in the context; it never exceeds
     the model's seq_len (feeding more raises AriannaError AC_ERR_RANGE; a generation stops
-    with finish_reason "length" when the context is full).
+    with finish_reason "length" when the context is full).  After close(), every method
+    raises ValueError.
     """
+
+    kind = "session"
 
     def __init__(self, model: "Model", slots: Optional[Slots] = None) -> None:
         self.model = model
@@ -284,19 +317,26 @@ class Session(_Closing):
     # ------------------------------------------------------------ context
 
     @property
+    def closed(self) -> bool:
+        return getattr(self, "slots", None) is None
+
+    @property
     def position(self) -> int:
         """Tokens in the context."""
+        self._check_open()
         return len(self.tokens)
 
     def feed(self, text: Text, bos: Optional[bool] = None) -> int:
         """Appends text's tokens (BOS first if bos, by default when the context is empty);
         returns how many.  AriannaError (AC_ERR_RANGE) if they do not fit."""
+        self._check_open()
         if bos is None:
             bos = not self.tokens
         return self.feed_tokens(self.model.encode(text, bos=bos, eos=False))
 
     def feed_tokens(self, tokens: Sequence[int]) -> int:
-        ids = [_token_id(t, self.vocab_size) for t in tokens]
+        self._check_open()
+        ids = _token_ids(tokens, self.vocab_size)
         if len(self.tokens) + len(ids) > self.seq_len:
             raise AriannaError(f"{len(ids)} tokens do not fit: {len(self.tokens)} of the model's seq_len "
                                f"{self.seq_len} are in use", ErrorCode.RANGE)
@@ -305,18 +345,22 @@ class Session(_Closing):
 
     def rewind(self, n: int) -> None:
         """Forgets the last n tokens of the context (the cache keeps the rest)."""
-        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= len(self.tokens):
-            raise AriannaError(f"rewind {n!r} is invalid: it must be an int in 0..{len(self.tokens)}", ErrorCode.ARG)
+        self._check_open()
+        n = _int("n", n)
+        if not 0 <= n <= len(self.tokens):
+            raise AriannaError(f"rewind {n} is invalid: it must be in 0..{len(self.tokens)}", ErrorCode.ARG)
         self._truncate(len(self.tokens) - n)
 
     def reset(self) -> None:
         """Empties the context."""
+        self._check_open()
         self._truncate(0)
 
     def sync(self, tokens: Sequence[int]) -> int:
         """Makes the context exactly tokens, keeping the cached part it shares with them;
         returns the number of tokens kept (not to be run again)."""
-        ids = [_token_id(t, self.vocab_size) for t in tokens]
+        self._check_open()
+        ids = _token_ids(tokens, self.vocab_size)
         if len(ids) > self.seq_len:
             raise AriannaError(f"{len(ids)} tokens exceed the model's seq_len {self.seq_len}", ErrorCode.RANGE)
         common = 0
@@ -332,7 +376,8 @@ class Session(_Closing):
         """Context shift: keeps the first keep tokens, drops the drop tokens after them and
         moves the rest down; the moved tokens are run again by the next generation (their
         positions changed)."""
-        n = len(self.tokens)
+        self._check_open()
+        keep, drop, n = _int("keep", keep), _int("drop", drop), len(self.tokens)
         if not (0 <= keep <= n and 0 <= drop <= n - keep):
             raise AriannaError(f"shift(keep={keep}, drop={drop}) is invalid for a context of {n} tokens",
                                ErrorCode.ARG)
@@ -351,12 +396,14 @@ class Session(_Closing):
 
     def piece(self, prev: int, token: int) -> bytes:
         """The bytes token adds to the text after prev (the library's ac_decode_piece)."""
+        self._check_open()
         _error_check(self.lib.ac_decode_piece(self._tokenizer, prev, token, self._piece, self._size))
         return ffi.unpack(self._piece[0], self._size[0])
 
     @property
     def text(self) -> str:
         """The context as text (special tokens give none)."""
+        self._check_open()
         return self.model.decode(self.tokens)
 
     # ------------------------------------------------------------ generation
@@ -365,6 +412,7 @@ class Session(_Closing):
               **settings: Any) -> Generation:
         """A Generation continuing the context (an empty context starts from BOS).  settings:
         those of SamplingParams (stop and logit_bias included); logprobs: see Generation."""
+        self._check_open()
         params = sampling_params(params, settings)
         started_empty = not self.tokens
         if started_empty:
@@ -379,6 +427,7 @@ class Session(_Closing):
     def first_logits(self) -> Any:
         """Runs the tokens not yet in the cache (the last one at least, so its logits are
         fresh) in one prefill; returns the logits after the last token."""
+        self._check_open()
         if self._n_run >= len(self.tokens):
             self._n_run = len(self.tokens) - 1
         logits = self.slots.prefill(self.seq, self.tokens[self._n_run:], self._n_run)
@@ -387,12 +436,14 @@ class Session(_Closing):
 
     def advance(self, token: int) -> tuple[int, int, int]:
         """The decode row that runs token (just appended by a Generation) into the cache."""
+        self._check_open()
         pos = self._n_run
         self._n_run += 1
         return (self.seq, token, pos)
 
     def run(self, generation: Generation) -> Iterator[str]:
         """Drives generation alone, one decode step per token; yields final text."""
+        self._check_open()
         if generation.done:
             text = generation.take_text()
             if text:
@@ -443,12 +494,14 @@ class Session(_Closing):
             slots.release(self.seq)
 
 
-def _token_id(value: Any, vocab_size: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"a token id must be an int, not {type(value).__name__}")
-    if not 0 <= value < vocab_size:
-        raise AriannaError(f"token {value} is outside the vocabulary [0, {vocab_size})", ErrorCode.RANGE)
-    return value
+def _token_ids(tokens: Any, vocab_size: int) -> list[int]:
+    """tokens as Model.decode takes them (TypeError otherwise), each one in the vocabulary."""
+    ids = _token_list(tokens)
+    for i, t in enumerate(ids):
+        if not 0 <= t < vocab_size:
+            raise AriannaError(f"token {t} (at index {i}) is outside the vocabulary [0, {vocab_size})",
+                               ErrorCode.RANGE)
+    return ids
 
 
 # ---------------------------------------------------------------------------- chat
@@ -488,7 +541,7 @@ def chat_prompt(model: "Model", messages: Sequence[chat.Message], template: chat
     return list(out[0:n[0]])
 
 
-class Chat(_Closing):
+class Chat(_Open):
     """A conversation that keeps its session, by the library's rules (ac_conversation, those
     of ./run -m chat): each turn renders the whole conversation with the template, keeps the
     cached tokens it shares with the context (so only the new turn is run through the model),
@@ -500,7 +553,9 @@ class Chat(_Closing):
     stays).  The turn and its reply join ``messages`` when the reply ends, and the exchanges
     left out leave it then.  A single turn too long for the
     context raises AriannaError (AC_ERR_RANGE) saying how many tokens it has and how many
-    fit; the conversation stays as it was."""
+    fit; the conversation stays as it was.  After close(), every method raises ValueError."""
+
+    kind = "chat"
 
     def __init__(self, model: "Model", template: Optional[str] = None, system: Optional[str] = None,
                  session: Optional[Session] = None) -> None:
@@ -527,12 +582,17 @@ class Chat(_Closing):
         self._text, self._size = ffi.new("const char **"), ffi.new("size_t *")
 
     @property
+    def closed(self) -> bool:
+        return getattr(self, "_c", ffi.NULL) == ffi.NULL
+
+    @property
     def messages(self) -> list[dict]:
         """The conversation so far: [{"role", "content"}, ...], the system prompt first."""
+        self._check_open()
         out = []
         for i in range(self.lib.ac_conversation_n_messages(self._c)):
             m = self.lib.ac_conversation_message(self._c, i)
-            content = ffi.unpack(m.content, m.content_len).decode()
+            content = ffi.unpack(m.content, m.content_len).decode("utf-8", "surrogatepass")
             out.append({"role": ffi.string(m.role).decode(), "content": content})
         return out
 
@@ -540,6 +600,7 @@ class Chat(_Closing):
                **settings: Any) -> Iterator[str]:
         """Sends the user's text; yields the reply as it is produced.  ``last`` then holds the
         Completion (its text is the reply)."""
+        self._check_open()
         # a reply ends where a next turn would start
         params = with_stops(sampling_params(params, settings), self.template.stop)
         data = _utf8("text", text)
@@ -587,9 +648,10 @@ class Chat(_Closing):
 
 
 def _utf8(name: str, text: Any) -> bytes:
+    """A str argument's bytes, encoded as prompts are (lone surrogates as their 3-byte forms)."""
     if not isinstance(text, str):
         raise TypeError(f"{name} must be a str, not {type(text).__name__}")
-    return text.encode("utf-8")
+    return _text_bytes(text)
 
 
 def chat_completion(model: "Model", messages: Sequence[chat.Message], template: Optional[str] = None,

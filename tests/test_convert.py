@@ -513,6 +513,28 @@ def test_gguf_f16_imports_as_float16_values(built, make_model, tmp_path, capsys)
         assert np.array_equal(got[key], expect), key
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # gguf writing 1e6 as F16
+def test_gguf_f16_is_checked_against_float16_rounding(built, make_model, tmp_path, capsys):
+    """F16 has no blocks: a model of dim 10 exports, checked within half a float16 step of each
+    value (not Q8_0's bound); a value past float16's range (inf once written) is refused."""
+    src = make_model(seed=15, dim=10, hidden_dim=20, n_layers=1, n_heads=1, n_kv_heads=1)
+    out = tmp_path / "odd.gguf"
+    rc, _, err = run_convert(capsys, "to-gguf", src.model, out, "--tokenizer", src.tokenizer, "--type", "f16")
+    assert rc == 0, err
+    assert "matrices within float16's rounding" in err and "Q8_0" not in err
+    back = gguf_io.read_gguf(out)
+    for key, want in src.weights.items():
+        expect = want if key.startswith("rms") else want.astype(np.float16).astype(np.float32)
+        assert np.array_equal(back.weights[key], expect), key
+    weights = {name: array.copy() for name, array in src.weights.items()}
+    weights["wq"][0, 0, 0] = 1e6
+    big = make_model(weights=weights, dim=10, hidden_dim=20, n_layers=1, n_heads=1, n_kv_heads=1)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    assert_refused(capsys, folder, "to-gguf", big.model, folder / "big.gguf", "--tokenizer", big.tokenizer,
+                   "--type", "f16", says=["moved wq past float16's rounding", "nothing was written"])
+
+
 def write_custom_gguf(path: Path, src, arch: str = "llama", matrix_type: str = "F32",
                       **changed) -> Path:
     """A GGUF written with the gguf package directly: another architecture name or tensor type

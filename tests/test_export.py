@@ -143,6 +143,50 @@ def test_export_refuses_a_mismatch(built, tmp_path, monkeypatch):
         export.verify_bin(out, model)
 
 
+def test_a_failed_check_keeps_the_file_already_there(built, tmp_path, monkeypatch):
+    """The new file is checked before it replaces OUT: a failure leaves OUT as it was, and no
+    OUT.tmp."""
+    hp.need_torch()
+    from arianna_c import export
+
+    model = random_torch_model(True, 2, seed=4)
+    out = tmp_path / "m.bin"
+    export.export_bin(model, out)
+    before = out.read_bytes()
+    real = export.c_logits
+    monkeypatch.setattr(export, "c_logits", lambda path, tokens: real(path, tokens) + 1e-3)
+    with pytest.raises(export.ExportError, match=f"{out} was not written: .*differ"):
+        export.export_bin(model, out, version=1)
+    assert out.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["m.bin"]
+
+
+def test_export_refuses_a_folder_as_output(tmp_path, capsys):
+    hp.need_torch()
+    from arianna_c import export
+
+    model = random_torch_model(True, 2, seed=4)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    for write in (export.export_bin, export.export_npz):
+        with pytest.raises(ValueError, match=f"output {folder} is a folder: name the file to write"):
+            write(model, folder)
+    source = tmp_path / "m.bin"
+    export.export_bin(model, source, verify=False)
+    assert "is a folder" in export_error(capsys, "model", source, folder)
+    assert sorted(os.listdir(tmp_path)) == ["m.bin", "out"] and not os.listdir(folder)
+
+
+def test_check_help_describes_its_arguments(capsys):
+    from arianna_c.export import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["check", "--help"])
+    assert e.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "bin model .bin to check" in shown and "checkpoint what it must reproduce" in shown
+
+
 def test_export_without_the_c_library(tmp_path, monkeypatch):
     """No loadable C library: a clear error and no file; verify=False still exports."""
     hp.need_torch()

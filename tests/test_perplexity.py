@@ -92,6 +92,27 @@ def test_bad_arguments(model):
         evaluate(model, "too short", context=32)
 
 
+@pytest.mark.parametrize("stride", [1.5, True, "8"])
+def test_stride_must_be_an_int(model, stride):
+    with pytest.raises(TypeError, match=f"stride must be an int, not {type(stride).__name__}"):
+        evaluate(model, TEXT, context=32, stride=stride)
+    with pytest.raises(TypeError, match="stride must be an int"):
+        windows(list(range(100)), 32, stride)
+
+
+def test_cli_scores_the_files_bytes(make_model, tmp_path, built):
+    """Bytes that are not UTF-8 are scored as the byte pieces ./run's tokenizer makes of them."""
+    files = make_model(seed=2, seq_len=64)
+    data = TEXT.encode() + b"\x80\xff bytes \xc3( " * 8
+    text_file = tmp_path / "bytes.txt"
+    text_file.write_bytes(data)
+    run = subprocess.run([sys.executable, "-m", "arianna_c.cli", "perplexity", str(files.model), str(text_file),
+                          "-c", "32"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert run.returncode == 0, run.stderr
+    with Model(files.model) as m:
+        assert str(evaluate(m, data, context=32)) in run.stdout
+
+
 def test_cli_prints_the_running_and_final_estimate(model, make_model, tmp_path, built):
     files = make_model(seed=2, seq_len=64)
     text_file = tmp_path / "text.txt"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -287,6 +288,17 @@ def test_wrong_setting_types_are_type_errors(make_model, built, kwargs, needle):
         arianna_c.stream("x", **kwargs)  # checked before the bundled persona is loaded
 
 
+def test_module_stream_refuses_logprobs_as_model_stream_does(make_model, built):
+    files = make_model()
+    with Model(files.model, files.tokenizer) as m:
+        with pytest.raises(TypeError) as info:
+            m.stream("x", logprobs=1)
+    needle = re.escape(str(info.value))
+    assert "returns text only" in str(info.value)
+    with pytest.raises(TypeError, match=needle):
+        arianna_c.stream("x", logprobs=1)  # before the bundled persona is loaded
+
+
 def test_wrong_argument_types_are_type_errors(make_model, built):
     files = make_model()
     with pytest.raises(TypeError, match="threads must be an int, not bool"):
@@ -300,6 +312,13 @@ def test_wrong_argument_types_are_type_errors(make_model, built):
                             ([1, True], r"tokens\[1\] must be an int, not bool"),
                             (["a"], r"tokens\[0\] must be an int, not str"),
                             ("abc", "tokens must be a sequence of ints, not str")):
+            with pytest.raises(TypeError, match=needle):
+                m.logits(bad)
+            with pytest.raises(TypeError, match=needle):
+                m.decode(bad)
+        for bad, needle in ((None, "tokens must be a sequence of ints, not NoneType"),
+                            (5, "tokens must be a sequence of ints, not int"),
+                            ([1, None], r"tokens\[1\] must be an int, not NoneType")):
             with pytest.raises(TypeError, match=needle):
                 m.logits(bad)
             with pytest.raises(TypeError, match=needle):
@@ -326,16 +345,23 @@ def test_wrong_argument_types_are_type_errors(make_model, built):
         ({"seed": -1}, "seed -1 is invalid"),
         ({"seed": 2**64}, "seed"),
         ({"max_new_tokens": -1}, "max_new_tokens -1 is invalid"),
+        # the value as given, not as a C int or float holds it
+        ({"repeat_last_n": 2**70}, "repeat_last_n 1180591620717411303424 is invalid: it must be in 0.."),
+        ({"top_p": 1e39}, "top_p 1e+39 is invalid: it must be in (0, 1]"),
+        ({"top_p": 1e-46}, "top_p 1e-46 is invalid: it must be in (0, 1]"),
+        ({"min_p": 1.1}, "min_p 1.1 is invalid: it must be in [0, 1]"),
     ],
 )
 def test_bad_generation_arguments(make_model, built, kwargs, needle):
     files = make_model()
     with Model(files.model, files.tokenizer) as m:
-        with pytest.raises(AriannaError, match=needle.replace("(", r"\(")) as info:
+        with pytest.raises(AriannaError, match=re.escape(needle)) as info:
             m.generate("x", **kwargs)
         assert isinstance(info.value, ValueError) and info.value.code is ErrorCode.ARG
-        with pytest.raises(AriannaError, match=needle.replace("(", r"\(")):
-            m.generate_batch(["x"], **kwargs)
+        for call in (lambda: m.generate_batch(["x"], **kwargs), lambda: m.stream("x", **kwargs),
+                     lambda: m.generate("x", logprobs=1, **kwargs)):
+            with pytest.raises(AriannaError, match=re.escape(needle)):
+                call()
 
 
 # ---------------------------------------------------------------------------- files
@@ -403,6 +429,12 @@ def test_allocation_failure_is_memory_error(make_model, built):
     cfg = files.cfg
     kv_floats = 2 * cfg.n_layers * cfg.seq_len * cfg.n_kv_heads * (cfg.dim // cfg.n_heads)
     assert r.stdout == f"MemoryError: out of memory for the state (KV cache of {kv_floats} floats)\n"
+
+
+def test_model_docstring_gives_the_librarys_tokenizer_order(built):
+    names = re.findall(r"[\w.]+\.bin", paths.tokenizer_lookup_text())
+    assert names == ["tokenizer.bin", "tok4096.bin"]
+    assert f"default: ``{names[0]}``, then ``{names[1]}`` next to the model" in " ".join(Model.__doc__.split())
 
 
 def test_tokenizer_resolution_like_cli(make_model, built):

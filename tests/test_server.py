@@ -245,9 +245,16 @@ def test_sampling_settings_reach_the_sampler(url, tiny):
     (json.dumps({"prompt": "x", "stop": [1]}).encode(), "stop"),
     (json.dumps({"prompt": "x", "logprobs": 6}).encode(), "logprobs"),
     (json.dumps({"prompt": "x", "logit_bias": {"abc": 1}}).encode(), "logit_bias"),
-    (json.dumps({"prompt": "x", "logit_bias": {"999999": 1}}).encode(), None),
-    (json.dumps({"prompt": "x", "top_p": 0}).encode(), None),
-    (json.dumps({"prompt": "x", "min_p": 2}).encode(), None),
+    (json.dumps({"prompt": "x", "logit_bias": {"999999": 1}}).encode(), "logit_bias"),
+    (json.dumps({"prompt": "x", "logit_bias": {str(2**40): 1}}).encode(), "logit_bias"),
+    (json.dumps({"prompt": "x", "top_p": 0}).encode(), "top_p"),
+    (json.dumps({"prompt": "x", "top_p": 2}).encode(), "top_p"),
+    (json.dumps({"prompt": "x", "top_k": -1}).encode(), "top_k"),
+    (json.dumps({"prompt": "x", "min_p": 2}).encode(), "min_p"),
+    (json.dumps({"prompt": "x", "repeat_penalty": -1.0}).encode(), "repeat_penalty"),
+    (json.dumps({"prompt": "x", "repeat_last_n": 2**80}).encode(), "repeat_last_n"),
+    (json.dumps({"prompt": "x", "presence_penalty": float("inf")}).encode(), "presence_penalty"),
+    (json.dumps({"prompt": "x", "frequency_penalty": float("nan")}).encode(), "frequency_penalty"),
     (json.dumps({"prompt": "the " * 200}).encode(), "prompt"),
     (json.dumps({"prompt": [1, 2, 99999]}).encode(), "prompt"),
 ])
@@ -257,7 +264,7 @@ def test_bad_completion_requests_are_400_with_an_openai_error(url, body, param):
     assert set(data["error"]) >= {"message", "type", "param", "code"} and data["error"]["message"]
     assert data["error"]["type"] == "invalid_request_error"
     if param is not None:
-        assert data["error"]["param"] is not None and data["error"]["param"].startswith(param)
+        assert data["error"]["param"] is not None and data["error"]["param"].startswith(param), data
 
 
 @pytest.mark.parametrize("body", [
@@ -273,6 +280,13 @@ def test_bad_completion_requests_are_400_with_an_openai_error(url, body, param):
 def test_bad_chat_requests_are_400(url, body):
     status, data = post(url, "/v1/chat/completions", json.dumps(body).encode())
     assert status == 400 and data["error"]["message"], data
+
+
+def test_a_bad_chat_template_is_named(url):
+    body = {"messages": [{"role": "user", "content": "x"}], "chat_template": "zephyr"}
+    status, data = post(url, "/v1/chat/completions", json.dumps(body).encode())
+    assert status == 400 and data["error"]["param"] == "chat_template", data
+    assert "zephyr" in data["error"]["message"] and "chatml" in data["error"]["message"]
 
 
 def test_the_openai_client_sees_errors(url):
@@ -553,6 +567,8 @@ def test_parallel_and_queue_are_checked_when_the_app_is_made(tiny):
     (["--instance", "a=", "--instance", "a={dir}/dialogue.bin"], 1, ["--instance:", "'a' is given 2 times"]),
     (["--parallel", "0"], 1, ["parallel 0"]),
     (["--queue", "0"], 1, ["queue size 0"]),
+    (["--port", "99999"], 2, ["--port", "port 99999 is invalid", "0..65535"]),
+    (["--port", "-1"], 2, ["--port", "port -1 is invalid", "0..65535"]),
 ])
 def test_bad_serve_arguments_are_named(served_folder, built, capsys, args, rc, words):
     """Each is refused before the server listens (so main returns, or argparse exits)."""
@@ -670,6 +686,38 @@ def test_chat_page_streams_a_reply_from_the_chosen_model(multi_url, dialogue, ti
     messages = [{"role": "user", "content": "What is the river?"}]
     assert text == chat_completion(dialogue, messages, **settings).text and text
     assert text != chat_completion(tiny, messages, **settings).text  # the choice reached the server
+
+
+def stream_events(url: str, path: str, body: dict) -> list[dict]:
+    """The JSON events of a streamed answer (without the closing [DONE])."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT)
+    conn.request("POST", path, body=json.dumps(dict(body, stream=True)), headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    events = [e for e in r.read().decode().split("\n\n") if e]
+    conn.close()
+    assert r.status == 200 and events[-1] == "data: [DONE]", events
+    return [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+
+
+@pytest.mark.parametrize("echo", [True, False])
+def test_streamed_logprobs_have_the_offsets_of_the_whole_answer(url, echo):
+    body = {"prompt": "the river", "max_tokens": 8, "seed": 4, "logprobs": 1, "echo": echo, "n": 2}
+    status, whole = post(url, "/v1/completions", json.dumps(body).encode())
+    assert status == 200, whole
+    for choice in whole["choices"]:
+        offsets, tokens, text = [], [], ""
+        for event in stream_events(url, "/v1/completions", body):
+            for part in event["choices"]:
+                if part["index"] == choice["index"]:
+                    text += part["text"]
+                    if part["logprobs"]:
+                        offsets += part["logprobs"]["text_offset"]
+                        tokens += part["logprobs"]["tokens"]
+        assert text == choice["text"]
+        assert tokens == choice["logprobs"]["tokens"]
+        assert offsets == choice["logprobs"]["text_offset"]
+        assert offsets[0] == (len("the river") if echo else 0)
 
 
 def test_echo_empty_prompts_and_a_huge_body(url, tiny):

@@ -4,12 +4,15 @@ log-probabilities, and the C sampler's min-p, penalties and logit bias (ac_sampl
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
 
-from arianna_c import AriannaError, Model
+from arianna_c import AriannaError, ErrorCode, Model, chat
+from arianna_c.session import Chat
 import capi
+import helpers_parity as hp
 from conftest import byte_id, piece_id
 
 SEEDS = (1, 7, 123456789)
@@ -193,6 +196,122 @@ def test_bad_settings_raise_before_generating(model):
         with pytest.raises(AriannaError, match="outside the vocabulary"):
             s.generate(logit_bias={10**6: 1.0})
         assert s.position == 0
+
+
+def test_every_method_of_a_closed_session_or_chat_raises(model):
+    s = model.session()
+    s.feed("abc")
+    s.close()
+    calls = {
+        "feed": lambda: s.feed("d"), "feed_tokens": lambda: s.feed_tokens([5]), "rewind": lambda: s.rewind(0),
+        "reset": s.reset, "sync": lambda: s.sync([1]), "shift": lambda: s.shift(0, 0),
+        "piece": lambda: s.piece(1, 5), "text": lambda: s.text, "position": lambda: s.position,
+        "start": s.start, "first_logits": s.first_logits, "advance": lambda: s.advance(5),
+        "generate": lambda: s.generate(max_new_tokens=2), "stream": lambda: list(s.stream(max_new_tokens=2)),
+    }
+    for call in calls.values():
+        with pytest.raises(ValueError, match="the session is closed"):
+            call()
+    assert s.closed and s.tokens == model.encode("abc")  # nothing was appended
+    c = Chat(model)
+    c.say("hi", max_new_tokens=2, seed=1)
+    c.close()
+    c.close()  # idempotent
+    for call in (lambda: c.messages, lambda: c.say("hi"), lambda: list(c.stream("hi"))):
+        with pytest.raises(ValueError, match="the chat is closed"):
+            call()
+    assert c.closed and c.session.closed
+
+
+def test_session_arguments_are_checked_like_the_models(model):
+    """NumPy ints are token ids and counts, as in Model.logits/decode; anything else that is
+    not an int is a TypeError naming the argument."""
+    ids = model.encode("the river")
+    with model.session() as s:
+        assert s.feed_tokens(np.array(ids)) == len(ids) and s.tokens == ids
+        assert s.sync(np.array(ids[:3], dtype=np.int16)) == 3
+        s.shift(np.int64(1), np.int32(1))
+        s.rewind(np.int8(1))
+        assert s.tokens == ids[:1]
+        bad = [
+            (lambda: s.feed_tokens(5), "tokens must be a sequence of ints, not int"),
+            (lambda: s.feed_tokens("abc"), "tokens must be a sequence of ints, not str"),
+            (lambda: s.feed_tokens([1, None]), r"tokens\[1\] must be an int, not NoneType"),
+            (lambda: s.feed_tokens([True]), r"tokens\[0\] must be an int, not bool"),
+            (lambda: s.sync(None), "tokens must be a sequence of ints, not NoneType"),
+            (lambda: s.sync([1.0]), r"tokens\[0\] must be an int, not float"),
+            (lambda: s.shift("a", 1), "keep must be an int, not str"),
+            (lambda: s.shift(1.0, 1.0), "keep must be an int, not float"),
+            (lambda: s.shift(0, None), "drop must be an int, not NoneType"),
+            (lambda: s.rewind("x"), "n must be an int, not str"),
+            (lambda: s.rewind(True), "n must be an int, not bool"),
+        ]
+        for call, needle in bad:
+            with pytest.raises(TypeError, match=needle):
+                call()
+        assert s.tokens == ids[:1]
+        with pytest.raises(AriannaError, match=r"token 320 \(at index 1\) is outside the vocabulary") as e:
+            s.feed_tokens(np.array([5, 320]))
+        assert e.value.code is ErrorCode.RANGE
+
+
+def test_logprobs_range_is_checked_before_the_prefill(model):
+    vocab = model.config.vocab_size
+    counter = hp.CallCounter(model._lib, ["ac_batch_prefill"])
+    model._lib = counter  # the sessions made from here on count their prefills
+    for n in (-1, vocab + 1, 10**6, 2**40):
+        needle = f"logprobs {n} is invalid: it must be in 0..{vocab} "
+        with model.session() as s:
+            s.feed("the river")
+            with pytest.raises(AriannaError, match=re.escape(needle)) as e:
+                s.generate(max_new_tokens=2, logprobs=n)
+            assert e.value.code is ErrorCode.ARG
+            assert s.tokens == model.encode("the river")
+        with pytest.raises(AriannaError, match=re.escape(needle)):
+            model.generate("the river", 2, logprobs=n)
+        with pytest.raises(AriannaError, match=re.escape(needle)):
+            model.chat([{"role": "user", "content": "hi"}], max_new_tokens=2, logprobs=n)
+    assert counter.calls["ac_batch_prefill"] == 0
+    with model.session() as s:  # every alternative is allowed
+        s.feed("the river")
+        result = s.generate(max_new_tokens=1, seed=1, logprobs=vocab)
+    assert sorted(alt[0] for alt in result.logprobs[0].top) == list(range(vocab))
+
+
+def test_chat_text_with_lone_surrogates_is_encoded_as_prompts_are(model):
+    """A str with lone surrogates is its 3-byte forms (byte tokens) in a chat, as in
+    Model.generate; the conversation gives the same str back."""
+    surrogate = [byte_id(b) for b in "\ud800".encode("utf-8", "surrogatepass")]
+    reply = model.chat([{"role": "system", "content": "\udc80"}, {"role": "user", "content": "\ud800"}],
+                       max_new_tokens=4, seed=1)
+    with Chat(model, system="\udc80") as c:
+        assert c.say("\ud800", max_new_tokens=4, seed=1).text == reply.text
+        assert c.messages[:2] == [{"role": "system", "content": "\udc80"}, {"role": "user", "content": "\ud800"}]
+        context = c.session.tokens
+    assert any(context[i:i + 3] == surrogate for i in range(len(context)))
+    rendered = chat.render(chat.TEMPLATES["qa"], [{"role": "user", "content": "\ud800"}])
+    assert rendered == [chat.BOS, "Q: \ud800\nA:"]
+
+
+def test_chat_stop_strings_leave_room_for_the_templates(model):
+    """The library holds AC_MAX_STOPS stop strings, the template's among them: the caller's
+    limit says so."""
+    template_stops = len(chat.TEMPLATES["qa"].stop)
+    room = 64 - template_stops
+    messages = [{"role": "user", "content": "hi"}]
+    model.chat(messages, max_new_tokens=2, stop=[f"s{i}" for i in range(room)])
+    too_many = [f"s{i}" for i in range(room + 1)]
+    needle = (f"stop has {room + 1} strings; at most {room} (the library's AC_MAX_STOPS, 64 per generation, "
+              f"less the chat template's {template_stops})")
+    with pytest.raises(AriannaError, match=re.escape(needle)) as e:
+        model.chat(messages, max_new_tokens=2, stop=too_many)
+    assert e.value.code is ErrorCode.ARG
+    with Chat(model) as c:
+        with pytest.raises(AriannaError, match=re.escape(needle)):
+            c.say("hi", max_new_tokens=2, stop=too_many)
+        assert c.messages == []
+    # the template's own among the caller's adds nothing
+    model.chat(messages, max_new_tokens=2, stop=too_many[:room] + list(chat.TEMPLATES["qa"].stop))
 
 
 # ---------------------------------------------------------------------------- stop strings
