@@ -22,8 +22,8 @@ from typing import Any, Callable, Optional
 
 from . import peers as pr
 from . import roofline as rl
-from .report import format_table
-from .targets import apply_targets
+from .report import SCHEMA, format_table
+from .targets import apply_targets, batch_group
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = REPO / "run"
@@ -45,6 +45,9 @@ PREFILL_TEXT = (
 )
 RESULT_TAG = "BENCH_RESULT "
 
+# Each option's default and its --quick one: the help text and the run read them here.
+DEFAULTS = {"runs": (5, 1), "tokens": (256, 32), "prefill_tokens": (250, 64), "roofline_ms": (250, 30)}
+
 
 # ---------------------------------------------------------------------------- rows
 
@@ -52,7 +55,7 @@ RESULT_TAG = "BENCH_RESULT "
 @dataclass
 class Row:
     id: str                 # group/impl/dtype/Tn, what --only matches
-    group: str              # decode | prefill | batch16 | startup | machine
+    group: str              # decode | prefill | batchB (batch_group) | startup | machine
     impl: str               # cli | python | numpy | torch | roofline
     dtype: str = "f32"
     threads: int = 1
@@ -141,42 +144,44 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.quick = args.quick
-        self.runs = args.runs if args.runs is not None else (1 if args.quick else 5)
+        self.runs = self.option("runs")
         self.timeout = args.timeout
+        self.peers: Optional[pr.PeerDir] = None
+        if args.peers:  # checked before the temporary folder exists: a bad path leaves nothing behind
+            root = Path(args.peers)
+            if not root.is_dir():
+                raise SystemExit(f"--peers {root}: not a folder (build it with the peers build.sh)")
+            self.peers = pr.PeerDir(root, pr.find_ct2_run(root, args.ct2_run))
         self.work = Path(tempfile.mkdtemp(prefix="arianna_bench_"))
         self.pycache = self.work / "pycache"
         self.notes: list[str] = []
         self.roofline_bin: Optional[Path] = None
         self.roofline_build = ""
         self.features: dict[str, Any] = {}
-        self.peers: Optional[pr.PeerDir] = None
-        if args.peers:
-            root = Path(args.peers)
-            if not root.is_dir():
-                raise SystemExit(f"--peers {root}: not a folder (build it with the peers build.sh)")
-            self.peers = pr.PeerDir(root, pr.find_ct2_run(root, args.ct2_run))
+
+    def option(self, name: str) -> Any:
+        """The option as given, else its default (the --quick one under --quick)."""
+        given = getattr(self.args, name)
+        return DEFAULTS[name][self.quick] if given is None else given
 
     # ------------------------------------------------------------------ setup
     def setup_model(self) -> None:
+        """--model, else the persona, else (its file missing) a random model of its shape; the
+        tokenizer: --tokenizer, else the one beside the model (persona/tok4096.bin) or built."""
         a = self.args
         from arianna_c import formats
 
         if a.model:
             self.model_path, self.random_model = Path(a.model), False
-        elif PERSONA_MODEL.is_file() and PERSONA_TOKENIZER.is_file():
+        elif PERSONA_MODEL.is_file():
             self.model_path, self.random_model = PERSONA_MODEL, False
         else:
             cfg = formats.ModelConfig(**LLISA_SHAPE, shared_classifier=True, version=0)
             self.model_path, self.random_model = self.work / "random_llisa_shape.bin", True
             formats.write_model(self.model_path, cfg, formats.random_weights(cfg, seed=1234))
-            self.notes.append("persona model not found: a random-weight model of the LLiSA-7M shape "
+            self.notes.append(f"{PERSONA_MODEL} not found: a random-weight model of the LLiSA-7M shape "
                               "stands in (speed depends only on the shape)")
-        if a.tokenizer:
-            self.tokenizer_path = Path(a.tokenizer)
-        elif not a.model and not self.random_model:
-            self.tokenizer_path = PERSONA_TOKENIZER
-        else:
-            self.tokenizer_path = self._tokenizer_near(self.model_path)
+        self.tokenizer_path = Path(a.tokenizer) if a.tokenizer else self._tokenizer_near(self.model_path)
         self.config = formats.read_model(self.model_path)[0]
         self.shape = rl.Shape.of(self.config)
 
@@ -189,6 +194,7 @@ class Bench:
         if not SP_MODEL.is_file():
             raise SystemExit(f"no tokenizer: pass --tokenizer (no {PERSONA_TOKENIZER} nor {SP_MODEL})")
         out = self.work / "tok4096.bin"
+        self.notes.append(f"no tokenizer .bin beside the model nor {PERSONA_TOKENIZER}: built from {SP_MODEL}")
         try:
             from arianna_c.export import tokenizer_from_sentencepiece
 
@@ -210,9 +216,9 @@ class Bench:
         import arianna_c
 
         seq = self.config.seq_len
-        self.decode_tokens = min(self.args.tokens or (32 if self.quick else 256), seq)
+        self.decode_tokens = min(self.option("tokens"), seq)
         self.batch = self.args.batch
-        want = self.args.prefill_tokens or (64 if self.quick else 250)
+        want = self.option("prefill_tokens")
         want = max(4, min(want, seq - 2))
         with arianna_c.Model(str(self.model_path), str(self.tokenizer_path)) as m:
             self.decode_prompt = DECODE_PROMPT
@@ -311,7 +317,7 @@ class Bench:
             if not f["cli_int8"]:
                 return [], "n/a (not built): no -q in ./run"
             cmd += ["-q", "int8"]
-        if row.group == "batch16":
+        if row.group == batch_group(self.batch):
             if not f["cli_batch"]:
                 return [], "n/a (not built): no -b in ./run"
             cmd += ["-b", str(self.batch)]
@@ -376,7 +382,7 @@ class Bench:
     def run_roofline(self, row: Row) -> dict:
         if self.roofline_bin is None:
             return {"status": "n/a (roofline.c did not compile)"}
-        ms = self.args.roofline_ms or (30 if self.quick else 250)
+        ms = self.option("roofline_ms")
         sizes = [int(self.shape.weight_bytes("f32")), int(self.shape.weight_bytes("int8"))]
         cmd = rl.roofline_command(self.roofline_bin, sizes, [1, 2], ms)
         p = spawn(cmd, self.env(2), self.timeout)
@@ -416,10 +422,11 @@ class Bench:
                             runner=worker("numpy_prefill", **pre)))
             rows.append(Row(f"prefill/torch/f32/T{t}", "prefill", "torch", "f32", t, note="all-position logits",
                             runner=worker("torch_prefill", **pre)))
+        batch = batch_group(self.batch)
         for t in (1, 2):
             for dt in ("f32", "int8"):
-                rows.append(Row(f"batch16/cli/{dt}/T{t}", "batch16", "cli", dt, t, runner=cli))
-        rows.append(Row("batch16/python/f32/T2", "batch16", "python", "f32", 2,
+                rows.append(Row(f"{batch}/cli/{dt}/T{t}", batch, "cli", dt, t, runner=cli))
+        rows.append(Row(f"{batch}/python/f32/T2", batch, "python", "f32", 2,
                         runner=worker("python_batch", prompt=self.decode_prompt, tokens=self.decode_new,
                                       batch=self.batch)))
         rows.append(Row("startup/python/f32/T1", "startup", "python", "f32", 1, metric="ms",
@@ -428,7 +435,7 @@ class Bench:
         rows.append(Row("startup/cli/f32/T1", "startup", "cli", "f32", 1, metric="ms",
                         note="./run -n 1, spawn to exit", runner=cli))
         if self.peers:
-            rows += pr.peer_rows(self.peers, self.notes)
+            rows += pr.peer_rows(self.peers, self.notes, self.batch)
         if self.args.only:
             pattern = re.compile(self.args.only)
             rows = [r for r in rows if pattern.search(r.id)]
@@ -492,7 +499,7 @@ class Bench:
         pr.add_peer_ratios(out_rows)
         apply_targets(out_rows, roof)
         return {
-            "schema": 1,
+            "schema": SCHEMA,
             "tool": "python -m bench",
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "settings": {
@@ -580,13 +587,15 @@ class Bench:
         """The row's roofline with the read bandwidth roof[bandwidth] (warm, or cold: from memory)."""
         t = f"T{row.threads}"
         bw = roof.get(bandwidth, {}).get(row.dtype, {}).get(t)
-        peak = roof["fma_gflops"].get(t)
+        # int8 products run on int8 dot-product instructions (VNNI, AMX, llama.cpp's Q8_0 likewise),
+        # whose peak roofline.c does not measure: the float32 FMA peak bounds only float32 rows
+        peak = roof["fma_gflops"].get(t) if row.dtype == "f32" else None
         shape = self.shape
         if row.group == "decode":
             return rl.decode_roofline(shape, row.dtype, len(self.decode_ids) + self.decode_new / 2.0, bw)
         if row.group == "prefill":
             return rl.prefill_roofline(shape, (len(self.prefill_ids) - 1) / 2.0, peak)
-        if row.group == "batch16":
+        if row.group == batch_group(self.batch):
             return rl.batch_roofline(shape, row.dtype, self.batch, len(self.decode_ids) + self.decode_new / 2.0,
                                      bw, peak)
         return None
@@ -614,7 +623,8 @@ class Bench:
         entry["roofline_fraction"] = (entry["median"] / roofline) if (roofline and entry["median"]) else None
         # decode and batched decode read the weights each step: their roofline with the
         # bandwidth of reads from memory too (prefill is compute bound: none)
-        cold = self._roofline_for(row, roof, "cold_bandwidth_gbs") if row.group in ("decode", "batch16") else None
+        cold = (self._roofline_for(row, roof, "cold_bandwidth_gbs")
+                if row.group in ("decode", batch_group(self.batch)) else None)
         entry["cold_roofline"] = cold
         entry["cold_roofline_fraction"] = (entry["median"] / cold) if (cold and entry["median"]) else None
         return entry
@@ -694,21 +704,30 @@ def _machine_info() -> dict:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description="arianna_c benchmark: CLI, "
                                 "Python binding, NumPy reference and PyTorch side by side, with the roofline.")
-    p.add_argument("--quick", action="store_true", help="R=1, 32 decode tokens, 64-token prefill, short roofline")
-    p.add_argument("--runs", type=int, default=None, help="rounds R (default 5, --quick 1)")
+    full, quick = ({name: values[i] for name, values in DEFAULTS.items()} for i in (0, 1))
+    p.add_argument("--quick", action="store_true", help=f"R={quick['runs']}, {quick['tokens']} decode tokens, "
+                   f"{quick['prefill_tokens']}-token prefill, {quick['roofline_ms']} ms roofline")
+    p.add_argument("--runs", type=int, help=f"rounds R (default {full['runs']}, --quick {quick['runs']})")
     p.add_argument("--only", metavar="REGEX", help="rows whose id matches (re.search), e.g. 'decode/cli|roofline'")
     p.add_argument("--model", help="model .bin (default persona/arianna_v1_base.bin, else a random same-shape model)")
-    p.add_argument("--tokenizer", help="tokenizer .bin (default persona/tok4096.bin or next to the model)")
-    p.add_argument("--json", default=str(REPO / "bench" / "results.json"), help="where to write the results")
-    p.add_argument("--tokens", type=int, help="decode tokens (default 256, capped by seq_len)")
-    p.add_argument("--prefill-tokens", type=int, help="prefill prompt tokens incl. BOS (default 250, <= seq_len-2)")
-    p.add_argument("--batch", type=int, default=16, help="sequences in the batched-decode rows (default 16)")
-    p.add_argument("--roofline-ms", type=float, help="time per roofline measurement (default 250, --quick 30)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds before a measurement is killed")
+    p.add_argument("--tokenizer", help="tokenizer .bin (default: tok4096.bin or tokenizer.bin beside the model, "
+                   "else persona/tok4096.bin, else one built from persona/tok4096.model)")
+    p.add_argument("--json", default=str(REPO / "bench" / "results.json"),
+                   help="where to write the results (default %(default)s)")
+    p.add_argument("--tokens", type=int, help=f"decode tokens (default {full['tokens']}, --quick {quick['tokens']}; "
+                   "capped at seq_len minus the prompt's tokens)")
+    p.add_argument("--prefill-tokens", type=int, help=f"prefill prompt tokens incl. BOS (default "
+                   f"{full['prefill_tokens']}, --quick {quick['prefill_tokens']}; at most seq_len-2)")
+    p.add_argument("--batch", type=int, default=16, help="sequences in the batched-decode rows, whose ids start "
+                   "with batchB (default %(default)s: the batch16 targets apply only then)")
+    p.add_argument("--roofline-ms", type=float, help=f"ms per roofline measurement (default "
+                   f"{full['roofline_ms']}, --quick {quick['roofline_ms']})")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds before a measurement is killed (default %(default)g)")
     p.add_argument("--peers", metavar="DIR", help="add peer rows (llama2.c, llama.cpp, CTranslate2) from a folder "
                    "built by the peers build.sh, and each CLI row's ratio to the best peer")
-    p.add_argument("--ct2-run", metavar="PATH", help="the build script's ct2_run.py for the CTranslate2 rows "
-                   "(default: DIR/ct2_run.py)")
+    p.add_argument("--ct2-run", metavar="PATH", help="the CTranslate2 rows' ct2_run.py (default DIR/ct2_run.py, "
+                   "which the build script does not write: else pass the build script's own, beside build.sh)")
     p.add_argument("--list", action="store_true", help="list the row ids and exit")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p.parse_args(argv)

@@ -5,17 +5,20 @@
 ``python -m bench --peers DIR`` adds a row for every peer binary and converted model found in DIR
 (the rest are listed in the notes), with our row ids' layout ``group/peer/dtype/Tthreads``, and
 gives each of our CLI rows its ratio to the best peer row of the same group, dtype and thread
-count.  The peers run the persona as converted by the build script (gguf, CTranslate2 and the
-int8 llama2.c file), so their rows measure the persona whatever ``--model`` is.
+count.  The peers run the persona whatever ``--model`` is: llama.cpp and CTranslate2 the build
+script's conversions of it (gguf, CTranslate2), llama2.c the persona's own files, which it reads
+as they are (``persona/arianna_v1_base.bin`` and ``persona/tok4096.bin``; int8: the script's
+``persona_q8.bin`` with the same tokenizer).
 
-What each peer row times (tok/s; the same work as our row of that group):
+What each peer row times (tok/s; the same work as our row of that group; batchB: ``--batch B``,
+default 16):
 - decode/llama2c: ``run_noeos`` / ``runq_noeos`` (llama2.c without its stop at BOS) for the
   decode prompt plus N new tokens, ``-t 0``, ``OMP_NUM_THREADS=t``: its ``achieved tok/s``.
 - decode/llamacpp, prefill/llamacpp: ``llama-bench -n N -p 0`` (tg) and ``-p P -n 0`` (pp), one
   repetition, ``-t t``: ``avg_ts`` (F32 and Q8_0 gguf; its KV cache in f16, its default).
-- batch16/llamacpp: ``llama-batched-bench -npp <prompt> -ntg N -npl 16``: ``speed_tg``, the
+- batchB/llamacpp: ``llama-batched-bench -npp <prompt> -ntg N -npl B``: ``speed_tg``, the
   generated tokens of all sequences over the generation time, as our batch rows count them.
-- decode/ct2, batch16/ct2: the build script's ``ct2_run.py`` (one call after a warm-up call of
+- decode/ct2, batchB/ct2: the build script's ``ct2_run.py`` (one call after a warm-up call of
   the same shape, greedy, ``intra_threads=t``): its ``achieved tok/s``.
 """
 
@@ -26,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from .targets import batch_group
+
 if TYPE_CHECKING:
     from .harness import Bench, Row
 
@@ -35,7 +40,7 @@ PEER_IMPLS = ("llama2c", "llamacpp", "ct2")
 @dataclass(frozen=True)
 class PeerDir:
     root: Path
-    ct2_run: Optional[Path]  # ct2_run.py, found beside the build script or given
+    ct2_run: Path  # ct2_run.py: --ct2-run, else DIR/ct2_run.py (its rows are left out when missing)
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
@@ -47,11 +52,14 @@ class PeerDir:
     def gguf(self, dtype: str) -> Path:
         return self.path("gguf", "persona-f32.gguf" if dtype == "f32" else "persona-q8_0.gguf")
 
-    def llama2c(self, dtype: str) -> tuple[Path, Path]:
-        """(binary, model file) of llama2.c for dtype."""
+    def llama2c(self, dtype: str) -> tuple[Path, Path, Path]:
+        """(binary, model file, tokenizer) of llama2.c for dtype: the persona as it is, or the build
+        script's int8 conversion of it."""
+        from .harness import PERSONA_MODEL, PERSONA_TOKENIZER
+
         if dtype == "f32":
-            return self.path("llama2.c", "run_noeos"), Path()
-        return self.path("llama2.c", "runq_noeos"), self.path("persona_q8.bin")
+            return self.path("llama2.c", "run_noeos"), PERSONA_MODEL, PERSONA_TOKENIZER
+        return self.path("llama2.c", "runq_noeos"), self.path("persona_q8.bin"), PERSONA_TOKENIZER
 
     def ct2_model(self, dtype: str) -> Path:
         return self.path("ct2-float32" if dtype == "f32" else "ct2-int8")
@@ -61,12 +69,15 @@ class PeerDir:
         return self.path("ct2venv", "bin", "python")
 
 
-def find_ct2_run(root: Path, given: Optional[str]) -> Optional[Path]:
-    """ct2_run.py: --ct2-run, else in DIR, else None."""
-    for candidate in ([Path(given)] if given else []) + [root / "ct2_run.py"]:
-        if candidate.is_file():
-            return candidate
-    return None
+def find_ct2_run(root: Path, given: Optional[str]) -> Path:
+    """ct2_run.py: --ct2-run, which must be a file, else DIR/ct2_run.py (which the build script
+    does not write: there only if put there)."""
+    if not given:
+        return root / "ct2_run.py"
+    path = Path(given)
+    if not path.is_file():
+        raise SystemExit(f"--ct2-run {path}: not a file (the build script's ct2_run.py, beside build.sh)")
+    return path
 
 
 def _missing(*paths: Path) -> list[str]:
@@ -112,10 +123,9 @@ def _run(bench: "Bench", row: "Row", cmd: list[str], parse: Callable[[str, str],
 
 def llama2c_decode(peers: PeerDir) -> Callable[["Bench", "Row"], dict]:
     def run(bench: "Bench", row: "Row") -> dict:
-        binary, model = peers.llama2c(row.dtype)
-        model = model if row.dtype != "f32" else bench.model_path
+        binary, model, tokenizer = peers.llama2c(row.dtype)
         steps = len(bench.decode_ids) - 1 + bench.decode_new  # llama2.c counts BOS as position 0
-        cmd = [str(binary), str(model), "-z", str(bench.tokenizer_path), "-t", "0", "-n", str(steps),
+        cmd = [str(binary), str(model), "-z", str(tokenizer), "-t", "0", "-n", str(steps),
                "-i", bench.decode_prompt]
         return _run(bench, row, cmd, lambda out, err: _tok_s(err))
 
@@ -156,7 +166,7 @@ def ct2_generate(peers: PeerDir) -> Callable[["Bench", "Row"], dict]:
     def run(bench: "Bench", row: "Row") -> dict:
         from .harness import SP_MODEL
 
-        batch = bench.batch if row.group == "batch16" else 1
+        batch = bench.batch if row.group == batch_group(bench.batch) else 1
         ctype = "float32" if row.dtype == "f32" else "int8"
         cmd = [str(peers.ct2_python), str(peers.ct2_run), str(peers.ct2_model(row.dtype)), str(SP_MODEL), ctype,
                str(row.threads), str(batch), str(bench.decode_new), bench.decode_prompt]
@@ -168,8 +178,9 @@ def ct2_generate(peers: PeerDir) -> Callable[["Bench", "Row"], dict]:
 # ---------------------------------------------------------------------------- rows
 
 
-def peer_rows(peers: PeerDir, notes: list[str]) -> list["Row"]:
-    """The rows of every peer found in the folder; what is missing goes to notes."""
+def peer_rows(peers: PeerDir, notes: list[str], batch: int) -> list["Row"]:
+    """The rows of every peer found in the folder (batched decode of batch sequences); what is
+    missing goes to notes."""
     from .harness import SP_MODEL, Row
 
     rows = []
@@ -184,20 +195,19 @@ def peer_rows(peers: PeerDir, notes: list[str]) -> list["Row"]:
         rows.append(Row(rid, group, impl, dtype, t, runner=runner, note=note))
 
     bin_dir = peers.llamacpp_bin
+    group = batch_group(batch)
     for t in (1, 2):
         for dt in ("f32", "int8"):
-            binary, model = peers.llama2c(dt)
-            add("decode", "llama2c", dt, t, llama2c_decode(peers), [binary] + ([model] if dt != "f32" else []))
+            add("decode", "llama2c", dt, t, llama2c_decode(peers), list(peers.llama2c(dt)))
             add("decode", "llamacpp", dt, t, llamacpp_bench(peers), [bin_dir / "llama-bench", peers.gguf(dt)],
                 note="Q8_0" if dt == "int8" else "")
             add("prefill", "llamacpp", dt, t, llamacpp_bench(peers), [bin_dir / "llama-bench", peers.gguf(dt)],
                 note="Q8_0" if dt == "int8" else "")
-            add("batch16", "llamacpp", dt, t, llamacpp_batched(peers),
+            add(group, "llamacpp", dt, t, llamacpp_batched(peers),
                 [bin_dir / "llama-batched-bench", peers.gguf(dt)], note="speed_tg")
-            ct2_needs = [peers.ct2_python, peers.ct2_model(dt), SP_MODEL] + ([peers.ct2_run] if peers.ct2_run else
-                                                                               [peers.path("ct2_run.py")])
+            ct2_needs = [peers.ct2_python, peers.ct2_model(dt), SP_MODEL, peers.ct2_run]
             add("decode", "ct2", dt, t, ct2_generate(peers), ct2_needs)
-            add("batch16", "ct2", dt, t, ct2_generate(peers), ct2_needs)
+            add(group, "ct2", dt, t, ct2_generate(peers), ct2_needs)
     return rows
 
 

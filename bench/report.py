@@ -7,6 +7,12 @@ import json
 import sys
 from typing import Any, Optional
 
+from .targets import apply_targets, batch_group, crashed
+
+# The layout of results.json (bench/README.md): 1 gave each row one "target", set when the file
+# was written; 2 gives each row a "targets" list, each with its verdict.
+SCHEMA = 2
+
 
 def _num(x: Optional[float], unit: str = "") -> str:
     if x is None:
@@ -18,6 +24,20 @@ def _num(x: Optional[float], unit: str = "") -> str:
 
 def _mb(x: Optional[float]) -> str:
     return "-" if x is None else f"{x / 1e6:.1f} MB"
+
+
+def _predates_targets(result: dict) -> bool:
+    return result.get("schema", 1) < 2
+
+
+def _judged(result: dict) -> dict:
+    """result, its rows judged by the current targets when the file predates them (schema 1),
+    from the file's own numbers (medians, vs_cli, vs_best_peer, the roofline's weights_fit_l3)."""
+    if not _predates_targets(result):
+        return result
+    rows = [dict(r) for r in result["rows"]]
+    apply_targets(rows, result["roofline"])
+    return {**result, "rows": rows}
 
 
 def header(result: dict) -> list[str]:
@@ -58,6 +78,9 @@ def header(result: dict) -> list[str]:
         f"          bytes/token f32 {_mb(roof['bytes_per_token']['f32'])}, int8 {_mb(roof['bytes_per_token']['int8'])} "
         f"(int8: 1 B/weight + f32 scale per {roof['int8_group_assumed']}; KV cache included); "
         f"prefill {roof['flops_per_token']['prefill'] / 1e6:.1f} MFLOP/token")
+    if _predates_targets(result):
+        lines.append(f"targets: judged by the current bench/targets.py; the file predates them "
+                     f"(schema {result.get('schema', 1)}: one target per row)")
     return lines
 
 
@@ -74,10 +97,13 @@ def _vs_peer(row: dict, missing: str = "-") -> str:
 VERDICT = {True: "PASS", False: "FAIL", None: "n/a"}
 
 
-def _target(t: dict) -> str:
+def _target(t: dict, error: bool) -> str:
     """A target with its verdict and, where no other column shows it, the number it compared:
-    ">= 1.5x best peer: PASS", ">= 1.8x of 1 thread: FAIL (1.73x)"."""
+    ">= 1.5x best peer: PASS", ">= 1.8x of 1 thread: FAIL (1.73x)"; error: the row crashed,
+    ">= 880 tok/s: FAIL (error)"."""
     text = f"{t['text']}: {VERDICT[t['pass']]}"
+    if error:
+        return text + " (error)"
     m = t.get("measured")
     if m is not None and t["kind"] == "scaling":
         text += f" ({m:.2f}x)"
@@ -88,7 +114,7 @@ def _target(t: dict) -> str:
 
 def _targets(row: dict) -> str:
     """Each of the row's targets with its own verdict."""
-    return "; ".join(_target(t) for t in row.get("targets", []))
+    return "; ".join(_target(t, crashed(row)) for t in row.get("targets", []))
 
 
 def _passed(row: dict) -> str:
@@ -103,11 +129,13 @@ def _target_count(rows: list[dict]) -> str:
 
 
 def format_table(result: dict) -> str:
+    result = _judged(result)
+    batch = batch_group(result["settings"]["batch"])
     cols = ["row", "median", "min-max", "unit", "peak RSS", "roofline", "of roof", "of cold roof", "vs best peer",
             "targets", "pass", "notes"]
     table: list[list[str]] = []
     for r in result["rows"]:
-        unit = "ms" if r["metric"] == "ms" else ("tok/s total" if r["group"] == "batch16" else "tok/s")
+        unit = "ms" if r["metric"] == "ms" else ("tok/s total" if r["group"] == batch else "tok/s")
         notes = []
         if r["status"] != "ok":
             notes.append(r["status"])
@@ -152,6 +180,7 @@ def format_table(result: dict) -> str:
 
 def markdown_table(result: dict) -> str:
     """The same rows as a Markdown table (for README.md)."""
+    result = _judged(result)
     out = ["| row | median | min–max | peak RSS | roofline | of roof | of cold roof | vs best peer | targets | pass |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in result["rows"]:

@@ -7,6 +7,8 @@ Decode (one token at a time) reads every weight once per token, so its ceiling i
 32 MiB L3 and an 8 MB one in a quarter of it, and the cache level decides the speed.
 Prefill (a whole prompt as one matrix product) is compute bound: ``FMA peak / FLOPs_per_token``.
 Batched decode reads the weights once per step for B tokens: ``B / max(bytes/bw, B*flops/peak)``.
+The FMA peak is float32's: int8 products run on int8 dot-product instructions, whose peak is not
+measured, so int8 prefill has no roofline and int8 batched decode only ``B / (bytes/bw)``.
 """
 
 from __future__ import annotations
@@ -134,11 +136,13 @@ def prefill_roofline(shape: Shape, avg_pos: float, gflops: Optional[float]) -> O
 
 def batch_roofline(shape: Shape, dtype: str, batch: int, avg_pos: float, gbs: Optional[float],
                    gflops: Optional[float]) -> Optional[float]:
-    if not gbs or not gflops:
+    """Tokens per second of batch sequences: the weights read once per step, the KV cache once
+    per sequence, and (with gflops; None for int8) batch tokens' FLOPs at the peak."""
+    if not gbs:
         return None
-    weights = shape.weight_bytes(dtype)
-    step_bytes = weights + batch * shape.kv_bytes_read(avg_pos)
-    step_time = max(step_bytes / (gbs * 1e9), batch * shape.flops_per_token(avg_pos) / (gflops * 1e9))
+    step_time = (shape.weight_bytes(dtype) + batch * shape.kv_bytes_read(avg_pos)) / (gbs * 1e9)
+    if gflops:
+        step_time = max(step_time, batch * shape.flops_per_token(avg_pos) / (gflops * 1e9))
     return batch / step_time
 
 

@@ -10,13 +10,30 @@ Each target compares one number of the run with its value:
   "roofline"     the fraction of the roofline that applies here, >= value: the back-to-back one
                  when the dtype's weights fit in the L3, the one from memory when they do not.
 All but min/max compare numbers measured side by side in one run, so they mean the same on any
-machine.  A target whose number the run lacks (no peer rows, no roofline, a row left out) is
-neither met nor missed: its verdict is None.
+machine.  A target whose number the run lacks (no peer rows, no roofline, a row left out or
+not built: status "n/a (...)") is neither met nor missed: its verdict is None.  A row whose
+measurement crashed or timed out (status "error: ...") has no number either, but it is the row's
+own failure: every target of it is missed.
 """
 
 from __future__ import annotations
 
 from typing import Optional
+
+# The batch the batched-decode targets are set for: with --batch B != 16 the rows are
+# batchB/..., which no target names.
+TARGET_BATCH = 16
+
+
+def batch_group(batch: int) -> str:
+    """The group of the batched-decode rows of batch sequences: their row ids start with it."""
+    return f"batch{batch}"
+
+
+def crashed(row: dict) -> bool:
+    """No round of the row gave a number because its measurement crashed or timed out (status
+    "error: ...", as opposed to a row left out or not built, "n/a (...)"): it misses its targets."""
+    return row["status"].startswith("error")
 
 
 def _t(kind: str, value: float, text: str) -> dict:
@@ -34,7 +51,8 @@ def _targets() -> dict[str, list[dict]]:
     add("decode/cli/int8/T1", _t("min", 2500, ">= 2,500 tok/s"))
     add("decode/cli/int8/T2", _t("min", 4500, ">= 4,500 tok/s"))
     add("prefill/cli/f32/T1", _t("min", 10000, ">= 10,000 tok/s"))
-    add("batch16/cli/f32/T2", _t("min", 10000, ">= 10,000 tok/s total"))
+    batch = batch_group(TARGET_BATCH)
+    add(f"{batch}/cli/f32/T2", _t("min", 10000, ">= 10,000 tok/s total"))
     add("decode/numpy/f32/T1", _t("min", 340, ">= 340 tok/s"))
     add("decode/numpy/f32/T2", _t("min", 340, ">= 340 tok/s"))
     for impl in ("python", "cli"):
@@ -47,7 +65,7 @@ def _targets() -> dict[str, list[dict]]:
             add(f"decode/cli/{row}", _t("vs_peer", 1.5, ">= 1.5x best peer"),
                 _t("roofline", decode_roofline[dt, threads], f">= {decode_roofline[dt, threads]:.0%} of roof"))
             add(f"prefill/cli/{row}", _t("vs_peer", 1.3, ">= 1.3x best peer"))
-            add(f"batch16/cli/{row}", _t("vs_peer", 1.5, ">= 1.5x best peer"))
+            add(f"{batch}/cli/{row}", _t("vs_peer", 1.5, ">= 1.5x best peer"))
         add(f"decode/cli/{dt}/T2", _t("scaling", 1.8, ">= 1.8x of 1 thread"))
     return t
 
@@ -76,16 +94,22 @@ def measured(target: dict, row: dict, rows: dict[str, dict], roof: dict) -> Opti
     raise ValueError(f"unknown target kind {kind!r}")
 
 
+def _verdict(target: dict, value: Optional[float]) -> Optional[bool]:
+    if value is None:
+        return None
+    return value < target["value"] if target["kind"] == "max" else value >= target["value"]
+
+
 def apply_targets(rows: list[dict], roof: dict) -> None:
     """Sets each row's "targets" (its targets, each with "measured" and "pass") and "pass": False
-    when one target is missed, True when every one is met, None otherwise (or without targets)."""
+    when one target is missed, True when every one is met, None otherwise (or without targets).
+    A crashed row's targets are missed, with nothing measured."""
     by_id = {r["id"]: r for r in rows}
     for row in rows:
         checked = []
         for target in TARGETS.get(row["id"], []):
-            value = measured(target, row, by_id, roof)
-            met = None if value is None else (value < target["value"] if target["kind"] == "max"
-                                              else value >= target["value"])
+            value = measured(target, row, by_id, roof)  # None for a crashed row: it has no median
+            met = False if crashed(row) else _verdict(target, value)
             checked.append(dict(target, measured=value, **{"pass": met}))
         verdicts = [c["pass"] for c in checked]
         row["targets"] = checked

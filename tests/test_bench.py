@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,7 +59,7 @@ def test_quick_run_writes_results_json(built, tiny_files, tmp_path):
     assert "targets: " in r.stdout and " met, " in r.stdout
 
     res = json.loads(out.read_text())
-    assert res["schema"] == 1
+    assert res["schema"] == 2
     for key in ("timestamp", "settings", "machine", "model", "features", "roofline", "rows", "notes"):
         assert key in res, key
     assert res["settings"]["runs"] == 1 and res["settings"]["quick"] is True
@@ -103,7 +104,8 @@ def test_quick_run_writes_results_json(built, tiny_files, tmp_path):
 
 def _row(rid: str, median: float, **extra) -> dict:
     group, impl, dtype, threads = rid.split("/")
-    return dict(id=rid, group=group, impl=impl, dtype=dtype, threads=int(threads[1:]), median=median, **extra)
+    return dict(id=rid, group=group, impl=impl, dtype=dtype, threads=int(threads[1:]), median=median,
+                **{"status": "ok", **extra})
 
 
 def test_targets_judge_each_kind_from_the_run():
@@ -136,6 +138,139 @@ def test_targets_judge_each_kind_from_the_run():
     assert next(t for t in rows[1]["targets"] if t["kind"] == "roofline")["measured"] == 0.8
     apply_targets(rows, {})
     assert next(t for t in rows[0]["targets"] if t["kind"] == "roofline")["pass"] is None
+
+
+def test_crashed_rows_miss_their_targets():
+    """A row whose measurement crashed or timed out fails its targets; one left out or not
+    built, and a number the run lacks, stay n/a."""
+    from bench.report import _targets
+    from bench.targets import apply_targets
+
+    rows = [_row("decode/cli/f32/T1", None, status="error: timed out after 600 s"),
+            _row("decode/cli/int8/T1", None, status="error: exit 1: bad model"),
+            _row("decode/cli/f32/T2", None, status="n/a (not built): no -T in ./run"),
+            _row("decode/python/int8/T1", 900.0)]  # the CLI row it is compared with crashed
+    apply_targets(rows, {"weights_fit_l3": {"f32": True, "int8": True}})
+    timed_out, crashed, not_built, python = rows
+    for row in (timed_out, crashed):
+        assert row["pass"] is False and row["targets"]
+        assert all(t["pass"] is False and t["measured"] is None for t in row["targets"])
+        assert all(part.endswith(": FAIL (error)") for part in _targets(row).split("; "))
+    assert not_built["pass"] is None and all(t["pass"] is None for t in not_built["targets"])
+    assert "n/a" in _targets(not_built) and "error" not in _targets(not_built)
+    assert python["targets"][0]["pass"] is None  # no vs_cli without the CLI's median
+
+
+def _result(rows: list[dict], schema: int, batch: int = 16) -> dict:
+    """A results dict with what the report reads around the rows."""
+    cfg = dict(dim=288, hidden_dim=768, n_layers=6, n_heads=6, vocab_size=4096, seq_len=256)
+    return {"schema": schema, "timestamp": "then", "rows": rows, "notes": [],
+            "machine": {"cpu": "cpu", "cpus": 2, "simd_flags": ["avx2"]},
+            "model": {"path": "m.bin", "random_weights": False, "config": cfg, "file_bytes": 28.7e6},
+            "settings": {"runs": 1, "decode_new_tokens": 250, "decode_prompt_tokens": 6,
+                         "prefill_prompt_tokens": 250, "batch": batch},
+            "roofline": {"bytes_per_token": {"f32": 30.4e6, "int8": 9.9e6}, "int8_group_assumed": 32,
+                         "flops_per_token": {"prefill": 15.2e6}, "weights_fit_l3": {"f32": True, "int8": True}}}
+
+
+def _table_row(table: str, rid: str) -> str:
+    return next(line for line in table.splitlines() if line.startswith(rid + " "))
+
+
+def test_report_judges_a_file_that_predates_the_targets():
+    """Schema 1 rows carry one "target" each, set when the file was written: the report judges
+    them by the current targets, from the file's own numbers, and says so."""
+    from bench.report import format_table, markdown_table
+
+    peer = {"peer": "decode/llama2c/f32/T1", "ratio": 1.02}
+    old = [_row("decode/cli/f32/T1", 900.0, roofline_fraction=0.97, vs_best_peer=peer, metric="tok/s", min=890.0,
+                max=910.0, errors=0, target={"kind": "min", "value": 880}, **{"pass": True}),
+           _row("startup/cli/f32/T1", 70.0, metric="ms", min=69.0, max=71.0, errors=0,
+                target={"kind": "max", "value": 150}, **{"pass": True})]
+    table = format_table(_result(old, schema=1))
+    assert "targets: judged by the current bench/targets.py; the file predates them" in table
+    decode = _table_row(table, "decode/cli/f32/T1")
+    assert ">= 880 tok/s: PASS; >= 1.5x best peer: FAIL; >= 85% of roof: PASS (97%)" in decode
+    assert decode.rstrip().endswith("FAIL")
+    assert "< 60 ms: FAIL" in _table_row(table, "startup/cli/f32/T1")  # the current target, not < 150 ms
+    assert "targets: 2 met, 2 missed, 0 n/a (of 4)" in table
+    assert "| >= 880 tok/s: PASS; >= 1.5x best peer: FAIL" in markdown_table(_result(old, schema=1))
+    assert "targets" not in old[0]  # the file's rows are left as they were
+
+    current = [dict(old[1], targets=[], **{"pass": None})]
+    assert "predates" not in format_table(_result(current, schema=2))
+
+
+def test_batch_rows_named_from_the_batch(built, tiny_files):
+    """--batch B names the batched rows batchB: the batch16 targets do not apply to them."""
+    from bench.report import format_table
+    from bench.targets import TARGETS, apply_targets
+
+    model, tok = tiny_files
+    r = _bench(["--list", "--quick", "--batch", "4", "--model", str(model), "--tokenizer", str(tok)])
+    assert r.returncode == 0, r.stderr
+    ids = r.stdout.split()
+    assert {"batch4/cli/f32/T1", "batch4/cli/int8/T2", "batch4/python/f32/T2"} <= set(ids)
+    assert not any(rid.startswith("batch16/") for rid in ids)
+    assert not any(rid.startswith("batch4/") for rid in TARGETS) and "batch16/cli/f32/T2" in TARGETS
+    rows = [_row("batch4/cli/f32/T2", 12000.0, metric="tok/s", min=1.0, max=2.0, errors=0)]
+    apply_targets(rows, {})
+    assert rows[0]["targets"] == [] and rows[0]["pass"] is None
+    assert "tok/s total" in _table_row(format_table(_result(rows, schema=2, batch=4)), "batch4/cli/f32/T2")
+
+
+def test_int8_prefill_and_batch_have_no_compute_roofline():
+    """The FMA peak is float32's: int8 prefill gets no roofline, int8 batched decode only its
+    bandwidth bound; float32 and every decode row keep theirs."""
+    from arianna_c import formats
+    from bench import roofline as rl
+    from bench.harness import LLISA_SHAPE, Bench, Row
+
+    bench = Bench.__new__(Bench)  # only what _roofline_for reads
+    bench.shape = rl.Shape.of(formats.ModelConfig(**LLISA_SHAPE, shared_classifier=True, version=0))
+    bench.decode_ids, bench.decode_new, bench.prefill_ids, bench.batch = [1] * 6, 250, [1] * 250, 16
+    bw = {"f32": {"T1": 20.0}, "int8": {"T1": 20.0}}
+    roof = {"bandwidth_gbs": bw, "cold_bandwidth_gbs": bw, "fma_gflops": {"T1": 1.0}}  # a tiny peak
+    line = {f"{g}/{dt}": bench._roofline_for(Row(f"{g}/cli/{dt}/T1", g, "cli", dt, 1), roof)
+            for g in ("decode", "prefill", "batch16") for dt in ("f32", "int8")}
+    pos = 6 + 250 / 2
+    assert line["prefill/int8"] is None
+    assert line["prefill/f32"] == pytest.approx(rl.prefill_roofline(bench.shape, 249 / 2, 1.0))
+    assert line["batch16/int8"] == pytest.approx(16 * 20e9 / (bench.shape.weight_bytes("int8")
+                                                              + 16 * bench.shape.kv_bytes_read(pos)))
+    assert line["batch16/f32"] == pytest.approx(1e9 / bench.shape.flops_per_token(pos))  # compute bound
+    for dt in ("f32", "int8"):
+        assert line[f"decode/{dt}"] == pytest.approx(rl.decode_roofline(bench.shape, dt, pos, 20.0))
+
+
+def test_persona_model_without_its_tokenizer_bin(tmp_path, monkeypatch):
+    """persona/tok4096.bin missing: the persona model is still the one measured, with the
+    tokenizer found or built the fallback way; the random model only stands in for a missing
+    model file."""
+    from bench import harness
+
+    pieces, scores = _tokenizer()
+    cfg = formats.ModelConfig(**TINY_BENCH, vocab_size=len(pieces), shared_classifier=True, version=1)
+    formats.write_model(tmp_path / "persona.bin", cfg, formats.random_weights(cfg, seed=3))
+    formats.write_tokenizer(tmp_path / "tokenizer.bin", pieces, scores)
+    monkeypatch.setattr(harness, "PERSONA_MODEL", tmp_path / "persona.bin")
+    monkeypatch.setattr(harness, "PERSONA_TOKENIZER", tmp_path / "tok4096.bin")  # absent
+    bench = harness.Bench(harness.parse_args([]))
+    try:
+        bench.setup_model()
+        assert (bench.model_path, bench.random_model) == (tmp_path / "persona.bin", False)
+        assert bench.tokenizer_path == tmp_path / "tokenizer.bin"
+        assert not any("not found" in note for note in bench.notes)
+    finally:
+        shutil.rmtree(bench.work)
+
+
+def test_ct2_run_must_exist(tmp_path):
+    from bench.peers import find_ct2_run
+
+    with pytest.raises(SystemExit, match=r"--ct2-run .*nowhere\.py: not a file"):
+        find_ct2_run(tmp_path, str(tmp_path / "nowhere.py"))
+    assert find_ct2_run(tmp_path, None) == tmp_path / "ct2_run.py"  # the default, checked as a row's need
 
 
 def test_list_rows(built, tiny_files):
@@ -193,8 +328,11 @@ def _fake_peers(root: Path) -> Path:
 
 
 def test_peer_rows_and_ratios(built, tiny_files, tmp_path):
-    if not (REPO / "persona" / "tok4096.model").is_file():
-        pytest.skip("the CTranslate2 rows need persona/tok4096.model")
+    from bench.harness import PERSONA_MODEL, PERSONA_TOKENIZER, SP_MODEL
+
+    for need in (SP_MODEL, PERSONA_MODEL, PERSONA_TOKENIZER):  # CTranslate2's and llama2.c's
+        if not need.is_file():
+            pytest.skip(f"the peer rows need {need}")
     model, tok = tiny_files
     out = tmp_path / "results.json"
     only = r"(decode|prefill|batch16)/(cli|llama2c|llamacpp|ct2)/(f32|int8)/T1"
@@ -210,6 +348,10 @@ def test_peer_rows_and_ratios(built, tiny_files, tmp_path):
     for rid, value in want.items():
         assert rows[rid]["status"] == "ok", (rid, rows[rid]["samples"])
         assert rows[rid]["median"] == value, rid
+    for dt in ("f32", "int8"):  # llama2.c runs the persona whatever --model is
+        command = rows[f"decode/llama2c/{dt}/T1"]["samples"][0]["command"].split()
+        assert command[command.index("-z") + 1] == str(PERSONA_TOKENIZER) and str(model) not in command
+    assert rows["decode/llama2c/f32/T1"]["samples"][0]["command"].split()[1] == str(PERSONA_MODEL)
     assert "decode/ct2/int8/T1" not in rows
     assert any("ct2/int8 left out: missing" in note for note in res["notes"])
     best = {"decode/cli/f32/T1": ("decode/ct2/f32/T1", 700.0), "decode/cli/int8/T1": ("decode/llamacpp/int8/T1", 1500.0),
