@@ -6,7 +6,8 @@
 # (the library must run on any x86-64/aarch64 machine it is copied to): the SIMD kernels in
 # src/kernels_*.c are compiled per function for their instruction sets and picked at run time.
 
-CC ?= gcc
+# CC: make's default, the system's cc (gcc or clang; SAN_CC must be gcc, whose libasan.so the
+# sanitized Python preloads).
 PYTHON ?= python3
 CFLAGS ?= -O3
 CFLAGS += -std=gnu11 -fPIC -Wall -Wextra -fvisibility=hidden
@@ -56,6 +57,7 @@ clean:
 	rm -f run libarianna.so
 	rm -rf $(SAN_DIR) $(FUZZ_DIR) $(AARCH64_DIR) $(X86_DIR)
 	rm -f build/logits_dump
+	-rmdir build 2>/dev/null
 
 # ------------------------------------------------------------------ hardening (README "Hardening")
 # `make sanitize`        library + CLI with ASan + UBSan (UBSan fatal) into build-san/
@@ -72,7 +74,8 @@ SAN_DIR = build-san
 SAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
 # The sanitizer runtime Python must preload to host the sanitized library.
 SAN_RUNTIME = $(shell $(SAN_CC) -print-file-name=libasan.so)
-SAN_ENV = ASAN_OPTIONS=abort_on_error=1:detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+# abort_on_error for UBSan too: gcc's UBSan otherwise exits 1, which the bad-file check expects
+SAN_ENV = ASAN_OPTIONS=abort_on_error=1:detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:abort_on_error=1
 SAN_TESTS = tests/test_runtime.py tests/test_tokenizer.py tests/test_bad_inputs.py tests/test_modules.py \
             tests/test_cli.py tests/test_chat.py
 TINY_DIR = $(SAN_DIR)/tiny
@@ -95,7 +98,7 @@ sanitize-check: all sanitize $(TINY_DIR)/model.bin
 	$(SAN_ENV) $(SAN_DIR)/run $(TINY_DIR)/model.bin -z $(TINY_DIR)/tokenizer.bin -n 0 -s 7 -t 0 --mmap -i "$$(printf 'caf\303\251 \377\376')"
 	$(SAN_ENV) $(SAN_DIR)/run $(TINY_DIR)/tokenizer.bin -z $(TINY_DIR)/tokenizer.bin; test $$? -eq 1
 	ARIANNA_C_LIB=$(SAN_DIR)/libarianna.so ARIANNA_C_RUN=$(SAN_DIR)/run LD_PRELOAD=$(SAN_RUNTIME) \
-	  ASAN_OPTIONS=abort_on_error=1:detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  ASAN_OPTIONS=abort_on_error=1:detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:abort_on_error=1 \
 	  $(PYTHON) -m pytest -q -p no:cacheprovider $(SAN_TESTS)
 
 FUZZ_CC ?= clang
