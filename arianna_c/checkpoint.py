@@ -18,7 +18,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -29,6 +29,10 @@ META_FILE = "checkpoint.json"
 FORMAT = "arianna_c training checkpoint"
 FORMAT_VERSION = 1
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save files are zip archives
+# Every checkpoint.json holds model_args; one a run resumes from, all of the Trainer's meta.
+WEIGHTS_KEYS = ("model_args",)
+RESUME_KEYS = ("settings", "model_args", "step", "tokens_seen", "elapsed_s", "data", "rng", "best_val",
+               "guard_baseline", "history")
 
 
 class CheckpointError(ValueError):
@@ -113,8 +117,9 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
 # ---------------------------------------------------------------------------- reading
 
 
-def read_meta(folder: PathLike) -> dict:
-    """checkpoint.json of a checkpoint folder (no tensors are read)."""
+def read_meta(folder: PathLike, needs: Sequence[str] = WEIGHTS_KEYS) -> dict:
+    """checkpoint.json of a checkpoint folder (no tensors are read); CheckpointError unless it
+    holds every entry needs names."""
     path = Path(folder) / META_FILE
     if not path.is_file():
         raise CheckpointError(f"{folder}: no checkpoint here ({META_FILE} is missing)")
@@ -127,20 +132,33 @@ def read_meta(folder: PathLike) -> dict:
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {meta.get('format_version')}, "
                               f"this version reads {FORMAT_VERSION}")
+    missing = [key for key in needs if key not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: no {missing[0]!r} entry (training writes one into every "
+                              f"checkpoint: the file is damaged)")
     return meta
 
 
-def load(folder: PathLike) -> Checkpoint:
-    """A checkpoint folder, tensors on the CPU."""
+def load(folder: PathLike, with_optimizer: bool = True, needs: Sequence[str] = WEIGHTS_KEYS) -> Checkpoint:
+    """A checkpoint folder whose checkpoint.json holds the entries needs names, tensors on the
+    CPU; the optimizer's state too (when saved) if with_optimizer."""
+    folder = Path(folder)
+    meta = read_meta(folder, needs)
+    model_state = _read_tensors(folder / MODEL_FILE)
+    optimizer_state = None
+    if with_optimizer and "optimizer" in meta and (folder / OPTIMIZER_FILE).is_file():
+        optimizer_state = _unflatten_optimizer(_read_tensors(folder / OPTIMIZER_FILE), meta["optimizer"])
+    return Checkpoint(meta, model_state, optimizer_state)
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    folder = Path(folder)
-    meta = read_meta(folder)
-    model_state = load_file(folder / MODEL_FILE)
-    optimizer_state = None
-    if "optimizer" in meta and (folder / OPTIMIZER_FILE).is_file():
-        optimizer_state = _unflatten_optimizer(load_file(folder / OPTIMIZER_FILE), meta["optimizer"])
-    return Checkpoint(meta, model_state, optimizer_state)
+    try:
+        return load_file(path)
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
 def load_legacy(path: PathLike) -> Checkpoint:
@@ -161,14 +179,15 @@ def load_legacy(path: PathLike) -> Checkpoint:
 
 
 def load_any(path: PathLike) -> Checkpoint:
-    """A checkpoint folder or a legacy ``.pt`` file; CheckpointError for anything else."""
+    """The weights of a checkpoint folder (its optimizer's state is left unread) or a legacy
+    ``.pt`` file; CheckpointError for anything else."""
     path = Path(path)
     if path.is_dir():
         if not is_checkpoint_folder(path):
             inside = [p.name for p in (path / "best", path / "ckpt") if is_checkpoint_folder(p)]
             hint = f"; it holds {' and '.join(inside)}: name one of them" if inside else ""
             raise CheckpointError(f"{path}: not a checkpoint folder (no {META_FILE}){hint}")
-        return load(path)
+        return load(path, with_optimizer=False)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file or folder")
     with open(path, "rb") as f:
@@ -206,9 +225,18 @@ def build_transformer(model_args: dict, state: dict[str, torch.Tensor]):
                                                                    state["tok_embeddings.weight"]):
         args.tied = False  # a classifier that was untied after all
     model = Transformer(args)
+    _check_shapes(model.state_dict(), state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (args.tied and k == "output.weight")]
     if missing or unexpected:
         raise CheckpointError(f"the checkpoint's weights do not fit its model_args: missing {missing}, "
                               f"unexpected {unexpected}")
     return model
+
+
+def _check_shapes(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    """CheckpointError naming the first tensor whose shape is not the one model_args give it."""
+    for name, want in expected.items():
+        if name in state and state[name].shape != want.shape:
+            raise CheckpointError(f"the checkpoint's {name} has shape {tuple(state[name].shape)}, but its "
+                                  f"model_args make it {tuple(want.shape)}")

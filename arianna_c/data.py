@@ -53,6 +53,26 @@ def corpus_files(corpus_dir: os.PathLike | str) -> list[Path]:
     return files
 
 
+def read_text(path: Path) -> str:
+    """A corpus file's text; DataError naming the file and the first byte that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}: "
+                        f"{exc.reason}); convert the file to UTF-8") from None
+
+
+def read_shard(path: Path) -> np.ndarray:
+    """A shard's token ids; DataError for a file that is not a whole number of them."""
+    size = path.stat().st_size
+    width = np.dtype(SHARD_DTYPE).itemsize
+    if size % width:
+        raise DataError(f"{path}: {size} bytes, not a whole number of {width}-byte token ids (a truncated "
+                        f"shard, or not a shard at all); pretokenize its text again")
+    return np.fromfile(path, dtype=SHARD_DTYPE)
+
+
 def train_tokenizer(corpus_dir: os.PathLike | str, model_prefix: os.PathLike | str,
                     vocab_size: int = 4096, threads: int = 2) -> Path:
     """Train the SentencePiece BPE model; returns the path of ``<model_prefix>.model``."""
@@ -139,7 +159,7 @@ def pretokenize(corpus_dir: os.PathLike | str, tokenizer_model: os.PathLike | st
     out.mkdir(parents=True, exist_ok=True)
     counts = {}
     for path in corpus_files(corpus_dir):
-        tokens = tokenize_text(sp, path.read_text(encoding="utf-8"))
+        tokens = tokenize_text(sp, read_text(path))
         shard = out / f"{path.stem}.bin"
         tokens.tofile(shard)
         counts[shard.name] = len(tokens)
@@ -182,7 +202,7 @@ def load_split(data_dir: os.PathLike | str, val_fraction: float = 0.05) -> Split
         raise DataError(f"{data_dir}: no .bin shards (run the pretokenize step first)")
     train_parts, val_parts, sizes = [], [], []
     for shard in shards:
-        tokens = np.fromfile(shard, dtype=SHARD_DTYPE)
+        tokens = read_shard(shard)
         sizes.append(len(tokens))
         n_val = int(np.ceil(len(tokens) * val_fraction))
         train_parts.append(tokens[: len(tokens) - n_val])

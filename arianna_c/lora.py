@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -41,8 +42,8 @@ from pathlib import Path
 from typing import Optional
 
 from . import modules
-from .train import (TORCH_HINT, ConfigError, is_main_process, require, require_training_packages,
-                    train_to_the_end)
+from .train import (TORCH_HINT, ConfigError, check_values, is_main_process, require,
+                    require_training_packages, train_to_the_end)
 
 
 def parse_targets(matrices: str, layers: str, n_layers: int) -> list[tuple[int, str]]:
@@ -144,7 +145,8 @@ def add_module_arguments(parser: argparse.ArgumentParser) -> None:
     add("--guard-data", help="the base corpus (shards or .txt folder) whose validation loss must not worsen")
     add("--no-guard", action="store_true", default=None, help="train without --guard-data")
     add("--ckpt", help="checkpoint folder (default: OUT without its suffix + .ckpt)")
-    add("--tokenizer", help="SentencePiece .model for .txt data (default: tok4096.model beside the base)")
+    add("--tokenizer", help="SentencePiece .model for .txt data (default: tok4096.model, else "
+                            "tokenizer.model, beside the base)")
     add("--resume", action="store_true", help="continue the checkpoint in --ckpt exactly")
     helps = {
         "rank": f"rank of A and B (default {d.rank})",
@@ -186,13 +188,30 @@ def module_config(args: argparse.Namespace) -> ModuleConfig:
     pretraining's rule (train.check_resume, applied when the trainer loads the checkpoint)."""
     given = {k: v for k, v in vars(args).items() if k in ModuleConfig.__dataclass_fields__ and v is not None}
     cfg = ModuleConfig(**given)
-    if not cfg.resume:
-        return cfg
-    from .checkpoint import read_meta
+    if cfg.resume:
+        from .checkpoint import RESUME_KEYS, read_meta
 
-    saved = read_meta(cfg.ckpt_dir / CHECKPOINT)["settings"]
-    known = {k: v for k, v in saved.items() if k in ModuleConfig.__dataclass_fields__}
-    return ModuleConfig(**{**known, **given})
+        saved = read_meta(cfg.ckpt_dir / CHECKPOINT, RESUME_KEYS)["settings"]
+        known = {k: v for k, v in saved.items() if k in ModuleConfig.__dataclass_fields__}
+        cfg = ModuleConfig(**{**known, **given})
+    check_module_config(cfg)
+    return cfg
+
+
+def check_module_config(cfg: ModuleConfig) -> None:
+    """ConfigError for settings that cannot make a module: pretraining's ranges of the settings
+    both share, the rank and alpha, and the guard options."""
+    check_values(cfg)
+    if not 1 <= cfg.rank <= modules.MAX_RANK:
+        raise ConfigError(f"--rank {cfg.rank} is invalid: it must be in 1..{modules.MAX_RANK}")
+    if not (math.isfinite(cfg.alpha) and cfg.alpha > 0):
+        raise ConfigError(f"--alpha {cfg.alpha} is invalid: it must be a finite number above 0")
+    if cfg.guard_data and cfg.no_guard:
+        raise ConfigError(f"--no-guard and --guard-data {cfg.guard_data} exclude each other: give "
+                          f"--guard-data to guard the base corpus, or --no-guard alone to train without it")
+    if not cfg.guard_data and not cfg.no_guard:
+        raise ConfigError("--guard-data is needed: the base corpus' shards (or text), whose validation "
+                          "loss the module must not worsen; --no-guard trains without that check")
 
 
 def main_train(args: argparse.Namespace) -> int:

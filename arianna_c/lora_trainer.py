@@ -9,6 +9,8 @@ the command line: ``arianna_c.lora``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from dataclasses import replace
@@ -21,10 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint, modules
-from .data import SHARD_DTYPE, DataError, corpus_files, load_sentencepiece, load_split, paragraphs, pretokenize
+from .data import (SHARD_DTYPE, SHARDS_RECORD, DataError, corpus_files, load_sentencepiece, load_split,
+                   paragraphs, pretokenize, read_shard, read_text)
 from .export import torch_from_bin, torch_from_weights
 from .formats import read_model
-from .lora import CHECKPOINT, ModuleConfig, parse_targets
+from .lora import CHECKPOINT, ModuleConfig, check_module_config, parse_targets
 from .train import ConfigError
 from .trainer import Trainer, World, evaluate, pick_device
 
@@ -83,7 +86,7 @@ def to_module(adapters: dict, rank: int, alpha: float, shape: tuple, base_fp: by
 
 def merged_transformer(base: str, specs: Sequence[tuple[str, float]]):
     """The PyTorch model of base with modules merged at their scales (as the C library merges
-    them); FormatError for a module trained on another base."""
+    them); FormatError for a module trained on another base, or an int8 base."""
     cfg, weights = read_model(base)
     base_fp = modules.fingerprint(base)
     loaded = []
@@ -110,12 +113,41 @@ def shard_folder(folder: str, tokenizer: Optional[str], work: Path, what: str) -
         where = tokenizer or "no tok4096.model or tokenizer.model beside the base"
         raise DataError(f"{what} {folder} holds text: give the base's SentencePiece model with "
                         f"--tokenizer to tokenize it ({where})")
-    out = work / f"data-{path.resolve().name}"
+    out = tokenized_folder(work, path, what)
     texts = corpus_files(path)
-    newest = max(f.stat().st_mtime for f in texts)
-    if not out.is_dir() or min((s.stat().st_mtime for s in out.glob("*.bin")), default=0) < newest:
+    if not holds_shards_of(out, texts, tokenizer):
+        for stale in out.glob("*.bin"):  # of a text file since removed, or another tokenizer
+            stale.unlink()
         pretokenize(path, tokenizer, out)
     return out
+
+
+def tokenized_folder(work: Path, folder: Path, what: str) -> Path:
+    """Where an option's folder of text is tokenized: work/<option>-<folder name>-<hash of its
+    resolved path>, so two sources never share one (--data a/texts, --guard-data b/texts)."""
+    resolved = folder.resolve()
+    digest = hashlib.sha256(os.fsencode(resolved)).hexdigest()[:12]
+    return work / f"{what.lstrip('-')}-{resolved.name}-{digest}"
+
+
+def holds_shards_of(out: Path, texts: Sequence[Path], tokenizer: str) -> bool:
+    """Whether out holds the shards pretokenize made of exactly texts with tokenizer (as its
+    SHARDS_RECORD says, with the sizes it records), after both last changed."""
+    record_path = out / SHARDS_RECORD
+    try:
+        record = json.loads(record_path.read_text())
+        shards = dict(record["shards"])
+        made_with = record["tokenizer"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if made_with != str(Path(tokenizer).resolve()) or set(shards) != {f"{t.stem}.bin" for t in texts}:
+        return False
+    width = np.dtype(SHARD_DTYPE).itemsize
+    if not all((out / name).is_file() and (out / name).stat().st_size == width * count
+               for name, count in shards.items()):
+        return False
+    newest = max(f.stat().st_mtime for f in [*texts, Path(tokenizer)])
+    return record_path.stat().st_mtime >= newest
 
 
 def default_tokenizer(base: str) -> Optional[str]:
@@ -147,17 +179,12 @@ class ModuleTrainer(Trainer):
 
     def __init__(self, cfg: ModuleConfig, resume: bool = False, log: Callable[[str], None] = print,
                  world: Optional[World] = None):
-        if not cfg.guard_data and not cfg.no_guard:
-            raise DataError("--guard-data is needed: the base corpus' shards (or text), whose validation "
-                            "loss the module must not worsen; --no-guard trains without that check")
+        check_module_config(cfg)
         base_cfg = read_model(cfg.base)[0]
+        modules.check_float32(base_cfg, f"--base {cfg.base}")
         if cfg.seq_len > base_cfg.seq_len:
             raise DataError(f"--seq-len {cfg.seq_len} exceeds the base's seq_len {base_cfg.seq_len}")
         self.targets = parse_targets(cfg.targets, cfg.layers, base_cfg.n_layers)
-        if not 1 <= cfg.rank <= modules.MAX_RANK:
-            raise DataError(f"--rank {cfg.rank} must be in 1..{modules.MAX_RANK}")
-        if not (math.isfinite(cfg.alpha) and cfg.alpha > 0):
-            raise DataError(f"--alpha {cfg.alpha} must be a finite number > 0")
         self.shape = modules.base_shape(base_cfg)
         self.base_fp = modules.fingerprint(cfg.base)
         self.tokenizer = cfg.tokenizer or default_tokenizer(cfg.base)
@@ -224,7 +251,7 @@ def qa_pairs(folder: str) -> list[tuple[str, str]]:
     """(prompt "Q: ...\\nA:", answer " ...") of every "Q: ...\\nA: ..." paragraph in folder's .txt files."""
     pairs = []
     for path in corpus_files(folder):
-        for para in paragraphs(path.read_text(encoding="utf-8")):
+        for para in paragraphs(read_text(path)):
             question, sep, answer = para.partition("\nA:")
             if sep and question.startswith("Q:"):
                 pairs.append((question + sep, answer))
@@ -255,7 +282,7 @@ def every_token(folder: str) -> np.ndarray:
     shards = sorted(Path(folder).glob("*.bin"))
     if not shards:
         raise DataError(f"{folder}: no .bin shards (run the pretokenize step first)")
-    return np.concatenate([np.fromfile(s, dtype=SHARD_DTYPE) for s in shards])
+    return np.concatenate([read_shard(s) for s in shards])
 
 
 def losses(base: str, specs: Sequence[tuple[str, float]], shard_dirs: Sequence[str], heldout_dirs: Sequence[str],

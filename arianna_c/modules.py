@@ -77,6 +77,11 @@ def matrix_shape(cfg: ModelConfig, matrix: str) -> tuple[int, int]:
     return weight_shapes(cfg)[matrix][1:]
 
 
+def file_order(target: tuple[int, str]) -> tuple[int, int]:
+    """The sort key of a (layer, matrix) target: the order of a module's target table."""
+    return target[0], MATRICES.index(target[1])
+
+
 @dataclass
 class Module:
     """A module in memory: adapters[(layer, matrix name)] = (A (rank, in), B (out, rank))."""
@@ -90,7 +95,7 @@ class Module:
     @property
     def targets(self) -> list[tuple[int, str]]:
         """(layer, matrix) pairs in file order."""
-        return sorted(self.adapters, key=lambda t: (t[0], MATRICES.index(t[1])))
+        return sorted(self.adapters, key=file_order)
 
     @property
     def n_params(self) -> int:
@@ -213,8 +218,17 @@ def read_module(source: PathOrBytes) -> Module:
 # ---------------------------------------------------------------------------- applying
 
 
+def check_float32(cfg: ModelConfig, name: str) -> None:
+    """FormatError for an int8 model (as the C library refuses one): modules merge into float32
+    weights only."""
+    if cfg.group_size:
+        raise FormatError(f"{name}: the model is int8 (group size {cfg.group_size}): modules apply to "
+                          f"float32 weights, so apply them first and quantize the result")
+
+
 def check_base(module: Module, cfg: ModelConfig, base_fp: bytes, name: str = "module") -> None:
-    """FormatError unless module was trained on the base with shape cfg and fingerprint base_fp."""
+    """FormatError unless module applies to the float32 base with shape cfg and fingerprint base_fp."""
+    check_float32(cfg, name)
     for field_name, want in zip(BASE_FIELDS, module.base):
         have = getattr(cfg, field_name)
         if want != have:
@@ -228,7 +242,7 @@ def merge(weights: dict, modules: Iterable[tuple[Module, float]]) -> dict:
     """New weights (formats.read_model's dict) with each (module, scale) merged in, as the C
     library merges them: W + sum of scale * alpha / rank * B @ A in float64 (the scale taken as
     the float32 the C API receives), rounded once to float32.  Modules at scale 0 are skipped,
-    so they leave W bit for bit."""
+    so they leave W bit for bit; FormatError for a merged weight that is not finite."""
     import numpy as np
 
     merged = {name: np.array(array, dtype=np.float32) for name, array in weights.items()}
@@ -240,9 +254,24 @@ def merge(weights: dict, modules: Iterable[tuple[Module, float]]) -> dict:
         for key, (a, b) in module.adapters.items():
             delta = coef * (b.astype(np.float64) @ a.astype(np.float64))
             deltas[key] = deltas[key] + delta if key in deltas else delta
-    for (layer, matrix), delta in deltas.items():
-        merged[matrix][layer] = (weights[matrix][layer].astype(np.float64) + delta).astype(np.float32)
+    for layer, matrix in sorted(deltas, key=file_order):  # the C library's order
+        delta = deltas[(layer, matrix)]
+        with np.errstate(over="ignore"):  # an overflow is refused just below, naming the weight
+            merged[matrix][layer] = (weights[matrix][layer].astype(np.float64) + delta).astype(np.float32)
+        check_finite(merged[matrix][layer], f"layers.{layer}.{matrix}")
     return merged
+
+
+def check_finite(matrix, name: str) -> None:
+    """FormatError naming the first weight of a merged matrix that is not finite, as the C
+    library words it."""
+    import numpy as np
+
+    bad = np.argwhere(~np.isfinite(matrix))
+    if len(bad):
+        row, col = (int(i) for i in bad[0])
+        raise FormatError(f"{name}[{row}][{col}] becomes {float(matrix[row, col]):g} with the modules at "
+                          f"these scales")
 
 
 # ---------------------------------------------------------------------------- inspection

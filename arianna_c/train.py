@@ -1,4 +1,4 @@
-"""The persona training pipeline: ``python -m arianna_c.train {tokenizer,pretokenize,train}``.
+"""The persona training pipeline: ``python -m arianna_c.train {tokenizer,pretokenize,train,module}``.
 
 ``train`` pretrains (or, with ``--init-from``, fine-tunes) LLiSA on every shard of a data
 folder, in one process or in several under ``torchrun`` (DistributedDataParallel). The
@@ -126,10 +126,12 @@ SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")
 RESUME_MAY_CHANGE = ("data", "out", "resume", "max_steps", "time_budget", "eval_interval",
                      "log_interval", "save_interval", "dtype", "device", "compile", "threads")
 
+# The range of each numeric setting; a ModuleConfig shares most of these names (check_values).
 POSITIVE = ("dim", "n_layers", "n_heads", "vocab_size", "seq_len", "batch_size", "grad_accum",
-            "max_steps", "eval_interval", "eval_batches", "log_interval", "lr")
+            "max_steps", "eval_interval", "eval_batches", "log_interval", "lr", "val_fraction")
 NOT_NEGATIVE = ("warmup_steps", "time_budget", "weight_decay", "grad_clip", "dropout", "save_interval",
                 "threads", "min_lr", "guard_margin")
+BELOW_ONE = ("dropout", "val_fraction")
 
 
 def flag(name: str) -> str:
@@ -201,10 +203,10 @@ def resolve_config(options: dict, warn: Callable[[str], None] = lambda s: None) 
 
 def saved_settings(out: Path) -> dict:
     """The settings stored in OUT/ckpt (JSON only), as TrainConfig fields."""
-    from .checkpoint import CheckpointError, read_meta
+    from .checkpoint import RESUME_KEYS, CheckpointError, read_meta
 
     try:
-        settings = read_meta(out / "ckpt")["settings"]
+        settings = read_meta(out / "ckpt", RESUME_KEYS)["settings"]
     except CheckpointError as exc:
         if (out / "ckpt.pt").is_file():
             raise ConfigError(f"--resume: {out / 'ckpt.pt'} is a checkpoint of an earlier version, which "
@@ -224,15 +226,21 @@ def shape_of(init_from: str) -> dict:
             "seq_len": args.max_seq_len}
 
 
+def check_values(settings) -> None:
+    """Every field of settings (a TrainConfig or a ModuleConfig) named in POSITIVE, NOT_NEGATIVE
+    and BELOW_ONE is in its range."""
+    names = {f.name for f in fields(settings)}
+    rules = ((POSITIVE, lambda v: v > 0, "above 0"), (NOT_NEGATIVE, lambda v: v >= 0, "0 or more"),
+             (BELOW_ONE, lambda v: v < 1, "below 1"))
+    for group, holds, wanted in rules:
+        for name in (n for n in group if n in names):
+            value = getattr(settings, name)
+            if not holds(value):
+                raise ConfigError(f"{flag(name)} {value} is invalid: it must be {wanted}")
+
+
 def check_ranges(cfg: TrainConfig) -> None:
-    for name in POSITIVE:
-        if not getattr(cfg, name) > 0:
-            raise ConfigError(f"{flag(name)} {getattr(cfg, name)} is invalid: it must be above 0")
-    for name in NOT_NEGATIVE:
-        if not getattr(cfg, name) >= 0:
-            raise ConfigError(f"{flag(name)} {getattr(cfg, name)} is invalid: it must be 0 or more")
-    if not cfg.dropout < 1:
-        raise ConfigError(f"--dropout {cfg.dropout} is invalid: it must be below 1")
+    check_values(cfg)
     if cfg.dim % cfg.n_heads:
         raise ConfigError(f"--dim {cfg.dim} does not divide by --n-heads {cfg.n_heads}")
     if cfg.n_kv_heads is not None and (cfg.n_kv_heads <= 0 or cfg.n_heads % cfg.n_kv_heads):

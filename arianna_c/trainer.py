@@ -272,7 +272,7 @@ class Trainer:
 
     def _load_saved(self) -> checkpoint.Checkpoint:
         where = self.folder / self.CHECKPOINT
-        saved = checkpoint.load(where)
+        saved = checkpoint.load(where, needs=checkpoint.RESUME_KEYS)
         self.check_saved(saved, where)
         check_resume(self.cfg, saved.meta["settings"], where)
         trained_on = saved.meta["data"]["shards"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -213,6 +214,54 @@ def test_a_merged_weight_that_overflows_is_refused(base, tmp_path):
     with pytest.raises(AriannaError, match=r"layers\.1\.w2\[\d+\]\[\d+\] becomes -?inf") as e:
         Model(base.model, base.tokenizer, modules=[(path, 1.0)])
     assert e.value.name == "AC_ERR_RANGE"
+
+
+def test_the_python_merge_refuses_an_overflowing_weight_as_c_does(base, tmp_path, capsys):
+    huge = random_module(base.model, targets=[(1, "w2")], scale=1e19)
+    path = write(tmp_path / "huge.bin", huge)
+    with pytest.raises(AriannaError) as c_error:
+        Model(base.model, base.tokenizer, modules=[(path, 1.0)])
+    with pytest.raises(FormatError, match=r"^layers\.1\.w2\[\d+\]\[\d+\] becomes -?inf with the modules") as e:
+        modules.merge(formats.read_model(base.model)[1], [(huge, 1.0)])
+    assert str(e.value) in str(c_error.value)
+    pytest.importorskip("torch")
+    from arianna_c.lora import main_eval
+
+    pattern_shards(tmp_path / "data", tmp_path / "guard")
+    assert main_eval(["--base", str(base.model), "--module", str(path), "--data", str(tmp_path / "data"),
+                      "--seq-len", "16", "--batch-size", "2", "--eval-batches", "1"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"error: {e.value}\n"
+
+
+def int8_copy(files, path: Path) -> Path:
+    """files' model quantized to int8 by the C library, saved to path."""
+    with Model(files.model, files.tokenizer, quantize="int8") as m:
+        m.save(path)
+    return path
+
+
+def test_an_int8_base_is_refused_for_modules_in_python_as_in_c(base64, tmp_path, capsys):
+    q8 = int8_copy(base64, tmp_path / "q8.bin")
+    path = write(tmp_path / "m.bin", random_module(q8))
+    words = "the model is int8 (group size 32): modules apply to float32 weights"
+    with pytest.raises(AriannaError, match=re.escape(words)):
+        Model(q8, base64.tokenizer, modules=[(path, 1.0)])
+    assert modules.main(["info", str(path), "--base", str(q8)]) == 1
+    assert capsys.readouterr().err == (f"error: {path}: {words}, so apply them first and quantize the "
+                                       f"result\n")
+    pytest.importorskip("torch")
+    from arianna_c.lora import ModuleConfig
+    from arianna_c.lora_trainer import ModuleTrainer, merged_transformer
+
+    with pytest.raises(FormatError, match=re.escape(f"{path}: {words}")):
+        merged_transformer(q8, [(path, 1.0)])
+    pattern_shards(tmp_path / "data", tmp_path / "guard")
+    cfg = ModuleConfig(base=str(q8), data=str(tmp_path / "data"), out=str(tmp_path / "trained.bin"),
+                       no_guard=True, seq_len=16, batch_size=4, max_steps=2)
+    with pytest.raises(FormatError, match=re.escape(f"--base {q8}: {words}")):
+        ModuleTrainer(cfg, log=lambda s: None)
+    assert not cfg.ckpt_dir.exists() and not Path(cfg.out).exists()
 
 
 # ---------------------------------------------------------------------------- applying
@@ -470,6 +519,92 @@ def test_train_module_command_on_a_folder_of_text(sp_tok, tmp_path, capsys):
                         (args + ["--targets", "wq,wx"], "error: --targets 'wq,wx': unknown matrix wx")):
         assert main(argv) == 1
         assert capsys.readouterr().err.startswith(words)
+
+
+def test_text_folders_of_one_name_are_tokenized_apart_and_again_when_they_change(sp_tok, tmp_path):
+    """--data mine/texts and --guard-data corpus/texts get a shard folder each; a folder is
+    tokenized again when its files or its tokenizer change, whatever the files' times."""
+    pytest.importorskip("torch")
+    import os
+
+    from arianna_c import data
+    from arianna_c.lora_trainer import shard_folder
+
+    mine, corpus, work = tmp_path / "mine" / "texts", tmp_path / "corpus" / "texts", tmp_path / "work"
+    for folder, text in ((mine, "Q: Who are you?\nA: A sailor.\n\n" * 20), (corpus, "The river rose.\n\n" * 30)):
+        folder.mkdir(parents=True)
+        (folder / "t.txt").write_text(text)
+        os.utime(folder / "t.txt", (1e9, 1e9))  # older than any shard
+    work.mkdir()
+    tok = str(sp_tok.model_file)
+    trained = shard_folder(str(mine), tok, work, "--data")
+    guarded = shard_folder(str(corpus), tok, work, "--guard-data")
+    assert trained != guarded and trained.name.startswith("data-texts-") and guarded.name.startswith("guard-data-")
+    for folder, shards in ((mine, trained), (corpus, guarded)):
+        want = data.tokenize_text(sp_tok.sp, (folder / "t.txt").read_text())
+        assert np.array_equal(data.read_shard(shards / "t.bin"), want)
+    # the same source under the other option is tokenized apart too, and a file set that
+    # changed is tokenized again, without the removed file's shard
+    assert shard_folder(str(mine), tok, work, "--guard-data") not in (trained, guarded)
+    (mine / "t.txt").rename(mine / "u.txt")
+    assert sorted(p.name for p in shard_folder(str(mine), tok, work, "--data").glob("*.bin")) == ["u.bin"]
+    record = json.loads((trained / data.SHARDS_RECORD).read_text())
+    record["tokenizer"] = str(tmp_path / "other.model")
+    (trained / data.SHARDS_RECORD).write_text(json.dumps(record))
+    shard_folder(str(mine), tok, work, "--data")
+    assert json.loads((trained / data.SHARDS_RECORD).read_text())["tokenizer"] == str(Path(tok).resolve())
+
+
+MODULE_RANGES = [
+    (["--max-steps", "0"], "--max-steps 0 is invalid: it must be above 0"),
+    (["--log-interval", "0"], "--log-interval 0 is invalid: it must be above 0"),
+    (["--batch-size", "0"], "--batch-size 0 is invalid: it must be above 0"),
+    (["--seq-len", "0"], "--seq-len 0 is invalid: it must be above 0"),
+    (["--grad-accum", "0"], "--grad-accum 0 is invalid: it must be above 0"),
+    (["--lr", "-1"], "--lr -1.0 is invalid: it must be above 0"),
+    (["--eval-batches", "0"], "--eval-batches 0 is invalid: it must be above 0"),
+    (["--guard-margin", "-1"], "--guard-margin -1.0 is invalid: it must be 0 or more"),
+    (["--warmup-steps", "-3"], "--warmup-steps -3 is invalid: it must be 0 or more"),
+    (["--val-fraction", "2"], "--val-fraction 2.0 is invalid: it must be below 1"),
+    (["--rank", "0"], "--rank 0 is invalid: it must be in 1..4096"),
+    (["--alpha", "nan"], "--alpha nan is invalid: it must be a finite number above 0"),
+    (["--no-guard"], "--no-guard and --guard-data"),
+]
+
+
+@pytest.mark.parametrize("extra,says", MODULE_RANGES, ids=[" ".join(e) for e, _ in MODULE_RANGES])
+def test_module_settings_out_of_range_are_refused_before_any_work(module_setup, tmp_path, capsys, extra, says):
+    from arianna_c.train import main
+
+    files, config = module_setup
+    cfg = config()
+    argv = ["module", "--base", cfg.base, "--data", cfg.data, "--guard-data", cfg.guard_data, "--out", cfg.out,
+            "--threads", "1", *extra]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {says}") and err.count("\n") == 1, err
+    assert not Path(cfg.out).exists() and not cfg.ckpt_dir.exists()
+
+
+def test_module_trainer_refuses_the_same_settings(module_setup):
+    from arianna_c.lora_trainer import ModuleTrainer
+    from arianna_c.train import ConfigError
+
+    files, config = module_setup
+    for settings, says in ((dict(max_steps=0), "--max-steps 0 is invalid"),
+                           (dict(no_guard=True), "--no-guard and --guard-data"),
+                           (dict(guard_data=None), "--guard-data is needed")):
+        with pytest.raises(ConfigError, match=says):
+            ModuleTrainer(config(**settings), log=lambda s: None)
+        assert not config().ckpt_dir.exists()
+
+
+def test_module_tokenizer_help_names_both_defaults(capsys):
+    from arianna_c.train import main
+
+    with pytest.raises(SystemExit):
+        main(["module", "--help"])
+    assert "tok4096.model, else tokenizer.model, beside the base" in " ".join(capsys.readouterr().out.split())
 
 
 def test_eval_command_reports_losses_with_and_without_modules(base, tmp_path, capsys):
