@@ -19,17 +19,15 @@ import sys
 from typing import Any, Callable, Optional, Sequence
 
 from . import chat as chat_templates
-from ._ffi import ffi
 from .errors import AriannaError
 from .paths import tokenizer_lookup_text
+from .sampling import AC_SEED_RANDOM, _seed as check_seed
 
 PROG = "arianna-c"
 # The defaults of `arianna-c serve`, which arianna_c.server's create_app and serve share.
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8080
 DEFAULT_PARALLEL, DEFAULT_QUEUE = 16, 64
 MAX_PORT = 65535
-# The seed the library reads as "draw a random one" (src/run.h); -s takes the seeds below it.
-AC_SEED_RANDOM = ffi.integer_const("AC_SEED_RANDOM")
 
 
 # ---------------------------------------------------------------------------- shared options
@@ -128,8 +126,6 @@ def _whole(text: str) -> int:
 def _seed(text: str) -> int:
     """-s SEED: arianna_c.sampling's seed rule, less AC_SEED_RANDOM, which the library reads as
     "a random seed" (leaving -s out asks for one)."""
-    from .sampling import _seed as check_seed
-
     try:
         seed = check_seed("seed", _whole(text))
     except AriannaError as e:

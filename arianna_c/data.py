@@ -19,6 +19,7 @@ import numpy as np
 
 BOS_ID = 1
 SHARD_DTYPE = np.uint16
+SHARD_BYTES = np.dtype(SHARD_DTYPE).itemsize  # per token id
 MAX_VOCAB = int(np.iinfo(SHARD_DTYPE).max) + 1  # ids must fit the uint16 shards
 # <unk> <s> </s> and the 256 byte-fallback pieces: every tokenizer holds them
 RESERVED_PIECES = 3 + 256
@@ -66,9 +67,8 @@ def read_text(path: Path) -> str:
 def read_shard(path: Path) -> np.ndarray:
     """A shard's token ids; DataError for a file that is not a whole number of them."""
     size = path.stat().st_size
-    width = np.dtype(SHARD_DTYPE).itemsize
-    if size % width:
-        raise DataError(f"{path}: {size} bytes, not a whole number of {width}-byte token ids (a truncated "
+    if size % SHARD_BYTES:
+        raise DataError(f"{path}: {size} bytes, not a whole number of {SHARD_BYTES}-byte token ids (a truncated "
                         f"shard, or not a shard at all); pretokenize its text again")
     return np.fromfile(path, dtype=SHARD_DTYPE)
 
@@ -163,10 +163,15 @@ def pretokenize(corpus_dir: os.PathLike | str, tokenizer_model: os.PathLike | st
         shard = out / f"{path.stem}.bin"
         tokens.tofile(shard)
         counts[shard.name] = len(tokens)
-    record = {"tokenizer": str(Path(tokenizer_model).resolve()), "vocab_size": sp.get_piece_size(),
+    record = {"tokenizer": recorded_tokenizer(tokenizer_model), "vocab_size": sp.get_piece_size(),
               "shards": counts}
     (out / SHARDS_RECORD).write_text(json.dumps(record, indent=1) + "\n")
     return counts
+
+
+def recorded_tokenizer(tokenizer_model: os.PathLike | str) -> str:
+    """How SHARDS_RECORD names the tokenizer that made the shards: its resolved path."""
+    return str(Path(tokenizer_model).resolve())
 
 
 def recorded_vocab_size(data_dir: os.PathLike | str) -> Optional[tuple[int, str]]:

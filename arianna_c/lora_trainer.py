@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint, modules
-from .data import (SHARD_DTYPE, SHARDS_RECORD, DataError, corpus_files, load_sentencepiece, load_split,
-                   paragraphs, pretokenize, read_shard, read_text)
+from .data import (SHARD_BYTES, SHARDS_RECORD, DataError, corpus_files, load_sentencepiece, load_split,
+                   paragraphs, pretokenize, read_shard, read_text, recorded_tokenizer)
 from .export import torch_from_bin, torch_from_weights
 from .formats import read_model
 from .lora import CHECKPOINT, ModuleConfig, check_module_config, parse_targets
@@ -140,10 +140,9 @@ def holds_shards_of(out: Path, texts: Sequence[Path], tokenizer: str) -> bool:
         made_with = record["tokenizer"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    if made_with != str(Path(tokenizer).resolve()) or set(shards) != {f"{t.stem}.bin" for t in texts}:
+    if made_with != recorded_tokenizer(tokenizer) or set(shards) != {f"{t.stem}.bin" for t in texts}:
         return False
-    width = np.dtype(SHARD_DTYPE).itemsize
-    if not all((out / name).is_file() and (out / name).stat().st_size == width * count
+    if not all((out / name).is_file() and (out / name).stat().st_size == SHARD_BYTES * count
                for name, count in shards.items()):
         return False
     newest = max(f.stat().st_mtime for f in [*texts, Path(tokenizer)])

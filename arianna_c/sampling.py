@@ -13,7 +13,11 @@ import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+from ._ffi import ffi
 from .errors import AriannaError, ErrorCode
+
+# The seed the library reads as "draw a random one" (src/run.h): the fixed seeds are below it.
+AC_SEED_RANDOM = ffi.integer_const("AC_SEED_RANDOM")
 
 
 def _int(name: str, value: Any) -> int:

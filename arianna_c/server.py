@@ -33,11 +33,10 @@ from importlib import resources
 from typing import Any, AsyncIterator, Literal, Optional, Sequence, Union
 
 from . import chat as chat_templates
-from ._lib import ffi
 from .cli import DEFAULT_HOST, DEFAULT_PARALLEL, DEFAULT_PORT, DEFAULT_QUEUE
 from .errors import AriannaError
 from .runtime import _c_generation
-from .sampling import NAMES as SAMPLING_NAMES, SamplingParams
+from .sampling import AC_SEED_RANDOM, NAMES as SAMPLING_NAMES, SamplingParams
 from .session import Completion, Generation, Session, Slots, TokenLogprob, chat_prompt, with_stops
 from .session import chat_template as session_chat_template
 
@@ -48,8 +47,6 @@ try:
 except ImportError as e:  # pragma: no cover - the message is the point
     raise ImportError("the server needs the 'server' extra: pip install 'arianna_c[server]'") from e
 
-# The seed that means "a random one" (src/run.h, read from the cffi declarations).
-AC_SEED_RANDOM = ffi.integer_const("AC_SEED_RANDOM")
 # OpenAI's limits on alternatives per token (completions / chat)
 MAX_COMPLETION_LOGPROBS = 5
 MAX_TOP_LOGPROBS = 20
